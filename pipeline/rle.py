@@ -1,0 +1,211 @@
+"""COCO RLE codec: the public API other stages and outside code call.
+
+``encode`` and ``encode_crops`` return pycocotools' ``counts`` byte for byte (as ASCII str);
+``decode`` turns COCO RLE back into masks and refuses malformed or hostile input.
+
+Where the work happens: run lengths are computed where the masks live (CuPy on a CUDA device,
+NumPy on the host; see ``pipeline.runs``), reach the host in one copy per batch, and are packed
+to ASCII on the CPU (``pipeline.packing``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .arrays import to_xp_array
+from .packing import pack_counts, unpack_counts
+from .runs import (
+    RunLengths,
+    check_mask_dtype,
+    crop_stack_run_lengths,
+    host_run_lengths,
+    pad_crops,
+)
+
+__all__ = ["encode", "encode_crops", "decode", "run_lengths", "to_coco", "box_windows"]
+
+# decode() refuses to allocate more than this many mask pixels in one call (2 GiB of uint8),
+# so a hostile "size" cannot exhaust memory.
+MAX_DECODE_PIXELS = 1 << 31
+
+
+def to_coco(runs: RunLengths) -> list[dict]:
+    """``[{"size": [H, W], "counts": str}, ...]`` from host run lengths."""
+    h, w = int(runs.size[0]), int(runs.size[1])
+    return [{"size": [h, w], "counts": c} for c in pack_counts(runs.counts, runs.offsets, (h, w))]
+
+
+def box_windows(boxes: Any, size: tuple[int, int]) -> np.ndarray:
+    """Integer windows (top, left, bottom, right) covering xyxy boxes, clipped to the frame.
+
+    boxes: (N, 4) x1, y1, x2, y2 in pixels (floats allowed). A pixel belongs to the window if
+    any part of it is inside the box: floor for the start, ceil for the end.
+    """
+    H, W = size
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if not np.isfinite(b).all():
+        raise ValueError("boxes must be finite numbers (x1, y1, x2, y2)")
+    left = np.clip(np.floor(b[:, 0]), 0, W)
+    top = np.clip(np.floor(b[:, 1]), 0, H)
+    right = np.clip(np.ceil(b[:, 2]), left, W)
+    bottom = np.clip(np.ceil(b[:, 3]), top, H)
+    return np.stack([top, left, bottom, right], axis=1).astype(np.int64)
+
+
+def _as_stack(xp: Any, masks: Any) -> Any:
+    if masks.ndim == 2:
+        return masks[None]
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W) or (H, W), got shape {tuple(masks.shape)}")
+    return masks
+
+
+def run_lengths(masks: Any, boxes: Any = None) -> RunLengths:
+    """Phase 1 only: column-major run lengths of (N, H, W) or (H, W) masks, on their device.
+
+    With ``boxes`` ((N, 4) xyxy pixels) only the pixels inside each box are read and
+    everything outside is taken as 0: the result equals pycocotools on the mask with the
+    outside of its box cleared.
+    """
+    xp, arr = to_xp_array(masks)
+    stack = _as_stack(xp, arr)
+    check_mask_dtype(stack.dtype)
+    n, H, W = (int(d) for d in stack.shape)
+    if boxes is None:
+        origins = np.zeros((n, 2), np.int64)
+        if xp is np:
+            return host_run_lengths(stack, origins, (H, W))
+        return crop_stack_run_lengths(xp, stack, xp.asarray(origins), (H, W))
+    windows = box_windows(_host_ints(boxes, np.float64), (H, W))
+    if len(windows) != n:
+        raise ValueError(f"got {len(windows)} boxes for {n} masks")
+    crops = [stack[i, t:b, l:r] for i, (t, l, b, r) in enumerate(windows)]
+    return _crops_run_lengths(xp, crops, windows[:, :2], (H, W))
+
+
+def _host_ints(values: Any, dtype: Any = np.int64) -> np.ndarray:
+    xp, arr = to_xp_array(values)
+    return np.asarray(arr if xp is np else xp.asnumpy(arr), dtype=dtype)
+
+
+def _crops_run_lengths(
+    xp: Any, crops: Sequence[Any], origins: np.ndarray, size: tuple[int, int]
+) -> RunLengths:
+    if xp is np:
+        return host_run_lengths(crops, origins, size)
+    stack, tile_origins = pad_crops(xp, crops, origins, size)
+    return crop_stack_run_lengths(xp, stack, xp.asarray(tile_origins), size)
+
+
+def encode(masks: Any, boxes: Any = None) -> list[dict]:
+    """COCO RLE of each mask: ``[{"size": [H, W], "counts": str}]``, pycocotools-exact.
+
+    masks: (N, H, W) or (H, W), bool or uint8 0/1, NumPy / CuPy / torch (CPU or CUDA).
+    boxes: optional (N, 4) xyxy pixels; pixels outside a mask's box are not read and count
+    as 0. Raises ValueError for other dtypes, other shapes, or uint8 values besides 0 and 1.
+    """
+    return to_coco(run_lengths(masks, boxes))
+
+
+def encode_crops(crops: Any, origins: Any, size: Sequence[int]) -> list[dict]:
+    """COCO RLE of instances given as crops of an H x W frame (all else 0): reads crops only.
+
+    crops: a sequence of (h_i, w_i) arrays, or one (N, h, w) stack, bool or uint8 0/1, on the
+    host or one CUDA device. origins: (N, 2) ints, each crop's (top, left) in the frame.
+    size: (H, W). Every crop must lie inside the frame. Equals pycocotools on the full mask.
+    """
+    H, W = _parse_size(size)
+    origins = _host_ints(origins).reshape(-1, 2)
+    if isinstance(crops, (list, tuple)):
+        converted = [to_xp_array(c) for c in crops]
+        modules = {xp.__name__ for xp, _ in converted}
+        if len(modules) > 1:
+            raise ValueError("crops must all live on the host or all on one CUDA device")
+        xp = converted[0][0] if converted else np
+        arrays = [a for _, a in converted]
+        stack = None
+    else:
+        xp, stack = to_xp_array(crops)
+        if stack.ndim != 3:
+            raise ValueError(f"a crop stack must be (N, h, w), got shape {tuple(stack.shape)}")
+        arrays = [stack[i] for i in range(stack.shape[0])]
+    if len(arrays) != len(origins):
+        raise ValueError(f"got {len(arrays)} crops but {len(origins)} origins")
+    for i, (crop, (top, left)) in enumerate(zip(arrays, origins)):
+        shape = tuple(int(d) for d in crop.shape)
+        if len(shape) != 2:
+            raise ValueError(f"crop {i} must be 2-D, got shape {shape}")
+        if top < 0 or left < 0 or top + shape[0] > H or left + shape[1] > W:
+            raise ValueError(
+                f"crop {i} of shape {shape} at (top={top}, left={left}) "
+                f"does not fit in the {H}x{W} frame"
+            )
+    if stack is not None and xp is not np:
+        return to_coco(crop_stack_run_lengths(xp, stack, xp.asarray(origins), (H, W)))
+    return to_coco(_crops_run_lengths(xp, arrays, origins, (H, W)))
+
+
+def _parse_size(size: Any) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"RLE size must be [height, width], got {size!r}") from None
+    if h < 0 or w < 0:
+        raise ValueError(f"RLE size must be non-negative, got {[h, w]}")
+    return h, w
+
+
+def _runs_of(rle: Mapping, i: int) -> tuple[tuple[int, int], np.ndarray]:
+    if not isinstance(rle, Mapping) or "size" not in rle or "counts" not in rle:
+        raise ValueError(f"RLE {i} must be a mapping with 'size' and 'counts'")
+    size = _parse_size(rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes, bytearray)):
+        runs = unpack_counts(counts)
+    else:
+        try:
+            runs = np.asarray(counts, dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"RLE {i}: counts must be a string or a list of integers") from None
+        if np.asarray(counts).dtype.kind == "f" and not np.array_equal(runs, np.asarray(counts)):
+            raise ValueError(f"RLE {i}: counts must be integers")
+    if runs.size and int(runs.min()) < 0:
+        raise ValueError(f"RLE {i}: counts hold a negative run length")
+    total = int(runs.sum()) if runs.size else 0
+    if total != size[0] * size[1]:
+        raise ValueError(
+            f"RLE {i}: runs add up to {total} pixels but size {list(size)} has "
+            f"{size[0] * size[1]}"
+        )
+    return size, runs
+
+
+def decode(rles: Any, max_pixels: int = MAX_DECODE_PIXELS) -> np.ndarray:
+    """Masks (N, H, W) uint8 0/1 from COCO RLE dicts (one dict or a list of them).
+
+    ``counts`` may be the compressed str/bytes or uncompressed integer runs. All RLEs must
+    share one size. Raises ValueError on anything malformed: bad characters, truncation,
+    negative runs, runs that do not sum to H*W, or more than ``max_pixels`` pixels in all.
+    """
+    if isinstance(rles, Mapping):
+        rles = [rles]
+    parsed = [_runs_of(r, i) for i, r in enumerate(rles)]
+    if not parsed:
+        return np.zeros((0, 0, 0), np.uint8)
+    sizes = {size for size, _ in parsed}
+    if len(sizes) > 1:
+        raise ValueError(f"RLEs of different sizes cannot form one stack: {sorted(sizes)}")
+    (H, W), = sizes
+    if len(parsed) * math.prod((H, W)) > max_pixels:
+        raise ValueError(
+            f"decoding {len(parsed)} masks of {H}x{W} exceeds the limit of {max_pixels} pixels"
+        )
+    out = np.empty((len(parsed), H, W), np.uint8)
+    for i, (_, runs) in enumerate(parsed):
+        values = (np.arange(runs.size) & 1).astype(np.uint8)
+        column_major = np.repeat(values, runs)
+        out[i] = column_major.reshape(W, H).T
+    return out

@@ -1,0 +1,343 @@
+"""Phase 1 of COCO RLE: column-major run lengths of a batch of masks, on the array's device.
+
+Vocabulary (shared by every function here):
+
+- A *frame* is H x W. COCO flattens a mask column-major: pixel (y, x) has index k = x*H + y.
+- An *instance* is given as a *crop*: an (h, w) window of the frame whose top-left pixel is
+  (top, left); every pixel of the frame outside the window is 0. A full mask is the crop
+  (0, 0, H, W), so full masks and box-aware crops go through one algorithm.
+- A *transition* is an index k in [0, H*W) where pixel k differs from pixel k-1 (pixel -1 is 0,
+  because COCO runs always start with a zero-run). Runs are the gaps between transitions:
+  counts = diff([0, *transitions, H*W]).
+
+Finding transitions without the column-major copy pycocotools needs: walk a crop column top to
+bottom with a zero row above and below it (the frame outside the crop is 0). A change between
+crop rows r-1 and r (r in 0..h; rows -1 and h are the zero pads) is a transition at
+k = (left + c)*H + top + r. These row-to-row changes are found reading the crop in its natural
+C order. Two cases make the rule exact:
+
+- k == H*W (the frame's last pixel is set): the final run just ends there, so it is dropped.
+- a full-height crop (top == 0, h == H): column c's bottom pad and column c+1's top pad land on
+  the same index k; two changes at one index cancel (1 -> 0 -> 1 is no change), so neither stays.
+
+Sorting the transitions by k puts them in column-major order; differences give the counts.
+
+Two implementations of that one algorithm:
+
+- ``crop_stack_run_lengths(xp, ...)``: array-module agnostic and batched (one ``nonzero``, one
+  sort, one device-to-host copy for the whole batch). This is the CUDA path through CuPy, and
+  the tests also run it on NumPy so the CPU checks the GPU's logic.
+- ``host_run_lengths(...)``: the NumPy path tuned for 2-core hosts. It compares rows eight
+  pixels at a time as uint64 words, so a mostly-empty mask is read once at memory speed, and
+  sorts each instance's transitions as uint32.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Sequence
+
+import numpy as np
+
+# Below this many pixels a crop is compared byte by byte: the word trick's fixed cost is
+# larger than the saving.
+_WORD_COMPARE_MIN_PIXELS = 1 << 14
+# When more than one word in this many holds a change (noisy masks), expanding candidate
+# words costs more than comparing every byte.
+_DENSE_WORD_RATIO = 8
+# Row comparisons of at least this many words (8 MiB) are split across cores.
+_PARALLEL_MIN_WORDS = 1 << 20
+# Host crops up to this many pixels are padded into one shared stack and processed together;
+# larger ones are read in place (padding them would copy more than it saves).
+_PADDED_CROP_MAX_PIXELS = 1 << 16
+
+
+@dataclass(frozen=True)
+class RunLengths:
+    """Column-major run lengths of N masks that share one frame size, on the host.
+
+    counts: (M,) int64, every mask's runs back to back; each mask starts with its zero-run
+        and its runs sum to H*W.
+    offsets: (N + 1,) int64; mask i's runs are ``counts[offsets[i]:offsets[i + 1]]``.
+    size: (H, W) of the frame.
+    """
+
+    counts: np.ndarray
+    offsets: np.ndarray
+    size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def runs(self, i: int) -> np.ndarray:
+        return self.counts[self.offsets[i] : self.offsets[i + 1]]
+
+
+class NotBinaryError(ValueError):
+    """A mask holds a value other than 0 or 1 (pycocotools would silently encode garbage)."""
+
+
+def check_mask_dtype(dtype: Any) -> None:
+    if dtype != np.bool_ and dtype != np.uint8:
+        raise ValueError(f"masks must be bool or uint8 holding 0/1, got dtype {dtype}")
+
+
+def _not_binary(value: int, instance: int) -> NotBinaryError:
+    return NotBinaryError(
+        f"mask {instance} holds the value {value}; masks must hold only 0 and 1 "
+        "(binarise first, e.g. masks > 0)"
+    )
+
+
+def _empty_frame_run_lengths(n: int, size: tuple[int, int]) -> RunLengths:
+    # H*W == 0: pycocotools emits one zero-length run per mask ("0").
+    return RunLengths(np.zeros(n, np.int64), np.arange(n + 1, dtype=np.int64), size)
+
+
+def _cancel_coincident(xp: ModuleType, keys: Any) -> Any:
+    """Drop both members of every pair of equal sorted keys: two changes at one index.
+
+    Only a full-height crop produces equal keys (see the module docstring); for any other
+    crop every key is unique, so this is safe to apply to all of them.
+    """
+    if keys.size < 2:
+        return keys
+    same = keys[1:] == keys[:-1]
+    drop = xp.zeros(keys.size, dtype=bool)
+    drop[1:] |= same
+    drop[:-1] |= same
+    return keys[~drop]
+
+
+def _changes_on_device(xp: ModuleType, stack: Any) -> tuple[Any, Any, Any]:
+    """(instance, row, col) of every padded-row change of an (n, h, w) stack, in C order.
+
+    Plain array operations, so it runs on CuPy and NumPy alike: one (n, h + 1, w) change map
+    and one ``nonzero`` for the whole batch.
+    """
+    n, h, w = stack.shape
+    changes = xp.empty((n, h + 1, w), dtype=bool)
+    changes[:, 0] = stack[:, 0]
+    changes[:, 1:h] = stack[:, 1:] != stack[:, :-1]
+    changes[:, h] = stack[:, h - 1]
+    return xp.nonzero(changes)
+
+
+def _changes_on_host(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Same result as ``_changes_on_device`` (order aside), tuned for NumPy on a CPU."""
+    n, h, w = stack.shape
+    flat = np.ascontiguousarray(stack).reshape(-1).view(np.uint8)
+    # Row-to-row changes over the whole stack at once; a "row 0" hit compares an instance's
+    # first row with the previous instance's last and is replaced by the zero-pad rows below.
+    p = _row_changes(flat, w)
+    inst, rest = np.divmod(p, h * w)
+    row, col = np.divmod(rest, w)
+    inner = row > 0
+    top_inst, top_col = np.nonzero(stack[:, 0])
+    bottom_inst, bottom_col = np.nonzero(stack[:, h - 1])
+    return (
+        np.concatenate([inst[inner], top_inst, bottom_inst]),
+        np.concatenate([row[inner], np.zeros_like(top_col), np.full_like(bottom_col, h)]),
+        np.concatenate([col[inner], top_col, bottom_col]),
+    )
+
+
+def transition_keys(
+    xp: ModuleType, stack: Any, origins: Any, ids: Any, size: tuple[int, int]
+) -> Any:
+    """Unsorted transition keys ``ids[i] * H*W + k`` of an (n, h, w) stack of crops.
+
+    origins: (n, 2) (top, left) of each crop in the frame, ids: (n,) instance numbers, both
+    int64 arrays on the stack's device.
+    """
+    H, W = size
+    area = H * W
+    if xp is np:
+        inst, row, col = _changes_on_host(stack)
+    else:
+        inst, row, col = _changes_on_device(xp, stack)
+    k = (origins[inst, 1] + col) * H + origins[inst, 0] + row
+    keep = k < area  # a set last pixel of the frame: its run just ends at H*W
+    return ids[inst[keep]] * area + k[keep]
+
+
+def _run_lengths_from_keys(
+    xp: ModuleType, keys: Any, n: int, size: tuple[int, int], largest: Any = None
+) -> RunLengths:
+    """Sort keys, cancel coincident pairs, take differences; one device-to-host copy.
+
+    largest: optional device scalar, the maximum of uint8 input, checked once it is home.
+    """
+    H, W = size
+    area = H * W
+    # uint32 sorts ~2.5x faster than int64 on the host; the keys of a batch rarely need more.
+    if n * area < 2**32:
+        keys = keys.astype(xp.uint32)
+    keys = _cancel_coincident(xp, xp.sort(keys)).astype(xp.int64)
+    instance = keys // area
+    per_instance = xp.bincount(instance, minlength=n) if keys.size else xp.zeros(n, xp.int64)
+    offsets = xp.zeros(n + 1, xp.int64)
+    offsets[1:] = xp.cumsum(per_instance + 1)
+    # Run ends: each transition k, then H*W closing every mask; counts are their differences.
+    ends = xp.empty(int(keys.size) + n, xp.int64)
+    ends[xp.arange(keys.size, dtype=xp.int64) + instance] = keys - instance * area
+    ends[offsets[1:] - 1] = area
+    starts = xp.empty_like(ends)
+    starts[1:] = ends[:-1]
+    starts[offsets[:-1]] = 0
+    parts = [offsets, ends - starts]
+    if largest is not None:
+        parts.insert(0, largest.astype(xp.int64).reshape(1))
+    flat = xp.concatenate(parts)
+    host = flat if xp is np else xp.asnumpy(flat)  # the batch's one device-to-host copy
+    if largest is not None:
+        if host[0] > 1:
+            raise NotBinaryError(
+                f"a mask holds the value {int(host[0])}; masks must hold only 0 and 1 "
+                "(binarise first, e.g. masks > 0)"
+            )
+        host = host[1:]
+    return RunLengths(host[n + 1 :], host[: n + 1], (H, W))
+
+
+def crop_stack_run_lengths(
+    xp: ModuleType, stack: Any, origins: Any, size: tuple[int, int]
+) -> RunLengths:
+    """Run lengths of N same-shape crops, batched, on whichever device holds ``stack``.
+
+    stack: (N, h, w) bool or uint8 0/1 (NumPy or CuPy). origins: (N, 2) ints (top, left) on
+    the same device, each crop inside the frame. size: (H, W). No sync until the one copy.
+    """
+    n = int(stack.shape[0])
+    H, W = size
+    if H * W == 0 or n == 0:
+        return _empty_frame_run_lengths(n, size)
+    check_mask_dtype(stack.dtype)
+    largest = stack.max() if stack.dtype == xp.uint8 and stack.size else None
+    origins = xp.asarray(origins, dtype=xp.int64)
+    ids = xp.arange(n, dtype=xp.int64)
+    if stack.size == 0:  # empty windows: nothing to read, every mask is one zero-run
+        keys = xp.empty(0, xp.int64)
+    else:
+        keys = transition_keys(xp, stack, origins, ids, size)
+    return _run_lengths_from_keys(xp, keys, n, size, largest)
+
+
+# ----------------------------------------------------------------------------- host path
+
+def _row_changes(flat: np.ndarray, w: int) -> np.ndarray:
+    """Indices p >= w of ``flat`` (C-order rows of width w) where flat[p] != flat[p - w]."""
+    span = flat.size - w
+    if span <= 0:
+        return np.empty(0, np.int64)
+    if flat.size < _WORD_COMPARE_MIN_PIXELS:
+        return np.flatnonzero(flat[w:] != flat[:-w]) + w
+    # Compare 8 pixels at a time: word j covers positions w + 8j .. w + 8j + 7. Unaligned
+    # uint64 views of one buffer are fine on the hosts NumPy supports.
+    n_words = span // 8
+    below = np.frombuffer(flat, np.uint64, count=n_words, offset=w)
+    above = np.frombuffer(flat, np.uint64, count=n_words)
+    words = _changed_words(below, above)
+    tail = np.flatnonzero(flat[w + 8 * n_words :] != flat[8 * n_words : span]) + w + 8 * n_words
+    if words.size * _DENSE_WORD_RATIO > n_words:
+        return np.flatnonzero(flat[w:] != flat[:-w]) + w
+    # Which of the 8 bytes differ: look only at the changed words, a byte at a time.
+    differing = (below[words] ^ above[words]).view(np.uint8).reshape(-1, 8)
+    word, byte = np.nonzero(differing)
+    hits = w + 8 * words[word] + byte
+    return np.concatenate([hits, tail]) if tail.size else hits
+
+
+def _changed_words(below: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """Indices where two equal-length uint64 arrays differ; large inputs use every core.
+
+    NumPy releases the GIL in comparisons, and one core cannot saturate memory bandwidth, so
+    big stacks are split into one slice per core.
+    """
+    n = below.size
+    workers = _compare_pool()
+    if n < _PARALLEL_MIN_WORDS or workers is None:
+        return np.flatnonzero(below != above)
+    bounds = np.linspace(0, n, workers._max_workers + 1).astype(np.int64)
+    parts = workers.map(
+        lambda s, e: np.flatnonzero(below[s:e] != above[s:e]) + s, bounds[:-1], bounds[1:]
+    )
+    return np.concatenate(list(parts))
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _compare_pool() -> ThreadPoolExecutor | None:
+    global _POOL
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if (cores or 1) < 2:
+        return None
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=min(cores, 4), thread_name_prefix="rle-compare")
+    return _POOL
+
+
+def _largest_value(flat: np.ndarray) -> int:
+    if flat.size % 8 == 0:
+        words = np.bitwise_or.reduce(flat.view(np.uint64))
+        if words & 0xFEFEFEFEFEFEFEFE == 0:
+            return int(words != 0)
+    return int(flat.max()) if flat.size else 0
+
+
+def pad_crops(
+    xp: ModuleType, crops: Sequence[Any], origins: np.ndarray, size: tuple[int, int]
+) -> tuple[Any, np.ndarray]:
+    """One zero-padded (N, h, w) tile stack for ragged crops, and each tile's origin.
+
+    A tile is shifted up/left where needed to stay inside the frame; the crop keeps its place
+    in the frame, and the tile's extra pixels are zeros, as the frame is there. On a device
+    this is one copy kernel per crop and no sync.
+    """
+    H, W = size
+    n = len(crops)
+    h = min(max([1] + [int(c.shape[0]) for c in crops]), max(H, 1))
+    w = min(max([1] + [int(c.shape[1]) for c in crops]), max(W, 1))
+    tiles = np.stack([np.minimum(origins[:, 0], H - h), np.minimum(origins[:, 1], W - w)], 1)
+    dtype = crops[0].dtype if n else xp.bool_
+    stack = xp.zeros((n, h, w), dtype=dtype)
+    for i, crop in enumerate(crops):
+        dy, dx = (int(v) for v in origins[i] - tiles[i])
+        stack[i, dy : dy + crop.shape[0], dx : dx + crop.shape[1]] = crop
+    return stack, tiles.astype(np.int64)
+
+
+def host_run_lengths(crops: Any, origins: Any, size: tuple[int, int]) -> RunLengths:
+    """Run lengths on the host of an (N, h, w) stack or a sequence of (h_i, w_i) crops.
+
+    crops: bool or uint8 0/1 NumPy arrays; origins: (N, 2) (top, left) of each in the frame.
+    Small crops share one padded stack (one vectorised pass for all of them, no per-crop
+    overhead); large ones are read in place, eight pixels at a time.
+    """
+    H, W = size
+    n = len(crops)
+    if H * W == 0 or n == 0:
+        return _empty_frame_run_lengths(n, size)
+    origins = np.asarray(origins, dtype=np.int64).reshape(n, 2)
+    for i, crop in enumerate(crops):
+        check_mask_dtype(crop.dtype)
+        if crop.dtype == np.uint8 and crop.size:
+            largest = _largest_value(np.ascontiguousarray(crop).reshape(-1))
+            if largest > 1:
+                raise _not_binary(largest, i)
+    if isinstance(crops, np.ndarray):
+        groups = [(crops, origins, np.arange(n))]
+    else:
+        small = [i for i, c in enumerate(crops) if 0 < c.size <= _PADDED_CROP_MAX_PIXELS]
+        large = [i for i, c in enumerate(crops) if c.size > _PADDED_CROP_MAX_PIXELS]
+        groups = [(crops[i][None], origins[i : i + 1], np.array([i])) for i in large]
+        if small:
+            stack, tiles = pad_crops(np, [crops[i] for i in small], origins[small], size)
+            groups.append((stack, tiles, np.array(small)))
+    keys = [transition_keys(np, *group, size) for group in groups]
+    all_keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
+    return _run_lengths_from_keys(np, all_keys, n, size)

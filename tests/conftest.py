@@ -1,0 +1,37 @@
+"""Shared fixtures and markers. Tests are marked by folder (unit / integration / e2e); GPU
+tests are marked ``gpu`` and skipped, with the reason, where no CUDA device is visible."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_unavailable_reason() -> str | None:
+    """None when CuPy sees a CUDA device, else why the GPU tests cannot run."""
+    try:
+        import cupy
+    except Exception as exc:  # not installed, or built for another CUDA
+        return f"CuPy is not importable ({type(exc).__name__}: {exc}); install the 'gpu' extra"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA device is visible"
+    except Exception as exc:
+        return f"no usable CUDA device ({exc})"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+        if parts[0] in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, parts[0]))
+        if item.get_closest_marker("gpu") is not None:
+            reason = cuda_unavailable_reason()
+            if reason is not None:
+                item.add_marker(pytest.mark.skip(reason=f"GPU test: {reason}"))
