@@ -11,7 +11,7 @@ from hypothesis.extra.numpy import arrays
 from pycocotools import mask as coco_mask
 
 from pipeline import rle
-from pipeline.packing import pack_counts, unpack_counts
+from pipeline.packing import pack_counts, pack_runs_python, unpack_counts
 from pipeline.runs import NotBinaryError, crop_stack_run_lengths, pad_crops
 
 
@@ -251,15 +251,28 @@ def test_full_hd_batch_uses_every_path():
 # --------------------------------------------------------------------------- packing
 
 
+run_lists = st.lists(st.lists(st.integers(0, 2**29 - 1), min_size=1, max_size=12), min_size=1, max_size=5)
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.lists(st.integers(0, 2**31), min_size=1, max_size=12), min_size=1, max_size=5))
-def test_pack_unpack_round_trip(runs_per_mask):
+@given(run_lists)
+def test_pack_matches_pycocotools_and_round_trips(runs_per_mask):
     counts = np.concatenate([np.array(r, np.int64) for r in runs_per_mask])
     offsets = np.cumsum([0] + [len(r) for r in runs_per_mask])
     packed = pack_counts(counts, offsets, (1, 1))
     for text, runs in zip(packed, runs_per_mask):
+        assert text == pack_runs_python(runs)
         assert set(text) <= set(map(chr, range(48, 112)))
         np.testing.assert_array_equal(unpack_counts(text), runs)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=12))
+def test_frames_beyond_the_c_packer_round_trip(runs):
+    # Runs past 2^29 need a 7th character, which pycocotools' 6-per-run buffer cannot hold.
+    (text,) = pack_counts(np.array(runs), np.array([0, len(runs)]), (1 << 15, 1 << 15))
+    assert text == pack_runs_python(runs)
+    np.testing.assert_array_equal(unpack_counts(text), runs)
 
 
 # ------------------------------------------------------------------------- bad input

