@@ -42,6 +42,47 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def _predict(args: argparse.Namespace) -> int:
+    """Run the model on image files; print one JSON document per image."""
+    from pathlib import Path
+
+    from .engine import Pipeline
+    from .errors import PipelineError
+    from .images import as_rgb_array
+
+    pipe = Pipeline.from_repository(args.model_repository, model=args.model, device=args.device)
+    overlays = _overlay_paths(args.overlay, len(args.images))
+    status = 0
+    for i, path in enumerate(args.images):
+        try:
+            rgb = as_rgb_array(Path(path))
+            (doc,) = pipe.infer([rgb], mask_format=args.mask_format, confidence=args.confidence,
+                                iou_threshold=args.iou_threshold,
+                                max_detections=args.max_detections)
+        except (PipelineError, OSError) as exc:
+            print(f"{path}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(json.dumps(doc, indent=args.indent), flush=True)
+        if overlays:
+            from .overlay import draw
+
+            draw(rgb, doc["predictions"]).save(overlays[i])
+            print(f"{path}: overlay written to {overlays[i]}", file=sys.stderr)
+    return status
+
+
+def _overlay_paths(target: str | None, count: int) -> list[str]:
+    """One output file per image: the name itself for one image, name-<i>.png for several."""
+    if not target:
+        return []
+    if count == 1:
+        return [target]
+    stem, dot, ext = target.rpartition(".")
+    stem, ext = (stem, ext) if dot else (target, "png")
+    return [f"{stem}-{i}.{ext}" for i in range(count)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -51,8 +92,45 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="encode a synthetic frame's masks, check vs pycocotools")
     demo.add_argument("--instances", type=int, default=50, help="masks in the frame (default 50)")
     demo.set_defaults(func=_demo)
+
+    predict = commands.add_parser(
+        "predict", help="segment images; print one JSON document per image",
+        description="Segment images with a model from the repository and print, per image, "
+        '{"image": {"width", "height"}, "predictions": [...]} (Roboflow-compatible schema).',
+    )
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    predict.add_argument("--model", default="instance_segmentation",
+                         help="model in the repository (default: instance_segmentation)")
+    predict.add_argument("--model-repository", default="model_repository",
+                         help="Triton-layout model repository (default: model_repository)")
+    predict.add_argument("--mask-format", choices=["rle", "polygon"], default="rle",
+                         help="rle: exact COCO RLE (default); polygon: outer contour points")
+    predict.add_argument("--confidence", type=float, default=None,
+                         help="minimum score, 0..1 (default: the model's, 0.25)")
+    predict.add_argument("--iou-threshold", type=float, default=None,
+                         help="NMS IoU threshold (default: the model's, 0.45)")
+    predict.add_argument("--max-detections", type=int, default=None,
+                         help="most detections per image (default: the model's, 300)")
+    predict.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                         help="override the model's instance_group kind")
+    predict.add_argument("--overlay", metavar="OUT.png",
+                         help="also draw the decoded masks over the image into this PNG "
+                         "(several images: OUT-0.png, OUT-1.png, ...)")
+    predict.add_argument("--indent", type=int, default=None, help="pretty-print the JSON")
+    predict.set_defaults(func=_predict)
     args = parser.parse_args(argv)
-    return args.func(args)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except Exception as exc:  # a clean message for start-up errors, not a traceback
+        from .errors import PipelineError
+
+        if isinstance(exc, PipelineError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

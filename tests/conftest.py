@@ -35,3 +35,22 @@ def pytest_collection_modifyitems(config, items):
             reason = cuda_unavailable_reason()
             if reason is not None:
                 item.add_marker(pytest.mark.skip(reason=f"GPU test: {reason}"))
+
+
+MODEL_REPOSITORY = ROOT / "model_repository"
+
+
+@pytest.fixture(scope="session")
+def pipeline_cpu():
+    """The real default model (yolov5s-seg, COCO) on the CPU, loaded once per session."""
+    from pipeline.engine import Pipeline
+
+    return Pipeline.from_repository(MODEL_REPOSITORY, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def samples():
+    """name -> (H, W, 3) uint8 RGB of the real sample photos (see pipeline.samples)."""
+    from pipeline.samples import NAMES, sample_rgb
+
+    return {name: sample_rgb(name) for name in NAMES}

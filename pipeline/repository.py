@@ -1,0 +1,189 @@
+"""The model repository, in NVIDIA Triton's layout: ``<root>/<model>/config.pbtxt`` and
+``<root>/<model>/<version>/<model file>``.
+
+config.pbtxt is parsed with protobuf's text format into the ``ModelConfig`` message that
+tritonclient ships, and validated once, at start-up: an invalid file is refused with a message
+naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from .errors import ConfigError, NotFoundError
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_FILENAMES = {"pytorch_libtorch": "model.pt", "onnxruntime_onnx": "model.onnx",
+                     "python": "model.py"}
+SUPPORTED = ("pytorch_libtorch", "onnxruntime_onnx", "python")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model's folder and its parsed, validated configuration."""
+
+    name: str
+    path: Path
+    config: mc.ModelConfig
+    versions: tuple[int, ...]  # ascending
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.pbtxt"
+
+    @property
+    def platform(self) -> str:
+        return self.config.platform or self.config.backend
+
+    def latest_version(self) -> int:
+        if not self.versions:
+            raise ConfigError(f"{self.path}: no version folder (e.g. {self.path}/1/)")
+        return self.versions[-1]
+
+    def model_file(self, version: int | None = None) -> Path:
+        """The model file of a version (the newest by default); ConfigError if missing."""
+        version = self.latest_version() if version is None else version
+        filename = self.config.default_model_filename or DEFAULT_FILENAMES[self.platform]
+        path = self.path / str(version) / filename
+        if not path.is_file():
+            hint = " (run `make model` to create the default model)" if filename == "model.pt" else ""
+            raise ConfigError(f"{path}: model file is missing{hint}")
+        return path
+
+    def parameter(self, key: str, default: str | None = None) -> str | None:
+        if key in self.config.parameters:
+            return self.config.parameters[key].string_value
+        return default
+
+    def labels(self) -> list[str] | None:
+        for output in self.config.output:
+            if output.label_filename:
+                path = self.path / output.label_filename
+                if path.is_file():
+                    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        return None
+
+    def queue_size_limit(self) -> int:
+        """0 = unbounded (Triton's meaning); we bound it anyway in the batcher."""
+        return int(self.config.dynamic_batching.default_queue_policy.max_queue_size)
+
+
+class ModelRepository:
+    """All models under a root folder, validated at load."""
+
+    def __init__(self, root: Path, models: dict[str, ModelEntry]):
+        self.root = root
+        self.models = models
+
+    @classmethod
+    def load(cls, root: str | Path) -> "ModelRepository":
+        root = Path(root)
+        if not root.is_dir():
+            raise ConfigError(f"model repository {root} is not a folder")
+        models = {}
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            config_path = folder / "config.pbtxt"
+            if not config_path.is_file():
+                continue
+            entry = load_entry(folder)
+            models[entry.name] = entry
+        if not models:
+            raise ConfigError(f"model repository {root} holds no <model>/config.pbtxt")
+        repo = cls(root, models)
+        for entry in models.values():
+            network = entry.parameter("network")
+            if entry.platform == "python" and network is not None and network not in models:
+                raise ConfigError(
+                    f"{entry.config_path}: parameters.network names {network!r}, which is not "
+                    f"in the repository (have: {', '.join(sorted(models))})"
+                )
+        return repo
+
+    def get(self, name: str) -> ModelEntry:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise NotFoundError(
+                f"unknown model {name!r}; the repository has: {', '.join(sorted(self.models))}"
+            ) from None
+
+
+def load_entry(folder: Path) -> ModelEntry:
+    config_path = folder / "config.pbtxt"
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(config_path.read_text(), config)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from None
+    validate(config, folder.name, config_path)
+    if not config.name:
+        config.name = folder.name
+    versions = tuple(sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()))
+    return ModelEntry(config.name, folder, config, versions)
+
+
+def _fail(path: Path, field: str, message: str) -> ConfigError:
+    return ConfigError(f"{path}: field '{field}': {message}")
+
+
+def validate(config: mc.ModelConfig, folder_name: str, path: Path) -> None:
+    """Refuse what we (or Triton) could not serve, naming the field."""
+    if config.name and config.name != folder_name:
+        raise _fail(path, "name", f"{config.name!r} must equal the folder name {folder_name!r}")
+    platform = config.platform or config.backend
+    if platform not in SUPPORTED:
+        raise _fail(path, "platform" if config.platform else "backend",
+                    f"{platform!r} is not supported (use one of {', '.join(SUPPORTED)})")
+    if config.max_batch_size < 0:
+        raise _fail(path, "max_batch_size", f"must be >= 0, got {config.max_batch_size}")
+    batching = config.dynamic_batching
+    if config.HasField("dynamic_batching"):
+        if config.max_batch_size == 0:
+            raise _fail(path, "dynamic_batching", "needs max_batch_size > 0")
+        for size in batching.preferred_batch_size:
+            if not 0 < size <= config.max_batch_size:
+                raise _fail(path, "dynamic_batching.preferred_batch_size",
+                            f"{size} is not in 1..max_batch_size ({config.max_batch_size})")
+    if not config.input:
+        raise _fail(path, "input", "at least one input is required")
+    if not config.output:
+        raise _fail(path, "output", "at least one output is required")
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        seen = set()
+        for i, tensor in enumerate(tensors):
+            if not tensor.name:
+                raise _fail(path, f"{kind}[{i}].name", "is required")
+            if tensor.name in seen:
+                raise _fail(path, f"{kind}[{i}].name", f"{tensor.name!r} is repeated")
+            seen.add(tensor.name)
+            if tensor.data_type == mc.TYPE_INVALID:
+                raise _fail(path, f"{kind}[{i}].data_type", f"is missing for {tensor.name!r}")
+            if not tensor.dims or any(d == 0 or d < -1 for d in tensor.dims):
+                raise _fail(path, f"{kind}[{i}].dims",
+                            f"{list(tensor.dims)} must be non-empty, each > 0 or -1")
+    for i, group in enumerate(config.instance_group):
+        if group.count < 0:
+            raise _fail(path, f"instance_group[{i}].count", f"must be >= 1, got {group.count}")
+        if group.kind not in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_CPU,
+                              mc.ModelInstanceGroup.KIND_GPU):
+            raise _fail(path, f"instance_group[{i}].kind",
+                        f"{mc.ModelInstanceGroup.Kind.Name(group.kind)} is not supported")
+    if platform == "python":
+        for key in ("confidence", "iou_threshold"):
+            if key in config.parameters:
+                try:
+                    float(config.parameters[key].string_value)
+                except ValueError:
+                    raise _fail(path, f"parameters.{key}", "must be a number") from None
+        if "max_detections" in config.parameters and not config.parameters["max_detections"].string_value.isdigit():
+            raise _fail(path, "parameters.max_detections", "must be a whole number")
+
+
+def instance_count(entry: ModelEntry) -> int:
+    return max(1, sum(max(1, g.count) for g in entry.config.instance_group) or 1)

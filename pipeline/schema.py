@@ -1,0 +1,142 @@
+"""The response schema: Roboflow ``inference``'s instance-segmentation predictions.
+
+One document per image::
+
+    {"image": {"width": W, "height": H},
+     "predictions": [{"x", "y", "width", "height",       # box centre and size, original px
+                      "confidence", "class", "class_id", "detection_id",
+                      "rle": {"size": [H, W], "counts": "..."}, "mask_format": "rle"}]}
+
+With ``mask_format="polygon"`` a prediction carries ``points: [{"x", "y"}, ...]`` (the outer
+contour of the mask's largest connected part) instead of ``rle``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Sequence
+
+import numpy as np
+
+from .errors import BadInputError
+from .packing import pack_counts
+from .postprocess import Detections
+from .runs import RunLengths
+
+MASK_FORMATS = ("rle", "polygon")
+
+
+def check_mask_format(mask_format: str) -> str:
+    if mask_format not in MASK_FORMATS:
+        raise BadInputError(
+            f"unknown mask format {mask_format!r}; use one of: {', '.join(MASK_FORMATS)}"
+        )
+    return mask_format
+
+
+def predictions(det: Detections, class_names: Sequence[str], mask_format: str = "rle") -> list[dict]:
+    """The prediction dicts of one image, best score first."""
+    check_mask_format(mask_format)
+    H, W = det.image_size
+    if mask_format == "rle":
+        masks = [{"rle": {"size": [H, W], "counts": c}, "mask_format": "rle"}
+                 for c in pack_counts(det.masks.counts, det.masks.offsets, (H, W))]
+    else:
+        masks = [{"points": polygon(det.masks, i, det.boxes[i]), "mask_format": "polygon"}
+                 for i in range(len(det))]
+    out = []
+    for i, mask in enumerate(masks):
+        x1, y1, x2, y2 = (float(v) for v in det.boxes[i])
+        class_id = int(det.class_ids[i])
+        out.append({
+            "x": (x1 + x2) / 2,
+            "y": (y1 + y2) / 2,
+            "width": x2 - x1,
+            "height": y2 - y1,
+            "confidence": float(det.scores[i]),
+            "class": class_names[class_id] if class_id < len(class_names) else str(class_id),
+            "class_id": class_id,
+            "detection_id": str(uuid.uuid4()),
+            **mask,
+        })
+    return out
+
+
+def document(det: Detections, class_names: Sequence[str], mask_format: str = "rle") -> dict:
+    H, W = det.image_size
+    return {"image": {"width": W, "height": H},
+            "predictions": predictions(det, class_names, mask_format)}
+
+
+# --------------------------------------------------------------------------- polygons
+
+
+def window_mask(runs: RunLengths, i: int, box) -> tuple[np.ndarray, int, int]:
+    """Mask i cut to its box window (h, w) uint8, with the window's (top, left)."""
+    from .rle import box_windows
+
+    H, W = runs.size
+    top, left, bottom, right = box_windows(np.asarray(box)[None], (H, W))[0]
+    values = (np.arange(len(runs.runs(i))) & 1).astype(np.uint8)
+    full = np.repeat(values, runs.runs(i)).reshape(W, H).T
+    return full[top:bottom, left:right], int(top), int(left)
+
+
+# Clockwise neighbours starting west: (dy, dx).
+_NEIGHBOURS = ((0, -1), (-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1))
+_DIRECTION = {d: i for i, d in enumerate(_NEIGHBOURS)}
+
+
+def outer_contour(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(x, y) pixels on the outer boundary of the largest 8-connected part, clockwise,
+    with points inside straight runs dropped (as OpenCV's CHAIN_APPROX_SIMPLE does)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count == 0:
+        return []
+    sizes = np.bincount(labels.ravel())[1:]
+    part = np.pad(labels == (1 + int(np.argmax(sizes))), 1)
+    ys, xs = np.nonzero(part)
+    start = (int(ys[0]), int(xs[0]))  # topmost, then leftmost: its west neighbour is empty
+    current, back = start, (start[0], start[1] - 1)
+    path = [start]
+    for _ in range(4 * part.size + 8):  # Moore tracing ends far sooner; the bound is a guard
+        step = _next_of(part, current, back)
+        if step is None:
+            break  # a lone pixel
+        current, back = step
+        # Stop when the next move from start would repeat the first one (Jacob's criterion).
+        if current == start and len(path) > 1 and _next_of(part, start, back)[0] == path[1]:
+            break
+        path.append(current)
+    return [(x - 1, y - 1) for y, x in _drop_collinear(path)]
+
+
+def _next_of(part: np.ndarray, current, back):
+    """Moore step: scan current's neighbours clockwise from back; (next pixel, its back)."""
+    d = _DIRECTION[(back[0] - current[0], back[1] - current[1])]
+    for step in range(1, 9):
+        dy, dx = _NEIGHBOURS[(d + step) % 8]
+        candidate = (current[0] + dy, current[1] + dx)
+        if part[candidate]:
+            py, px = _NEIGHBOURS[(d + step - 1) % 8]
+            return candidate, (current[0] + py, current[1] + px)
+    return None
+
+
+def _drop_collinear(path: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    if len(path) < 3:
+        return path
+    kept = []
+    n = len(path)
+    for i in range(n):
+        prev, here, nxt = path[i - 1], path[i], path[(i + 1) % n]
+        if (here[0] - prev[0], here[1] - prev[1]) != (nxt[0] - here[0], nxt[1] - here[1]):
+            kept.append(here)
+    return kept or path[:1]
+
+
+def polygon(runs: RunLengths, i: int, box) -> list[dict]:
+    crop, top, left = window_mask(runs, i, box)
+    return [{"x": float(x + left), "y": float(y + top)} for x, y in outer_contour(crop)]

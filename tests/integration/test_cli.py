@@ -1,0 +1,72 @@
+"""``python -m pipeline predict``: JSON per image, and an overlay a person can look at."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from pipeline.samples import sample_bytes
+
+from ..conftest import ROOT
+
+
+def predict(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "pipeline", "predict", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_predict_prints_json_and_draws_masks_only_where_they_are(tmp_path):
+    image = tmp_path / "bus.jpg"
+    image.write_bytes(sample_bytes("bus"))
+    overlay = tmp_path / "out.png"
+    run = predict(str(image), "--overlay", str(overlay))
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["image"] == {"width": 810, "height": 1080}
+    assert {"person", "bus"} <= {p["class"] for p in doc["predictions"]}
+
+    original = np.asarray(Image.open(image).convert("RGB")).astype(int)
+    drawn = np.asarray(Image.open(overlay).convert("RGB")).astype(int)
+    changed = np.abs(drawn - original).sum(axis=2) > 0
+    H, W = original.shape[:2]
+    near_any_box = np.zeros((H, W), bool)
+    for p in doc["predictions"]:
+        mask = coco_mask.decode({"size": [H, W], "counts": p["rle"]["counts"].encode()}).astype(bool)
+        assert changed[mask].mean() > 0.95, p["class"]  # masks are painted
+        x1, y1 = int(p["x"] - p["width"] / 2) - 3, int(p["y"] - p["height"] / 2) - 3
+        x2, y2 = int(p["x"] + p["width"] / 2) + 4, int(p["y"] + p["height"] / 2) + 4
+        near_any_box[max(y1, 0) : y2, max(x1, 0) : x2] = True
+    assert not changed[~near_any_box].any()  # nothing drawn away from the detections
+
+
+def test_polygon_format_and_options(tmp_path):
+    image = tmp_path / "bus.jpg"
+    image.write_bytes(sample_bytes("bus"))
+    run = predict(str(image), "--mask-format", "polygon", "--confidence", "0.8")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["predictions"] and all(p["confidence"] > 0.8 for p in doc["predictions"])
+    assert all(p["mask_format"] == "polygon" and len(p["points"]) >= 3 for p in doc["predictions"])
+
+
+def test_bad_files_are_reported_and_the_rest_still_run(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    good = tmp_path / "bus.jpg"
+    good.write_bytes(sample_bytes("bus"))
+    run = predict(str(bad), str(good), str(tmp_path / "missing.png"))
+    assert run.returncode == 1
+    assert "broken.jpg" in run.stderr and "missing.png" in run.stderr
+    assert len(run.stdout.strip().splitlines()) == 1
+
+
+def test_help_explains_the_options():
+    run = predict("--help")
+    assert run.returncode == 0
+    for option in ("--model", "--mask-format", "--confidence", "--overlay"):
+        assert option in run.stdout

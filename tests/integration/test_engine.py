@@ -1,0 +1,133 @@
+"""The real default model on real photos: what it finds, and that its RLE masks are right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as coco_mask
+
+from pipeline.images import letterbox
+from pipeline.postprocess import select, to_original
+
+
+def classes_of(doc):
+    return [p["class"] for p in doc["predictions"]]
+
+
+def test_bus_has_people_and_a_bus(pipeline_cpu, samples):
+    (doc,) = pipeline_cpu.infer([samples["bus"]])
+    assert doc["image"] == {"width": 810, "height": 1080}
+    found = classes_of(doc)
+    assert found.count("person") >= 3 and "bus" in found, found
+    scores = [p["confidence"] for p in doc["predictions"]]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0.8
+
+
+def test_astronaut_is_a_person(pipeline_cpu, samples):
+    (doc,) = pipeline_cpu.infer([samples["astronaut"]])
+    assert "person" in classes_of(doc)
+
+
+def test_coffee_has_a_cup(pipeline_cpu, samples):
+    (doc,) = pipeline_cpu.infer([samples["coffee"]])
+    assert "cup" in classes_of(doc)
+
+
+def test_schema_and_masks_inside_their_boxes(pipeline_cpu, samples):
+    docs = pipeline_cpu.infer([samples[n] for n in ("bus", "zidane", "coffee")])
+    for doc in docs:
+        H, W = doc["image"]["height"], doc["image"]["width"]
+        assert doc["predictions"]
+        for p in doc["predictions"]:
+            assert set(p) == {"x", "y", "width", "height", "confidence", "class", "class_id",
+                              "detection_id", "rle", "mask_format"}
+            assert p["mask_format"] == "rle" and p["rle"]["size"] == [H, W]
+            mask = coco_mask.decode({"size": [H, W], "counts": p["rle"]["counts"].encode()})
+            ys, xs = np.nonzero(mask)
+            assert len(ys), p["class"]
+            x1, y1 = p["x"] - p["width"] / 2, p["y"] - p["height"] / 2
+            x2, y2 = p["x"] + p["width"] / 2, p["y"] + p["height"] / 2
+            assert xs.min() >= np.floor(x1) and xs.max() < np.ceil(x2)
+            assert ys.min() >= np.floor(y1) and ys.max() < np.ceil(y2)
+            share = mask.sum() / max(p["width"] * p["height"], 1)
+            assert 0.15 < share <= 1.0, (p["class"], share)
+    ids = [p["detection_id"] for d in docs for p in d["predictions"]]
+    assert len(set(ids)) == len(ids)
+
+
+def reference_masks(pipeline, rgb):
+    """The straightforward way (YOLOv5's process_mask + scale_image): full-resolution
+    sigmoid masks at the network input, cropped to the box, upsampled, thresholded,
+    un-letterboxed to the original size, then pycocotools."""
+    size = pipeline.info.input_size
+    tensor, geo = letterbox(rgb, size)
+    with torch.inference_mode():
+        pred, proto = pipeline.runner(tensor[None])
+    boxes, scores, classes, coefficients = select(pred[0], pipeline.defaults, pipeline.info.num_classes)
+    m, ph, pw = proto.shape[1:]
+    masks = (coefficients @ proto[0].reshape(m, -1)).sigmoid().reshape(-1, ph, pw)
+    down = boxes / (size / ph)
+    r = torch.arange(pw)[None, None, :]
+    c = torch.arange(ph)[None, :, None]
+    inside = (r >= down[:, 0, None, None]) & (r < down[:, 2, None, None]) & (
+        c >= down[:, 1, None, None]) & (c < down[:, 3, None, None])
+    masks = F.interpolate((masks * inside)[None], size=(size, size), mode="bilinear",
+                          align_corners=False)[0].gt(0.5).float()
+    ih, iw = geo.inner
+    masks = masks[:, geo.top : geo.top + ih, geo.left : geo.left + iw]
+    masks = F.interpolate(masks[None], size=(geo.height, geo.width), mode="bilinear",
+                          align_corners=False)[0].gt(0.5)
+    full = np.asfortranarray(masks.numpy().transpose(1, 2, 0).astype(np.uint8))
+    return coco_mask.encode(full), to_original(boxes, geo)
+
+
+@pytest.mark.parametrize("name", ["bus", "zidane", "astronaut", "coffee"])
+def test_masks_match_the_straightforward_reference(pipeline_cpu, samples, name):
+    (doc,) = pipeline_cpu.infer([samples[name]])
+    expected, _ = reference_masks(pipeline_cpu, samples[name])
+    ours = [{"size": p["rle"]["size"], "counts": p["rle"]["counts"].encode()} for p in doc["predictions"]]
+    assert len(ours) == len(expected)
+    ious = np.diag(coco_mask.iou(ours, expected, [0] * len(expected)))
+    # Small, edge-cut instances differ most (the reference crops at prototype resolution).
+    assert ious.min() > 0.8 and ious.mean() > 0.92, ious
+
+
+def test_batch_equals_one_by_one(pipeline_cpu, samples):
+    names = ["bus", "coffee", "astronaut"]
+    batched = pipeline_cpu.detect([samples[n] for n in names])
+    for name, det in zip(names, batched):
+        (alone,) = pipeline_cpu.detect([samples[name]])
+        assert len(alone) == len(det)
+        np.testing.assert_allclose(alone.boxes, det.boxes, atol=0.05)
+        assert alone.rles() == det.rles()
+
+
+def test_options_are_honoured(pipeline_cpu, samples):
+    (few,) = pipeline_cpu.infer([samples["bus"]], confidence=0.7)
+    assert few["predictions"] and all(p["confidence"] > 0.7 for p in few["predictions"])
+    (one,) = pipeline_cpu.infer([samples["bus"]], max_detections=1)
+    assert len(one["predictions"]) == 1
+
+
+def test_polygon_format(pipeline_cpu, samples):
+    (doc,) = pipeline_cpu.infer([samples["coffee"]], mask_format="polygon")
+    for p in doc["predictions"]:
+        assert p["mask_format"] == "polygon" and "rle" not in p
+        assert len(p["points"]) >= 3
+        xs = [q["x"] for q in p["points"]]
+        assert min(xs) >= np.floor(p["x"] - p["width"] / 2) - 1
+
+
+def test_bad_input_is_refused_clearly(pipeline_cpu):
+    from pipeline.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="not a decodable image"):
+        pipeline_cpu.infer([b"this is not an image"])
+    with pytest.raises(BadInputError, match="unknown mask format"):
+        pipeline_cpu.infer([b"x"], mask_format="bitmap")
+    with pytest.raises(BadInputError, match="confidence"):
+        pipeline_cpu.infer([np.zeros((8, 8, 3), np.uint8)], confidence=2)
+    with pytest.raises(BadInputError, match="uint8"):
+        pipeline_cpu.infer([np.zeros((8, 8, 3), np.float32)])

@@ -1,0 +1,187 @@
+"""DynamicBatcher with fake batch functions: grouping, delays, cancellation, errors, overload."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from pipeline.batcher import DynamicBatcher
+from pipeline.errors import ModelError, OverloadedError, ShuttingDownError
+
+
+class Recorder:
+    """A fake model: doubles each item, remembers the batches it saw."""
+
+    def __init__(self, delay: float = 0.0, fail_on=None):
+        self.batches: list[list] = []
+        self.delay = delay
+        self.fail_on = fail_on
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, pairs):
+        self.release.wait(5)
+        items = [item for _, item in pairs]
+        self.batches.append(items)
+        time.sleep(self.delay)
+        if self.fail_on is not None and self.fail_on in items:
+            raise RuntimeError(f"model broke on {self.fail_on}")
+        return [(i, item * 2) for i, item in reversed(pairs)]  # any order: matched by id
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_are_grouped_and_each_gets_its_own_result():
+    model = Recorder(delay=0.01)
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=4, max_delay_s=0.05)
+        results = await asyncio.gather(*(b.submit(i) for i in range(10)))
+        await b.close()
+        return results, b.stats
+
+    results, stats = run(main())
+    assert results == [i * 2 for i in range(10)]
+    assert all(len(batch) <= 4 for batch in model.batches)
+    assert sorted(x for batch in model.batches for x in batch) == list(range(10))
+    assert len(model.batches) <= 4  # grouped, not one by one
+    assert stats.requests == 10 and stats.batches == len(model.batches)
+
+
+def test_a_lone_request_waits_at_most_the_delay():
+    model = Recorder()
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=8, max_delay_s=0.05)
+        start = time.monotonic()
+        result = await b.submit(21)
+        elapsed = time.monotonic() - start
+        await b.close()
+        return result, elapsed
+
+    result, elapsed = run(main())
+    assert result == 42 and model.batches == [[21]]
+    assert 0.04 <= elapsed < 1.0
+
+
+def test_preferred_size_is_sent_without_waiting_for_the_delay():
+    model = Recorder()
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=8, max_delay_s=5.0, preferred_sizes=[2])
+        start = time.monotonic()
+        await asyncio.gather(b.submit(1), b.submit(2))
+        elapsed = time.monotonic() - start
+        await b.close()
+        return elapsed
+
+    assert run(main()) < 2.0
+    assert model.batches == [[1, 2]]
+
+
+def test_cancelled_requests_never_reach_the_model_and_do_not_poison_the_batch():
+    model = Recorder()
+    model.release.clear()  # hold the first batch so the rest queue up
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=4, max_delay_s=0.01)
+        first = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.05)  # batch [0] is now running, blocked in the model
+        doomed = asyncio.create_task(b.submit(99))
+        kept = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        model.release.set()
+        results = await asyncio.gather(first, *kept)
+        await b.close()
+        return results, doomed
+
+    results, doomed = run(main())
+    assert results == [0, 2, 4]
+    assert doomed.cancelled()
+    assert 99 not in [x for batch in model.batches for x in batch]
+
+
+def test_a_client_cancelling_mid_batch_does_not_break_the_loop():
+    model = Recorder(delay=0.1)
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=2, max_delay_s=0.001)
+        task = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0.03)  # now inside the model
+        task.cancel()
+        await asyncio.sleep(0.2)
+        after = await b.submit(5)  # the batching loop is still alive
+        await b.close()
+        return after
+
+    assert run(main()) == 10
+
+
+def test_an_exception_reaches_every_request_of_its_batch_only():
+    model = Recorder(fail_on=3)
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=4, max_delay_s=0.05)
+        results = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
+        later = await b.submit(7)
+        await b.close()
+        return results, later, b.stats
+
+    results, later, stats = run(main())
+    assert all(isinstance(r, RuntimeError) and "broke on 3" in str(r) for r in results)
+    assert later == 14 and stats.failures == 4
+
+
+def test_results_are_checked_by_id_not_by_count():
+    def wrong_ids(pairs):
+        return [(i + 1000, item) for i, item in pairs]
+
+    async def main():
+        b = DynamicBatcher(wrong_ids, max_batch_size=2, max_delay_s=0.01)
+        out = await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
+        await b.close()
+        return out
+
+    out = run(main())
+    assert all(isinstance(e, ModelError) and "ids" in str(e) for e in out)
+
+
+def test_full_queue_is_an_immediate_overloaded_error():
+    model = Recorder()
+    model.release.clear()
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0, max_queue_size=2)
+        running = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(OverloadedError, match="max_queue_size 2"):
+            await b.submit(3)
+        model.release.set()
+        results = await asyncio.gather(running, *queued)
+        await b.close()
+        return results
+
+    assert run(main()) == [0, 2, 4]
+
+
+def test_close_drains_then_refuses():
+    model = Recorder(delay=0.02)
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=2, max_delay_s=0.01)
+        pending = [asyncio.create_task(b.submit(i)) for i in range(5)]
+        await asyncio.sleep(0)
+        await b.close(drain=True)
+        with pytest.raises(ShuttingDownError):
+            await b.submit(9)
+        return [p.result() for p in pending]
+
+    assert run(main()) == [0, 2, 4, 6, 8]

@@ -1,0 +1,113 @@
+"""config.pbtxt parsing and validation: bad files are refused naming the file and field."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError, NotFoundError
+from pipeline.repository import ModelRepository
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD_NETWORK = (ROOT / "model_repository/yolov5s_seg/config.pbtxt").read_text()
+GOOD_PIPELINE = (ROOT / "model_repository/instance_segmentation/config.pbtxt").read_text()
+
+
+def make_repo(tmp_path, network=GOOD_NETWORK, pipeline=GOOD_PIPELINE):
+    for name, text in (("yolov5s_seg", network), ("instance_segmentation", pipeline)):
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "config.pbtxt").write_text(text)
+    return tmp_path
+
+
+def test_the_shipped_repository_parses_into_tritons_model_config():
+    repo = ModelRepository.load(ROOT / "model_repository")
+    pipeline = repo.get("instance_segmentation")
+    assert pipeline.config.max_batch_size == 8
+    assert pipeline.config.dynamic_batching.max_queue_delay_microseconds == 5000
+    assert pipeline.queue_size_limit() == 64
+    assert pipeline.parameter("network") == "yolov5s_seg"
+    network = repo.get("yolov5s_seg")
+    assert network.platform == "pytorch_libtorch"
+    assert list(network.config.input[0].dims) == [3, 640, 640]
+    assert len(network.labels()) == 80 and network.labels()[0] == "person"
+    with pytest.raises(NotFoundError, match="unknown model 'nope'"):
+        repo.get("nope")
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda t: t.replace("max_batch_size: 8", "max_batch_size: -1"), "max_batch_size"),
+        (lambda t: t.replace('name: "yolov5s_seg"', 'name: "other"'), "name"),
+        (lambda t: t.replace('platform: "pytorch_libtorch"', 'platform: "tensorflow_savedmodel"'), "platform"),
+        (lambda t: t.replace("dims: [ 3, 640, 640 ]", "dims: [ 3, 0, 640 ]"), "input[0].dims"),
+        (lambda t: t.replace("data_type: TYPE_FP32\n    dims: [ 3", "dims: [ 3"), "input[0].data_type"),
+        (lambda t: t.replace('name: "OUTPUT__1"', 'name: "OUTPUT__0"'), "output[1].name"),
+        (lambda t: t.replace("kind: KIND_CPU", "kind: KIND_MODEL"), "instance_group[0].kind"),
+        (lambda t: t + "\ndynamic_batching { preferred_batch_size: [ 16 ] }\n", "dynamic_batching.preferred_batch_size"),
+    ],
+)
+def test_invalid_network_configs_name_file_and_field(tmp_path, edit, field):
+    repo = make_repo(tmp_path, network=edit(GOOD_NETWORK))
+    with pytest.raises(ConfigError) as info:
+        ModelRepository.load(repo)
+    message = str(info.value)
+    assert "yolov5s_seg/config.pbtxt" in message and f"'{field}'" in message
+
+
+def test_syntax_errors_name_the_line(tmp_path):
+    repo = make_repo(tmp_path, network=GOOD_NETWORK.replace("max_batch_size: 8", "max_batch_size 8 {"))
+    with pytest.raises(ConfigError, match=r"yolov5s_seg/config.pbtxt: \d+:\d+"):
+        ModelRepository.load(repo)
+
+
+def test_pipeline_must_name_an_existing_network(tmp_path):
+    repo = make_repo(tmp_path, pipeline=GOOD_PIPELINE.replace('"yolov5s_seg" }', '"missing" }'))
+    with pytest.raises(ConfigError, match="parameters.network names 'missing'"):
+        ModelRepository.load(repo)
+
+
+def test_pipeline_parameters_must_be_numbers(tmp_path):
+    repo = make_repo(tmp_path, pipeline=GOOD_PIPELINE.replace('"0.25"', '"high"'))
+    with pytest.raises(ConfigError, match="'parameters.confidence'"):
+        ModelRepository.load(repo)
+
+
+def test_dynamic_batching_needs_a_batch_dimension(tmp_path):
+    repo = make_repo(tmp_path, pipeline=GOOD_PIPELINE.replace("max_batch_size: 8", "max_batch_size: 0"))
+    with pytest.raises(ConfigError, match="'dynamic_batching'"):
+        ModelRepository.load(repo)
+
+
+def test_missing_model_file_is_a_start_up_error_with_a_hint(tmp_path):
+    from pipeline.engine import Pipeline
+
+    repo = make_repo(tmp_path)
+    with pytest.raises(ConfigError, match="model.pt: model file is missing.*make model"):
+        Pipeline.from_repository(repo, device="cpu")
+
+
+def test_gpu_asked_for_without_a_gpu_is_a_start_up_error(tmp_path):
+    import torch
+
+    from pipeline.engine import Pipeline
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    repo = make_repo(tmp_path, pipeline=GOOD_PIPELINE.replace("KIND_CPU", "KIND_GPU"))
+    shutil.copy(ROOT / "model_repository/yolov5s_seg/1/model.pt", repo / "yolov5s_seg/1/model.pt")
+    with pytest.raises(ConfigError, match="KIND_GPU.*no CUDA device"):
+        Pipeline.from_repository(repo)
+
+
+def test_network_outputs_must_match_the_config(tmp_path):
+    from pipeline.engine import Pipeline
+
+    repo = make_repo(tmp_path, network=GOOD_NETWORK.replace("dims: [ 25200, 117 ]", "dims: [ 25200, 85 ]"))
+    shutil.copy(ROOT / "model_repository/yolov5s_seg/1/model.pt", repo / "yolov5s_seg/1/model.pt")
+    with pytest.raises(ConfigError, match=r"output\[0\].*\[25200, 85\].*\[25200, 117\]"):
+        Pipeline.from_repository(repo, device="cpu")
