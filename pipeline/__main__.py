@@ -83,6 +83,20 @@ def _overlay_paths(target: str | None, count: int) -> list[str]:
     return [f"{stem}-{i}.{ext}" for i in range(count)]
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+    import logging
+
+    from .server import ServerConfig, serve
+
+    logging.getLogger().setLevel(logging.INFO)
+    chosen = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
+              if getattr(args, f.name, None) is not None}
+    config = ServerConfig(**{**ServerConfig.env_defaults(), **chosen})
+    return asyncio.run(serve(config))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -118,6 +132,32 @@ def main(argv: list[str] | None = None) -> int:
                          "(several images: OUT-0.png, OUT-1.png, ...)")
     predict.add_argument("--indent", type=int, default=None, help="pretty-print the JSON")
     predict.set_defaults(func=_predict)
+
+    serve = commands.add_parser(
+        "serve", help="serve the repository over gRPC (Triton/KServe v2 + video streams)",
+        description="Serve the model repository over gRPC: Triton/KServe v2 protocol "
+        "(tritonclient works), the typed video streaming API, grpc.health.v1, reflection, and "
+        "Prometheus metrics. Every flag can also be set as RLE_SERVING_<FLAG> in the "
+        "environment (e.g. RLE_SERVING_GRPC_PORT=8001). SIGTERM drains, then exits 0.",
+    )
+    serve.add_argument("--model-repository", help="Triton-layout repository (default: model_repository)")
+    serve.add_argument("--host", help="address to bind (default 0.0.0.0)")
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8001, Triton's; 0 = any free)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; 0 = any free)")
+    serve.add_argument("--device", choices=["cpu", "cuda"], help="override instance_group kind")
+    serve.add_argument("--stream-window", type=int,
+                       help="frames a stream may have in flight (default 8)")
+    serve.add_argument("--stream-policy", choices=["wait", "drop_oldest"],
+                       help="when a stream sends too fast: wait (backpressure, default) or "
+                       "drop_oldest (drop waiting frames and report them)")
+    serve.add_argument("--max-message-mb", type=int, help="largest gRPC message, MB (default 64)")
+    serve.add_argument("--grace-period-s", type=float,
+                       help="on SIGTERM, how long in-flight work may finish (default 30)")
+    serve.add_argument("--tls-cert", help="server certificate (PEM); enables TLS with --tls-key")
+    serve.add_argument("--tls-key", help="server private key (PEM)")
+    serve.add_argument("--token", help="require 'authorization: Bearer <token>' metadata "
+                       "(health checks stay open for probes); prefer RLE_SERVING_TOKEN")
+    serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     import logging
 

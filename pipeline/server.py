@@ -1,0 +1,244 @@
+"""The server: loads the repository's pipelines and serves them over gRPC.
+
+Services on one port: Triton/KServe v2 (``inference.GRPCInferenceService``), the typed video
+API (``rleserving.v1.VideoSegmentation``), the standard health service (``grpc.health.v1``,
+which Kubernetes' native gRPC probes call) and server reflection. Prometheus metrics on a
+second port. SIGTERM drains: health turns NOT_SERVING, new requests and streams are refused
+with UNAVAILABLE, work in flight finishes within the grace period, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from .engine import Pipeline
+from .errors import ConfigError
+from .metrics import Metrics
+from .proto import video_pb2, video_pb2_grpc
+from .repository import ModelRepository
+from .runner import resolve_device
+from .service import InferenceService, ServingState
+from .streaming import POLICIES, VideoService
+
+LOG = logging.getLogger(__name__)
+INFERENCE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+VIDEO_SERVICE = video_pb2.DESCRIPTOR.services_by_name["VideoSegmentation"].full_name
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes carry no token
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every setting, from flags or RLE_SERVING_<NAME> environment variables."""
+
+    model_repository: str = "model_repository"
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    device: str | None = None
+    stream_window: int = 8
+    stream_policy: str = "wait"
+    max_message_mb: int = 64
+    grace_period_s: float = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = None
+
+    def __post_init__(self):
+        if self.stream_window < 1:
+            raise ConfigError(f"stream window must be >= 1, got {self.stream_window}")
+        if self.stream_policy not in POLICIES:
+            raise ConfigError(f"stream policy must be one of {POLICIES}, got {self.stream_policy!r}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        for path in (self.tls_cert, self.tls_key):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"TLS file {path} does not exist")
+        if self.max_message_mb < 1:
+            raise ConfigError("max message size must be >= 1 MB")
+
+    @classmethod
+    def env_defaults(cls) -> dict:
+        """Settings found in the environment (RLE_SERVING_GRPC_PORT=8001, ...)."""
+        out = {}
+        for f in fields(cls):
+            value = os.environ.get(f"RLE_SERVING_{f.name.upper()}")
+            if value is not None and value != "":
+                kind = f.type if isinstance(f.type, str) else f.type.__name__
+                out[f.name] = int(value) if kind == "int" else float(value) if kind == "float" else value
+        return out
+
+
+class _TokenCheck(grpc.aio.ServerInterceptor):
+    """Bearer-token authentication for everything but health checks and reflection."""
+
+    def __init__(self, token: str):
+        self.expected = f"Bearer {token}"
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_METHODS):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        if metadata.get("authorization") == self.expected:
+            return handler
+
+        async def deny(request_or_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+
+        async def deny_stream(request_or_iterator, context):
+            await deny(request_or_iterator, context)
+            yield  # pragma: no cover - abort raises first
+
+        kinds = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }
+        make = kinds[(handler.request_streaming, handler.response_streaming)]
+        return make(deny_stream if handler.response_streaming else deny,
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+class PipelineServer:
+    """Start with ``await start()``; stop with ``await drain()``."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.state: ServingState | None = None
+        self.grpc_port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._stopped = asyncio.Event()
+
+    async def start(self, serve_metrics: bool = True) -> "PipelineServer":
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        pipelines, unavailable = await loop.run_in_executor(None, self._load)
+        self.state = ServingState(cfg.model_repository, pipelines, unavailable, self.metrics,
+                                  stream_window=cfg.stream_window, stream_policy=cfg.stream_policy)
+        for name, pipe in pipelines.items():
+            pipe.batcher.on_batch = self._batch_metrics(name, pipe)
+        limit = cfg.max_message_mb * 1024 * 1024
+        options = [("grpc.max_receive_message_length", limit),
+                   ("grpc.max_send_message_length", limit),
+                   ("grpc.so_reuseport", 0)]
+        interceptors = [_TokenCheck(cfg.token)] if cfg.token else []
+        server = grpc.aio.server(options=options, interceptors=interceptors)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.state), server)
+        video_pb2_grpc.add_VideoSegmentationServicer_to_server(VideoService(self.state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [INFERENCE_SERVICE, VIDEO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = f"{cfg.host}:{cfg.grpc_port}"
+        if cfg.tls_cert:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            self.grpc_port = server.add_secure_port(address, credentials)
+        else:
+            self.grpc_port = server.add_insecure_port(address)
+        if not self.grpc_port:
+            raise ConfigError(f"cannot listen on {address} (in use?)")
+        await server.start()
+        self._server = server
+        if serve_metrics:
+            self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.host)
+        for service in ("", INFERENCE_SERVICE, VIDEO_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        LOG.info("listening for gRPC on %s:%d%s; metrics on :%s", cfg.host, self.grpc_port,
+                 " (TLS)" if cfg.tls_cert else "", self.metrics_port)
+        for name in pipelines:
+            LOG.info("model %s is READY", name)
+        for name, why in unavailable.items():
+            LOG.info("model %s is not served directly: %s", name, why)
+        return self
+
+    def _load(self):
+        repository = ModelRepository.load(self.config.model_repository)
+        pipelines, unavailable = {}, {}
+        for name, entry in repository.models.items():
+            if entry.platform == "python" and entry.parameter("network"):
+                network = repository.get(entry.parameter("network"))
+                device = resolve_device(self.config.device, entry)
+                pipelines[name] = Pipeline(repository, entry, network, device)
+        for name in repository.models:
+            if name not in pipelines:
+                users = [p for p, pipe in pipelines.items() if pipe.network_entry.name == name]
+                unavailable[name] = (f"a network used inside {', '.join(users)}" if users
+                                     else "not a pipeline model")
+        if not pipelines:
+            raise ConfigError(f"{self.config.model_repository}: no pipeline model to serve "
+                              "(a Python-backend model with a 'network' parameter)")
+        return pipelines, unavailable
+
+    def _batch_metrics(self, name: str, pipe: Pipeline):
+        m = self.metrics
+        labels = (name, "1")
+        seen = {"rle": 0.0, "preprocess": 0.0}
+
+        def since_last(stage: str) -> float:
+            now = pipe.clock.seconds.get(stage, 0.0)
+            delta, seen[stage] = max(now - seen[stage], 0.0), now
+            return delta
+
+        def on_batch(size: int, waits: list[float], compute_s: float, failed: bool):
+            m.exec_count.labels(*labels).inc()
+            m.batch_size.labels(name).observe(size)
+            m.queue_duration_us.labels(*labels).inc(sum(waits) * 1e6)
+            m.compute_infer_us.labels(*labels).inc(compute_s * 1e6)
+            m.rle_seconds.labels(name).inc(since_last("rle"))
+            m.compute_input_us.labels(*labels).inc(since_last("preprocess") * 1e6)
+
+        return on_batch
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Refuse new work, let work in flight finish (up to the grace period), stop."""
+        grace = self.config.grace_period_s if grace_s is None else grace_s
+        if self.state is None or self._server is None:
+            return
+        self.state.draining = True
+        await self._health.enter_graceful_shutdown()  # every service -> NOT_SERVING
+        deadline = time.monotonic() + grace
+        while self.state.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.state.active:
+            LOG.warning("grace period over with %d requests/streams still open", self.state.active)
+        await self._server.stop(max(0.0, deadline - time.monotonic()))
+        for pipe in self.state.pipelines.values():
+            await pipe.close(drain=False)
+        self._stopped.set()
+        LOG.info("stopped")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM / SIGINT, then drain; returns the exit code."""
+    server = PipelineServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    LOG.info("signal received: draining (grace %.0f s)", config.grace_period_s)
+    await server.drain()
+    return 0
