@@ -39,6 +39,7 @@ test-gpu: setup
 bench: setup $(MODEL)
 	$(TUNED) $(BIN)/python benchmarks/rle_bench.py
 	$(TUNED) $(BIN)/python benchmarks/engine_bench.py
+	$(TUNED) $(BIN)/python benchmarks/load_bench.py
 
 run: setup
 	$(TUNED) $(BIN)/python -m pipeline demo

@@ -46,7 +46,7 @@ def running_server(**settings):
         thread.join(10)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server():
     with running_server() as running:
         yield running

@@ -1,0 +1,174 @@
+"""The typed video API (order, errors, flow control) and the operational surface: health,
+reflection, bearer token, TLS, drain."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from pipeline.proto import video_pb2 as vpb
+from pipeline.proto import video_pb2_grpc
+
+from .conftest import running_server
+
+
+def small_frames(samples, n):
+    rgb = np.ascontiguousarray(samples["coffee"][::2, ::2])
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG")
+    return buffer.getvalue(), rgb
+
+
+def stream(channel, frames, timeout=300):
+    stub = video_pb2_grpc.VideoSegmentationStub(channel)
+    return list(stub.StreamFrames(iter(frames), timeout=timeout))
+
+
+def test_video_stream_in_order_with_a_bad_frame_in_the_middle(server, samples):
+    jpeg, rgb = small_frames(samples, 1)
+    frames = [
+        vpb.Frame(stream_id="cam-1", frame_index=0, timestamp=0.0, encoded=jpeg),
+        vpb.Frame(stream_id="cam-1", frame_index=1, timestamp=0.04, encoded=b"garbage"),
+        vpb.Frame(stream_id="cam-1", frame_index=2, timestamp=0.08,
+                  raw=vpb.RawImage(height=rgb.shape[0], width=rgb.shape[1], rgb=rgb.tobytes())),
+        vpb.Frame(stream_id="cam-1", frame_index=3, timestamp=0.12, encoded=jpeg,
+                  options=vpb.InferOptions(confidence=0.9)),
+    ]
+    with grpc.insecure_channel(server.address) as channel:
+        results = stream(channel, frames)
+    assert [r.frame_index for r in results] == [0, 1, 2, 3]
+    assert all(r.stream_id == "cam-1" for r in results)
+    assert [r.timestamp for r in results] == [0.0, 0.04, 0.08, 0.12]
+    assert results[1].error.startswith("INVALID_ARGUMENT") and not results[1].detections
+    ok = results[0]
+    assert not ok.error and not ok.dropped and (ok.height, ok.width) == rgb.shape[:2]
+    cup = [d for d in ok.detections if d.class_name == "cup"]
+    assert cup and list(cup[0].rle.size) == [ok.height, ok.width] and cup[0].rle.counts
+    assert len(results[2].detections) >= 1  # raw RGB frame works too
+    assert all(d.score > 0.9 for d in results[3].detections)
+
+
+def test_wait_policy_never_drops(server, samples):
+    jpeg, _ = small_frames(samples, 1)
+    frames = [vpb.Frame(stream_id="s", frame_index=i, encoded=jpeg) for i in range(5)]
+    with grpc.insecure_channel(server.address) as channel:
+        results = stream(channel, frames)
+    assert [r.frame_index for r in results] == list(range(5))
+    assert not any(r.dropped or r.error for r in results)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    key, cert = folder / "server.key", folder / "server.crt"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"openssl could not make a test certificate: {made.stderr[-200:]}")
+    return key, cert
+
+
+@pytest.fixture(scope="module")
+def guarded(tls_files):
+    key, cert = tls_files
+    with running_server(tls_cert=str(cert), tls_key=str(key), token="s3cret",
+                        stream_window=1, stream_policy="drop_oldest") as running:
+        yield running, cert.read_bytes()
+
+
+def secure_channel(guarded, with_token=True):
+    running, cert = guarded
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert)
+    if with_token:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials("s3cret"))
+    return grpc.secure_channel(f"localhost:{running.server.grpc_port}", credentials)
+
+
+def test_drop_oldest_reports_every_dropped_frame_in_order(guarded, samples):
+    jpeg, _ = small_frames(samples, 1)
+    frames = [vpb.Frame(stream_id="live", frame_index=i, encoded=jpeg) for i in range(8)]
+    with secure_channel(guarded) as channel:
+        results = stream(channel, frames)
+    assert [r.frame_index for r in results] == list(range(8))  # one result per frame, in order
+    dropped = [r.frame_index for r in results if r.dropped]
+    served = [r.frame_index for r in results if not r.dropped]
+    assert dropped, "a window of 1 fed 8 frames at once must drop some"
+    assert served[0] == 0 and served[-1] == 7  # the newest frame is never the one dropped
+    assert all(not r.error for r in results)
+    running, _ = guarded
+    assert running.server.metrics.frames_dropped._value.get() >= len(dropped)
+
+
+def test_token_and_tls(guarded):
+    running, cert = guarded
+    url = f"localhost:{running.server.grpc_port}"
+    client = triton.InferenceServerClient(url, ssl=True, root_certificates=_write(cert))
+    with pytest.raises(InferenceServerException) as info:
+        client.is_server_live()
+    assert info.value.status() == "StatusCode.UNAUTHENTICATED"
+    assert "bearer token" in info.value.message()
+    assert client.is_server_live(headers={"authorization": "Bearer s3cret"})
+    with pytest.raises(InferenceServerException):
+        client.is_server_live(headers={"authorization": "Bearer wrong"})
+    client.close()
+    # Probes carry no token: health stays open.
+    with secure_channel(guarded, with_token=False) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _write(data: bytes) -> str:
+    import tempfile
+
+    f = tempfile.NamedTemporaryFile(delete=False, suffix=".crt")
+    f.write(data)
+    f.close()
+    return f.name
+
+
+def test_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(server.address) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"inference.GRPCInferenceService", "rleserving.v1.VideoSegmentation",
+            "grpc.health.v1.Health"} <= services
+
+
+def test_health_serving_then_not_serving_while_draining(samples):
+    with running_server() as running:
+        with grpc.insecure_channel(running.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "inference.GRPCInferenceService", "rleserving.v1.VideoSegmentation"):
+                assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+            running.server.state.draining = True  # what drain() sets first
+            client = triton.InferenceServerClient(running.address)
+            assert not client.is_server_ready()
+            jpeg, _ = small_frames(samples, 1)
+            tensor = triton.InferInput("IMAGE", [1, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[jpeg]], dtype=object))
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("instance_segmentation", [tensor])
+            assert info.value.status() == "StatusCode.UNAVAILABLE"
+            client.close()
+            running.call(running.server._health.enter_graceful_shutdown())
+            assert health.Check(health_pb2.HealthCheckRequest(service="")).status == \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+        running.call(running.server.drain(grace_s=1))
+        time.sleep(0.1)
