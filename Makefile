@@ -18,7 +18,7 @@ help:
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,client]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -41,8 +41,8 @@ bench: setup $(MODEL)
 	$(TUNED) $(BIN)/python benchmarks/engine_bench.py
 	$(TUNED) $(BIN)/python benchmarks/load_bench.py
 
-run: setup
-	$(TUNED) $(BIN)/python -m pipeline demo
+run: setup $(MODEL)
+	$(TUNED) $(BIN)/python -m clients.demo --out out
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

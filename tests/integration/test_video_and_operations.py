@@ -66,28 +66,6 @@ def test_wait_policy_never_drops(server, samples):
     assert not any(r.dropped or r.error for r in results)
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tls")
-    key, cert = folder / "server.key", folder / "server.crt"
-    made = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"openssl could not make a test certificate: {made.stderr[-200:]}")
-    return key, cert
-
-
-@pytest.fixture(scope="module")
-def guarded(tls_files):
-    key, cert = tls_files
-    with running_server(tls_cert=str(cert), tls_key=str(key), token="s3cret",
-                        stream_window=1, stream_policy="drop_oldest") as running:
-        yield running, cert.read_bytes()
-
-
 def secure_channel(guarded, with_token=True):
     running, cert = guarded
     credentials = grpc.ssl_channel_credentials(root_certificates=cert)

@@ -1,0 +1,80 @@
+"""Helpers for the masks in results: decode, area, bounding box and IoU straight from COCO
+RLE (area, box and IoU never build the dense mask), and supervision.Detections."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+from pycocotools import mask as coco_mask
+
+from pipeline.packing import unpack_counts
+from pipeline.rle import decode
+
+
+def _runs(rle: Mapping) -> np.ndarray:
+    counts = rle["counts"]
+    return unpack_counts(counts) if isinstance(counts, (str, bytes)) else np.asarray(counts, np.int64)
+
+
+def to_mask(rle: Mapping) -> np.ndarray:
+    """(H, W) uint8 0/1 from one RLE (validated; our decoder, no pycocotools needed)."""
+    return decode(rle)[0]
+
+
+def area(rle: Mapping) -> int:
+    """Pixels set: the sum of the odd (foreground) runs."""
+    return int(_runs(rle)[1::2].sum())
+
+
+def bbox(rle: Mapping) -> tuple[int, int, int, int]:
+    """(x, y, width, height) of the set pixels, COCO style; (0, 0, 0, 0) if empty."""
+    H, _ = (int(v) for v in rle["size"])
+    runs = _runs(rle)
+    ends = np.cumsum(runs)
+    starts = ends - runs
+    on = (np.arange(runs.size) % 2 == 1) & (runs > 0)
+    if not on.any() or H == 0:
+        return (0, 0, 0, 0)
+    first, last = starts[on], ends[on] - 1  # column-major pixel indices
+    x0, x1 = int(first.min() // H), int(last.max() // H)
+    same_column = first // H == last // H
+    y0 = int(np.where(same_column, first % H, 0).min())
+    y1 = int(np.where(same_column, last % H, H - 1).max())
+    return (x0, y0, x1 - x0 + 1, y1 - y0 + 1)
+
+
+def _coco(rle: Mapping) -> dict:
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode()
+    elif not isinstance(counts, bytes):
+        return coco_mask.frPyObjects({"size": list(rle["size"]), "counts": list(counts)}, *rle["size"])
+    return {"size": list(rle["size"]), "counts": counts}
+
+
+def iou(a: Mapping, b: Mapping) -> float:
+    """Intersection over union of two masks, computed on their runs (pycocotools' C merge)."""
+    return float(coco_mask.iou([_coco(a)], [_coco(b)], [0])[0, 0])
+
+
+def to_supervision(document: Mapping):
+    """A ``supervision.Detections`` from a response document (needs ``pip install supervision``)."""
+    try:
+        import supervision as sv
+    except ImportError:
+        raise ImportError("to_supervision needs the optional 'supervision' package: "
+                          "pip install supervision") from None
+    predictions: Sequence[Mapping] = document["predictions"]
+    H, W = document["image"]["height"], document["image"]["width"]
+    xyxy = np.array([[p["x"] - p["width"] / 2, p["y"] - p["height"] / 2,
+                      p["x"] + p["width"] / 2, p["y"] + p["height"] / 2] for p in predictions],
+                    np.float32).reshape(-1, 4)
+    masks = (decode([p["rle"] for p in predictions]).astype(bool) if predictions
+             else np.zeros((0, H, W), bool))
+    return sv.Detections(
+        xyxy=xyxy, mask=masks,
+        confidence=np.array([p["confidence"] for p in predictions], np.float32),
+        class_id=np.array([p["class_id"] for p in predictions], int),
+        data={"class_name": np.array([p["class"] for p in predictions])},
+    )
