@@ -9,7 +9,7 @@ TUNED  := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=134217728
 
 MODEL  := model_repository/yolov5s_seg/1/model.pt
 
-.PHONY: setup model test test-gpu bench run clean help
+.PHONY: setup model test test-gpu bench run proto clean help
 
 help:
 	@echo "make run    set up, then run the main job on the embedded default"
@@ -43,6 +43,13 @@ bench: setup $(MODEL)
 
 run: setup $(MODEL)
 	$(TUNED) $(BIN)/python -m clients.demo --out out
+
+# Regenerate the typed streaming API's code from pipeline/proto/video.proto.
+proto: setup
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m grpc_tools.protoc -Ipipeline/proto --python_out=pipeline/proto \
+		--grpc_python_out=pipeline/proto pipeline/proto/video.proto
+	sed -i 's/^import video_pb2 as/from . import video_pb2 as/' pipeline/proto/video_pb2_grpc.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
