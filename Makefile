@@ -8,8 +8,11 @@ STAMP  := $(VENV)/.installed-stamp
 TUNED  := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=134217728
 
 MODEL  := model_repository/yolov5s_seg/1/model.pt
+# NVIDIA Triton's Python backend runs our pipeline model in its own environment (numpy < 2).
+TRITON_VENV  := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed-stamp
 
-.PHONY: setup model test test-gpu bench run proto clean help
+.PHONY: setup model triton-env triton test test-gpu bench run proto clean help
 
 help:
 	@echo "make run    set up, then run the main job on the embedded default"
@@ -29,7 +32,20 @@ $(MODEL): | $(STAMP)
 
 model: $(MODEL)
 
-test: setup $(MODEL)
+$(TRITON_STAMP): docker/triton/requirements-models.txt pyproject.toml
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r docker/triton/requirements-models.txt
+	$(TRITON_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(TRITON_STAMP)
+
+triton-env: $(TRITON_STAMP)
+
+# The real NVIDIA Triton server (2.51, from the nvidia-pytriton wheel) on model_repository/:
+# gRPC :8101, HTTP :8100. Ctrl-C stops it.
+triton: setup $(MODEL) $(TRITON_STAMP)
+	$(BIN)/python -m pipeline.triton --model-repository model_repository
+
+test: setup $(MODEL) $(TRITON_STAMP)
 	$(TUNED) $(BIN)/python -m pytest
 
 # On a machine with a CUDA device and CuPy: the GPU-marked tests only.
@@ -52,4 +68,4 @@ proto: setup
 	sed -i 's/^import video_pb2 as/from . import video_pb2 as/' pipeline/proto/video_pb2_grpc.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache .hypothesis

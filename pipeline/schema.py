@@ -13,6 +13,7 @@ contour of the mask's largest connected part) instead of ``rle``.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Sequence
 
@@ -24,6 +25,17 @@ from .postprocess import Detections
 from .runs import RunLengths
 
 MASK_FORMATS = ("rle", "polygon")
+# Tensor outputs of the pipeline model: name -> (KServe datatype, dims after the batch
+# dimension). Typed tensors are padded to the most detections K among the request's images.
+OUTPUTS = {
+    "DETECTIONS": ("BYTES", [1]),        # one JSON document per image
+    "NUM_DETECTIONS": ("INT32", [1]),
+    "BOXES": ("FP32", [-1, 4]),          # x1, y1, x2, y2 in original pixels
+    "SCORES": ("FP32", [-1]),
+    "CLASS_IDS": ("INT32", [-1]),        # -1 in padding
+    "RLE_COUNTS": ("BYTES", [-1]),       # COCO counts; b"" in padding
+    "IMAGE_SIZE": ("INT32", [2]),        # height, width
+}
 
 
 def check_mask_format(mask_format: str) -> str:
@@ -140,3 +152,43 @@ def _drop_collinear(path: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def polygon(runs: RunLengths, i: int, box) -> list[dict]:
     crop, top, left = window_mask(runs, i, box)
     return [{"x": float(x + left), "y": float(y + top)} for x, y in outer_contour(crop)]
+
+
+def output_arrays(dets: Sequence[Detections], names: Sequence[str], document) -> dict:
+    """The requested OUTPUTS as arrays for a batch of images (BYTES as object arrays).
+
+    document: Detections -> response dict, used for DETECTIONS (so callers time packing).
+    """
+    b = len(dets)
+    k = max((len(d) for d in dets), default=0)
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        if name == "DETECTIONS":
+            docs = [json.dumps(document(d)).encode() for d in dets]
+            out[name] = np.array(docs, dtype=object).reshape(b, 1)
+        elif name == "NUM_DETECTIONS":
+            out[name] = np.array([[len(d)] for d in dets], np.int32).reshape(b, 1)
+        elif name == "BOXES":
+            boxes = np.zeros((b, k, 4), np.float32)
+            for i, d in enumerate(dets):
+                boxes[i, : len(d)] = d.boxes
+            out[name] = boxes
+        elif name == "SCORES":
+            scores = np.zeros((b, k), np.float32)
+            for i, d in enumerate(dets):
+                scores[i, : len(d)] = d.scores
+            out[name] = scores
+        elif name == "CLASS_IDS":
+            ids = np.full((b, k), -1, np.int32)
+            for i, d in enumerate(dets):
+                ids[i, : len(d)] = d.class_ids
+            out[name] = ids
+        elif name == "RLE_COUNTS":
+            counts = np.full((b, k), b"", dtype=object)
+            for i, d in enumerate(dets):
+                for j, text in enumerate(pack_counts(d.masks.counts, d.masks.offsets, d.image_size)):
+                    counts[i, j] = text.encode()
+            out[name] = counts
+        elif name == "IMAGE_SIZE":
+            out[name] = np.array([d.image_size for d in dets], np.int32).reshape(b, 2)
+    return out

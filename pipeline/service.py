@@ -29,6 +29,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from . import schema
+from .schema import OUTPUTS, output_arrays
 from .engine import Pipeline
 from .errors import (
     BadInputError,
@@ -41,7 +42,6 @@ from .errors import (
 )
 from .images import check_image_size
 from .metrics import Metrics
-from .packing import pack_counts
 from .postprocess import Detections
 
 LOG = logging.getLogger(__name__)
@@ -49,15 +49,6 @@ SERVER_NAME = "rle-serving"
 SERVER_VERSION = "0.1.0"
 VERSION = "1"
 INPUT = "IMAGE"
-OUTPUTS = {  # name -> (datatype, dims after the batch dimension)
-    "DETECTIONS": ("BYTES", [1]),
-    "NUM_DETECTIONS": ("INT32", [1]),
-    "BOXES": ("FP32", [-1, 4]),
-    "SCORES": ("FP32", [-1]),
-    "CLASS_IDS": ("INT32", [-1]),
-    "RLE_COUNTS": ("BYTES", [-1]),
-    "IMAGE_SIZE": ("INT32", [2]),
-}
 PARAMETERS = ("response_mask_format", "confidence", "iou_threshold", "max_detections")
 
 
@@ -220,42 +211,14 @@ def build_response(request: pb.ModelInferRequest, pipe: Pipeline, dets: list[Det
     unknown = [n for n in requested if n not in OUTPUTS]
     if unknown:
         raise BadInputError(f"unknown output(s) {unknown}; the model offers {list(OUTPUTS)}")
-    b = len(dets)
-    k = max((len(d) for d in dets), default=0)
-    tensors: dict[str, tuple[list[int], bytes]] = {}
-    for name in requested:
-        if name == "DETECTIONS":
-            docs = [json.dumps(pipe.document(d, mask_format)).encode() for d in dets]
-            tensors[name] = ([b, 1], encode_bytes_tensor(docs))
-        elif name == "NUM_DETECTIONS":
-            tensors[name] = ([b, 1], np.array([[len(d)] for d in dets], np.int32).tobytes())
-        elif name == "BOXES":
-            boxes = np.zeros((b, k, 4), np.float32)
-            for i, d in enumerate(dets):
-                boxes[i, : len(d)] = d.boxes
-            tensors[name] = ([b, k, 4], boxes.tobytes())
-        elif name == "SCORES":
-            scores = np.zeros((b, k), np.float32)
-            for i, d in enumerate(dets):
-                scores[i, : len(d)] = d.scores
-            tensors[name] = ([b, k], scores.tobytes())
-        elif name == "CLASS_IDS":
-            ids = np.full((b, k), -1, np.int32)
-            for i, d in enumerate(dets):
-                ids[i, : len(d)] = d.class_ids
-            tensors[name] = ([b, k], ids.tobytes())
-        elif name == "RLE_COUNTS":
-            items = []
-            for d in dets:
-                counts = pack_counts(d.masks.counts, d.masks.offsets, d.image_size)
-                items += [c.encode() for c in counts] + [b""] * (k - len(counts))
-            tensors[name] = ([b, k], encode_bytes_tensor(items))
-        elif name == "IMAGE_SIZE":
-            tensors[name] = ([b, 2], np.array([d.image_size for d in dets], np.int32).tobytes())
+    arrays = output_arrays(dets, requested, lambda d: pipe.document(d, mask_format))
     response = pb.ModelInferResponse(model_name=pipe.name, model_version=VERSION, id=request.id)
-    for name, (shape, data) in tensors.items():
-        response.outputs.add(name=name, datatype=OUTPUTS[name][0], shape=shape)
-        response.raw_output_contents.append(data)
+    for name, array in arrays.items():
+        response.outputs.add(name=name, datatype=OUTPUTS[name][0], shape=list(array.shape))
+        if array.dtype == object:
+            response.raw_output_contents.append(encode_bytes_tensor(list(array.reshape(-1))))
+        else:
+            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
     return response
 
 

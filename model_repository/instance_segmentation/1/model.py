@@ -1,0 +1,88 @@
+"""NVIDIA Triton Python-backend entry for the pipeline model: the same engine our own server
+runs (pre-processing, the network named by the "network" parameter, NMS, box-aware masks, the
+RLE codec), so Triton answers with the same bytes.
+
+Triton's dynamic batcher groups requests; every image of every request in ``execute`` goes
+through the network in batches of up to max_batch_size, and each request gets its own
+response. The environment needs numpy < 2 (see docker/triton/requirements-models.txt).
+"""
+
+import json
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from pipeline.engine import Pipeline
+from pipeline.errors import BadInputError, PipelineError
+from pipeline.repository import ModelRepository
+from pipeline.schema import OUTPUTS, check_mask_format, output_arrays
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        folder = Path(args["model_repository"])
+        repository = ModelRepository.load(folder.parent)
+        entry = repository.get(config["name"])
+        network = repository.get(entry.parameter("network"))
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args.get('model_instance_device_id', '0')}"
+        self.pipe = Pipeline(repository, entry, network, device)
+        self.outputs = [o["name"] for o in config["output"]]
+
+    def _options(self, request):
+        params = json.loads(request.parameters() or "{}")
+        mask_format = str(params.get("response_mask_format", "rle"))
+        check_mask_format(mask_format)
+        options = {}
+        for key, convert in (("confidence", float), ("iou_threshold", float),
+                             ("max_detections", int)):
+            if key in params:
+                try:
+                    options[key] = convert(params[key])
+                except (TypeError, ValueError):
+                    raise BadInputError(f"parameter {key!r} must be a number") from None
+        return mask_format, options
+
+    def execute(self, requests):
+        pipe = self.pipe
+        prepared, owners, failures, formats = [], [], {}, {}
+        for r, request in enumerate(requests):
+            try:
+                mask_format, options = self._options(request)
+                formats[r] = mask_format
+                images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+                opts = pipe.options(**options)
+                for image in images.reshape(-1):
+                    prepared.append(pipe.prepare(bytes(image), opts))
+                    owners.append(r)
+            except PipelineError as exc:
+                failures[r] = exc
+        results = {r: [] for r in range(len(requests))}
+        for start in range(0, len(prepared), pipe.max_batch_size):
+            chunk = list(enumerate(prepared[start : start + pipe.max_batch_size], start))
+            try:
+                for index, det in sorted(pipe.run_batch(chunk), key=lambda x: x[0]):
+                    results[owners[index]].append(det)
+            except PipelineError as exc:
+                for index, _ in chunk:
+                    failures.setdefault(owners[index], exc)
+        responses = []
+        for r in range(len(requests)):
+            if r in failures:
+                responses.append(pb_utils.InferenceResponse(error=_error(failures[r])))
+                continue
+            arrays = output_arrays(results[r], self.outputs,
+                                   lambda d, f=formats[r]: pipe.document(d, f))
+            tensors = [pb_utils.Tensor(name, arrays[name]) for name in self.outputs
+                       if name in OUTPUTS]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses
+
+
+def _error(exc):
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    if isinstance(exc, BadInputError) and code is not None:
+        return pb_utils.TritonError(str(exc), code)
+    return pb_utils.TritonError(str(exc))
