@@ -97,13 +97,30 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config))
 
 
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 if the server's grpc.health.v1 says SERVING (for Docker HEALTHCHECK)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"{args.address}: {exc.code().name}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Instance segmentation serving with exact COCO RLE masks.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser("demo", help="encode a synthetic frame's masks, check vs pycocotools")
+    demo = commands.add_parser("codec-demo", help="encode a synthetic frame's masks, check vs pycocotools")
     demo.add_argument("--instances", type=int, default=50, help="masks in the frame (default 50)")
     demo.set_defaults(func=_demo)
 
@@ -158,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--token", help="require 'authorization: Bearer <token>' metadata "
                        "(health checks stay open for probes); prefer RLE_SERVING_TOKEN")
     serve.set_defaults(func=_serve)
+
+    health = commands.add_parser("health", help="check a server's gRPC health (exit 0 if SERVING)")
+    health.add_argument("--address", default="localhost:8001")
+    health.add_argument("--service", default="", help="service name ('' = the whole server)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=_health)
     args = parser.parse_args(argv)
     import logging
 

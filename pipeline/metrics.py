@@ -1,5 +1,9 @@
 """Prometheus metrics, with NVIDIA Triton's names where they fit so existing dashboards and
-the Kubernetes HPA adapter work unchanged, plus ours for the RLE stage and streams."""
+the Kubernetes HPA adapter work unchanged, plus ours for the RLE stage and streams.
+
+The ``nv_inference_*`` series are cumulative, as Triton's are, but registered as gauges:
+prometheus_client renames every Counter to ``<name>_total``, which would not match the
+series names Triton dashboards and adapter rules query. Ours are ordinary counters."""
 
 from __future__ import annotations
 
@@ -11,23 +15,23 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         labels = ["model", "version"]
         r = self.registry
-        self.request_success = Counter("nv_inference_request_success",
+        self.request_success = Gauge("nv_inference_request_success",
                                        "Inference requests that succeeded", labels, registry=r)
-        self.request_failure = Counter("nv_inference_request_failure",
+        self.request_failure = Gauge("nv_inference_request_failure",
                                        "Inference requests that failed", labels + ["reason"], registry=r)
-        self.inference_count = Counter("nv_inference_count",
+        self.inference_count = Gauge("nv_inference_count",
                                        "Images inferred (a batch of 4 counts 4)", labels, registry=r)
-        self.exec_count = Counter("nv_inference_exec_count",
+        self.exec_count = Gauge("nv_inference_exec_count",
                                   "Batches executed by the model", labels, registry=r)
-        self.request_duration_us = Counter("nv_inference_request_duration_us",
+        self.request_duration_us = Gauge("nv_inference_request_duration_us",
                                            "Cumulative end-to-end request time, microseconds", labels, registry=r)
-        self.queue_duration_us = Counter("nv_inference_queue_duration_us",
+        self.queue_duration_us = Gauge("nv_inference_queue_duration_us",
                                          "Cumulative time requests waited in the batcher, microseconds", labels, registry=r)
-        self.compute_input_us = Counter("nv_inference_compute_input_duration_us",
+        self.compute_input_us = Gauge("nv_inference_compute_input_duration_us",
                                         "Cumulative pre-processing time, microseconds", labels, registry=r)
-        self.compute_infer_us = Counter("nv_inference_compute_infer_duration_us",
+        self.compute_infer_us = Gauge("nv_inference_compute_infer_duration_us",
                                         "Cumulative batch compute time (network + masks + RLE), microseconds", labels, registry=r)
-        self.compute_output_us = Counter("nv_inference_compute_output_duration_us",
+        self.compute_output_us = Gauge("nv_inference_compute_output_duration_us",
                                          "Cumulative response building time (packing, JSON), microseconds", labels, registry=r)
         self.pending = Gauge("nv_inference_pending_request_count",
                              "Requests queued or running", labels, registry=r)

@@ -7,6 +7,8 @@ backend (empty or corrupted BYTES tensors while the model reports READY)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 import subprocess
 import time
 
@@ -31,6 +33,13 @@ PARAMETERS = [
 ]
 
 
+@dataclass
+class Triton:
+    address: str
+    client: triton.InferenceServerClient
+    log: Path
+
+
 @pytest.fixture(scope="module")
 def tritonserver(tmp_path_factory):
     assert TRITON_PYTHON.exists(), "run `make triton-env` (make test does)"
@@ -52,7 +61,7 @@ def tritonserver(tmp_path_factory):
             process.kill()
             raise AssertionError(f"Triton not ready:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
-    yield client, log
+    yield Triton(f"127.0.0.1:{grpc_port}", client, log)
     client.close()
     process.terminate()
     process.wait(30)
@@ -73,17 +82,16 @@ def ask(client, image: bytes, parameters: dict):
 
 
 def test_it_is_the_real_triton(tritonserver):
-    client, log = tritonserver
-    meta = client.get_server_metadata()
+    meta = tritonserver.client.get_server_metadata()
     assert meta.name == "triton" and meta.version == "2.51.0"
-    assert "successfully loaded 'instance_segmentation'" in log.read_text()
+    assert "successfully loaded 'instance_segmentation'" in tritonserver.log.read_text()
 
 
 @pytest.mark.parametrize("name", ["bus", "zidane", "coffee", "astronaut"])
 @pytest.mark.parametrize("parameters", PARAMETERS, ids=["rle", "rle-strict", "polygon"])
 def test_triton_returns_our_servers_bytes(tritonserver, ours, name, parameters):
     image = sample_bytes(name)
-    theirs, mine = ask(tritonserver[0], image, parameters), ask(ours, image, parameters)
+    theirs, mine = ask(tritonserver.client, image, parameters), ask(ours, image, parameters)
     (t_doc,), (m_doc,) = ([json.loads(d[0]) for d in r.as_numpy("DETECTIONS")] for r in (theirs, mine))
     assert t_doc["image"] == m_doc["image"]
     assert t_doc["predictions"], "Triton returned no detections: BYTES corrupted?"
@@ -97,10 +105,18 @@ def test_triton_returns_our_servers_bytes(tritonserver, ours, name, parameters):
 
 
 def test_triton_refuses_bad_input_and_keeps_serving(tritonserver):
-    client, _ = tritonserver
+    client = tritonserver.client
     with pytest.raises(InferenceServerException, match="not a decodable image"):
         ask(client, b"not an image", {})
     with pytest.raises(InferenceServerException, match="unknown mask format"):
         ask(client, sample_bytes("coffee"), {"response_mask_format": "bitmap"})
     doc = json.loads(ask(client, sample_bytes("coffee"), {}).as_numpy("DETECTIONS")[0, 0])
     assert "cup" in [p["class"] for p in doc["predictions"]]
+
+
+def test_our_client_library_works_against_triton(tritonserver):
+    from clients import SegmentationClient
+
+    with SegmentationClient(tritonserver.address) as client:
+        doc = client.infer(sample_bytes("bus"))
+    assert {"person", "bus"} <= {p["class"] for p in doc["predictions"]}

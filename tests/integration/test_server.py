@@ -167,7 +167,7 @@ def test_prometheus_metrics(server, client, small_png):
                  "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
                  "rle_serving_batch_size_bucket", "rle_serving_rle_seconds_total"):
         assert name in text, name
-    line = next(l for l in text.splitlines() if l.startswith("nv_inference_request_success_total{"))
+    line = next(l for l in text.splitlines() if l.startswith("nv_inference_request_success{"))
     assert 'model="instance_segmentation"' in line and float(line.split()[-1]) >= 1
 
 
