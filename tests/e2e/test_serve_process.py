@@ -4,41 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
-import grpc
 import numpy as np
 import tritonclient.grpc as triton
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.demo import free_port, wait_until_serving
 from pipeline.samples import sample_bytes
 
 from ..conftest import MODEL_REPOSITORY, ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_serving(address: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stderr.read()
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.3)
-    raise AssertionError("server did not become SERVING")
 
 
 def test_serve_answers_then_drains_on_sigterm():
@@ -51,7 +28,7 @@ def test_serve_answers_then_drains_on_sigterm():
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         address = f"127.0.0.1:{port}"
-        wait_serving(address, process)
+        wait_until_serving(address, process)
         client = triton.InferenceServerClient(address)
         image = triton.InferInput("IMAGE", [1, 1], "BYTES")
         image.set_data_from_numpy(np.array([[sample_bytes("bus")]], dtype=object))

@@ -17,12 +17,12 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from clients.demo import free_port
 from pipeline.samples import sample_bytes
 from pipeline.triton import command
 
 from ..conftest import MODEL_REPOSITORY, ROOT
 from ..integration.conftest import running_server
-from .test_serve_process import free_port
 
 MODEL = "instance_segmentation"
 TRITON_PYTHON = ROOT / ".venv-triton/bin/python"

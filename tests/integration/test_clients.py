@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import av
 import numpy as np
@@ -11,9 +10,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from clients import ClientError, SegmentationClient, area, bbox
+from clients import ClientError, SegmentationClient, area
 from clients.cli import build_parser, run
-from clients.demo import make_clip
+from clients.demo import free_port, make_clip
 from pipeline.samples import sample_bytes
 
 from .conftest import running_server
@@ -46,12 +45,6 @@ def test_deadline(server, samples):
         with pytest.raises(ClientError) as info:
             client.infer(samples["coffee"])
     assert info.value.code == "DEADLINE_EXCEEDED"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_stream_reconnects_after_the_server_restarts(samples):

@@ -8,7 +8,6 @@ import queue
 import threading
 import urllib.request
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton

@@ -4,7 +4,6 @@ reflection, bearer token, TLS, drain."""
 from __future__ import annotations
 
 import io
-import subprocess
 import time
 
 import grpc
