@@ -85,9 +85,10 @@ def check_mask_dtype(dtype: Any) -> None:
         raise ValueError(f"masks must be bool or uint8 holding 0/1, got dtype {dtype}")
 
 
-def _not_binary(value: int, instance: int) -> NotBinaryError:
+def _not_binary(value: int, instance: int | None = None) -> NotBinaryError:
+    which = "a mask" if instance is None else f"mask {instance}"
     return NotBinaryError(
-        f"mask {instance} holds the value {value}; masks must hold only 0 and 1 "
+        f"{which} holds the value {value}; masks must hold only 0 and 1 "
         "(binarise first, e.g. masks > 0)"
     )
 
@@ -195,10 +196,7 @@ def _run_lengths_from_keys(
     host = flat if xp is np else xp.asnumpy(flat)  # the batch's one device-to-host copy
     if largest is not None:
         if host[0] > 1:
-            raise NotBinaryError(
-                f"a mask holds the value {int(host[0])}; masks must hold only 0 and 1 "
-                "(binarise first, e.g. masks > 0)"
-            )
+            raise _not_binary(int(host[0]))
         host = host[1:]
     return RunLengths(host[n + 1 :], host[: n + 1], (H, W))
 
@@ -209,7 +207,9 @@ def crop_stack_run_lengths(
     """Run lengths of N same-shape crops, batched, on whichever device holds ``stack``.
 
     stack: (N, h, w) bool or uint8 0/1 (NumPy or CuPy). origins: (N, 2) ints (top, left) on
-    the same device, each crop inside the frame. size: (H, W). No sync until the one copy.
+    the same device, each crop inside the frame. size: (H, W). On a device, the few
+    data-dependent sizes (``nonzero``, masking) sync once each for the whole batch, never per
+    mask, and the results come home in one copy.
     """
     n = int(stack.shape[0])
     H, W = size
@@ -241,9 +241,9 @@ def _row_changes(flat: np.ndarray, w: int) -> np.ndarray:
     below = np.frombuffer(flat, np.uint64, count=n_words, offset=w)
     above = np.frombuffer(flat, np.uint64, count=n_words)
     words = _changed_words(below, above)
-    tail = np.flatnonzero(flat[w + 8 * n_words :] != flat[8 * n_words : span]) + w + 8 * n_words
     if words.size * _DENSE_WORD_RATIO > n_words:
         return np.flatnonzero(flat[w:] != flat[:-w]) + w
+    tail = np.flatnonzero(flat[w + 8 * n_words :] != flat[8 * n_words : span]) + w + 8 * n_words
     # Which of the 8 bytes differ: look only at the changed words, a byte at a time.
     differing = (below[words] ^ above[words]).view(np.uint8).reshape(-1, 8)
     word, byte = np.nonzero(differing)
@@ -258,10 +258,10 @@ def _changed_words(below: np.ndarray, above: np.ndarray) -> np.ndarray:
     big stacks are split into one slice per core.
     """
     n = below.size
-    workers = _compare_pool()
+    workers, count = _compare_pool()
     if n < _PARALLEL_MIN_WORDS or workers is None:
         return np.flatnonzero(below != above)
-    bounds = np.linspace(0, n, workers._max_workers + 1).astype(np.int64)
+    bounds = np.linspace(0, n, count + 1).astype(np.int64)
     parts = workers.map(
         lambda s, e: np.flatnonzero(below[s:e] != above[s:e]) + s, bounds[:-1], bounds[1:]
     )
@@ -271,14 +271,16 @@ def _changed_words(below: np.ndarray, above: np.ndarray) -> np.ndarray:
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _compare_pool() -> ThreadPoolExecutor | None:
+def _compare_pool() -> tuple[ThreadPoolExecutor | None, int]:
+    """A shared pool with one thread per core (at most 4), and its size; None on one core."""
     global _POOL
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if (cores or 1) < 2:
-        return None
+    count = min(cores or 1, 4)
+    if count < 2:
+        return None, 1
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=min(cores, 4), thread_name_prefix="rle-compare")
-    return _POOL
+        _POOL = ThreadPoolExecutor(max_workers=count, thread_name_prefix="rle-compare")
+    return _POOL, count
 
 
 def _largest_value(flat: np.ndarray) -> int:
