@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from . import rle
 from .arrays import to_xp_array
 from .images import Letterbox
+from .packing import pack_counts
 from .runs import RunLengths, crop_stack_run_lengths
 
 # Sampling grids are made for at most this many pixels at once (about 50 MB of float32).
@@ -65,8 +67,14 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
+    @cached_property
+    def counts(self) -> list[str]:
+        """The masks' COCO ASCII counts, packed once however many outputs use them."""
+        return pack_counts(self.masks.counts, self.masks.offsets, self.image_size)
+
     def rles(self) -> list[dict]:
-        return rle.to_coco(self.masks)
+        H, W = self.image_size
+        return [{"size": [H, W], "counts": c} for c in self.counts]
 
 
 def box_iou(a, b):

@@ -20,7 +20,6 @@ from typing import Sequence
 import numpy as np
 
 from .errors import BadInputError
-from .packing import pack_counts
 from .postprocess import Detections
 from .runs import RunLengths
 
@@ -51,8 +50,7 @@ def predictions(det: Detections, class_names: Sequence[str], mask_format: str = 
     check_mask_format(mask_format)
     H, W = det.image_size
     if mask_format == "rle":
-        masks = [{"rle": {"size": [H, W], "counts": c}, "mask_format": "rle"}
-                 for c in pack_counts(det.masks.counts, det.masks.offsets, (H, W))]
+        masks = [{"rle": {"size": [H, W], "counts": c}, "mask_format": "rle"} for c in det.counts]
     else:
         masks = [{"points": polygon(det.masks, i, det.boxes[i]), "mask_format": "polygon"}
                  for i in range(len(det))]
@@ -186,7 +184,7 @@ def output_arrays(dets: Sequence[Detections], names: Sequence[str], document) ->
         elif name == "RLE_COUNTS":
             counts = np.full((b, k), b"", dtype=object)
             for i, d in enumerate(dets):
-                for j, text in enumerate(pack_counts(d.masks.counts, d.masks.offsets, d.image_size)):
+                for j, text in enumerate(d.counts):
                     counts[i, j] = text.encode()
             out[name] = counts
         elif name == "IMAGE_SIZE":

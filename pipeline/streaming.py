@@ -29,7 +29,6 @@ from .images import check_image_size
 from .postprocess import Detections
 from .proto import video_pb2 as vpb
 from .proto import video_pb2_grpc
-from .packing import pack_counts
 from .service import ServingState, describe, status_of
 
 LOG = logging.getLogger(__name__)
@@ -75,8 +74,7 @@ def result_of(frame: vpb.Frame, det: Detections, names, arrived: float) -> vpb.F
     H, W = det.image_size
     out = vpb.FrameResult(stream_id=frame.stream_id, frame_index=frame.frame_index,
                           timestamp=frame.timestamp, height=H, width=W)
-    counts = pack_counts(det.masks.counts, det.masks.offsets, det.image_size)
-    for i, text in enumerate(counts):
+    for i, text in enumerate(det.counts):
         x1, y1, x2, y2 = (float(v) for v in det.boxes[i])
         class_id = int(det.class_ids[i])
         out.detections.add(
