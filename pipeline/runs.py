@@ -50,6 +50,9 @@ _WORD_COMPARE_MIN_PIXELS = 1 << 14
 _DENSE_WORD_RATIO = 8
 # Row comparisons of at least this many words (8 MiB) are split across cores.
 _PARALLEL_MIN_WORDS = 1 << 20
+# Whole masks whose sampled pixels change row to row more often than one in this many are
+# treated as noise (see _noise_like).
+_NOISE_CHANGE_RATIO = 32
 # Host crops up to this many pixels are padded into one shared stack and processed together;
 # larger ones are read in place (padding them would copy more than it saves).
 _PADDED_CROP_MAX_PIXELS = 1 << 16
@@ -291,6 +294,32 @@ def _largest_value(flat: np.ndarray) -> int:
     return int(flat.max()) if flat.size else 0
 
 
+def _noise_like(stack: np.ndarray) -> bool:
+    """Whether changes are so dense (noise, dithering) that per-change index arithmetic costs
+    more than a column-major copy: judged on one row pair in 64 (~3% of the pixels).
+    A performance choice only; both paths give the same runs."""
+    h = stack.shape[1]
+    if h < 128 or stack.size < _WORD_COMPARE_MIN_PIXELS:
+        return False
+    sample = stack[:, 1::64] != stack[:, 0:-1:64]
+    return np.count_nonzero(sample) * _NOISE_CHANGE_RATIO > sample.size
+
+
+def _column_major_run_lengths(stack: np.ndarray) -> RunLengths:
+    """Runs of whole-frame masks via one column-major copy per mask (never of the stack):
+    the transitions then come out in order, with no sort and no index arithmetic."""
+    n, H, W = stack.shape
+    pieces, offsets = [], np.zeros(n + 1, np.int64)
+    for i in range(n):
+        column_major = np.ascontiguousarray(stack[i].T).reshape(-1).view(np.uint8)
+        changes = np.flatnonzero(column_major[1:] != column_major[:-1]) + 1
+        if column_major[0]:
+            changes = np.concatenate([[0], changes])
+        pieces.append(np.diff(changes, prepend=0, append=H * W))
+        offsets[i + 1] = offsets[i] + pieces[-1].size
+    return RunLengths(np.concatenate(pieces).astype(np.int64), offsets, (H, W))
+
+
 def pad_crops(
     xp: ModuleType, crops: Sequence[Any], origins: np.ndarray, size: tuple[int, int]
 ) -> tuple[Any, np.ndarray]:
@@ -332,6 +361,8 @@ def host_run_lengths(crops: Any, origins: Any, size: tuple[int, int]) -> RunLeng
             if largest > 1:
                 raise _not_binary(largest, i)
     if isinstance(crops, np.ndarray):
+        if crops.shape[1:] == (H, W) and not origins.any() and _noise_like(crops):
+            return _column_major_run_lengths(crops)
         groups = [(crops, origins, np.arange(n))]
     else:
         small = [i for i, c in enumerate(crops) if 0 < c.size <= _PADDED_CROP_MAX_PIXELS]

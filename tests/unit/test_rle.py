@@ -361,3 +361,17 @@ def test_decode_forms():
     assert rle.decode([]).shape == (0, 0, 0)
     with pytest.raises(ValueError, match="different sizes"):
         rle.decode([{"size": [1, 2], "counts": [2]}, {"size": [2, 1], "counts": [2]}])
+
+
+def test_noise_like_masks_take_the_column_major_path_and_stay_exact():
+    from pipeline.runs import _noise_like
+
+    rng = np.random.default_rng(11)
+    noise = rng.random((3, 256, 333)) < 0.1
+    noise[1, 0, 0] = True  # first pixel set: the runs start with a zero-length run
+    noise[2, -1, -1] = True  # last pixel set
+    blobs = np.zeros((3, 256, 333), bool)
+    blobs[:, 50:200, 40:300] = True
+    assert _noise_like(noise) and not _noise_like(blobs)
+    for masks in (noise, blobs, noise.astype(np.uint8)):
+        assert counts_of(rle.encode(masks)) == coco(masks)
