@@ -176,5 +176,6 @@ class VideoService(video_pb2_grpc.VideoSegmentationServicer):
             await reader  # surfaces a broken request stream as an error
         finally:
             reader.cancel()
+            waiting.clear()  # a client that left gets no more work started on its behalf
             metrics.streams_open.labels("video").dec()
             self.state.active -= 1

@@ -65,6 +65,24 @@ def test_wait_policy_never_drops(server, samples):
     assert not any(r.dropped or r.error for r in results)
 
 
+def test_video_client_leaving_mid_stream(server, samples):
+    jpeg, _ = small_frames(samples, 1)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = video_pb2_grpc.VideoSegmentationStub(channel)
+        call = stub.StreamFrames(iter([vpb.Frame(stream_id="gone", frame_index=i, encoded=jpeg)
+                                       for i in range(12)]))
+        first = next(call)
+        call.cancel()  # the client goes away with frames still queued
+    assert first.frame_index == 0
+    with grpc.insecure_channel(server.address) as channel:
+        results = stream(channel, [vpb.Frame(stream_id="next", frame_index=0, encoded=jpeg)])
+    assert [r.frame_index for r in results] == [0] and not results[0].error
+    deadline = time.monotonic() + 60
+    while server.server.state.active and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.server.state.active == 0  # the abandoned stream was cleaned up
+
+
 def secure_channel(guarded, with_token=True):
     running, cert = guarded
     credentials = grpc.ssl_channel_credentials(root_certificates=cert)
