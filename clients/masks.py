@@ -8,13 +8,11 @@ from typing import Mapping, Sequence
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from pipeline.packing import unpack_counts
-from pipeline.rle import decode
+from pipeline.rle import decode, parse
 
 
 def _runs(rle: Mapping) -> np.ndarray:
-    counts = rle["counts"]
-    return unpack_counts(counts) if isinstance(counts, (str, bytes)) else np.asarray(counts, np.int64)
+    return parse(rle)[1]  # validated: malformed counts raise ValueError
 
 
 def to_mask(rle: Mapping) -> np.ndarray:

@@ -25,7 +25,8 @@ from .runs import (
     pad_crops,
 )
 
-__all__ = ["encode", "encode_crops", "decode", "run_lengths", "to_coco", "box_windows"]
+__all__ = ["encode", "encode_crops", "decode", "parse", "dense", "run_lengths", "to_coco",
+           "box_windows"]
 
 # decode() refuses to allocate more than this many mask pixels in one call (2 GiB of uint8),
 # so a hostile "size" cannot exhaust memory.
@@ -158,7 +159,11 @@ def _parse_size(size: Any) -> tuple[int, int]:
     return h, w
 
 
-def _runs_of(rle: Mapping, i: int) -> tuple[tuple[int, int], np.ndarray]:
+def parse(rle: Mapping, i: int = 0) -> tuple[tuple[int, int], np.ndarray]:
+    """((H, W), runs int64) of one COCO RLE, compressed or not; ValueError if malformed.
+
+    i: the RLE's position in a list, for the error message.
+    """
     if not isinstance(rle, Mapping) or "size" not in rle or "counts" not in rle:
         raise ValueError(f"RLE {i} must be a mapping with 'size' and 'counts'")
     size = _parse_size(rle["size"])
@@ -192,7 +197,7 @@ def decode(rles: Any, max_pixels: int = MAX_DECODE_PIXELS) -> np.ndarray:
     """
     if isinstance(rles, Mapping):
         rles = [rles]
-    parsed = [_runs_of(r, i) for i, r in enumerate(rles)]
+    parsed = [parse(r, i) for i, r in enumerate(rles)]
     if not parsed:
         return np.zeros((0, 0, 0), np.uint8)
     sizes = {size for size, _ in parsed}
@@ -205,7 +210,12 @@ def decode(rles: Any, max_pixels: int = MAX_DECODE_PIXELS) -> np.ndarray:
         )
     out = np.empty((len(parsed), H, W), np.uint8)
     for i, (_, runs) in enumerate(parsed):
-        values = (np.arange(runs.size) & 1).astype(np.uint8)
-        column_major = np.repeat(values, runs)
-        out[i] = column_major.reshape(W, H).T
+        out[i] = dense(runs, (H, W))
     return out
+
+
+def dense(runs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 0/1 view of column-major runs that sum to H*W (not validated here)."""
+    H, W = size
+    values = (np.arange(len(runs)) & 1).astype(np.uint8)
+    return np.repeat(values, runs).reshape(W, H).T

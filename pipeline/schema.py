@@ -83,12 +83,10 @@ def document(det: Detections, class_names: Sequence[str], mask_format: str = "rl
 
 def window_mask(runs: RunLengths, i: int, box) -> tuple[np.ndarray, int, int]:
     """Mask i cut to its box window (h, w) uint8, with the window's (top, left)."""
-    from .rle import box_windows
+    from .rle import box_windows, dense
 
-    H, W = runs.size
-    top, left, bottom, right = box_windows(np.asarray(box)[None], (H, W))[0]
-    values = (np.arange(len(runs.runs(i))) & 1).astype(np.uint8)
-    full = np.repeat(values, runs.runs(i)).reshape(W, H).T
+    top, left, bottom, right = box_windows(np.asarray(box)[None], runs.size)[0]
+    full = dense(runs.runs(i), runs.size)
     return full[top:bottom, left:right], int(top), int(left)
 
 
