@@ -11,8 +11,11 @@ MODEL  := model_repository/yolov5s_seg/1/model.pt
 # NVIDIA Triton's Python backend runs our pipeline model in its own environment (numpy < 2).
 TRITON_VENV  := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed-stamp
+# The light client (no torch, no model, no server pins): its tests run in an env of their own.
+CLIENT_VENV  := .venv-client
+CLIENT_STAMP := $(CLIENT_VENV)/.installed-stamp
 
-.PHONY: setup model triton-env triton test test-gpu bench run proto clean help
+.PHONY: setup model triton-env client-env triton lint test test-client test-gpu bench run proto clean help
 
 help:
 	@echo "make run    set up, then run the main job on the embedded default"
@@ -21,7 +24,7 @@ help:
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,client]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[server,test,client]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -40,13 +43,28 @@ $(TRITON_STAMP): docker/triton/requirements-models.txt pyproject.toml
 
 triton-env: $(TRITON_STAMP)
 
+$(CLIENT_STAMP): pyproject.toml
+	test -x $(CLIENT_VENV)/bin/python || $(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[client,test-client]'
+	touch $(CLIENT_STAMP)
+
+client-env: $(CLIENT_STAMP)
+
 # The real NVIDIA Triton server (2.51, from the nvidia-pytriton wheel) on model_repository/:
 # gRPC :8101, HTTP :8100. Ctrl-C stops it.
 triton: setup $(MODEL) $(TRITON_STAMP)
 	$(BIN)/python -m pipeline.triton --model-repository model_repository
 
-test: setup $(MODEL) $(TRITON_STAMP)
-	$(TUNED) $(BIN)/python -m pytest
+lint: setup
+	$(BIN)/ruff check .
+
+# Everything: lint, the server's suite, then the client's suite in the light client env.
+test: lint $(MODEL) $(TRITON_STAMP) test-client
+	$(TUNED) $(BIN)/python -m pytest --ignore=tests/client
+
+# The client library, CLI and mask helpers from .venv-client, against real server processes.
+test-client: setup $(MODEL) $(CLIENT_STAMP)
+	RLE_SERVING_LIGHT_CLIENT=1 $(CLIENT_VENV)/bin/python -m pytest tests/client
 
 # On a machine with a CUDA device and CuPy: the GPU-marked tests only.
 test-gpu: setup
@@ -68,4 +86,4 @@ proto: setup
 	sed -i 's/^import video_pb2 as/from . import video_pb2 as/' pipeline/proto/video_pb2_grpc.py
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(TRITON_VENV) $(CLIENT_VENV) .pytest_cache .hypothesis

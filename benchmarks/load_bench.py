@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     run_client(address, "warm-up", photos[:1], [])
     for clients in args.clients:
-        stats = pipe.batcher.stats
-        batches0, requests0 = stats.batches, stats.requests
+        before = server.ledger.totals(pipe.name)
         latencies: list[float] = []
         frames = [photos[k % len(photos)] for k in range(args.frames)]
         threads = [threading.Thread(target=run_client,
@@ -88,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"incomplete run: {len(latencies)} of {total} frames", file=sys.stderr)
             return 1
         ms = np.array(latencies) * 1e3
-        batches = stats.batches - batches0
-        mean_batch = (stats.requests - requests0) / batches if batches else 0.0
+        after = server.ledger.totals(pipe.name)
+        batches = after.batches - before.batches
+        mean_batch = (after.images - before.images) / batches if batches else 0.0
         print(f"| {clients} | {total} | {total / elapsed:.2f} | {np.percentile(ms, 50):.0f} | "
               f"{np.percentile(ms, 99):.0f} | {mean_batch:.2f} |", flush=True)
     asyncio.run_coroutine_threadsafe(server.drain(grace_s=5), loop).result(60)

@@ -16,14 +16,14 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from pycocotools import mask as coco_mask
 
 from pipeline import rle
-from pipeline.arrays import cupy_or_none
+from pipeline.rle.arrays import cupy_or_none
 
 
 @dataclass

@@ -19,15 +19,17 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
 
 from pipeline.proto import video_pb2 as vpb
 from pipeline.proto import video_pb2_grpc
+from pipeline.schema import record
 
 LOG = logging.getLogger(__name__)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -83,13 +85,8 @@ def result_document(result: vpb.FrameResult) -> dict:
         "timestamp": result.timestamp,
         "image": {"width": result.width, "height": result.height},
         "predictions": [
-            {
-                "x": (d.x1 + d.x2) / 2, "y": (d.y1 + d.y2) / 2,
-                "width": d.x2 - d.x1, "height": d.y2 - d.y1,
-                "confidence": d.score, "class": d.class_name, "class_id": d.class_id,
-                "detection_id": d.detection_id,
-                "rle": {"size": list(d.rle.size), "counts": d.rle.counts}, "mask_format": "rle",
-            }
+            record(d.x1, d.y1, d.x2, d.y2, d.score, d.class_id, d.class_name, d.detection_id,
+                   rle={"size": list(d.rle.size), "counts": d.rle.counts}, mask_format="rle")
             for d in result.detections
         ],
         **({"error": result.error} if result.error else {}),
@@ -141,7 +138,7 @@ class SegmentationClient:
         if self._kserve is not None:
             self._kserve.close()
 
-    def __enter__(self) -> "SegmentationClient":
+    def __enter__(self) -> SegmentationClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -57,12 +57,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_serving(address: str, server: subprocess.Popen, timeout_s: float = 180) -> None:
+def wait_until_serving(address: str, server: subprocess.Popen, timeout_s: float = 180,
+                       tls_root_cert: Path | None = None) -> None:
+    """Poll the server's gRPC health until SERVING; raise if it exits or times out."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    if tls_root_cert is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        credentials = grpc.ssl_channel_credentials(Path(tls_root_cert).read_bytes())
+        channel = grpc.secure_channel(address, credentials)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if server.poll() is not None:

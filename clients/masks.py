@@ -3,7 +3,7 @@ RLE (area, box and IoU never build the dense mask), and supervision.Detections."
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from pycocotools import mask as coco_mask

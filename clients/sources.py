@@ -4,9 +4,9 @@ webcam index. Video is decoded with PyAV (FFmpeg); frames come out as (H, W, 3) 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

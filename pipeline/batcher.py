@@ -17,10 +17,12 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .errors import ModelError, OverloadedError, ShuttingDownError
+from .telemetry import BatchReport
 
 LOG = logging.getLogger(__name__)
 Item = TypeVar("Item")
@@ -38,43 +40,20 @@ class _Request(Generic[Item]):
     enqueued: float = field(default_factory=time.monotonic)
 
 
-@dataclass
-class BatchStats:
-    """Running totals, read by the metrics and ModelStatistics."""
-
-    batches: int = 0
-    requests: int = 0
-    failures: int = 0
-    queue_ns: int = 0
-    compute_ns: int = 0
-    batch_sizes: dict[int, int] = field(default_factory=dict)
-    last_inference_ms: int = 0
-
-    def record(self, size: int, queue_ns: int, compute_ns: int, failed: bool) -> None:
-        self.batches += 1
-        self.requests += size
-        self.failures += size if failed else 0
-        self.queue_ns += queue_ns
-        self.compute_ns += compute_ns
-        self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
-        self.last_inference_ms = int(time.time() * 1000)
-
-    @property
-    def mean_batch_size(self) -> float:
-        return self.requests / self.batches if self.batches else 0.0
-
-
-BatchFunction = Callable[[Sequence[tuple[int, Any]]], Sequence[tuple[int, Any]]]
+# (pairs, stages) -> results: ``[(id, item), ...]`` in, ``[(id, result), ...]`` out in any
+# order; ``stages`` is a dict the function may add seconds per pipeline stage to.
+BatchFunction = Callable[[Sequence[tuple[int, Any]], dict], Sequence[tuple[int, Any]]]
 
 
 class DynamicBatcher(Generic[Item, Result]):
     """Groups ``submit()`` calls into batches for ``run_batch``.
 
-    run_batch: a plain (blocking) function from ``[(id, item), ...]`` to ``[(id, result), ...]``
-    in any order; it runs in a worker thread so the event loop keeps accepting requests.
+    run_batch: a plain (blocking) ``BatchFunction``; it runs in a worker thread so the event
+    loop keeps accepting requests.
     max_batch_size: the most items per batch. max_delay_s: how long the first request of a
     batch may wait for company. preferred_sizes: a batch of one of these sizes is sent at
     once. max_queue_size: queued requests beyond this are refused. workers: batches in flight.
+    report: called on the event loop with one ``BatchReport`` per executed batch.
     """
 
     def __init__(
@@ -87,7 +66,7 @@ class DynamicBatcher(Generic[Item, Result]):
         max_queue_size: int = 0,
         workers: int = 1,
         name: str = "model",
-        on_batch: Callable[[int, list[float], float, bool], None] | None = None,
+        report: Callable[[BatchReport], None] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -98,22 +77,13 @@ class DynamicBatcher(Generic[Item, Result]):
         self.max_queue_size = max_queue_size or DEFAULT_MAX_QUEUE
         self.workers = max(1, workers)
         self.name = name
-        self.on_batch = on_batch
-        self.stats = BatchStats()
+        self.report = report
         self._queue: deque[_Request] = deque()
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._ids = itertools.count(1)
         self._closing = False
         self._in_flight = 0
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
 
     def start(self) -> None:
         if self._tasks:
@@ -199,9 +169,10 @@ class DynamicBatcher(Generic[Item, Result]):
             self._in_flight += len(batch)
             started = time.monotonic()
             failed = False
+            stages: dict[str, float] = {}
             try:
                 pairs = [(r.id, r.item) for r in batch]
-                results = await loop.run_in_executor(None, self.run_batch, pairs)
+                results = await loop.run_in_executor(None, self.run_batch, pairs, stages)
                 by_id = dict(results)
                 expected = {r.id for r in batch}
                 if set(by_id) != expected or len(results) != len(batch):
@@ -223,13 +194,8 @@ class DynamicBatcher(Generic[Item, Result]):
                 if cancelled:
                     raise
             finally:
-                compute = time.monotonic() - started
                 self._in_flight -= len(batch)
-                self.stats.record(
-                    len(batch),
-                    int(sum(started - r.enqueued for r in batch) * 1e9),
-                    int(compute * 1e9),
-                    failed,
-                )
-                if self.on_batch is not None:
-                    self.on_batch(len(batch), [started - r.enqueued for r in batch], compute, failed)
+                if self.report is not None:
+                    self.report(BatchReport(
+                        size=len(batch), waits_s=tuple(started - r.enqueued for r in batch),
+                        compute_s=time.monotonic() - started, stages=stages, failed=failed))

@@ -1,21 +1,23 @@
 """The engine: a pipeline model from the repository, run with dynamic batching.
 
     images -> decode / letterbox (images) -> DynamicBatcher (batcher) -> network (runner)
-      -> NMS + box-aware masks (postprocess) -> run lengths on the device (runs)
-      -> one host copy -> ASCII packing (packing) -> response documents (schema)
+      -> NMS + box-aware masks (postprocess) -> run lengths for the whole batch (rle)
+      -> one host copy -> ASCII packing + response documents (schema)
 
 ``Pipeline.infer`` is the synchronous Python API; ``Pipeline.submit`` is the asynchronous one
-that the gRPC frontend and streams share, so requests from every caller are batched together.
+that every frontend and stream shares, so requests from every caller are batched together.
+Every executed batch is reported once to the telemetry ledger.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,58 +28,37 @@ from .images import Letterbox, as_rgb_array, letterbox
 from .postprocess import Detections, PostprocessOptions, postprocess
 from .repository import ModelEntry, ModelRepository, instance_count
 from .runner import load_runner, resolve_device
+from .telemetry import BatchReport, Ledger
 
 LOG = logging.getLogger(__name__)
 DEFAULT_MODEL = "instance_segmentation"
-STAGES = ("preprocess", "network", "postprocess", "rle", "packing")
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A letterboxed image waiting for a batch: (3, S, S) float32 tensor on the device."""
+    """A letterboxed image waiting for a batch: (3, h, w) float32 tensor on the device."""
 
     tensor: Any
     geometry: Letterbox
     options: PostprocessOptions
-
-
-class StageClock:
-    """Accumulated seconds per pipeline stage, and frames seen: for benchmarks and metrics."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.frames = 0
-
-    def add(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] += seconds
-
-    def per_frame_ms(self) -> dict[str, float]:
-        return {s: 1e3 * self.seconds[s] / max(self.frames, 1) for s in STAGES}
-
-    def reset(self) -> None:
-        self.seconds.clear()
-        self.frames = 0
+    preprocess_s: float
 
 
 class Pipeline:
     """Instance segmentation with COCO RLE masks, from a Triton-layout model repository."""
 
     def __init__(self, repository: ModelRepository, entry: ModelEntry, network: ModelEntry,
-                 device: str):
+                 device: str, ledger: Ledger | None = None):
         self.repository = repository
         self.entry = entry
         self.network_entry = network
         self.device = device
+        self.ledger = ledger or Ledger()
         self.runner = load_runner(network, device)
         self.info = self.runner.info
-        self.defaults = PostprocessOptions(
-            confidence=float(entry.parameter("confidence", "0.25")),
-            iou_threshold=float(entry.parameter("iou_threshold", "0.45")),
-            max_detections=int(entry.parameter("max_detections", "300")),
-        )
-        config = entry.config
-        self.max_batch_size = max(1, config.max_batch_size)
-        self.clock = StageClock()
+        # config.pbtxt was validated at load, so its parameters are known to be good here.
+        self.defaults = PostprocessOptions.from_params(entry.parameters)
+        self.max_batch_size = max(1, entry.config.max_batch_size)
         self._batcher: DynamicBatcher | None = None
         LOG.info("%s: network %s on %s, %d classes, input %d, max batch %d", entry.name,
                  network.name, device, self.info.num_classes, self.info.input_size,
@@ -85,7 +66,7 @@ class Pipeline:
 
     @classmethod
     def from_repository(cls, path: str | Path, model: str = DEFAULT_MODEL,
-                        device: str | None = None) -> "Pipeline":
+                        device: str | None = None, ledger: Ledger | None = None) -> Pipeline:
         """Load ``model`` from the repository at ``path``.
 
         model: a pipeline model (Python backend with a ``network`` parameter) or a network
@@ -98,7 +79,7 @@ class Pipeline:
         if network_name is None:
             raise ConfigError(f"{entry.config_path}: parameters.network is required")
         network = repository.get(network_name)
-        return cls(repository, entry, network, resolve_device(device, entry))
+        return cls(repository, entry, network, resolve_device(device, entry), ledger)
 
     @property
     def name(self) -> str:
@@ -108,13 +89,10 @@ class Pipeline:
     def class_names(self) -> tuple[str, ...]:
         return self.info.class_names
 
-    def options(self, confidence=None, iou_threshold=None, max_detections=None) -> PostprocessOptions:
-        d = self.defaults
-        return PostprocessOptions(
-            confidence=d.confidence if confidence is None else float(confidence),
-            iou_threshold=d.iou_threshold if iou_threshold is None else float(iou_threshold),
-            max_detections=d.max_detections if max_detections is None else int(max_detections),
-        )
+    def options(self, mask_format: str | None = None, **params) -> PostprocessOptions:
+        """This model's defaults with keyword overrides (confidence, iou_threshold, ...)."""
+        return PostprocessOptions.from_params({**params, "response_mask_format": mask_format},
+                                              self.defaults)
 
     # ------------------------------------------------------------------ the stages
 
@@ -123,55 +101,61 @@ class Pipeline:
         start = time.perf_counter()
         rgb = as_rgb_array(image)
         tensor, geometry = letterbox(rgb, self.info.input_size, self.device)
-        self.clock.add("preprocess", time.perf_counter() - start)
-        return Prepared(tensor, geometry, options or self.defaults)
+        return Prepared(tensor, geometry, options or self.defaults, time.perf_counter() - start)
 
-    def run_batch(self, pairs: Sequence[tuple[int, Prepared]]) -> list[tuple[int, Detections]]:
-        """Network + post-processing for a batch; results keyed by the callers' ids."""
+    def run_batch(self, pairs: Sequence[tuple[int, Prepared]],
+                  stages: dict | None = None) -> list[tuple[int, Detections]]:
+        """Network + post-processing for a batch; results keyed by the callers' ids.
+
+        stages: optional dict that receives seconds per stage (see ``telemetry.STAGES``).
+        """
         import torch
 
+        stages = {} if stages is None else stages
+        prepared = [p for _, p in pairs]
+        stages["preprocess"] = sum(p.preprocess_s for p in prepared)
         start = time.perf_counter()
-        images = torch.stack([p.tensor for _, p in pairs])
-        pred, proto = self.runner(images)
-        network_done = time.perf_counter()
-        self.clock.add("network", network_done - start)
-        timings: dict[str, float] = defaultdict(float)
-        out = []
-        for (request_id, prepared), p, q in zip(pairs, pred, proto):
-            det = postprocess(p, q, prepared.geometry, prepared.options, self.info.num_classes,
-                              timings)
-            out.append((request_id, det))
-        self.clock.add("rle", timings["rle"])
-        self.clock.add("postprocess", time.perf_counter() - network_done - timings["rle"])
-        self.clock.frames += len(pairs)
-        return out
+        pred, proto = self.runner(torch.stack([p.tensor for p in prepared]))
+        stages["network"] = time.perf_counter() - start
+        dets = postprocess(pred, proto, [p.geometry for p in prepared],
+                           [p.options for p in prepared], self.info.num_classes, stages)
+        return [(request_id, det) for (request_id, _), det in zip(pairs, dets)]
 
-    def document(self, det: Detections, mask_format: str = "rle") -> dict:
-        start = time.perf_counter()
-        doc = schema.document(det, self.class_names, mask_format)
-        self.clock.add("packing", time.perf_counter() - start)
-        return doc
+    def render(self, det: Detections, options: PostprocessOptions | None = None) -> dict:
+        """The response document of one image (see ``pipeline.schema``)."""
+        mask_format = (options or self.defaults).mask_format
+        return schema.document(det, self.class_names, mask_format)
 
     # ------------------------------------------------------------------ the APIs
 
     def detect(self, images: Iterable[Any], **options) -> list[Detections]:
         """Synchronous: Detections per image, in batches of up to max_batch_size."""
-        opts = self.options(**options)
-        prepared = [self.prepare(image, opts) for image in images]
+        return self._detect(images, self.options(**options))
+
+    def _detect(self, images: Iterable[Any], options: PostprocessOptions) -> list[Detections]:
+        prepared = [self.prepare(image, options) for image in images]
         results: list[Detections] = []
         for start in range(0, len(prepared), self.max_batch_size):
             chunk = list(enumerate(prepared[start : start + self.max_batch_size]))
-            results.extend(det for _, det in sorted(self.run_batch(chunk), key=lambda r: r[0]))
+            stages: dict[str, float] = {}
+            began = time.monotonic()
+            done = sorted(self.run_batch(chunk, stages), key=lambda r: r[0])
+            self._report(BatchReport(len(chunk), (0.0,) * len(chunk), time.monotonic() - began,
+                                     stages, failed=False))
+            results.extend(det for _, det in done)
         return results
 
     def infer(self, images: Iterable[Any] | Any, mask_format: str = "rle", **options) -> list[dict]:
         """One response document per image (see ``pipeline.schema``)."""
-        schema.check_mask_format(mask_format)
+        opts = self.options(mask_format, **options)
         if isinstance(images, (bytes, str, Path)) or (
             isinstance(images, np.ndarray) and images.ndim == 3
         ):
             images = [images]
-        return [self.document(det, mask_format) for det in self.detect(images, **options)]
+        return [self.render(det, opts) for det in self._detect(images, opts)]
+
+    def _report(self, report: BatchReport) -> None:
+        self.ledger.record_batch(self.name, report)
 
     @property
     def batcher(self) -> DynamicBatcher:
@@ -186,12 +170,14 @@ class Pipeline:
                 max_queue_size=self.entry.queue_size_limit(),
                 workers=instance_count(self.entry),
                 name=self.name,
+                report=self._report,
             )
         return self._batcher
 
-    async def submit(self, image: Any, **options) -> Detections:
-        """Asynchronous: one image through the shared dynamic batcher."""
-        prepared = self.prepare(image, self.options(**options))
+    async def submit(self, image: Any, options: PostprocessOptions | None = None) -> Detections:
+        """Asynchronous: one image through the shared dynamic batcher. Decoding and
+        letterboxing run in a worker thread, never on the event loop."""
+        prepared = await asyncio.to_thread(self.prepare, image, options)
         return await self.batcher.submit(prepared)
 
     async def close(self, drain: bool = True) -> None:

@@ -1,7 +1,18 @@
-"""One root exception and a few meaningful children. The gRPC service maps them to status
-codes in one place; everything below it raises these, never grpc errors."""
+"""One root exception and a few meaningful children, each with the status it maps to.
+
+Everything below the frontends raises these, never gRPC or HTTP errors. ``STATUS`` is the one
+table from error kind to wire status; the gRPC and HTTP adapters read it and nothing else.
+Errors that are not PipelineErrors are our own faults: INTERNAL / 500.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Status(NamedTuple):
+    grpc: str  # a grpc.StatusCode name
+    http: int
 
 
 class PipelineError(Exception):
@@ -9,11 +20,19 @@ class PipelineError(Exception):
 
 
 class BadInputError(PipelineError, ValueError):
-    """The caller sent something we cannot use (maps to INVALID_ARGUMENT)."""
+    """The caller sent something we cannot use."""
+
+
+class InvalidOptionError(BadInputError):
+    """A request (or config.pbtxt) parameter has a value we cannot use; ``key`` names it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 class NotFoundError(PipelineError, LookupError):
-    """An unknown model, version or stream (maps to NOT_FOUND)."""
+    """An unknown model, version or stream."""
 
 
 class ConfigError(PipelineError):
@@ -21,12 +40,31 @@ class ConfigError(PipelineError):
 
 
 class OverloadedError(PipelineError):
-    """The queue is full; the client should back off and retry (maps to RESOURCE_EXHAUSTED)."""
+    """A queue or a per-connection limit is full; the client should back off and retry."""
 
 
 class ModelError(PipelineError):
-    """The model failed while running a batch (maps to INTERNAL)."""
+    """The model failed while running a batch."""
 
 
 class ShuttingDownError(PipelineError):
-    """The server is draining and takes no new work (maps to UNAVAILABLE)."""
+    """The server is draining and takes no new work."""
+
+
+STATUS: dict[type[PipelineError], Status] = {
+    BadInputError: Status("INVALID_ARGUMENT", 400),
+    NotFoundError: Status("NOT_FOUND", 404),
+    OverloadedError: Status("RESOURCE_EXHAUSTED", 503),
+    ShuttingDownError: Status("UNAVAILABLE", 503),
+    ConfigError: Status("FAILED_PRECONDITION", 500),
+    ModelError: Status("INTERNAL", 500),
+}
+INTERNAL = Status("INTERNAL", 500)
+
+
+def status_of(error: BaseException) -> Status:
+    """The wire status for any exception (subclasses map as their nearest listed parent)."""
+    for kind in type(error).__mro__:
+        if kind in STATUS:
+            return STATUS[kind]
+    return INTERNAL

@@ -68,7 +68,7 @@ def as_rgb_array(image: object) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Letterbox:
-    """How an (height, width) image sits inside the square network input.
+    """How an original (height, width) image sits inside the (input_h, input_w) network input.
 
     Input pixel coordinates = original * gain + (left, top); ``inner`` is the resized image's
     (height, width) inside the input.
@@ -76,7 +76,8 @@ class Letterbox:
 
     height: int
     width: int
-    size: int
+    input_h: int
+    input_w: int
     gain: float
     top: int
     left: int
@@ -88,7 +89,7 @@ def letterbox_geometry(height: int, width: int, size: int) -> Letterbox:
     inner_w, inner_h = round(width * gain), round(height * gain)
     left = round((size - inner_w) / 2 - 0.1)
     top = round((size - inner_h) / 2 - 0.1)
-    return Letterbox(height, width, size, gain, top, left, (inner_h, inner_w))
+    return Letterbox(height, width, size, size, gain, top, left, (inner_h, inner_w))
 
 
 def letterbox(image: np.ndarray, size: int, device: object = "cpu"):
@@ -102,7 +103,8 @@ def letterbox(image: np.ndarray, size: int, device: object = "cpu"):
     chw = pixels.permute(2, 0, 1).unsqueeze(0).float().div_(255)
     if (h, w) != geo.inner:
         chw = F.interpolate(chw, size=geo.inner, mode="bilinear", align_corners=False)
-    out = torch.full((3, size, size), PAD_VALUE, dtype=torch.float32, device=chw.device)
+    out = torch.full((3, geo.input_h, geo.input_w), PAD_VALUE, dtype=torch.float32,
+                     device=chw.device)
     ih, iw = geo.inner
     out[:, geo.top : geo.top + ih, geo.left : geo.left + iw] = chw[0]
     return out, geo

@@ -1,49 +1,97 @@
-"""Prometheus metrics, with NVIDIA Triton's names where they fit so existing dashboards and
-the Kubernetes HPA adapter work unchanged, plus ours for the RLE stage and streams.
+"""Prometheus metrics: a view of the telemetry ledger, rendered at scrape time.
 
-The ``nv_inference_*`` series are cumulative, as Triton's are, but registered as gauges:
-prometheus_client renames every Counter to ``<name>_total``, which would not match the
-series names Triton dashboards and adapter rules query. Ours are ordinary counters."""
+NVIDIA Triton's names where they fit, so existing dashboards and the Kubernetes HPA adapter
+work unchanged, plus ours for the RLE stage and streams. The ``nv_inference_*`` series are
+cumulative, as Triton's are, but exposed as gauges: a Prometheus counter must be named
+``<name>_total``, which would not match the series names Triton dashboards and adapter rules
+query. Ours follow Prometheus conventions (counters end in ``_total``).
+
+There is no second book here: every value is read from ``pipeline.telemetry.Ledger``.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from .telemetry import Ledger
+
+VERSION = "1"
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# name -> (help, value from ModelTotals)
+_CUMULATIVE = {
+    "nv_inference_request_success": ("Inference requests that succeeded", lambda t: t.requests_ok),
+    "nv_inference_count": ("Images inferred (a batch of 4 counts 4)", lambda t: t.images),
+    "nv_inference_exec_count": ("Batches executed by the model", lambda t: t.batches),
+    "nv_inference_request_duration_us": (
+        "Cumulative end-to-end request time, microseconds",
+        lambda t: (t.requests_ok_ns + t.requests_failed_ns) / 1e3),
+    "nv_inference_queue_duration_us": (
+        "Cumulative time requests waited in the batcher, microseconds", lambda t: t.queue_ns / 1e3),
+    "nv_inference_compute_input_duration_us": (
+        "Cumulative pre-processing time (decode, letterbox), microseconds",
+        lambda t: t.stage_ns["preprocess"] / 1e3),
+    "nv_inference_compute_infer_duration_us": (
+        "Cumulative batch compute time (network + masks + RLE), microseconds",
+        lambda t: t.compute_ns / 1e3),
+    "nv_inference_compute_output_duration_us": (
+        "Cumulative response building time (packing, JSON), microseconds",
+        lambda t: t.output_ns / 1e3),
+    "nv_inference_pending_request_count": ("Requests queued or running", lambda t: t.pending),
+}
 
 
-class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
+class LedgerCollector(Collector):
+    """Renders the ledger's totals in Prometheus' exposition format on every scrape."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+
+    def collect(self):
+        models, streams, dropped = self.ledger.snapshot()
         labels = ["model", "version"]
-        r = self.registry
-        self.request_success = Gauge("nv_inference_request_success",
-                                       "Inference requests that succeeded", labels, registry=r)
-        self.request_failure = Gauge("nv_inference_request_failure",
-                                       "Inference requests that failed", labels + ["reason"], registry=r)
-        self.inference_count = Gauge("nv_inference_count",
-                                       "Images inferred (a batch of 4 counts 4)", labels, registry=r)
-        self.exec_count = Gauge("nv_inference_exec_count",
-                                  "Batches executed by the model", labels, registry=r)
-        self.request_duration_us = Gauge("nv_inference_request_duration_us",
-                                           "Cumulative end-to-end request time, microseconds", labels, registry=r)
-        self.queue_duration_us = Gauge("nv_inference_queue_duration_us",
-                                         "Cumulative time requests waited in the batcher, microseconds", labels, registry=r)
-        self.compute_input_us = Gauge("nv_inference_compute_input_duration_us",
-                                        "Cumulative pre-processing time, microseconds", labels, registry=r)
-        self.compute_infer_us = Gauge("nv_inference_compute_infer_duration_us",
-                                        "Cumulative batch compute time (network + masks + RLE), microseconds", labels, registry=r)
-        self.compute_output_us = Gauge("nv_inference_compute_output_duration_us",
-                                         "Cumulative response building time (packing, JSON), microseconds", labels, registry=r)
-        self.pending = Gauge("nv_inference_pending_request_count",
-                             "Requests queued or running", labels, registry=r)
-        self.batch_size = Histogram("rle_serving_batch_size", "Images per executed batch",
-                                    ["model"], buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-        self.rle_seconds = Counter("rle_serving_rle_seconds",
-                                   "Cumulative seconds computing run lengths", ["model"], registry=r)
-        self.frames_dropped = Counter("rle_serving_frames_dropped",
-                                      "Video frames dropped by the drop_oldest flow-control policy", registry=r)
-        self.streams_open = Gauge("rle_serving_streams_open", "Streams currently open", ["api"], registry=r)
+        for name, (help_text, value) in _CUMULATIVE.items():
+            family = GaugeMetricFamily(name, help_text, labels=labels)
+            for model, totals in models.items():
+                family.add_metric([model, VERSION], value(totals))
+            yield family
+        failures = GaugeMetricFamily("nv_inference_request_failure",
+                                     "Inference requests that failed",
+                                     labels=[*labels, "reason"])
+        batch_size = HistogramMetricFamily("rle_serving_batch_size", "Images per executed batch",
+                                           labels=["model"])
+        rle_seconds = CounterMetricFamily("rle_serving_rle_seconds",
+                                          "Cumulative seconds computing run lengths",
+                                          labels=["model"])
+        for model, totals in models.items():
+            for reason, count in totals.requests_failed.items():
+                failures.add_metric([model, VERSION, reason], count)
+            buckets = [(str(float(b)), sum(c for s, c in totals.batch_sizes.items() if s <= b))
+                       for b in BATCH_BUCKETS]
+            buckets.append(("+Inf", totals.batches))
+            batch_size.add_metric([model], buckets, sum_value=totals.images)
+            rle_seconds.add_metric([model], totals.stage_ns["rle"] / 1e9)
+        yield failures
+        yield batch_size
+        yield rle_seconds
+        yield CounterMetricFamily("rle_serving_frames_dropped",
+                                  "Video frames dropped by the drop_oldest flow-control policy",
+                                  value=dropped)
+        open_streams = GaugeMetricFamily("rle_serving_streams_open", "Streams currently open",
+                                         labels=["api"])
+        for api, count in streams.items():
+            open_streams.add_metric([api], count)
+        yield open_streams
 
-    def serve(self, port: int, address: str = "0.0.0.0"):
-        """Expose /metrics over HTTP on ``port`` (0: pick a free one); returns the port."""
-        server, _ = start_http_server(port, addr=address, registry=self.registry)
-        return server.server_port
+
+def serve(ledger: Ledger, port: int, address: str = "0.0.0.0") -> int:
+    """Expose /metrics over HTTP on ``port`` (0: pick a free one); returns the port."""
+    registry = CollectorRegistry()
+    registry.register(LedgerCollector(ledger))
+    server, _ = start_http_server(port, addr=address, registry=registry)
+    return server.server_port

@@ -4,7 +4,7 @@ labels, so a person can look rather than read counts strings."""
 from __future__ import annotations
 
 import colorsys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

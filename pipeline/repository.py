@@ -15,13 +15,12 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from .errors import ConfigError, NotFoundError
+from .errors import ConfigError, InvalidOptionError, NotFoundError
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_FILENAMES = {"pytorch_libtorch": "model.pt", "onnxruntime_onnx": "model.onnx",
-                     "python": "model.py"}
-SUPPORTED = ("pytorch_libtorch", "onnxruntime_onnx", "python")
+DEFAULT_FILENAMES = {"pytorch_libtorch": "model.pt", "python": "model.py"}
+SUPPORTED = tuple(DEFAULT_FILENAMES)
 
 
 @dataclass(frozen=True)
@@ -57,9 +56,12 @@ class ModelEntry:
         return path
 
     def parameter(self, key: str, default: str | None = None) -> str | None:
-        if key in self.config.parameters:
-            return self.config.parameters[key].string_value
-        return default
+        return self.parameters.get(key, default)
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        """config.pbtxt ``parameters`` as key -> string value."""
+        return parameters_of(self.config)
 
     def labels(self) -> list[str] | None:
         for output in self.config.output:
@@ -82,7 +84,7 @@ class ModelRepository:
         self.models = models
 
     @classmethod
-    def load(cls, root: str | Path) -> "ModelRepository":
+    def load(cls, root: str | Path) -> ModelRepository:
         root = Path(root)
         if not root.is_dir():
             raise ConfigError(f"model repository {root} is not a folder")
@@ -128,6 +130,10 @@ def load_entry(folder: Path) -> ModelEntry:
     return ModelEntry(config.name, folder, config, versions)
 
 
+def parameters_of(config: mc.ModelConfig) -> dict[str, str]:
+    return {key: p.string_value for key, p in config.parameters.items()}
+
+
 def _fail(path: Path, field: str, message: str) -> ConfigError:
     return ConfigError(f"{path}: field '{field}': {message}")
 
@@ -139,7 +145,8 @@ def validate(config: mc.ModelConfig, folder_name: str, path: Path) -> None:
     platform = config.platform or config.backend
     if platform not in SUPPORTED:
         raise _fail(path, "platform" if config.platform else "backend",
-                    f"{platform!r} is not supported (use one of {', '.join(SUPPORTED)})")
+                    f"{platform!r} is not supported (use one of {', '.join(SUPPORTED)}; export "
+                    "ONNX and other networks to TorchScript)")
     if config.max_batch_size < 0:
         raise _fail(path, "max_batch_size", f"must be >= 0, got {config.max_batch_size}")
     batching = config.dynamic_batching
@@ -175,14 +182,12 @@ def validate(config: mc.ModelConfig, folder_name: str, path: Path) -> None:
             raise _fail(path, f"instance_group[{i}].kind",
                         f"{mc.ModelInstanceGroup.Kind.Name(group.kind)} is not supported")
     if platform == "python":
-        for key in ("confidence", "iou_threshold"):
-            if key in config.parameters:
-                try:
-                    float(config.parameters[key].string_value)
-                except ValueError:
-                    raise _fail(path, f"parameters.{key}", "must be a number") from None
-        if "max_detections" in config.parameters and not config.parameters["max_detections"].string_value.isdigit():
-            raise _fail(path, "parameters.max_detections", "must be a whole number")
+        from .postprocess import PostprocessOptions
+
+        try:
+            PostprocessOptions.from_params(parameters_of(config))
+        except InvalidOptionError as exc:
+            raise _fail(path, f"parameters.{exc.key}", str(exc)) from None
 
 
 def instance_count(entry: ModelEntry) -> int:

@@ -30,7 +30,6 @@ class NetworkInfo:
 def resolve_device(requested: str | None, entry: ModelEntry) -> str:
     """'cpu' or 'cuda' from the CLI override, else the model's instance_group kind."""
     import torch
-
     from tritonclient.grpc import model_config_pb2 as mc
 
     if requested is None:

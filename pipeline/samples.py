@@ -42,3 +42,30 @@ def sample_rgb(name: str, cache: Path = DEFAULT_CACHE) -> np.ndarray:
 
         return decode_image(sample_bytes(name, cache))
     raise KeyError(f"unknown sample {name!r}; have {', '.join(NAMES)}")
+
+
+def write_samples(folder: Path, cache: Path = DEFAULT_CACHE) -> list[Path]:
+    """Every sample as an image file in ``folder`` (JPEG as shipped, PNG for scikit-image's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in NAMES:
+        path = folder / (IN_WHEEL.get(name) or f"{name}.png")
+        path.write_bytes(sample_bytes(name, cache))
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.samples",
+                                     description="Write the real sample photos to a folder.")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write them into")
+    args = parser.parse_args(argv)
+    for path in write_samples(args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

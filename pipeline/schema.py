@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import BadInputError
-from .postprocess import Detections
-from .runs import RunLengths
+if TYPE_CHECKING:  # this module imports without torch: the light client uses ``record``
+    from .postprocess import Detections
+    from .rle import RunLengths
 
-MASK_FORMATS = ("rle", "polygon")
 # Tensor outputs of the pipeline model: name -> (KServe datatype, dims after the batch
 # dimension). Typed tensors are padded to the most detections K among the request's images.
 OUTPUTS = {
@@ -37,38 +38,63 @@ OUTPUTS = {
 }
 
 
-def check_mask_format(mask_format: str) -> str:
-    if mask_format not in MASK_FORMATS:
-        raise BadInputError(
-            f"unknown mask format {mask_format!r}; use one of: {', '.join(MASK_FORMATS)}"
-        )
-    return mask_format
+def class_name(names: Sequence[str], class_id: int) -> str:
+    """The class's name, or its number when the model has no name for it."""
+    return names[class_id] if 0 <= class_id < len(names) else str(class_id)
+
+
+def record(x1: float, y1: float, x2: float, y2: float, confidence: float, class_id: int,
+           name: str, detection_id: str, **mask) -> dict:
+    """THE prediction record (Roboflow's schema): box centre and size, score, class, id, and
+    the mask fields (``rle`` + ``mask_format``, or ``points`` + ``mask_format``)."""
+    return {
+        "x": (x1 + x2) / 2,
+        "y": (y1 + y2) / 2,
+        "width": x2 - x1,
+        "height": y2 - y1,
+        "confidence": confidence,
+        "class": name,
+        "class_id": class_id,
+        "detection_id": detection_id,
+        **mask,
+    }
+
+
+@dataclass(frozen=True)
+class Row:
+    """One detection, typed, before it becomes a JSON record or a protobuf message.
+
+    i: its index in the image's Detections; box: x1, y1, x2, y2 in original pixels.
+    """
+
+    i: int
+    box: tuple[float, float, float, float]
+    confidence: float
+    class_id: int
+    class_name: str
+    detection_id: str
+
+
+def rows(det: Detections, class_names: Sequence[str]) -> Iterator[Row]:
+    """An image's detections, best score first, each with a fresh detection id."""
+    for i in range(len(det)):
+        class_id = int(det.class_ids[i])
+        yield Row(i, tuple(float(v) for v in det.boxes[i]), float(det.scores[i]), class_id,
+                  class_name(class_names, class_id), str(uuid.uuid4()))
 
 
 def predictions(det: Detections, class_names: Sequence[str], mask_format: str = "rle") -> list[dict]:
-    """The prediction dicts of one image, best score first."""
-    check_mask_format(mask_format)
+    """The prediction records of one image, best score first."""
     H, W = det.image_size
-    if mask_format == "rle":
-        masks = [{"rle": {"size": [H, W], "counts": c}, "mask_format": "rle"} for c in det.counts]
-    else:
-        masks = [{"points": polygon(det.masks, i, det.boxes[i]), "mask_format": "polygon"}
-                 for i in range(len(det))]
     out = []
-    for i, mask in enumerate(masks):
-        x1, y1, x2, y2 = (float(v) for v in det.boxes[i])
-        class_id = int(det.class_ids[i])
-        out.append({
-            "x": (x1 + x2) / 2,
-            "y": (y1 + y2) / 2,
-            "width": x2 - x1,
-            "height": y2 - y1,
-            "confidence": float(det.scores[i]),
-            "class": class_names[class_id] if class_id < len(class_names) else str(class_id),
-            "class_id": class_id,
-            "detection_id": str(uuid.uuid4()),
-            **mask,
-        })
+    for row in rows(det, class_names):
+        if mask_format == "rle":
+            mask = {"rle": {"size": [H, W], "counts": det.counts[row.i]}, "mask_format": "rle"}
+        else:
+            mask = {"points": polygon(det.masks, row.i, det.boxes[row.i]),
+                    "mask_format": "polygon"}
+        out.append(record(*row.box, row.confidence, row.class_id, row.class_name,
+                          row.detection_id, **mask))
     return out
 
 
@@ -150,41 +176,27 @@ def polygon(runs: RunLengths, i: int, box) -> list[dict]:
     return [{"x": float(x + left), "y": float(y + top)} for x, y in outer_contour(crop)]
 
 
-def output_arrays(dets: Sequence[Detections], names: Sequence[str], document) -> dict:
-    """The requested OUTPUTS as arrays for a batch of images (BYTES as object arrays).
-
-    document: Detections -> response dict, used for DETECTIONS (so callers time packing).
-    """
+def output_arrays(dets: Sequence[Detections], names: Sequence[str],
+                  class_names: Sequence[str], mask_format: str = "rle") -> dict:
+    """The requested OUTPUTS as arrays for a batch of images (BYTES as object arrays)."""
     b = len(dets)
     k = max((len(d) for d in dets), default=0)
-    out: dict[str, np.ndarray] = {}
-    for name in names:
-        if name == "DETECTIONS":
-            docs = [json.dumps(document(d)).encode() for d in dets]
-            out[name] = np.array(docs, dtype=object).reshape(b, 1)
-        elif name == "NUM_DETECTIONS":
-            out[name] = np.array([[len(d)] for d in dets], np.int32).reshape(b, 1)
-        elif name == "BOXES":
-            boxes = np.zeros((b, k, 4), np.float32)
-            for i, d in enumerate(dets):
-                boxes[i, : len(d)] = d.boxes
-            out[name] = boxes
-        elif name == "SCORES":
-            scores = np.zeros((b, k), np.float32)
-            for i, d in enumerate(dets):
-                scores[i, : len(d)] = d.scores
-            out[name] = scores
-        elif name == "CLASS_IDS":
-            ids = np.full((b, k), -1, np.int32)
-            for i, d in enumerate(dets):
-                ids[i, : len(d)] = d.class_ids
-            out[name] = ids
-        elif name == "RLE_COUNTS":
-            counts = np.full((b, k), b"", dtype=object)
-            for i, d in enumerate(dets):
-                for j, text in enumerate(d.counts):
-                    counts[i, j] = text.encode()
-            out[name] = counts
-        elif name == "IMAGE_SIZE":
-            out[name] = np.array([d.image_size for d in dets], np.int32).reshape(b, 2)
-    return out
+
+    def padded(values, fill, dtype, tail=()):
+        out = np.full((b, k, *tail), fill, dtype)
+        for i, d in enumerate(dets):
+            out[i, : len(d)] = values(d)
+        return out
+
+    makers = {
+        "DETECTIONS": lambda: np.array(
+            [json.dumps(document(d, class_names, mask_format)).encode() for d in dets],
+            dtype=object).reshape(b, 1),
+        "NUM_DETECTIONS": lambda: np.array([len(d) for d in dets], np.int32).reshape(b, 1),
+        "BOXES": lambda: padded(lambda d: d.boxes, 0, np.float32, (4,)),
+        "SCORES": lambda: padded(lambda d: d.scores, 0, np.float32),
+        "CLASS_IDS": lambda: padded(lambda d: d.class_ids, -1, np.int32),
+        "RLE_COUNTS": lambda: padded(lambda d: [c.encode() for c in d.counts], b"", object),
+        "IMAGE_SIZE": lambda: np.array([d.image_size for d in dets], np.int32).reshape(b, 2),
+    }
+    return {name: makers[name]() for name in names}

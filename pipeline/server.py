@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -22,14 +23,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from . import metrics
 from .engine import Pipeline
 from .errors import ConfigError
-from .metrics import Metrics
 from .proto import video_pb2, video_pb2_grpc
 from .repository import ModelRepository
 from .runner import resolve_device
 from .service import InferenceService, ServingState
-from .streaming import POLICIES, VideoService
+from .stream_window import POLICIES
+from .streaming import VideoService
+from .telemetry import Ledger
 
 LOG = logging.getLogger(__name__)
 INFERENCE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -70,14 +73,23 @@ class ServerConfig:
             raise ConfigError("max message size must be >= 1 MB")
 
     @classmethod
-    def env_defaults(cls) -> dict:
-        """Settings found in the environment (RLE_SERVING_GRPC_PORT=8001, ...)."""
+    def env_defaults(cls, environ: Mapping[str, str] = os.environ) -> dict:
+        """Settings found in the environment (RLE_SERVING_GRPC_PORT=8001, ...).
+
+        Raises ConfigError naming the variable when a number is not a number."""
         out = {}
         for f in fields(cls):
-            value = os.environ.get(f"RLE_SERVING_{f.name.upper()}")
-            if value is not None and value != "":
-                kind = f.type if isinstance(f.type, str) else f.type.__name__
-                out[f.name] = int(value) if kind == "int" else float(value) if kind == "float" else value
+            variable = f"RLE_SERVING_{f.name.upper()}"
+            value = environ.get(variable)
+            if value is None or value == "":
+                continue
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            convert = {"int": int, "float": float}.get(kind)
+            try:
+                out[f.name] = convert(value) if convert else value
+            except ValueError:
+                what = "a whole number" if kind == "int" else "a number"
+                raise ConfigError(f"{variable} must be {what}, got {value!r}") from None
         return out
 
 
@@ -118,9 +130,9 @@ class _TokenCheck(grpc.aio.ServerInterceptor):
 class PipelineServer:
     """Start with ``await start()``; stop with ``await drain()``."""
 
-    def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
+    def __init__(self, config: ServerConfig, ledger: Ledger | None = None):
         self.config = config
-        self.metrics = metrics or Metrics()
+        self.ledger = ledger or Ledger()
         self.state: ServingState | None = None
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
@@ -128,14 +140,12 @@ class PipelineServer:
         self._health = health.aio.HealthServicer()
         self._stopped = asyncio.Event()
 
-    async def start(self, serve_metrics: bool = True) -> "PipelineServer":
+    async def start(self, serve_metrics: bool = True) -> PipelineServer:
         cfg = self.config
         loop = asyncio.get_running_loop()
         pipelines, unavailable = await loop.run_in_executor(None, self._load)
-        self.state = ServingState(cfg.model_repository, pipelines, unavailable, self.metrics,
+        self.state = ServingState(cfg.model_repository, pipelines, unavailable, self.ledger,
                                   stream_window=cfg.stream_window, stream_policy=cfg.stream_policy)
-        for name, pipe in pipelines.items():
-            pipe.batcher.on_batch = self._batch_metrics(name, pipe)
         limit = cfg.max_message_mb * 1024 * 1024
         options = [("grpc.max_receive_message_length", limit),
                    ("grpc.max_send_message_length", limit),
@@ -159,7 +169,7 @@ class PipelineServer:
         await server.start()
         self._server = server
         if serve_metrics:
-            self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.host)
+            self.metrics_port = metrics.serve(self.ledger, cfg.metrics_port, cfg.host)
         for service in ("", INFERENCE_SERVICE, VIDEO_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         LOG.info("listening for gRPC on %s:%d%s; metrics on :%s", cfg.host, self.grpc_port,
@@ -177,7 +187,7 @@ class PipelineServer:
             if entry.platform == "python" and entry.parameter("network"):
                 network = repository.get(entry.parameter("network"))
                 device = resolve_device(self.config.device, entry)
-                pipelines[name] = Pipeline(repository, entry, network, device)
+                pipelines[name] = Pipeline(repository, entry, network, device, self.ledger)
         for name in repository.models:
             if name not in pipelines:
                 users = [p for p, pipe in pipelines.items() if pipe.network_entry.name == name]
@@ -187,26 +197,6 @@ class PipelineServer:
             raise ConfigError(f"{self.config.model_repository}: no pipeline model to serve "
                               "(a Python-backend model with a 'network' parameter)")
         return pipelines, unavailable
-
-    def _batch_metrics(self, name: str, pipe: Pipeline):
-        m = self.metrics
-        labels = (name, "1")
-        seen = {"rle": 0.0, "preprocess": 0.0}
-
-        def since_last(stage: str) -> float:
-            now = pipe.clock.seconds.get(stage, 0.0)
-            delta, seen[stage] = max(now - seen[stage], 0.0), now
-            return delta
-
-        def on_batch(size: int, waits: list[float], compute_s: float, failed: bool):
-            m.exec_count.labels(*labels).inc()
-            m.batch_size.labels(name).observe(size)
-            m.queue_duration_us.labels(*labels).inc(sum(waits) * 1e6)
-            m.compute_infer_us.labels(*labels).inc(compute_s * 1e6)
-            m.rle_seconds.labels(name).inc(since_last("rle"))
-            m.compute_input_us.labels(*labels).inc(since_last("preprocess") * 1e6)
-
-        return on_batch
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Refuse new work, let work in flight finish (up to the grace period), stop."""

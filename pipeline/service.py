@@ -2,7 +2,7 @@
 
 Built on the messages tritonclient ships, so the official ``tritonclient.grpc`` client works
 unmodified. This is the adapter layer: protobuf lives here and in ``streaming``, nowhere
-deeper; pipeline errors become gRPC status codes in ``status_of`` and nowhere else.
+deeper; pipeline errors become gRPC status codes through the one table in ``pipeline.errors``.
 
 The pipeline model (``instance_segmentation``) takes ``IMAGE``: BYTES [B, 1] (encoded images)
 or UINT8 [B, H, W, 3] (raw RGB), and request parameters ``response_mask_format`` ("rle" or
@@ -18,8 +18,9 @@ import asyncio
 import logging
 import struct
 import time
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -27,20 +28,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from . import schema
-from .schema import OUTPUTS, output_arrays
 from .engine import Pipeline
-from .errors import (
-    BadInputError,
-    ConfigError,
-    NotFoundError,
-    OverloadedError,
-    PipelineError,
-    ShuttingDownError,
-)
+from .errors import BadInputError, NotFoundError, PipelineError, ShuttingDownError, status_of
 from .images import check_image_size
-from .metrics import Metrics
-from .postprocess import Detections
+from .postprocess import Detections, PostprocessOptions
+from .schema import OUTPUTS, output_arrays
+from .stream_window import StreamWindow
+from .telemetry import Ledger
 
 LOG = logging.getLogger(__name__)
 SERVER_NAME = "rle-serving"
@@ -50,19 +44,9 @@ INPUT = "IMAGE"
 PARAMETERS = ("response_mask_format", "confidence", "iou_threshold", "max_detections")
 
 
-def status_of(error: BaseException) -> grpc.StatusCode:
-    """The one place where pipeline errors become gRPC status codes."""
-    if isinstance(error, BadInputError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, NotFoundError):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(error, OverloadedError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(error, ShuttingDownError):
-        return grpc.StatusCode.UNAVAILABLE
-    if isinstance(error, ConfigError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    return grpc.StatusCode.INTERNAL
+def grpc_status(error: BaseException) -> grpc.StatusCode:
+    """The gRPC code of any error, from the one table in ``pipeline.errors``."""
+    return grpc.StatusCode[status_of(error).grpc]
 
 
 def describe(error: BaseException) -> str:
@@ -73,29 +57,17 @@ def describe(error: BaseException) -> str:
 
 
 @dataclass
-class ModelCounters:
-    """Per-model totals for ModelStatistics (durations in nanoseconds)."""
-
-    success: int = 0
-    success_ns: int = 0
-    fail: int = 0
-    fail_ns: int = 0
-    inferences: int = 0
-    compute_output_ns: int = 0
-
-
-@dataclass
 class ServingState:
-    """What the services share: the loaded pipelines, metrics, and whether we are draining."""
+    """What the frontends share: the loaded pipelines, the telemetry ledger, stream settings,
+    and whether we are draining."""
 
     repository_root: str
     pipelines: dict[str, Pipeline]
     unavailable: dict[str, str]  # model name -> why it is not served directly
-    metrics: Metrics
+    ledger: Ledger
     stream_window: int = 8
     stream_policy: str = "wait"
     draining: bool = False
-    counters: dict[str, ModelCounters] = field(default_factory=dict)
     active: int = 0  # unary requests and streams in progress, for the drain
 
     def pipeline(self, name: str, version: str = "") -> Pipeline:
@@ -180,36 +152,28 @@ def images_of(request: pb.ModelInferRequest, max_batch: int) -> list[Any]:
     return images
 
 
-def parameter(request: pb.ModelInferRequest, key: str):
-    if key not in request.parameters:
-        return None
-    p = request.parameters[key]
-    kind = p.WhichOneof("parameter_choice")
-    return getattr(p, kind) if kind else None
+def parameters_of(request: pb.ModelInferRequest) -> dict[str, Any]:
+    """The request's parameters as plain Python values (str, int, float, bool)."""
+    out = {}
+    for key, p in request.parameters.items():
+        kind = p.WhichOneof("parameter_choice")
+        out[key] = getattr(p, kind) if kind else None
+    return out
 
 
-def options_of(request: pb.ModelInferRequest) -> tuple[str, dict]:
-    mask_format = parameter(request, "response_mask_format") or "rle"
-    schema.check_mask_format(str(mask_format))
-    options = {}
-    for key, convert in (("confidence", float), ("iou_threshold", float), ("max_detections", int)):
-        value = parameter(request, key)
-        if value is None:
-            continue
-        try:
-            options[key] = convert(value)
-        except (TypeError, ValueError):
-            raise BadInputError(f"parameter {key!r} must be a number, got {value!r}") from None
-    return str(mask_format), options
-
-
-def build_response(request: pb.ModelInferRequest, pipe: Pipeline, dets: list[Detections],
-                   mask_format: str) -> pb.ModelInferResponse:
+def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
     requested = [o.name for o in request.outputs] or list(OUTPUTS)
     unknown = [n for n in requested if n not in OUTPUTS]
     if unknown:
         raise BadInputError(f"unknown output(s) {unknown}; the model offers {list(OUTPUTS)}")
-    arrays = output_arrays(dets, requested, lambda d: pipe.document(d, mask_format))
+    return requested
+
+
+def build_response(request: pb.ModelInferRequest, pipe: Pipeline, dets: list[Detections],
+                   options: PostprocessOptions) -> pb.ModelInferResponse:
+    """The response message (JSON, polygons, tensors): CPU work, run off the event loop."""
+    arrays = output_arrays(dets, requested_outputs(request), pipe.class_names,
+                           options.mask_format)
     response = pb.ModelInferResponse(model_name=pipe.name, model_version=VERSION, id=request.id)
     for name, array in arrays.items():
         response.outputs.add(name=name, datatype=OUTPUTS[name][0], shape=list(array.shape))
@@ -250,7 +214,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             pipe = self.state.lookup(request.name, request.version)
         except PipelineError as exc:
-            await context.abort(status_of(exc), describe(exc))
+            await context.abort(grpc_status(exc), describe(exc))
         response = pb.ModelMetadataResponse(name=pipe.name, versions=[VERSION],
                                             platform=pipe.entry.platform)
         response.inputs.add(name=INPUT, datatype="BYTES", shape=[-1, 1])
@@ -262,7 +226,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             pipe = self.state.lookup(request.name, request.version)
         except PipelineError as exc:
-            await context.abort(status_of(exc), describe(exc))
+            await context.abort(grpc_status(exc), describe(exc))
         config = mc.ModelConfig()
         config.CopyFrom(pipe.entry.config)
         declared = {o.name for o in config.output}
@@ -277,26 +241,24 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelStatisticsResponse()
         for name in names:
             try:
-                pipe = self.state.lookup(name, request.version)
+                self.state.lookup(name, request.version)
             except PipelineError as exc:
-                await context.abort(status_of(exc), describe(exc))
-            c = self.state.counters.setdefault(name, ModelCounters())
-            stats = pipe.batcher.stats
-            clock = pipe.clock.seconds
+                await context.abort(grpc_status(exc), describe(exc))
+            t = self.state.ledger.totals(name)
             s = response.model_stats.add(
-                name=name, version=VERSION, last_inference=stats.last_inference_ms,
-                inference_count=stats.requests, execution_count=stats.batches,
+                name=name, version=VERSION, last_inference=t.last_inference_ms,
+                inference_count=t.images, execution_count=t.batches,
             )
-            s.inference_stats.success.count, s.inference_stats.success.ns = c.success, c.success_ns
-            s.inference_stats.fail.count, s.inference_stats.fail.ns = c.fail, c.fail_ns
-            s.inference_stats.queue.count, s.inference_stats.queue.ns = stats.requests, stats.queue_ns
-            s.inference_stats.compute_input.count = c.inferences
-            s.inference_stats.compute_input.ns = int(clock.get("preprocess", 0) * 1e9)
-            s.inference_stats.compute_infer.count = stats.requests
-            s.inference_stats.compute_infer.ns = stats.compute_ns
-            s.inference_stats.compute_output.count = c.inferences
-            s.inference_stats.compute_output.ns = c.compute_output_ns
-            for size, count in sorted(stats.batch_sizes.items()):
+            stats = s.inference_stats
+            stats.success.count, stats.success.ns = t.requests_ok, t.requests_ok_ns
+            stats.fail.count = sum(t.requests_failed.values())
+            stats.fail.ns = t.requests_failed_ns
+            stats.queue.count, stats.queue.ns = t.images, t.queue_ns
+            stats.compute_input.count = t.images
+            stats.compute_input.ns = t.stage_ns["preprocess"]
+            stats.compute_infer.count, stats.compute_infer.ns = t.images, t.compute_ns
+            stats.compute_output.count, stats.compute_output.ns = t.answered_images, t.output_ns
+            for size, count in sorted(t.batch_sizes.items()):
                 s.batch_stats.add(batch_size=size).compute_infer.count = count
         return response
 
@@ -314,89 +276,68 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         """One request through the shared batcher; raises PipelineError on bad input."""
-        started = time.monotonic_ns()
+        started = time.monotonic()
         name = request.model_name
-        labels = (name, VERSION)
+        ledger = self.state.ledger
+        images: list = []
         try:
             pipe = self.state.pipeline(name, request.model_version)
-            mask_format, options = options_of(request)
+            options = PostprocessOptions.from_params(parameters_of(request), pipe.defaults)
+            requested_outputs(request)  # refuse unknown outputs before any work
             images = images_of(request, pipe.max_batch_size)
-            self.state.metrics.pending.labels(*labels).inc(len(images))
+            ledger.add_pending(name, len(images))
             try:
-                dets = await asyncio.gather(*(pipe.submit(img, **options) for img in images))
+                dets = await asyncio.gather(*(pipe.submit(img, options) for img in images))
             finally:
-                self.state.metrics.pending.labels(*labels).dec(len(images))
-            built = time.monotonic_ns()
-            response = build_response(request, pipe, list(dets), mask_format)
+                ledger.add_pending(name, -len(images))
+            built = time.monotonic()
+            response = await asyncio.to_thread(build_response, request, pipe, list(dets), options)
         except BaseException as exc:
             if name in self.state.pipelines:
-                c = self.state.counters.setdefault(name, ModelCounters())
-                c.fail += 1
-                c.fail_ns += time.monotonic_ns() - started
-                reason = status_of(exc).name.lower() if isinstance(exc, Exception) else "cancelled"
-                self.state.metrics.request_failure.labels(*labels, reason).inc()
+                reason = status_of(exc).grpc.lower() if isinstance(exc, Exception) else "cancelled"
+                ledger.record_request(name, images=len(images),
+                                      duration_s=time.monotonic() - started, failure=reason)
             raise
-        done = time.monotonic_ns()
-        c = self.state.counters.setdefault(name, ModelCounters())
-        c.success += 1
-        c.success_ns += done - started
-        c.inferences += len(images)
-        c.compute_output_ns += done - built
-        m = self.state.metrics
-        m.request_success.labels(*labels).inc()
-        m.inference_count.labels(*labels).inc(len(images))
-        m.request_duration_us.labels(*labels).inc((done - started) / 1e3)
-        m.compute_output_us.labels(*labels).inc((done - built) / 1e3)
+        done = time.monotonic()
+        ledger.record_request(name, images=len(images), duration_s=done - started,
+                              output_s=done - built)
         return response
 
     async def ModelInfer(self, request, context):
         self.state.active += 1
         try:
             return await self.infer(request)
-        except PipelineError as exc:
-            await context.abort(status_of(exc), describe(exc))
         except Exception as exc:  # noqa: BLE001 - the server keeps serving
-            await context.abort(grpc.StatusCode.INTERNAL, describe(exc))
+            await context.abort(grpc_status(exc), describe(exc))
         finally:
             self.state.active -= 1
 
+    async def _stream_answer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self.infer(request))
+        except Exception as exc:  # noqa: BLE001 - reported in-stream; the stream goes on
+            return self._stream_error(request, exc)
+
+    @staticmethod
+    def _stream_error(request: pb.ModelInferRequest, exc: BaseException) -> pb.ModelStreamInferResponse:
+        message = "stream closed" if isinstance(exc, asyncio.CancelledError) else describe(exc)
+        return pb.ModelStreamInferResponse(
+            error_message=message,
+            infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Bidirectional: one response per request, in order, each as soon as it is ready.
-        At most ``stream_window`` requests of a stream are in flight; beyond that the stream
-        stops reading, and gRPC flow control slows the client down."""
+        At most ``stream_window`` requests of a stream run at once; beyond that the stream
+        stops reading, and gRPC flow control slows the client down (policy ``wait``)."""
         if self.state.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         self.state.active += 1
-        gauge = self.state.metrics.streams_open.labels("kserve")
-        gauge.inc()
-        window = asyncio.Semaphore(self.state.stream_window)
-        ordered: asyncio.Queue = asyncio.Queue()
-
-        async def run(request):
-            try:
-                return pb.ModelStreamInferResponse(infer_response=await self.infer(request))
-            except Exception as exc:  # noqa: BLE001 - reported in-stream; the stream goes on
-                return pb.ModelStreamInferResponse(
-                    error_message=describe(exc),
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name,
-                                                         id=request.id),
-                )
-            finally:
-                window.release()
-
-        async def read():
-            try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    await ordered.put(asyncio.create_task(run(request)))
-            finally:
-                await ordered.put(None)
-
-        reader = asyncio.create_task(read())
+        self.state.ledger.stream_opened("kserve")
+        window = StreamWindow(self._stream_answer, self._stream_error,
+                              window=self.state.stream_window, policy="wait")
         try:
-            while (task := await ordered.get()) is not None:
-                yield await task
+            async for response in window.run(request_iterator):
+                yield response
         finally:
-            reader.cancel()
-            gauge.dec()
+            self.state.ledger.stream_opened("kserve", -1)
             self.state.active -= 1

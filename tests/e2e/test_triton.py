@@ -7,10 +7,10 @@ backend (empty or corrupted BYTES tensors while the model reports READY)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest

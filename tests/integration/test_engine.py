@@ -65,9 +65,10 @@ def reference_masks(pipeline, rgb):
     tensor, geo = letterbox(rgb, size)
     with torch.inference_mode():
         pred, proto = pipeline.runner(tensor[None])
-    boxes, scores, classes, coefficients = select(pred[0], pipeline.defaults, pipeline.info.num_classes)
+    kept = select(pred, [pipeline.defaults], pipeline.info.num_classes)
+    boxes = kept.boxes
     m, ph, pw = proto.shape[1:]
-    masks = (coefficients @ proto[0].reshape(m, -1)).sigmoid().reshape(-1, ph, pw)
+    masks = (kept.coefficients @ proto[0].reshape(m, -1)).sigmoid().reshape(-1, ph, pw)
     down = boxes / (size / ph)
     r = torch.arange(pw)[None, None, :]
     c = torch.arange(ph)[None, :, None]
@@ -80,7 +81,7 @@ def reference_masks(pipeline, rgb):
     masks = F.interpolate(masks[None], size=(geo.height, geo.width), mode="bilinear",
                           align_corners=False)[0].gt(0.5)
     full = np.asfortranarray(masks.numpy().transpose(1, 2, 0).astype(np.uint8))
-    return coco_mask.encode(full), to_original(boxes, geo)
+    return coco_mask.encode(full), to_original(boxes, [geo], kept.image)
 
 
 @pytest.mark.parametrize("name", ["bus", "zidane", "astronaut", "coffee"])

@@ -148,8 +148,8 @@ def test_concurrent_clients_share_the_batcher(server, small_png):
         t.join(180)
     assert len(results) == 6
     assert len({json.dumps([p["rle"] for p in r["predictions"]]) for r in results}) == 1
-    stats = server.server.state.pipelines[MODEL].batcher.stats
-    assert max(stats.batch_sizes) > 1, stats.batch_sizes
+    sizes = server.server.ledger.totals(MODEL).batch_sizes
+    assert max(sizes) > 1, sizes
 
 
 def test_statistics_count_real_work(client):

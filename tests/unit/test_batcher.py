@@ -22,8 +22,9 @@ class Recorder:
         self.release = threading.Event()
         self.release.set()
 
-    def __call__(self, pairs):
+    def __call__(self, pairs, stages):
         self.release.wait(5)
+        stages["network"] = self.delay
         items = [item for _, item in pairs]
         self.batches.append(items)
         time.sleep(self.delay)
@@ -40,17 +41,21 @@ def test_concurrent_requests_are_grouped_and_each_gets_its_own_result():
     model = Recorder(delay=0.01)
 
     async def main():
-        b = DynamicBatcher(model, max_batch_size=4, max_delay_s=0.05)
+        reports = []
+        b = DynamicBatcher(model, max_batch_size=4, max_delay_s=0.05, report=reports.append)
         results = await asyncio.gather(*(b.submit(i) for i in range(10)))
         await b.close()
-        return results, b.stats
+        return results, reports
 
-    results, stats = run(main())
+    results, reports = run(main())
     assert results == [i * 2 for i in range(10)]
     assert all(len(batch) <= 4 for batch in model.batches)
     assert sorted(x for batch in model.batches for x in batch) == list(range(10))
     assert len(model.batches) <= 4  # grouped, not one by one
-    assert stats.requests == 10 and stats.batches == len(model.batches)
+    # One report per executed batch: its size, one wait per request, the stages it timed.
+    assert [r.size for r in reports] == [len(batch) for batch in model.batches]
+    assert all(len(r.waits_s) == r.size and r.stages == {"network": 0.01} for r in reports)
+    assert not any(r.failed for r in reports) and all(r.compute_s >= 0.01 for r in reports)
 
 
 def test_a_lone_request_waits_at_most_the_delay():
@@ -127,19 +132,21 @@ def test_an_exception_reaches_every_request_of_its_batch_only():
     model = Recorder(fail_on=3)
 
     async def main():
-        b = DynamicBatcher(model, max_batch_size=4, max_delay_s=0.05)
+        reports = []
+        b = DynamicBatcher(model, max_batch_size=4, max_delay_s=0.05, report=reports.append)
         results = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
         later = await b.submit(7)
         await b.close()
-        return results, later, b.stats
+        return results, later, reports
 
-    results, later, stats = run(main())
+    results, later, reports = run(main())
     assert all(isinstance(r, RuntimeError) and "broke on 3" in str(r) for r in results)
-    assert later == 14 and stats.failures == 4
+    assert later == 14
+    assert [(r.size, r.failed) for r in reports] == [(4, True), (1, False)]
 
 
 def test_results_are_checked_by_id_not_by_count():
-    def wrong_ids(pairs):
+    def wrong_ids(pairs, stages):
         return [(i + 1000, item) for i, item in pairs]
 
     async def main():

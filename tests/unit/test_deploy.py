@@ -120,14 +120,16 @@ def test_services_pdb_and_hpa_point_at_the_deployment():
 
 def test_hpa_metric_exists_on_the_server():
     """The adapter rule reads series the server really exposes, under Triton's names."""
-    from prometheus_client import generate_latest
+    from prometheus_client import CollectorRegistry, generate_latest
 
-    from pipeline.metrics import Metrics
+    from pipeline.metrics import LedgerCollector
+    from pipeline.telemetry import BatchReport, Ledger
 
-    metrics = Metrics()
-    metrics.queue_duration_us.labels("m", "1").inc(5)
-    metrics.inference_count.labels("m", "1").inc(1)
-    text = generate_latest(metrics.registry).decode()
+    ledger = Ledger()
+    ledger.record_batch("m", BatchReport(1, (5e-6,), 0.1, {}, failed=False))
+    registry = CollectorRegistry()
+    registry.register(LedgerCollector(ledger))
+    text = generate_latest(registry).decode()
     rules = yaml.safe_load(find("ConfigMap", "rle-serving-adapter-rules")["data"]["rules"])
     for series in set(re.findall(r"(nv_inference_\w+)\{", " ".join(r["metricsQuery"] + r["seriesQuery"] for r in rules))):
         assert re.search(rf"^{series}{{", text, re.M), series

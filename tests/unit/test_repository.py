@@ -71,10 +71,24 @@ def test_pipeline_must_name_an_existing_network(tmp_path):
         ModelRepository.load(repo)
 
 
-def test_pipeline_parameters_must_be_numbers(tmp_path):
-    repo = make_repo(tmp_path, pipeline=GOOD_PIPELINE.replace('"0.25"', '"high"'))
-    with pytest.raises(ConfigError, match="'parameters.confidence'"):
+@pytest.mark.parametrize("old, new, field, words", [
+    ('"0.25"', '"high"', "parameters.confidence", "must be a number"),
+    ('"0.25"', '"1.5"', "parameters.confidence", r"in \[0, 1\]"),
+    ('"0.45"', '"-1"', "parameters.iou_threshold", r"in \[0, 1\]"),
+    ('"300"', '"lots"', "parameters.max_detections", "whole number"),
+    ('"300"', '"2.5"', "parameters.max_detections", "whole number"),
+])
+def test_pipeline_parameters_are_config_errors_naming_file_and_field(tmp_path, old, new, field, words):
+    repo = make_repo(tmp_path, pipeline=GOOD_PIPELINE.replace(old, new))
+    with pytest.raises(ConfigError, match=words) as info:
         ModelRepository.load(repo)
+    assert "instance_segmentation/config.pbtxt" in str(info.value) and f"'{field}'" in str(info.value)
+
+
+def test_a_platform_we_cannot_run_is_refused_by_validation(tmp_path):
+    network = GOOD_NETWORK.replace('platform: "pytorch_libtorch"', 'platform: "onnxruntime_onnx"')
+    with pytest.raises(ConfigError, match="'platform'.*onnxruntime_onnx.*TorchScript"):
+        ModelRepository.load(make_repo(tmp_path, network=network))
 
 
 def test_dynamic_batching_needs_a_batch_dimension(tmp_path):

@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 from pycocotools import mask as coco_mask
 
 from pipeline import rle
-from pipeline.packing import pack_counts, pack_runs_python, unpack_counts
-from pipeline.runs import NotBinaryError, crop_stack_run_lengths, pad_crops
+from pipeline.rle.packing import pack_counts, pack_runs_python, unpack_counts
+from pipeline.rle.runs import NotBinaryError, crop_stack_run_lengths, pad_crops
+
+from ..strategies import mask_stacks
 
 
 def coco(masks) -> list[str]:
@@ -105,28 +107,6 @@ def test_non_contiguous_input():
 
 
 # -------------------------------------------------------------------------- properties
-
-
-@st.composite
-def mask_stacks(draw, max_side=24):
-    n = draw(st.integers(0, 4))
-    h = draw(st.integers(0, max_side))
-    w = draw(st.integers(0, max_side))
-    style = draw(st.sampled_from(["noise", "blobs", "rows", "full-or-empty"]))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    if style == "noise":
-        m = rng.random((n, h, w)) < draw(st.floats(0, 1))
-    elif style == "blobs":
-        yy, xx = np.mgrid[:h, :w]
-        m = np.zeros((n, h, w), bool)
-        for i in range(n):
-            cy, cx, r = rng.uniform(-3, h + 3), rng.uniform(-3, w + 3), rng.uniform(0, max_side)
-            m[i] = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-    elif style == "rows":
-        m = np.repeat(rng.random((n, h, 1)) < 0.5, w, axis=2)
-    else:
-        m = np.repeat(rng.random((n, 1, 1)) < 0.5, h, axis=1).repeat(w, axis=2)
-    return m.astype(draw(st.sampled_from([bool, np.uint8])))
 
 
 @settings(max_examples=300, deadline=None)
@@ -364,7 +344,7 @@ def test_decode_forms():
 
 
 def test_noise_like_masks_take_the_column_major_path_and_stay_exact():
-    from pipeline.runs import _noise_like
+    from pipeline.rle.runs import _noise_like
 
     rng = np.random.default_rng(11)
     noise = rng.random((3, 256, 333)) < 0.1

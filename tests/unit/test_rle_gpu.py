@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 
 from pipeline import rle
-from pipeline.runs import NotBinaryError
+from pipeline.rle.runs import NotBinaryError
 
 from .test_rle import boxes_for, clear_outside, coco, counts_of, mask_stacks
 

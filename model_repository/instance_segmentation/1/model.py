@@ -14,8 +14,9 @@ import triton_python_backend_utils as pb_utils
 
 from pipeline.engine import Pipeline
 from pipeline.errors import BadInputError, PipelineError
+from pipeline.postprocess import PostprocessOptions
 from pipeline.repository import ModelRepository
-from pipeline.schema import OUTPUTS, check_mask_format, output_arrays
+from pipeline.schema import OUTPUTS, output_arrays
 
 
 class TritonPythonModel:
@@ -29,33 +30,18 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         self.pipe = Pipeline(repository, entry, network, device)
-        self.outputs = [o["name"] for o in config["output"]]
-
-    def _options(self, request):
-        params = json.loads(request.parameters() or "{}")
-        mask_format = str(params.get("response_mask_format", "rle"))
-        check_mask_format(mask_format)
-        options = {}
-        for key, convert in (("confidence", float), ("iou_threshold", float),
-                             ("max_detections", int)):
-            if key in params:
-                try:
-                    options[key] = convert(params[key])
-                except (TypeError, ValueError):
-                    raise BadInputError(f"parameter {key!r} must be a number") from None
-        return mask_format, options
+        self.outputs = [o["name"] for o in config["output"] if o["name"] in OUTPUTS]
 
     def execute(self, requests):
         pipe = self.pipe
-        prepared, owners, failures, formats = [], [], {}, {}
+        prepared, owners, failures, options = [], [], {}, {}
         for r, request in enumerate(requests):
             try:
-                mask_format, options = self._options(request)
-                formats[r] = mask_format
+                params = json.loads(request.parameters() or "{}")
+                options[r] = PostprocessOptions.from_params(params, pipe.defaults)
                 images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
-                opts = pipe.options(**options)
                 for image in images.reshape(-1):
-                    prepared.append(pipe.prepare(bytes(image), opts))
+                    prepared.append(pipe.prepare(bytes(image), options[r]))
                     owners.append(r)
             except PipelineError as exc:
                 failures[r] = exc
@@ -73,10 +59,9 @@ class TritonPythonModel:
             if r in failures:
                 responses.append(pb_utils.InferenceResponse(error=_error(failures[r])))
                 continue
-            arrays = output_arrays(results[r], self.outputs,
-                                   lambda d, f=formats[r]: pipe.document(d, f))
-            tensors = [pb_utils.Tensor(name, arrays[name]) for name in self.outputs
-                       if name in OUTPUTS]
+            arrays = output_arrays(results[r], self.outputs, pipe.class_names,
+                                   options[r].mask_format)
+            tensors = [pb_utils.Tensor(name, arrays[name]) for name in self.outputs]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from clients import area, bbox, iou, to_mask, to_supervision
 from pipeline import rle
 
-from .test_rle import mask_stacks
+from ..strategies import mask_stacks
 
 
 def dense_bbox(m):

@@ -4,21 +4,27 @@
 ``decode`` turns COCO RLE back into masks and refuses malformed or hostile input.
 
 Where the work happens: run lengths are computed where the masks live (CuPy on a CUDA device,
-NumPy on the host; see ``pipeline.runs``), reach the host in one copy per batch, and are packed
-to ASCII on the CPU (``pipeline.packing``).
+NumPy on the host; ``runs``), reach the host in one copy per batch, and are packed to ASCII on
+the CPU (``packing``). ``arrays`` moves NumPy / CuPy / torch arrays between them without copies.
+This module is the codec's public API: other stages and outside code import only from here.
+It needs NumPy and pycocotools, never torch or CuPy (those are used when handed their arrays).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from .arrays import to_xp_array
+from .arrays import to_host, to_xp_array
 from .packing import pack_counts, unpack_counts
 from .runs import (
+    NotBinaryError,
     RunLengths,
+    Tiles,
+    batch_run_lengths,
     check_mask_dtype,
     crop_stack_run_lengths,
     host_run_lengths,
@@ -26,17 +32,23 @@ from .runs import (
 )
 
 __all__ = ["encode", "encode_crops", "decode", "parse", "dense", "run_lengths", "to_coco",
-           "box_windows"]
+           "pack", "box_windows", "batch_run_lengths", "RunLengths", "Tiles", "NotBinaryError",
+           "MAX_DECODE_PIXELS"]
 
 # decode() refuses to allocate more than this many mask pixels in one call (2 GiB of uint8),
 # so a hostile "size" cannot exhaust memory.
 MAX_DECODE_PIXELS = 1 << 31
 
 
+def pack(runs: RunLengths) -> list[str]:
+    """The COCO ASCII ``counts`` of every mask in ``runs``, byte-identical to pycocotools."""
+    return pack_counts(runs.counts, runs.offsets, runs.size)
+
+
 def to_coco(runs: RunLengths) -> list[dict]:
     """``[{"size": [H, W], "counts": str}, ...]`` from host run lengths."""
     h, w = int(runs.size[0]), int(runs.size[1])
-    return [{"size": [h, w], "counts": c} for c in pack_counts(runs.counts, runs.offsets, (h, w))]
+    return [{"size": [h, w], "counts": c} for c in pack(runs)]
 
 
 def box_windows(boxes: Any, size: tuple[int, int]) -> np.ndarray:
@@ -79,17 +91,12 @@ def run_lengths(masks: Any, boxes: Any = None) -> RunLengths:
         origins = np.zeros((n, 2), np.int64)
         if xp is np:
             return host_run_lengths(stack, origins, (H, W))
-        return crop_stack_run_lengths(xp, stack, xp.asarray(origins), (H, W))
-    windows = box_windows(_host_ints(boxes, np.float64), (H, W))
+        return crop_stack_run_lengths(xp, stack, origins, (H, W))
+    windows = box_windows(to_host(boxes), (H, W))
     if len(windows) != n:
         raise ValueError(f"got {len(windows)} boxes for {n} masks")
     crops = [stack[i, t:b, l:r] for i, (t, l, b, r) in enumerate(windows)]
     return _crops_run_lengths(xp, crops, windows[:, :2], (H, W))
-
-
-def _host_ints(values: Any, dtype: Any = np.int64) -> np.ndarray:
-    xp, arr = to_xp_array(values)
-    return np.asarray(arr if xp is np else xp.asnumpy(arr), dtype=dtype)
 
 
 def _crops_run_lengths(
@@ -98,7 +105,7 @@ def _crops_run_lengths(
     if xp is np:
         return host_run_lengths(crops, origins, size)
     stack, tile_origins = pad_crops(xp, crops, origins, size)
-    return crop_stack_run_lengths(xp, stack, xp.asarray(tile_origins), size)
+    return crop_stack_run_lengths(xp, stack, tile_origins, size)
 
 
 def encode(masks: Any, boxes: Any = None) -> list[dict]:
@@ -119,7 +126,7 @@ def encode_crops(crops: Any, origins: Any, size: Sequence[int]) -> list[dict]:
     size: (H, W). Every crop must lie inside the frame. Equals pycocotools on the full mask.
     """
     H, W = _parse_size(size)
-    origins = _host_ints(origins).reshape(-1, 2)
+    origins = np.asarray(to_host(origins), np.int64).reshape(-1, 2)
     if isinstance(crops, (list, tuple)):
         converted = [to_xp_array(c) for c in crops]
         modules = {xp.__name__ for xp, _ in converted}
@@ -145,7 +152,7 @@ def encode_crops(crops: Any, origins: Any, size: Sequence[int]) -> list[dict]:
                 f"does not fit in the {H}x{W} frame"
             )
     if stack is not None and xp is not np:
-        return to_coco(crop_stack_run_lengths(xp, stack, xp.asarray(origins), (H, W)))
+        return to_coco(crop_stack_run_lengths(xp, stack, origins, (H, W)))
     return to_coco(_crops_run_lengths(xp, arrays, origins, (H, W)))
 
 

@@ -22,25 +22,33 @@ C order. Two cases make the rule exact:
 
 Sorting the transitions by k puts them in column-major order; differences give the counts.
 
-Two implementations of that one algorithm:
+A batch may mix frames (images of different sizes): instance i's keys are ``i * slot + k``
+with slot >= every frame's H*W, so one sort orders every instance's transitions at once.
 
-- ``crop_stack_run_lengths(xp, ...)``: array-module agnostic and batched (one ``nonzero``, one
-  sort, one device-to-host copy for the whole batch). This is the CUDA path through CuPy, and
-  the tests also run it on NumPy so the CPU checks the GPU's logic.
-- ``host_run_lengths(...)``: the NumPy path tuned for 2-core hosts. It compares rows eight
-  pixels at a time as uint64 words, so a mostly-empty mask is read once at memory speed, and
-  sorts each instance's transitions as uint32.
+``batch_run_lengths`` is the one algorithm; it finds transitions in one of two ways:
+
+- ``_changes_on_device``: plain array operations (one change map, one ``nonzero`` per stack),
+  array-module agnostic. This is the CUDA path through CuPy; ``crop_stack_run_lengths`` runs
+  it on NumPy too, so the CPU checks the GPU's logic.
+- ``_changes_on_host``: the NumPy path tuned for 2-core hosts. It compares rows eight pixels
+  at a time as uint64 words, so a mostly-empty mask is read once at memory speed.
+
+``host_run_lengths`` prepares host crops for it (small crops padded into one stack, large ones
+read in place, noise-like whole masks through one column-major copy each).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
+from .arrays import to_xp_array
 
 # Below this many pixels a crop is compared byte by byte: the word trick's fixed cost is
 # larger than the saving.
@@ -96,11 +104,6 @@ def _not_binary(value: int, instance: int | None = None) -> NotBinaryError:
     )
 
 
-def _empty_frame_run_lengths(n: int, size: tuple[int, int]) -> RunLengths:
-    # H*W == 0: pycocotools emits one zero-length run per mask ("0").
-    return RunLengths(np.zeros(n, np.int64), np.arange(n + 1, dtype=np.int64), size)
-
-
 def _cancel_coincident(xp: ModuleType, keys: Any) -> Any:
     """Drop both members of every pair of equal sorted keys: two changes at one index.
 
@@ -149,46 +152,62 @@ def _changes_on_host(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     )
 
 
-def transition_keys(
-    xp: ModuleType, stack: Any, origins: Any, ids: Any, size: tuple[int, int]
-) -> Any:
-    """Unsorted transition keys ``ids[i] * H*W + k`` of an (n, h, w) stack of crops.
+@dataclass(frozen=True)
+class Tiles:
+    """Same-shape crops of some instances of a batch, all on one device.
 
-    origins: (n, 2) (top, left) of each crop in the frame, ids: (n,) instance numbers, both
-    int64 arrays on the stack's device.
+    stack: (n, h, w) bool or uint8 0/1 (NumPy, CuPy or torch). origins: (n, 2) host int64, each
+    crop's (top, left) in its instance's frame; the crop must lie inside that frame.
+    ids: (n,) host int64, the instances (0..N-1 of the batch) these crops belong to.
     """
-    H, W = size
-    area = H * W
-    if xp is np:
+
+    stack: Any
+    origins: np.ndarray
+    ids: np.ndarray
+
+
+def transition_keys(
+    xp: ModuleType, stack: Any, origins: Any, ids: Any, heights: Any, areas: Any, slot: int,
+    portable: bool = False,
+) -> Any:
+    """Unsorted transition keys ``id * slot + k`` of an (n, h, w) stack of crops.
+
+    origins: (n, 2) (top, left) of each crop, ids: (n,) instance numbers; heights and areas:
+    (N,) each instance's frame H and H*W; slot: at least the largest area. All int64 arrays
+    on the stack's device. portable: find changes with the device code even on NumPy.
+    """
+    if xp is np and not portable:
         inst, row, col = _changes_on_host(stack)
     else:
         inst, row, col = _changes_on_device(xp, stack)
-    k = (origins[inst, 1] + col) * H + origins[inst, 0] + row
-    keep = k < area  # a set last pixel of the frame: its run just ends at H*W
-    return ids[inst[keep]] * area + k[keep]
+    instance = ids[inst]
+    k = (origins[inst, 1] + col) * heights[instance] + origins[inst, 0] + row
+    keep = k < areas[instance]  # a set last pixel of the frame: its run just ends at H*W
+    return instance[keep] * slot + k[keep]
 
 
 def _run_lengths_from_keys(
-    xp: ModuleType, keys: Any, n: int, size: tuple[int, int], largest: Any = None
-) -> RunLengths:
-    """Sort keys, cancel coincident pairs, take differences; one device-to-host copy.
+    xp: ModuleType, keys: Any, areas: Any, slot: int, largest: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sort keys, cancel coincident pairs, take differences; ONE device-to-host copy.
 
-    largest: optional device scalar, the maximum of uint8 input, checked once it is home.
+    areas: (N,) int64 on the device, each instance's H*W (its runs close there). largest:
+    optional device scalar, the maximum of uint8 input, checked once it is home.
+    Returns host (counts, offsets) for the N instances.
     """
-    H, W = size
-    area = H * W
+    n = int(areas.shape[0])
     # uint32 sorts ~2.5x faster than int64 on the host; the keys of a batch rarely need more.
-    if n * area < 2**32:
+    if n * slot < 2**32:
         keys = keys.astype(xp.uint32)
     keys = _cancel_coincident(xp, xp.sort(keys)).astype(xp.int64)
-    instance = keys // area
+    instance = keys // slot
     per_instance = xp.bincount(instance, minlength=n) if keys.size else xp.zeros(n, xp.int64)
     offsets = xp.zeros(n + 1, xp.int64)
     offsets[1:] = xp.cumsum(per_instance + 1)
     # Run ends: each transition k, then H*W closing every mask; counts are their differences.
     ends = xp.empty(int(keys.size) + n, xp.int64)
-    ends[xp.arange(keys.size, dtype=xp.int64) + instance] = keys - instance * area
-    ends[offsets[1:] - 1] = area
+    ends[xp.arange(keys.size, dtype=xp.int64) + instance] = keys - instance * slot
+    ends[offsets[1:] - 1] = areas
     starts = xp.empty_like(ends)
     starts[1:] = ends[:-1]
     starts[offsets[:-1]] = 0
@@ -201,32 +220,72 @@ def _run_lengths_from_keys(
         if host[0] > 1:
             raise _not_binary(int(host[0]))
         host = host[1:]
-    return RunLengths(host[n + 1 :], host[: n + 1], (H, W))
+    return host[n + 1 :], host[: n + 1]
+
+
+def batch_run_lengths(
+    tiles: Sequence[Tiles], frames: Sequence[tuple[int, int]], frame_of: np.ndarray,
+    portable: bool = False,
+) -> list[RunLengths]:
+    """Run lengths of every instance of a batch, whatever frame each lives in: ONE call.
+
+    tiles: the instances' crops as same-shape stacks (any number of stacks, one device).
+    frames: (H, W) of each frame (image) of the batch. frame_of: (N,) host ints, the frame
+    of each instance, non-decreasing (instances are numbered frame by frame). Every instance
+    without a crop is empty. Returns one RunLengths per frame, its instances in id order.
+    On a device the stacks' transitions are found one stack at a time with no host copy,
+    then sorted together; the whole batch's runs come home in one copy. portable: use the
+    device's change finder on NumPy too (how the tests check the GPU's logic on a CPU).
+    """
+    frame_of = np.asarray(frame_of, np.int64).reshape(-1)
+    sizes = np.asarray(frames, np.int64).reshape(-1, 2)
+    n = len(frame_of)
+    if n and (np.any(np.diff(frame_of) < 0) or frame_of[0] < 0 or frame_of[-1] >= len(sizes)):
+        raise ValueError("frame_of must be non-decreasing frame indices")
+    heights_host, areas_host = sizes[frame_of, 0], sizes[frame_of, 0] * sizes[frame_of, 1]
+    slot = max(int(areas_host.max()) if n else 0, 1)
+    stacks = [(to_xp_array(t.stack), t) for t in tiles]
+    live = [(xp, stack, t) for (xp, stack), t in stacks if stack.size]
+    if len({xp.__name__ for xp, _, _ in live}) > 1:
+        raise ValueError("a batch's crops must all live on the host or all on one CUDA device")
+    xp = live[0][0] if live else np
+    heights, areas = xp.asarray(heights_host), xp.asarray(areas_host)
+    keys, largest = [], None
+    for _, stack, t in live:
+        check_mask_dtype(stack.dtype)
+        if xp is np:
+            _check_binary_on_host(stack, t.ids)
+        elif stack.dtype == xp.uint8:  # checked once the batch is home: no sync here
+            top = stack.max()
+            largest = top if largest is None else xp.maximum(largest, top)
+        origins = xp.asarray(np.asarray(t.origins, np.int64).reshape(-1, 2))
+        ids = xp.asarray(np.asarray(t.ids, np.int64).reshape(-1))
+        keys.append(transition_keys(xp, stack, origins, ids, heights, areas, slot, portable))
+    all_keys = xp.concatenate(keys) if keys else xp.empty(0, xp.int64)
+    counts, offsets = _run_lengths_from_keys(xp, all_keys, areas, slot, largest)
+    bounds = np.searchsorted(frame_of, np.arange(len(sizes) + 1))
+    out = []
+    for f, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        first, last = offsets[start], offsets[stop]
+        out.append(RunLengths(counts[first:last], offsets[start : stop + 1] - first,
+                              (int(sizes[f, 0]), int(sizes[f, 1]))))
+    return out
 
 
 def crop_stack_run_lengths(
     xp: ModuleType, stack: Any, origins: Any, size: tuple[int, int]
 ) -> RunLengths:
-    """Run lengths of N same-shape crops, batched, on whichever device holds ``stack``.
+    """Run lengths of N same-shape crops of one frame, on whichever device holds ``stack``.
 
-    stack: (N, h, w) bool or uint8 0/1 (NumPy or CuPy). origins: (N, 2) ints (top, left) on
-    the same device, each crop inside the frame. size: (H, W). On a device, the few
-    data-dependent sizes (``nonzero``, masking) sync once each for the whole batch, never per
-    mask, and the results come home in one copy.
+    stack: (N, h, w) bool or uint8 0/1 (NumPy or CuPy). origins: (N, 2) ints (top, left),
+    each crop inside the frame. size: (H, W). The batched, array-module agnostic path:
+    the CUDA path, and on NumPy the CPU's check of the GPU's logic.
     """
     n = int(stack.shape[0])
-    H, W = size
-    if H * W == 0 or n == 0:
-        return _empty_frame_run_lengths(n, size)
     check_mask_dtype(stack.dtype)
-    largest = stack.max() if stack.dtype == xp.uint8 and stack.size else None
-    origins = xp.asarray(origins, dtype=xp.int64)
-    ids = xp.arange(n, dtype=xp.int64)
-    if stack.size == 0:  # empty windows: nothing to read, every mask is one zero-run
-        keys = xp.empty(0, xp.int64)
-    else:
-        keys = transition_keys(xp, stack, origins, ids, size)
-    return _run_lengths_from_keys(xp, keys, n, size, largest)
+    origins = np.asarray(origins if xp is np else xp.asnumpy(xp.asarray(origins)), np.int64)
+    tiles = [Tiles(stack, origins.reshape(n, 2), np.arange(n))]
+    return batch_run_lengths(tiles, [size], np.zeros(n, np.int64), portable=True)[0]
 
 
 # ----------------------------------------------------------------------------- host path
@@ -351,26 +410,28 @@ def host_run_lengths(crops: Any, origins: Any, size: tuple[int, int]) -> RunLeng
     """
     H, W = size
     n = len(crops)
-    if H * W == 0 or n == 0:
-        return _empty_frame_run_lengths(n, size)
     origins = np.asarray(origins, dtype=np.int64).reshape(n, 2)
-    for i, crop in enumerate(crops):
-        check_mask_dtype(crop.dtype)
-        if crop.dtype == np.uint8 and crop.size:
-            largest = _largest_value(np.ascontiguousarray(crop).reshape(-1))
-            if largest > 1:
-                raise _not_binary(largest, i)
     if isinstance(crops, np.ndarray):
-        if crops.shape[1:] == (H, W) and not origins.any() and _noise_like(crops):
+        if n and crops.shape[1:] == (H, W) and not origins.any() and _noise_like(crops):
+            _check_binary_on_host(crops, np.arange(n))
             return _column_major_run_lengths(crops)
-        groups = [(crops, origins, np.arange(n))]
+        tiles = [Tiles(crops, origins, np.arange(n))]
     else:
         small = [i for i, c in enumerate(crops) if 0 < c.size <= _PADDED_CROP_MAX_PIXELS]
         large = [i for i, c in enumerate(crops) if c.size > _PADDED_CROP_MAX_PIXELS]
-        groups = [(crops[i][None], origins[i : i + 1], np.array([i])) for i in large]
+        tiles = [Tiles(crops[i][None], origins[i : i + 1], np.array([i])) for i in large]
         if small:
-            stack, tiles = pad_crops(np, [crops[i] for i in small], origins[small], size)
-            groups.append((stack, tiles, np.array(small)))
-    keys = [transition_keys(np, *group, size) for group in groups]
-    all_keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
-    return _run_lengths_from_keys(np, all_keys, n, size)
+            stack, corners = pad_crops(np, [crops[i] for i in small], origins[small], size)
+            tiles.append(Tiles(stack, corners, np.array(small)))
+    return batch_run_lengths(tiles, [size], np.zeros(n, np.int64))[0]
+
+
+def _check_binary_on_host(stack: np.ndarray, ids: np.ndarray) -> None:
+    """Refuse uint8 crops holding values besides 0 and 1, naming the instance."""
+    if stack.dtype != np.uint8:
+        return
+    for crop, instance in zip(stack, ids):
+        if crop.size:
+            largest = _largest_value(np.ascontiguousarray(crop).reshape(-1))
+            if largest > 1:
+                raise _not_binary(largest, int(instance))

@@ -1,0 +1,195 @@
+"""The client library and CLI against real server processes (no torch needed on this side)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from clients import Backoff, ClientError, SegmentationClient, area, bbox
+from clients.cli import build_parser, run
+from clients.demo import free_port
+from clients.sources import VideoWriter
+
+from .conftest import server_process
+
+
+def without_ids(doc: dict) -> list[dict]:
+    return [{k: v for k, v in p.items() if k != "detection_id"} for p in doc["predictions"]]
+
+
+@pytest.mark.skipif(os.environ.get("RLE_SERVING_LIGHT_CLIENT") != "1",
+                    reason="checks the light client environment (make test runs it there)")
+def test_the_light_client_environment_has_no_server_dependencies():
+    for heavy in ("torch", "scipy", "skimage", "prometheus_client"):
+        assert importlib.util.find_spec(heavy) is None, f"{heavy} is in the client install"
+    assert sys.prefix != sys.base_prefix  # a virtual environment of its own
+
+
+def test_infer_equals_the_official_tritonclient_and_pycocotools(server, photos):
+    bus = photos["bus"]
+    with SegmentationClient(server.address) as client:
+        doc = client.infer(bus)
+        polygons = client.infer(bus, mask_format="polygon", confidence=0.8)
+    raw = triton.InferenceServerClient(server.address)
+    tensor = triton.InferInput("IMAGE", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[bus]], dtype=object))
+    expected = json.loads(raw.infer("instance_segmentation", [tensor]).as_numpy("DETECTIONS")[0, 0])
+    raw.close()
+    assert without_ids(doc) == without_ids(expected)
+    assert {"person", "bus"} <= {p["class"] for p in doc["predictions"]}
+    assert all("points" in p and p["confidence"] > 0.8 for p in polygons["predictions"])
+    for p in doc["predictions"]:
+        coco = {"size": p["rle"]["size"], "counts": p["rle"]["counts"].encode()}
+        assert area(p["rle"]) == coco_mask.area(coco)
+        assert bbox(p["rle"]) == tuple(int(v) for v in coco_mask.toBbox(coco))
+
+
+def test_stream_in_order_from_raw_and_encoded_frames(server, photos, rgb):
+    frames = [rgb["coffee"], photos["bus"], rgb["astronaut"]]
+    with SegmentationClient(server.address) as client:
+        results = list(client.stream(frames, stream_id="mixed"))
+    assert [r.frame_index for r in results] == [0, 1, 2]
+    assert [(r.width, r.height) for r in results] == [(600, 400), (810, 1080), (512, 512)]
+    assert all(r.stream_id == "mixed" and not r.error for r in results)
+
+
+def test_deadline(server, rgb):
+    with SegmentationClient(server.address, timeout_s=0.001) as client:
+        with pytest.raises(ClientError) as info:
+            client.infer(rgb["coffee"])
+    assert info.value.code == "DEADLINE_EXCEEDED"
+
+
+def test_stream_reconnects_after_the_server_restarts(tmp_path, rgb):
+    port = free_port()
+    frames = [rgb["coffee"]] * 4
+    got = []
+    with server_process(tmp_path, port=port) as first:
+        # Patient enough for a new server process to load the model.
+        client = SegmentationClient(first.address, backoff=Backoff(0.2, 2.0, attempts=60))
+        results = client.stream(iter(frames))
+        got.append(next(results))
+        assert first.stop() == 0  # the pod goes away mid-stream ...
+    with server_process(tmp_path, port=port):  # ... and a new one takes its place
+        got.extend(results)
+        client.close()
+    assert [r.frame_index for r in got] == [0, 1, 2, 3]
+    assert all(not r.error for r in got)
+
+
+def test_round_robin_over_two_servers(tmp_path, rgb):
+    with server_process(tmp_path) as a, server_process(tmp_path) as b:
+        target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+        with SegmentationClient(target) as client:
+            for _ in range(4):
+                client.infer(rgb["coffee"])
+        served = []
+        for s in (a, b):
+            stats = triton.InferenceServerClient(s.address).get_inference_statistics(
+                "instance_segmentation")
+            served.append(stats.model_stats[0].inference_count)
+    assert all(n >= 1 for n in served), served
+
+
+def test_token_and_tls_options(tmp_path, tls_files, rgb):
+    key, cert = tls_files
+    with server_process(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key),
+                        "--token", "s3cret") as running:
+        target = f"localhost:{running.port}"
+        with SegmentationClient(target, tls_root_cert=cert, token="s3cret") as client:
+            assert client.infer(rgb["coffee"])["predictions"]
+        with SegmentationClient(target, tls_root_cert=cert, token="nope") as client:
+            with pytest.raises(ClientError) as info:
+                client.infer(rgb["coffee"])
+    assert info.value.code == "UNAUTHENTICATED"
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def write_clip(path: Path, pictures: list[np.ndarray], frames_per_picture: int = 2) -> int:
+    """A short H.264 clip: each picture resized to 640x480, shown for a few frames."""
+    writer = VideoWriter(path, 8)
+    count = 0
+    for picture in pictures:
+        frame = np.asarray(Image.fromarray(picture).resize((640, 480)))
+        for _ in range(frames_per_picture):
+            writer.write(frame)
+            count += 1
+    writer.close()
+    return count
+
+
+def decoded_frames(path):
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, rgb):
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    write_clip(path, [rgb["astronaut"], rgb["coffee"], rgb["bus"]])
+    return path
+
+
+def test_cli_writes_jsonl_and_draws_masks_where_they_are(server, clip, tmp_path):
+    args = build_parser().parse_args([str(clip), "--server", server.address, "--quiet",
+                                      "--jsonl", str(tmp_path / "r.jsonl"),
+                                      "--annotate", str(tmp_path / "frames")])
+    summary = run(args)
+    assert summary["frames"] == 6 and summary["errors"] == 0 and summary["detections"] > 0
+    assert summary["rle_bytes"] < summary["dense_bytes"] / 50
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [d["frame_index"] for d in lines] == list(range(6))
+    originals = decoded_frames(clip)
+    for doc in lines:
+        png = tmp_path / "frames" / f"frame-{doc['frame_index']:06d}.png"
+        drawn = np.asarray(Image.open(png).convert("RGB")).astype(int)
+        changed = np.abs(drawn - originals[doc["frame_index"]].astype(int)).sum(2) > 0
+        near = np.zeros(changed.shape, bool)
+        for p in doc["predictions"]:
+            mask = coco_mask.decode({"size": p["rle"]["size"], "counts": p["rle"]["counts"].encode()}).astype(bool)
+            assert changed[mask].mean() > 0.95  # painted inside the mask
+            x1, y1 = int(p["x"] - p["width"] / 2), int(p["y"] - p["height"] / 2)
+            x2, y2 = int(p["x"] + p["width"] / 2), int(p["y"] + p["height"] / 2)
+            near[max(y1 - 3, 0) : y2 + 4, max(x1 - 3, 0) : x2 + 4] = True  # box outline
+            label = f"{p['class']} {p['confidence']:.2f}"
+            near[max(y1 - 3, 0) : y1 + 16, max(x1 - 3, 0) : x1 + 8 * len(label)] = True  # label
+        assert not changed[~near].any()  # untouched away from the detections
+
+
+def test_cli_ctrl_c_keeps_what_was_done(server, clip, tmp_path, monkeypatch):
+    import clients.cli as cli
+
+    real_update = cli.Progress.update
+
+    def interrupt_after_two(self, frames, detections, final=False):
+        real_update(self, frames, detections, final)
+        if frames == 2 and not final:
+            raise KeyboardInterrupt  # what Ctrl-C does to the main thread
+
+    monkeypatch.setattr(cli.Progress, "update", interrupt_after_two)
+    args = build_parser().parse_args([str(clip), "--server", server.address, "--quiet",
+                                      "--jsonl", str(tmp_path / "r.jsonl"),
+                                      "--annotate", str(tmp_path / "out.mp4")])
+    summary = run(args)
+    assert summary["interrupted"] is True and summary["frames"] == 2
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
+    assert len(decoded_frames(tmp_path / "out.mp4")) == 2  # the video was finalised
+
+
+def test_cli_reports_a_missing_source(tmp_path, capsys):
+    from clients.cli import main
+
+    assert main([str(tmp_path / "nope.mp4"), "--quiet"]) == 2
+    assert "no such file" in capsys.readouterr().err

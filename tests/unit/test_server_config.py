@@ -1,0 +1,47 @@
+"""Server settings from flags and RLE_SERVING_* variables: bad values are clear start-up errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.server import ServerConfig
+
+from ..conftest import ROOT
+
+
+def test_environment_settings_are_typed():
+    env = {"RLE_SERVING_GRPC_PORT": "9001", "RLE_SERVING_GRACE_PERIOD_S": "2.5",
+           "RLE_SERVING_STREAM_POLICY": "drop_oldest", "RLE_SERVING_TOKEN": ""}
+    assert ServerConfig.env_defaults(env) == {"grpc_port": 9001, "grace_period_s": 2.5,
+                                              "stream_policy": "drop_oldest"}
+
+
+@pytest.mark.parametrize("variable, value, words", [
+    ("RLE_SERVING_GRPC_PORT", "eight-thousand", "RLE_SERVING_GRPC_PORT must be a whole number"),
+    ("RLE_SERVING_GRACE_PERIOD_S", "soon", "RLE_SERVING_GRACE_PERIOD_S must be a number"),
+])
+def test_a_non_numeric_variable_is_a_config_error_naming_it(variable, value, words):
+    with pytest.raises(ConfigError, match=words):
+        ServerConfig.env_defaults({variable: value})
+
+
+def test_serve_reports_a_bad_variable_without_a_traceback():
+    run = subprocess.run([sys.executable, "-m", "pipeline", "serve"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={"RLE_SERVING_METRICS_PORT": "x", "PATH": ""})
+    assert run.returncode == 2
+    assert run.stderr.strip() == "error: RLE_SERVING_METRICS_PORT must be a whole number, got 'x'"
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"stream_window": 0}, "stream window"),
+    ({"stream_policy": "fifo"}, "stream policy"),
+    ({"tls_cert": "a.pem"}, "both --tls-cert and --tls-key"),
+    ({"max_message_mb": 0}, "max message size"),
+])
+def test_bad_settings_are_refused_at_start_up(settings, words):
+    with pytest.raises(ConfigError, match=words):
+        ServerConfig(**settings)
