@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--tls-key", help="server private key (PEM)")
     serve.add_argument("--token", help="require 'authorization: Bearer <token>' metadata "
                        "(health checks stay open for probes); prefer RLE_SERVING_TOKEN")
+    serve.add_argument("--network-threads", type=int,
+                       help="threads the network (and the RLE codec) may use (default: every core)")
+    serve.add_argument("--worker-threads", type=int,
+                       help="threads for decoding images and building responses (default 2)")
     serve.set_defaults(func=_serve)
 
     health = commands.add_parser("health", help="check a server's gRPC health (exit 0 if SERVING)")

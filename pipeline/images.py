@@ -1,12 +1,20 @@
 """Pre-processing: image bytes -> RGB pixels -> letterboxed network input.
 
-Decoding is Pillow on the host (EXIF orientation applied, as photo apps show it);
-letterboxing is torch, so it runs on whichever device the network uses.
+Decoding is Pillow on the host (EXIF orientation applied, as photo apps show it). A JPEG far
+larger than the network input is decoded at a reduced DCT scale (1/2, 1/4, 1/8): the network
+sees at most the letterbox's inner size anyway, and only the original size is needed
+afterwards (boxes and masks are in original-image pixels). Letterboxing is torch, so it runs
+on whichever device the network uses.
+
+Letterbox shapes: a network exported for any size (``stride`` given) gets the smallest
+rectangle of multiples of the stride that holds the image at the network's scale (640 x 384
+for a 16:9 frame, as ultralytics' "rect" inference); a fixed-size network gets its square.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,53 +25,8 @@ from .errors import BadInputError
 # almost always a mistake or a decompression bomb.
 MAX_IMAGE_PIXELS = 8192 * 8192
 PAD_VALUE = 114 / 255  # YOLO's grey letterbox padding
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from encoded JPEG/PNG/... bytes; BadInputError if unusable."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise BadInputError("image is empty (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            check_image_size(h, w)
-            img = ImageOps.exif_transpose(img)
-            return np.array(img.convert("RGB"))
-    except BadInputError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise BadInputError(f"image bytes are not a decodable image ({exc})") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
-        raise BadInputError(f"image is corrupt or truncated ({exc})") from None
-
-
-def check_image_size(height: int, width: int) -> None:
-    if height <= 0 or width <= 0:
-        raise BadInputError(f"image has no pixels ({width}x{height})")
-    if height * width > MAX_IMAGE_PIXELS:
-        raise BadInputError(
-            f"image of {width}x{height} exceeds the {MAX_IMAGE_PIXELS}-pixel limit; resize it first"
-        )
-
-
-def as_rgb_array(image: object) -> np.ndarray:
-    """Accept encoded bytes, a path-like, a PIL image or an (H, W, 3) uint8 array."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(image))
-    if isinstance(image, str) or hasattr(image, "__fspath__"):
-        with open(image, "rb") as f:
-            return decode_image(f.read())
-    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
-        return np.array(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise BadInputError(
-            f"raw images must be uint8 [H, W, 3] RGB, got {arr.dtype} {list(arr.shape)}"
-        )
-    check_image_size(arr.shape[0], arr.shape[1])
-    return arr if arr.flags.c_contiguous and arr.flags.writeable else np.array(arr)
+# EXIF orientations that swap width and height (transposed, rotated 90 or 270 degrees).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 @dataclass(frozen=True)
@@ -84,24 +47,113 @@ class Letterbox:
     inner: tuple[int, int]
 
 
-def letterbox_geometry(height: int, width: int, size: int) -> Letterbox:
+def letterbox_geometry(height: int, width: int, size: int, stride: int | None = None) -> Letterbox:
+    """Where an image goes in the network input: scaled so its long side is ``size``, padded
+    to ``size`` x ``size``, or (with ``stride``) to the next multiples of the stride."""
     gain = min(size / height, size / width)
-    inner_w, inner_h = round(width * gain), round(height * gain)
-    left = round((size - inner_w) / 2 - 0.1)
-    top = round((size - inner_h) / 2 - 0.1)
-    return Letterbox(height, width, size, size, gain, top, left, (inner_h, inner_w))
+    inner_h, inner_w = max(1, round(height * gain)), max(1, round(width * gain))
+    if stride:
+        input_h, input_w = (stride * math.ceil(v / stride) for v in (inner_h, inner_w))
+    else:
+        input_h = input_w = size
+    left = round((input_w - inner_w) / 2 - 0.1)
+    top = round((input_h - inner_h) / 2 - 0.1)
+    return Letterbox(height, width, input_h, input_w, gain, top, left, (inner_h, inner_w))
 
 
-def letterbox(image: np.ndarray, size: int, device: object = "cpu"):
-    """(3, size, size) float32 tensor in [0, 1] on ``device``, and its Letterbox."""
+@dataclass(frozen=True)
+class Picture:
+    """Decoded pixels and the size of the image they show.
+
+    rgb: (h, w, 3) uint8, possibly a reduced decode; size: the full (height, width) as shown
+    (EXIF orientation applied), which geometry and results use.
+    """
+
+    rgb: np.ndarray
+    size: tuple[int, int]
+
+
+def decode_image(data: bytes, long_side: int | None = None) -> Picture:
+    """Decode encoded JPEG/PNG/... bytes; BadInputError if unusable.
+
+    long_side: the caller will scale the image so its long side is this; a JPEG may then be
+    decoded at a reduced DCT scale, never below that size. Without it, at full size.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise BadInputError("image is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            check_image_size(h, w)
+            swapped = img.getexif().get(0x0112, 1) in _SWAPPING_ORIENTATIONS
+            size = (w, h) if swapped else (h, w)
+            if long_side is not None and long_side < max(w, h):
+                gain = long_side / max(w, h)
+                img.draft("RGB", (math.ceil(w * gain), math.ceil(h * gain)))
+            img = ImageOps.exif_transpose(img)
+            return Picture(np.array(img.convert("RGB")), size)
+    except BadInputError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise BadInputError(f"image bytes are not a decodable image ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
+        raise BadInputError(f"image is corrupt or truncated ({exc})") from None
+
+
+def check_image_size(height: int, width: int) -> None:
+    if height <= 0 or width <= 0:
+        raise BadInputError(f"image has no pixels ({width}x{height})")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise BadInputError(
+            f"image of {width}x{height} exceeds the {MAX_IMAGE_PIXELS}-pixel limit; resize it first"
+        )
+
+
+def as_rgb_array(image: object) -> np.ndarray:
+    """Accept encoded bytes, a path-like, a PIL image or an (H, W, 3) uint8 array."""
+    return as_picture(image).rgb
+
+
+def as_picture(image: object, long_side: int | None = None) -> Picture:
+    """Encoded bytes, a path-like, a PIL image or an (H, W, 3) uint8 array, as a Picture.
+
+    long_side: see ``decode_image`` (only encoded images are decoded reduced).
+    """
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(image), long_side)
+    if isinstance(image, str) or hasattr(image, "__fspath__"):
+        with open(image, "rb") as f:
+            return decode_image(f.read(), long_side)
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
+        rgb = np.array(image.convert("RGB"))
+        return Picture(rgb, rgb.shape[:2])
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise BadInputError(
+            f"raw images must be uint8 [H, W, 3] RGB, got {arr.dtype} {list(arr.shape)}"
+        )
+    check_image_size(arr.shape[0], arr.shape[1])
+    rgb = arr if arr.flags.c_contiguous and arr.flags.writeable else np.array(arr)
+    return Picture(rgb, rgb.shape[:2])
+
+
+def letterbox(image: np.ndarray | Picture, size: int, device: object = "cpu",
+              stride: int | None = None):
+    """(3, input_h, input_w) float32 tensor in [0, 1] on ``device``, and its Letterbox.
+
+    image: (H, W, 3) uint8 RGB, or a Picture (its pixels may be a reduced decode; the
+    geometry is its full size's).
+    """
     import torch
     import torch.nn.functional as F
 
-    h, w = image.shape[:2]
-    geo = letterbox_geometry(h, w, size)
-    pixels = torch.from_numpy(image).to(device, non_blocking=True)
+    picture = image if isinstance(image, Picture) else Picture(image, image.shape[:2])
+    geo = letterbox_geometry(*picture.size, size, stride)
+    pixels = torch.from_numpy(picture.rgb).to(device, non_blocking=True)
     chw = pixels.permute(2, 0, 1).unsqueeze(0).float().div_(255)
-    if (h, w) != geo.inner:
+    if picture.rgb.shape[:2] != geo.inner:
         chw = F.interpolate(chw, size=geo.inner, mode="bilinear", align_corners=False)
     out = torch.full((3, geo.input_h, geo.input_w), PAD_VALUE, dtype=torch.float32,
                      device=chw.device)

@@ -19,7 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .telemetry import Ledger
+from .telemetry import STAGES, Ledger
 
 VERSION = "1"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -65,6 +65,12 @@ class LedgerCollector(Collector):
                                      labels=[*labels, "reason"])
         batch_size = HistogramMetricFamily("rle_serving_batch_size", "Images per executed batch",
                                            labels=["model"])
+        limits = GaugeMetricFamily("rle_serving_batch_size_limit",
+                                   "Most images per batch: the fastest per frame, measured at load",
+                                   labels=["model"])
+        stage_seconds = CounterMetricFamily("rle_serving_stage_seconds",
+                                            "Cumulative seconds per pipeline stage",
+                                            labels=["model", "stage"])
         rle_seconds = CounterMetricFamily("rle_serving_rle_seconds",
                                           "Cumulative seconds computing run lengths",
                                           labels=["model"])
@@ -76,8 +82,13 @@ class LedgerCollector(Collector):
             buckets.append(("+Inf", totals.batches))
             batch_size.add_metric([model], buckets, sum_value=totals.images)
             rle_seconds.add_metric([model], totals.stage_ns["rle"] / 1e9)
+            limits.add_metric([model], totals.batch_limit)
+            for stage in STAGES:
+                stage_seconds.add_metric([model, stage], totals.stage_ns[stage] / 1e9)
         yield failures
         yield batch_size
+        yield limits
+        yield stage_seconds
         yield rle_seconds
         yield CounterMetricFamily("rle_serving_frames_dropped",
                                   "Video frames dropped by the drop_oldest flow-control policy",

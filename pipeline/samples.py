@@ -40,7 +40,7 @@ def sample_rgb(name: str, cache: Path = DEFAULT_CACHE) -> np.ndarray:
     if name in IN_WHEEL:
         from .images import decode_image
 
-        return decode_image(sample_bytes(name, cache))
+        return decode_image(sample_bytes(name, cache)).rgb
     raise KeyError(f"unknown sample {name!r}; have {', '.join(NAMES)}")
 
 

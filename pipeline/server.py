@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -56,6 +57,8 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     token: str | None = None
+    network_threads: int | None = None
+    worker_threads: int = 2
 
     def __post_init__(self):
         if self.stream_window < 1:
@@ -71,6 +74,10 @@ class ServerConfig:
                 raise ConfigError(f"TLS file {path} does not exist")
         if self.max_message_mb < 1:
             raise ConfigError("max message size must be >= 1 MB")
+        if self.network_threads is not None and self.network_threads < 1:
+            raise ConfigError(f"network threads must be >= 1, got {self.network_threads}")
+        if self.worker_threads < 1:
+            raise ConfigError(f"worker threads must be >= 1, got {self.worker_threads}")
 
     @classmethod
     def env_defaults(cls, environ: Mapping[str, str] = os.environ) -> dict:
@@ -91,6 +98,25 @@ class ServerConfig:
                 what = "a whole number" if kind == "int" else "a number"
                 raise ConfigError(f"{variable} must be {what}, got {value!r}") from None
         return out
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def apply_thread_budget(cfg: ServerConfig, loop: asyncio.AbstractEventLoop) -> None:
+    """One explicit split of the cores: the network's intra-op threads (also the codec's, which
+    runs between network calls), and a small pool for decoding, letterboxing and building
+    responses (the loop's default executor), so nothing heavy runs on the event loop."""
+    import torch
+
+    from . import rle
+
+    network = cfg.network_threads or cores()
+    torch.set_num_threads(network)
+    rle.set_threads(network)
+    loop.set_default_executor(ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="rle-worker"))
+    LOG.info("threads: network %d, workers %d (on %d cores)", network, cfg.worker_threads, cores())
 
 
 class _TokenCheck(grpc.aio.ServerInterceptor):

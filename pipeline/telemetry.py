@@ -55,6 +55,7 @@ class ModelTotals:
     answered_images: int = 0
     output_ns: int = 0
     pending: int = 0
+    batch_limit: int = 0  # the most images the network is given at once (measured at load)
 
 
 class Ledger:
@@ -95,6 +96,10 @@ class Ledger:
             else:
                 t.requests_failed[failure] += 1
                 t.requests_failed_ns += int(duration_s * 1e9)
+
+    def set_batch_limit(self, model: str, limit: int) -> None:
+        with self._lock:
+            self._model(model).batch_limit = limit
 
     def add_pending(self, model: str, count: int) -> None:
         with self._lock:

@@ -54,3 +54,25 @@ def samples():
     from pipeline.samples import NAMES, sample_rgb
 
     return {name: sample_rgb(name) for name in NAMES}
+
+
+def copy_repository(target: Path, **edits) -> Path:
+    """The shipped model repository under ``target``, its converted model linked, and each
+    model's config.pbtxt passed through ``edits[model_name](text)`` where given."""
+    import shutil
+
+    for folder in MODEL_REPOSITORY.iterdir():
+        if not (folder / "config.pbtxt").is_file():
+            continue
+        shutil.copytree(folder, target / folder.name, ignore=shutil.ignore_patterns("*.pt"))
+        for model_file in folder.glob("*/*.pt"):
+            (target / model_file.relative_to(MODEL_REPOSITORY)).symlink_to(model_file)
+        config = target / folder.name / "config.pbtxt"
+        if folder.name in edits:
+            config.write_text(edits[folder.name](config.read_text()))
+    return target
+
+
+def without_batch_calibration(text: str) -> str:
+    """A pipeline config that batches up to max_batch_size whatever the hardware measures."""
+    return text + '\nparameters { key: "calibrate_batch_size" value: { string_value: "false" } }\n'

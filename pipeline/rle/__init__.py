@@ -29,11 +29,12 @@ from .runs import (
     crop_stack_run_lengths,
     host_run_lengths,
     pad_crops,
+    set_threads,
 )
 
 __all__ = ["encode", "encode_crops", "decode", "parse", "dense", "run_lengths", "to_coco",
-           "pack", "box_windows", "batch_run_lengths", "RunLengths", "Tiles", "NotBinaryError",
-           "MAX_DECODE_PIXELS"]
+           "pack", "box_windows", "batch_run_lengths", "set_threads", "RunLengths", "Tiles",
+           "NotBinaryError", "MAX_DECODE_PIXELS"]
 
 # decode() refuses to allocate more than this many mask pixels in one call (2 GiB of uint8),
 # so a hostile "size" cannot exhaust memory.

@@ -331,13 +331,28 @@ def _changed_words(below: np.ndarray, above: np.ndarray) -> np.ndarray:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_THREADS: int | None = None  # None: one per core, at most 4
+
+
+def set_threads(count: int | None) -> None:
+    """How many threads the host path may use for large masks (None: one per core, <= 4).
+    Servers set it from their thread budget so the codec never oversubscribes the cores."""
+    global _POOL, _THREADS
+    if count is not None and count < 1:
+        raise ValueError(f"thread count must be >= 1, got {count}")
+    _THREADS, pool, _POOL = count, _POOL, None
+    if pool is not None:
+        pool.shutdown(wait=False)
 
 
 def _compare_pool() -> tuple[ThreadPoolExecutor | None, int]:
-    """A shared pool with one thread per core (at most 4), and its size; None on one core."""
+    """The shared pool for large comparisons and its size; None when one thread is allowed."""
     global _POOL
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    count = min(cores or 1, 4)
+    if _THREADS is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        count = min(cores or 1, 4)
+    else:
+        count = _THREADS
     if count < 2:
         return None, 1
     if _POOL is None:

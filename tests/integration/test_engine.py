@@ -58,30 +58,30 @@ def test_schema_and_masks_inside_their_boxes(pipeline_cpu, samples):
 
 
 def reference_masks(pipeline, rgb):
-    """The straightforward way (YOLOv5's process_mask + scale_image): full-resolution
-    sigmoid masks at the network input, cropped to the box, upsampled, thresholded,
-    un-letterboxed to the original size, then pycocotools."""
+    """The straightforward way (ultralytics' process_mask_native): full-resolution sigmoid
+    masks at the network input, un-letterboxed and resized to the original size, cropped to
+    the box there, thresholded at 0.5, then pycocotools."""
     size = pipeline.info.input_size
-    tensor, geo = letterbox(rgb, size)
+    tensor, geo = letterbox(rgb, size, stride=pipeline.info.stride)
     with torch.inference_mode():
         pred, proto = pipeline.runner(tensor[None])
     kept = select(pred, [pipeline.defaults], pipeline.info.num_classes)
-    boxes = kept.boxes
     m, ph, pw = proto.shape[1:]
     masks = (kept.coefficients @ proto[0].reshape(m, -1)).sigmoid().reshape(-1, ph, pw)
-    down = boxes / (size / ph)
-    r = torch.arange(pw)[None, None, :]
-    c = torch.arange(ph)[None, :, None]
-    inside = (r >= down[:, 0, None, None]) & (r < down[:, 2, None, None]) & (
-        c >= down[:, 1, None, None]) & (c < down[:, 3, None, None])
-    masks = F.interpolate((masks * inside)[None], size=(size, size), mode="bilinear",
-                          align_corners=False)[0].gt(0.5).float()
+    masks = F.interpolate(masks[None], size=(geo.input_h, geo.input_w), mode="bilinear",
+                          align_corners=False)[0]
     ih, iw = geo.inner
     masks = masks[:, geo.top : geo.top + ih, geo.left : geo.left + iw]
     masks = F.interpolate(masks[None], size=(geo.height, geo.width), mode="bilinear",
-                          align_corners=False)[0].gt(0.5)
-    full = np.asfortranarray(masks.numpy().transpose(1, 2, 0).astype(np.uint8))
-    return coco_mask.encode(full), to_original(boxes, [geo], kept.image)
+                          align_corners=False)[0]
+    boxes = to_original(kept.boxes, [geo], kept.image)
+    r = torch.arange(geo.width)[None, None, :]
+    c = torch.arange(geo.height)[None, :, None]
+    inside = (r >= boxes[:, 0, None, None]) & (r < boxes[:, 2, None, None]) & (
+        c >= boxes[:, 1, None, None]) & (c < boxes[:, 3, None, None])
+    full = (masks * inside).gt(0.5)
+    full = np.asfortranarray(full.numpy().transpose(1, 2, 0).astype(np.uint8))
+    return coco_mask.encode(full), boxes
 
 
 @pytest.mark.parametrize("name", ["bus", "zidane", "astronaut", "coffee"])
@@ -91,7 +91,7 @@ def test_masks_match_the_straightforward_reference(pipeline_cpu, samples, name):
     ours = [{"size": p["rle"]["size"], "counts": p["rle"]["counts"].encode()} for p in doc["predictions"]]
     assert len(ours) == len(expected)
     ious = np.diag(coco_mask.iou(ours, expected, [0] * len(expected)))
-    # Small, edge-cut instances differ most (the reference crops at prototype resolution).
+    # Small, edge-cut instances differ most (the reference crops with pixel edges, not centres).
     assert ious.min() > 0.8 and ious.mean() > 0.92, ious
 
 
@@ -132,3 +132,58 @@ def test_bad_input_is_refused_clearly(pipeline_cpu):
         pipeline_cpu.infer([np.zeros((8, 8, 3), np.uint8)], confidence=2)
     with pytest.raises(BadInputError, match="uint8"):
         pipeline_cpu.infer([np.zeros((8, 8, 3), np.float32)])
+
+
+@pytest.fixture(scope="module")
+def pipeline_square(tmp_path_factory):
+    """The same network declared with a fixed [3, 640, 640] input: square letterboxing."""
+    from pipeline.engine import Pipeline
+
+    from ..conftest import copy_repository
+
+    root = copy_repository(tmp_path_factory.mktemp("square"), yolov5s_seg=lambda text: text.replace(
+        "dims: [ 3, -1, -1 ]", "dims: [ 3, 640, 640 ]"))
+    return Pipeline.from_repository(root, device="cpu")
+
+
+def box_iou(a, b):
+    ax1, ay1, ax2, ay2 = a["x"] - a["width"] / 2, a["y"] - a["height"] / 2, a["x"] + a["width"] / 2, a["y"] + a["height"] / 2
+    bx1, by1, bx2, by2 = b["x"] - b["width"] / 2, b["y"] - b["height"] / 2, b["x"] + b["width"] / 2, b["y"] + b["height"] / 2
+    inter = max(0, min(ax2, bx2) - max(ax1, bx1)) * max(0, min(ay2, by2) - max(ay1, by1))
+    return inter / (a["width"] * a["height"] + b["width"] * b["height"] - inter)
+
+
+def sixteen_by_nine(rgb):
+    h, w = rgb.shape[:2]
+    crop_h = min(h, w * 9 // 16)
+    top = (h - crop_h) // 2
+    return np.ascontiguousarray(rgb[top : top + crop_h, : crop_h * 16 // 9])
+
+
+def cut_by_an_edge(p, image_size, margin=8.0):
+    H, W = image_size
+    return (p["x"] - p["width"] / 2 < margin or p["y"] - p["height"] / 2 < margin
+            or p["x"] + p["width"] / 2 > W - margin or p["y"] + p["height"] / 2 > H - margin)
+
+
+@pytest.mark.parametrize("name", ["bus", "zidane", "astronaut", "coffee", "chelsea", "bus 16:9",
+                                  "coffee 16:9", "astronaut 16:9"])
+def test_rectangular_inference_finds_what_the_square_path_finds(pipeline_cpu, pipeline_square, samples, name):
+    """Same classes; box and mask IoU >= 0.9 for every object inside the frame. An object cut
+    by the image's edge sees different context (grey padding in the square input, the
+    network's own zero padding in the rectangle): measured 0.89-0.90 there, held to 0.85."""
+    photo = samples[name.split()[0]]
+    image = sixteen_by_nine(photo) if "16:9" in name else photo
+    assert pipeline_cpu.info.stride == 32 and pipeline_square.info.stride is None
+    (rect,) = pipeline_cpu.infer([image])
+    (square,) = pipeline_square.infer([image])
+    assert sorted(p["class"] for p in rect["predictions"]) == sorted(p["class"] for p in square["predictions"])
+    unmatched = list(rect["predictions"])
+    for s in square["predictions"]:
+        best = max((r for r in unmatched if r["class"] == s["class"]), key=lambda r: box_iou(r, s))
+        unmatched.remove(best)
+        masks = [{"size": p["rle"]["size"], "counts": p["rle"]["counts"].encode()} for p in (best, s)]
+        mask_iou = coco_mask.iou(masks[:1], masks[1:], [0])[0, 0]
+        edge = cut_by_an_edge(s, image.shape[:2]) or cut_by_an_edge(best, image.shape[:2])
+        least = 0.85 if edge else 0.9
+        assert box_iou(best, s) >= least and mask_iou >= least, (name, s["class"], box_iou(best, s), mask_iou)

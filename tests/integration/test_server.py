@@ -132,24 +132,38 @@ def test_stream_infer_answers_in_order(server, bus, small_png):
     assert [documents(r)[0]["image"]["width"] for r, _ in got] == [810, 600, 810]
 
 
-def test_concurrent_clients_share_the_batcher(server, small_png):
-    def one():
-        c = triton.InferenceServerClient(server.address)
-        try:
-            return documents(c.infer(MODEL, [bytes_input(small_png)]))[0]
-        finally:
-            c.close()
+def test_concurrent_clients_share_the_batcher(tmp_path, small_png):
+    from ..conftest import copy_repository, without_batch_calibration
+    from .conftest import running_server
 
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(one())) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
+    repository = copy_repository(tmp_path, instance_segmentation=without_batch_calibration)
+    with running_server(model_repository=str(repository)) as server:
+        def one():
+            c = triton.InferenceServerClient(server.address)
+            try:
+                return documents(c.infer(MODEL, [bytes_input(small_png)]))[0]
+            finally:
+                c.close()
+
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(one())) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        sizes = server.server.ledger.totals(MODEL).batch_sizes
     assert len(results) == 6
     assert len({json.dumps([p["rle"] for p in r["predictions"]]) for r in results}) == 1
-    sizes = server.server.ledger.totals(MODEL).batch_sizes
     assert max(sizes) > 1, sizes
+
+
+def test_the_batch_size_limit_is_measured_bounded_and_exported(server):
+    pipe = server.server.state.pipelines[MODEL]
+    assert 1 <= pipe.batch_limit <= pipe.max_batch_size == 8
+    assert server.server.ledger.totals(MODEL).batch_limit == pipe.batch_limit
+    port = server.server.metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert f'rle_serving_batch_size_limit{{model="{MODEL}"}} {float(pipe.batch_limit)}' in text
 
 
 def test_statistics_count_real_work(client):

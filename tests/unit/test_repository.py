@@ -32,7 +32,7 @@ def test_the_shipped_repository_parses_into_tritons_model_config():
     assert pipeline.parameter("network") == "yolov5s_seg"
     network = repo.get("yolov5s_seg")
     assert network.platform == "pytorch_libtorch"
-    assert list(network.config.input[0].dims) == [3, 640, 640]
+    assert list(network.config.input[0].dims) == [3, -1, -1]
     assert len(network.labels()) == 80 and network.labels()[0] == "person"
     with pytest.raises(NotFoundError, match="unknown model 'nope'"):
         repo.get("nope")
@@ -44,7 +44,7 @@ def test_the_shipped_repository_parses_into_tritons_model_config():
         (lambda t: t.replace("max_batch_size: 8", "max_batch_size: -1"), "max_batch_size"),
         (lambda t: t.replace('name: "yolov5s_seg"', 'name: "other"'), "name"),
         (lambda t: t.replace('platform: "pytorch_libtorch"', 'platform: "tensorflow_savedmodel"'), "platform"),
-        (lambda t: t.replace("dims: [ 3, 640, 640 ]", "dims: [ 3, 0, 640 ]"), "input[0].dims"),
+        (lambda t: t.replace("dims: [ 3, -1, -1 ]", "dims: [ 3, 0, 640 ]"), "input[0].dims"),
         (lambda t: t.replace("data_type: TYPE_FP32\n    dims: [ 3", "dims: [ 3"), "input[0].data_type"),
         (lambda t: t.replace('name: "OUTPUT__1"', 'name: "OUTPUT__0"'), "output[1].name"),
         (lambda t: t.replace("kind: KIND_CPU", "kind: KIND_MODEL"), "instance_group[0].kind"),
@@ -121,7 +121,34 @@ def test_gpu_asked_for_without_a_gpu_is_a_start_up_error(tmp_path):
 def test_network_outputs_must_match_the_config(tmp_path):
     from pipeline.engine import Pipeline
 
-    repo = make_repo(tmp_path, network=GOOD_NETWORK.replace("dims: [ 25200, 117 ]", "dims: [ 25200, 85 ]"))
+    repo = make_repo(tmp_path, network=GOOD_NETWORK.replace("dims: [ -1, 117 ]", "dims: [ -1, 85 ]"))
     shutil.copy(ROOT / "model_repository/yolov5s_seg/1/model.pt", repo / "yolov5s_seg/1/model.pt")
-    with pytest.raises(ConfigError, match=r"output\[0\].*\[25200, 85\].*\[25200, 117\]"):
+    with pytest.raises(ConfigError, match=r"output\[0\].*\[-1, 85\].*\[25200, 117\]"):
         Pipeline.from_repository(repo, device="cpu")
+
+
+def test_a_network_exported_for_one_size_cannot_claim_any_size(tmp_path):
+    import json
+
+    import torch
+
+    from pipeline.engine import Pipeline
+
+    class FixedSize(torch.nn.Module):
+        def forward(self, images):
+            if images.shape[2] != 640 or images.shape[3] != 640:
+                raise ValueError("traced for 640x640 only")
+            b = images.shape[0]
+            return torch.zeros(b, 25200, 117), torch.zeros(b, 32, 160, 160)
+
+    repo = make_repo(tmp_path)
+    meta = json.dumps({"names": [str(i) for i in range(80)], "input_size": 640, "stride": 32})
+    torch.jit.save(torch.jit.script(FixedSize()), str(repo / "yolov5s_seg/1/model.pt"),
+                   _extra_files={"meta.json": meta})
+    with pytest.raises(ConfigError, match=r"does not run at 576x640.*declare dims \[3, S, S\]"):
+        Pipeline.from_repository(repo, device="cpu")
+    config = repo / "yolov5s_seg/config.pbtxt"
+    square = config.read_text().replace("dims: [ 3, -1, -1 ]", "dims: [ 3, 640, 640 ]")
+    config.write_text(square.replace("dims: [ 32, -1, -1 ]", "dims: [ 32, 160, 160 ]"))
+    pipe = Pipeline.from_repository(repo, device="cpu")  # declared square: served as such
+    assert pipe.info.stride is None and pipe.info.input_size == 640

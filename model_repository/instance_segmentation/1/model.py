@@ -3,8 +3,9 @@ runs (pre-processing, the network named by the "network" parameter, NMS, box-awa
 RLE codec), so Triton answers with the same bytes.
 
 Triton's dynamic batcher groups requests; every image of every request in ``execute`` goes
-through the network in batches of up to max_batch_size, and each request gets its own
-response. The environment needs numpy < 2 (see docker/triton/requirements-models.txt).
+through the network in batches of one input shape, at most the measured best batch size
+(``Pipeline.batches``), and each request gets its own response. The environment needs
+numpy < 2 (see docker/triton/requirements-models.txt).
 """
 
 import json
@@ -45,15 +46,16 @@ class TritonPythonModel:
                     owners.append(r)
             except PipelineError as exc:
                 failures[r] = exc
-        results = {r: [] for r in range(len(requests))}
-        for start in range(0, len(prepared), pipe.max_batch_size):
-            chunk = list(enumerate(prepared[start : start + pipe.max_batch_size], start))
+        found = {}
+        for chunk in pipe.batches(prepared):  # one input shape each, the measured best size
             try:
-                for index, det in sorted(pipe.run_batch(chunk), key=lambda x: x[0]):
-                    results[owners[index]].append(det)
+                found.update(pipe.run_batch([(i, prepared[i]) for i in chunk]))
             except PipelineError as exc:
-                for index, _ in chunk:
-                    failures.setdefault(owners[index], exc)
+                for i in chunk:
+                    failures.setdefault(owners[i], exc)
+        results = {r: [] for r in range(len(requests))}
+        for i in sorted(found):  # each request's images in their order
+            results[owners[i]].append(found[i])
         responses = []
         for r in range(len(requests)):
             if r in failures:
