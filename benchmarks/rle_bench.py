@@ -50,6 +50,25 @@ def _blobs(n: int, size: tuple[int, int], box_px: tuple[int, int], seed: int) ->
     return Workload("", masks, boxes)
 
 
+def _large_with_holes(n: int, size: tuple[int, int], seed: int) -> Workload:
+    """n whole-frame masks of large objects (~25% of the frame each), each with 8 holes."""
+    rng = np.random.default_rng(seed)
+    H, W = size
+    yy, xx = np.ogrid[:H, :W]
+    masks = np.zeros((n, H, W), bool)
+    boxes = np.zeros((n, 4))
+    for i in range(n):
+        cy, cx = rng.uniform(0.28, 0.72) * H, rng.uniform(0.21, 0.79) * W
+        ry, rx = rng.uniform(0.28, 0.39) * H, rng.uniform(0.22, 0.31) * W
+        blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        for _ in range(8):
+            hy, hx = rng.uniform(cy - ry / 2, cy + ry / 2), rng.uniform(cx - rx / 2, cx + rx / 2)
+            blob &= (yy - hy) ** 2 + (xx - hx) ** 2 > rng.uniform(20, 80) ** 2
+        masks[i] = blob
+        boxes[i] = (max(cx - rx, 0), max(cy - ry, 0), min(cx + rx + 1, W), min(cy + ry + 1, H))
+    return Workload("", masks, boxes)
+
+
 def workloads(quick: bool) -> list[Workload]:
     full_hd = (1080, 1920)
     scale = 4 if quick else 1
@@ -61,6 +80,7 @@ def workloads(quick: bool) -> list[Workload]:
 
     add("1080p x 1 large", _blobs(1, full_hd, (700, 1000), 1))
     add("1080p x 20", _blobs(20 // scale, full_hd, (200, 700), 2))
+    add("1080p x 20 large, holes", _large_with_holes(20 // scale, full_hd, 6))
     add("1080p x 100 small", _blobs(100 // scale, full_hd, (30, 150), 3))
     add("640x640 x 100", _blobs(100 // scale, (640, 640), (40, 300), 4))
     rng = np.random.default_rng(5)

@@ -133,22 +133,27 @@ def _changes_on_device(xp: ModuleType, stack: Any) -> tuple[Any, Any, Any]:
     return xp.nonzero(changes)
 
 
-def _changes_on_host(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Same result as ``_changes_on_device`` (order aside), tuned for NumPy on a CPU."""
+def _changes_on_host(stack: np.ndarray, parallel: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Same changes as ``_changes_on_device``, tuned for NumPy on a CPU. Their order may differ,
+    but within one instance and one column they come in row order, as there."""
     n, h, w = stack.shape
     flat = np.ascontiguousarray(stack).reshape(-1).view(np.uint8)
     # Row-to-row changes over the whole stack at once; a "row 0" hit compares an instance's
     # first row with the previous instance's last and is replaced by the zero-pad rows below.
-    p = _row_changes(flat, w)
-    inst, rest = np.divmod(p, h * w)
-    row, col = np.divmod(rest, w)
+    p = _row_changes(flat, w, parallel)
+    if flat.size < 2**31:  # int32 division measured 4x faster than int64
+        p = p.astype(np.int32)
+    inst, rest = np.divmod(p, p.dtype.type(h * w))
+    row, col = np.divmod(rest, p.dtype.type(w))
     inner = row > 0
     top_inst, top_col = np.nonzero(stack[:, 0])
     bottom_inst, bottom_col = np.nonzero(stack[:, h - 1])
+    # Top pads first and bottom pads last: within each instance and column, changes then come
+    # in row order, which ``_sorted_keys`` relies on.
     return (
-        np.concatenate([inst[inner], top_inst, bottom_inst]),
-        np.concatenate([row[inner], np.zeros_like(top_col), np.full_like(bottom_col, h)]),
-        np.concatenate([col[inner], top_col, bottom_col]),
+        np.concatenate([top_inst, inst[inner], bottom_inst]),
+        np.concatenate([np.zeros_like(top_col), row[inner], np.full_like(bottom_col, h)]),
+        np.concatenate([top_col, col[inner], bottom_col]),
     )
 
 
@@ -168,38 +173,61 @@ class Tiles:
 
 def transition_keys(
     xp: ModuleType, stack: Any, origins: Any, ids: Any, heights: Any, areas: Any, slot: int,
-    portable: bool = False,
-) -> Any:
-    """Unsorted transition keys ``id * slot + k`` of an (n, h, w) stack of crops.
+    portable: bool = False, parallel: bool = True,
+) -> tuple[Any, Any, Any]:
+    """Unsorted transition keys ``id * slot + k`` of an (n, h, w) stack of crops, with each
+    key's instance and frame column (for ``_sorted_keys``).
 
     origins: (n, 2) (top, left) of each crop, ids: (n,) instance numbers; heights and areas:
     (N,) each instance's frame H and H*W; slot: at least the largest area. All int64 arrays
     on the stack's device. portable: find changes with the device code even on NumPy.
+    parallel: the host may split its comparison across cores (not when already in a thread).
     """
     if xp is np and not portable:
-        inst, row, col = _changes_on_host(stack)
+        inst, row, col = _changes_on_host(stack, parallel)
     else:
         inst, row, col = _changes_on_device(xp, stack)
+    # Per-crop constants first, so each change needs one gather per term.
+    tops, lefts = origins[:, 0].copy(), origins[:, 1].copy()
+    frame_heights, frame_areas = heights[ids], areas[ids]
+    column = lefts[inst] + col
+    k = column * frame_heights[inst] + tops[inst] + row
     instance = ids[inst]
-    k = (origins[inst, 1] + col) * heights[instance] + origins[inst, 0] + row
-    keep = k < areas[instance]  # a set last pixel of the frame: its run just ends at H*W
-    return instance[keep] * slot + k[keep]
+    keep = k < frame_areas[inst]  # a set last pixel of the frame: its run just ends at H*W
+    if xp is not np or not keep.all():  # (no sync on a device)
+        instance, column, k = instance[keep], column[keep], k[keep]
+    return instance * slot + k, instance, column
+
+
+def _sorted_keys(xp: ModuleType, keys: Any, instance: Any, column: Any, n: int,
+                 width: int) -> Any:
+    """The keys in ascending order.
+
+    Within one instance and one column, keys are generated in row order, so on the host a
+    stable sort by (instance, column) sorts them: two radix passes over 16-bit values
+    (NumPy's stable sort of small integers), measured ~3x faster than sorting the keys on
+    this project's CPUs, where NumPy's sort is not vectorised. Otherwise a plain sort.
+    """
+    if xp is np and keys.size and width <= 1 << 16 and n <= 1 << 16:
+        order = np.argsort(column.astype(np.uint16), kind="stable")
+        if n > 1:  # one radix pass on 8 bits where instances allow it
+            narrow = np.uint8 if n <= 1 << 8 else np.uint16
+            order = order[np.argsort(instance[order].astype(narrow), kind="stable")]
+        return keys[order]
+    return xp.sort(keys)
 
 
 def _run_lengths_from_keys(
     xp: ModuleType, keys: Any, areas: Any, slot: int, largest: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sort keys, cancel coincident pairs, take differences; ONE device-to-host copy.
+    """Cancel coincident pairs of sorted keys, take differences; ONE device-to-host copy.
 
-    areas: (N,) int64 on the device, each instance's H*W (its runs close there). largest:
-    optional device scalar, the maximum of uint8 input, checked once it is home.
-    Returns host (counts, offsets) for the N instances.
+    keys: ascending int64. areas: (N,) int64 on the device, each instance's H*W (its runs
+    close there). largest: optional device scalar, the maximum of uint8 input, checked once
+    it is home. Returns host (counts, offsets) for the N instances.
     """
     n = int(areas.shape[0])
-    # uint32 sorts ~2.5x faster than int64 on the host; the keys of a batch rarely need more.
-    if n * slot < 2**32:
-        keys = keys.astype(xp.uint32)
-    keys = _cancel_coincident(xp, xp.sort(keys)).astype(xp.int64)
+    keys = _cancel_coincident(xp, keys)
     instance = keys // slot
     per_instance = xp.bincount(instance, minlength=n) if keys.size else xp.zeros(n, xp.int64)
     offsets = xp.zeros(n + 1, xp.int64)
@@ -250,7 +278,8 @@ def batch_run_lengths(
         raise ValueError("a batch's crops must all live on the host or all on one CUDA device")
     xp = live[0][0] if live else np
     heights, areas = xp.asarray(heights_host), xp.asarray(areas_host)
-    keys, largest = [], None
+    width = int(sizes[:, 1].max()) if len(sizes) else 0
+    largest = None
     for _, stack, t in live:
         check_mask_dtype(stack.dtype)
         if xp is np:
@@ -258,10 +287,28 @@ def batch_run_lengths(
         elif stack.dtype == xp.uint8:  # checked once the batch is home: no sync here
             top = stack.max()
             largest = top if largest is None else xp.maximum(largest, top)
+
+    def keys_of(stack: Any, t: Tiles, parallel: bool) -> tuple[Any, Any, Any]:
         origins = xp.asarray(np.asarray(t.origins, np.int64).reshape(-1, 2))
         ids = xp.asarray(np.asarray(t.ids, np.int64).reshape(-1))
-        keys.append(transition_keys(xp, stack, origins, ids, heights, areas, slot, portable))
-    all_keys = xp.concatenate(keys) if keys else xp.empty(0, xp.int64)
+        return transition_keys(xp, stack, origins, ids, heights, areas, slot, portable, parallel)
+
+    workers, _ = _compare_pool()
+    in_order = _tiles_in_id_order([t for _, _, t in live])
+    if (xp is np and workers is not None and in_order is not None and len(live) > 1
+            and sum(stack.size for _, stack, _ in live) >= 8 * _PARALLEL_MIN_WORDS):
+        # Tiles holding disjoint, ascending id ranges: each is found and sorted in a thread of
+        # its own (the host's cores), and their keys concatenated are sorted.
+        stacks = {id(t): stack for _, stack, t in live}
+        parts = workers.map(
+            lambda t: _sorted_keys(np, *keys_of(stacks[id(t)], t, False), n, width), in_order)
+        all_keys = np.concatenate(list(parts))
+    elif live:
+        found = [keys_of(stack, t, True) for _, stack, t in live]
+        keys, instance, column = (xp.concatenate(part) for part in zip(*found))
+        all_keys = _sorted_keys(xp, keys, instance, column, n, width)
+    else:
+        all_keys = xp.empty(0, xp.int64)
     counts, offsets = _run_lengths_from_keys(xp, all_keys, areas, slot, largest)
     bounds = np.searchsorted(frame_of, np.arange(len(sizes) + 1))
     out = []
@@ -270,6 +317,14 @@ def batch_run_lengths(
         out.append(RunLengths(counts[first:last], offsets[start : stop + 1] - first,
                               (int(sizes[f, 0]), int(sizes[f, 1]))))
     return out
+
+
+def _tiles_in_id_order(tiles: Sequence[Tiles]) -> list[Tiles] | None:
+    """The tiles by first instance id if their id ranges do not interleave, else None."""
+    spans = sorted((int(np.min(t.ids)), int(np.max(t.ids)), i) for i, t in enumerate(tiles))
+    if any(prev[1] >= cur[0] for prev, cur in zip(spans, spans[1:])):
+        return None
+    return [tiles[i] for _, _, i in spans]
 
 
 def crop_stack_run_lengths(
@@ -290,7 +345,7 @@ def crop_stack_run_lengths(
 
 # ----------------------------------------------------------------------------- host path
 
-def _row_changes(flat: np.ndarray, w: int) -> np.ndarray:
+def _row_changes(flat: np.ndarray, w: int, parallel: bool = True) -> np.ndarray:
     """Indices p >= w of ``flat`` (C-order rows of width w) where flat[p] != flat[p - w]."""
     span = flat.size - w
     if span <= 0:
@@ -302,32 +357,41 @@ def _row_changes(flat: np.ndarray, w: int) -> np.ndarray:
     n_words = span // 8
     below = np.frombuffer(flat, np.uint64, count=n_words, offset=w)
     above = np.frombuffer(flat, np.uint64, count=n_words)
-    words = _changed_words(below, above)
+    words = _changed_words(below, above, parallel)
     if words.size * _DENSE_WORD_RATIO > n_words:
         return np.flatnonzero(flat[w:] != flat[:-w]) + w
     tail = np.flatnonzero(flat[w + 8 * n_words :] != flat[8 * n_words : span]) + w + 8 * n_words
-    # Which of the 8 bytes differ: look only at the changed words, a byte at a time.
-    differing = (below[words] ^ above[words]).view(np.uint8).reshape(-1, 8)
-    word, byte = np.nonzero(differing)
-    hits = w + 8 * words[word] + byte
+    # Which of the 8 bytes differ: look only at the changed words. (flatnonzero of a 1-D
+    # boolean is NumPy's fast path: measured 10x faster than np.nonzero of the (n, 8) bytes.)
+    # The XORed bytes are 0 or 1 (masks hold only 0 and 1): a valid boolean view.
+    differing = np.flatnonzero((below[words] ^ above[words]).view(np.bool_))
+    hits = w + 8 * words[differing >> 3] + (differing & 7)
     return np.concatenate([hits, tail]) if tail.size else hits
 
 
-def _changed_words(below: np.ndarray, above: np.ndarray) -> np.ndarray:
+def _changed_words(below: np.ndarray, above: np.ndarray, parallel: bool = True) -> np.ndarray:
     """Indices where two equal-length uint64 arrays differ; large inputs use every core.
 
-    NumPy releases the GIL in comparisons, and one core cannot saturate memory bandwidth, so
-    big stacks are split into one slice per core.
+    The comparison streams both arrays once (memory speed; NumPy releases the GIL in it, so
+    big inputs are split into one slice per core). Its booleans are then scanned eight at a
+    time as uint64 words, so only the few eight-word blocks holding a change are expanded.
     """
     n = below.size
+    changed = np.empty(n, bool)
     workers, count = _compare_pool()
-    if n < _PARALLEL_MIN_WORDS or workers is None:
-        return np.flatnonzero(below != above)
-    bounds = np.linspace(0, n, count + 1).astype(np.int64)
-    parts = workers.map(
-        lambda s, e: np.flatnonzero(below[s:e] != above[s:e]) + s, bounds[:-1], bounds[1:]
-    )
-    return np.concatenate(list(parts))
+    if n < _PARALLEL_MIN_WORDS or workers is None or not parallel:
+        np.not_equal(below, above, out=changed)
+    else:
+        bounds = np.linspace(0, n, count + 1).astype(np.int64)
+        list(workers.map(lambda s, e: np.not_equal(below[s:e], above[s:e], out=changed[s:e]),
+                         bounds[:-1], bounds[1:]))
+    whole = n - n % 8
+    packed = changed[:whole].view(np.uint64)
+    blocks = np.flatnonzero(packed != 0)
+    inside = np.flatnonzero(packed[blocks].view(np.uint8) != 0)  # the blocks' bytes, in order
+    words = 8 * blocks[inside >> 3] + (inside & 7)
+    rest = np.flatnonzero(changed[whole:]) + whole
+    return np.concatenate([words, rest]) if rest.size else words
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -430,7 +494,10 @@ def host_run_lengths(crops: Any, origins: Any, size: tuple[int, int]) -> RunLeng
         if n and crops.shape[1:] == (H, W) and not origins.any() and _noise_like(crops):
             _check_binary_on_host(crops, np.arange(n))
             return _column_major_run_lengths(crops)
-        tiles = [Tiles(crops, origins, np.arange(n))]
+        # Contiguous groups of instances, so a big stack can use every core.
+        _, count = _compare_pool()
+        bounds = np.linspace(0, n, min(count, n) + 1).astype(np.int64) if n else np.zeros(1, int)
+        tiles = [Tiles(crops[a:b], origins[a:b], np.arange(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
     else:
         small = [i for i, c in enumerate(crops) if 0 < c.size <= _PADDED_CROP_MAX_PIXELS]
         large = [i for i, c in enumerate(crops) if c.size > _PADDED_CROP_MAX_PIXELS]
