@@ -29,9 +29,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The real COCO weights, converted locally (GPL/AGPL: never committed). ~15 s once.
-$(MODEL): | $(STAMP)
-	$(BIN)/python -m pipeline.convert --model yolov5s_seg --samples
+# The real COCO weights, converted locally (GPL/AGPL: never committed). ~15 s once, and
+# again whenever the converter changes.
+$(MODEL): pipeline/convert.py | $(STAMP)
+	$(BIN)/python -m pipeline.convert --model yolov5s_seg --samples --force
 
 model: $(MODEL)
 

@@ -19,10 +19,13 @@ _LAST_CHAR = _FIRST_CHAR + 63  # 'o'
 _MAX_GROUPS = 7
 
 
-# pycocotools' rleToString allocates 6 characters per run, so a run or delta needing a 7th
-# 5-bit group (|x| >= 2^29) would overflow its buffer. Frames that large are packed here in
-# Python instead, with the same algorithm.
-_C_PACKER_MAX_PIXELS = 1 << 29
+# pycocotools' rleToString allocates exactly 6 characters per run and then writes the
+# string's terminating NUL after them. So it overflows its buffer when a value needs a 7th
+# 5-bit group (|x| >= 2^29), and by one byte when EVERY value of a mask needs 6 (|x| >= 2^24,
+# seen with valgrind; glibc then aborts some frees). Such masks (only in frames of 2^24+
+# pixels) are packed here in Python instead, with the same algorithm.
+_SIX_GROUPS = 1 << 24
+_SEVEN_GROUPS = 1 << 29
 
 
 def pack_counts(counts: np.ndarray, offsets: np.ndarray, size: tuple[int, int]) -> list[str]:
@@ -35,16 +38,44 @@ def pack_counts(counts: np.ndarray, offsets: np.ndarray, size: tuple[int, int]) 
     uncompressed runs handed over as uint32 arrays, one call for the batch): measured here at
     ~20 ns per run, several times faster than the vectorised NumPy formulations we tried.
     """
-    bounds = np.asarray(offsets, dtype=np.int64).tolist()
+    bounds = np.asarray(offsets, dtype=np.int64)
     if len(bounds) < 2:
         return []
     h, w = int(size[0]), int(size[1])
-    if h * w >= _C_PACKER_MAX_PIXELS:
-        runs64 = np.asarray(counts, dtype=np.int64)
-        return [pack_runs_python(runs64[s:e].tolist()) for s, e in zip(bounds, bounds[1:])]
     runs = np.ascontiguousarray(counts, dtype=np.uint32)
-    objects = [{"size": [h, w], "counts": runs[s:e]} for s, e in zip(bounds, bounds[1:])]
-    return [r["counts"].decode("ascii") for r in coco_mask.frPyObjects(objects, h, w)]
+    unsafe = _overflowing_masks(runs, bounds)
+    spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+    safe = [i for i, bad in enumerate(unsafe) if not bad]
+    objects = [{"size": [h, w], "counts": runs[spans[i][0] : spans[i][1]]} for i in safe]
+    packed = coco_mask.frPyObjects(objects, h, w) if objects else []
+    out: list[str] = [""] * len(spans)
+    for i, r in zip(safe, packed):
+        out[i] = r["counts"].decode("ascii")
+    for i in np.flatnonzero(unsafe):
+        s, e = spans[i]
+        out[i] = pack_runs_python(runs[s:e].astype(np.int64).tolist())
+    return out
+
+
+def _overflowing_masks(runs: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """(N,) bool: masks pycocotools' packer would overflow on (see _SIX_GROUPS above).
+
+    Only masks holding a run of 2^24 or more can; in frames below 2^24 pixels (4K is 8.3M)
+    this is one max() over the runs."""
+    n = len(bounds) - 1
+    if not runs.size or int(runs.max()) < _SIX_GROUPS:
+        return np.zeros(n, bool)
+    values = runs.astype(np.int64)
+    position = np.arange(values.size) - np.repeat(bounds[:-1], np.diff(bounds))
+    delta = values.copy()
+    later = np.flatnonzero(position > 2)
+    delta[later] -= values[later - 2]
+    size = np.abs(delta)
+    starts = np.minimum(bounds[:-1], size.size - 1)  # (an empty mask's value is ignored)
+    least = np.minimum.reduceat(size, starts)
+    most = np.maximum.reduceat(size, starts)
+    empty = np.diff(bounds) == 0
+    return ~empty & ((least >= _SIX_GROUPS) | (most >= _SEVEN_GROUPS))
 
 
 def pack_runs_python(runs: list[int]) -> str:

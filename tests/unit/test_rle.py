@@ -355,3 +355,22 @@ def test_noise_like_masks_take_the_column_major_path_and_stay_exact():
     assert _noise_like(noise) and not _noise_like(blobs)
     for masks in (noise, blobs, noise.astype(np.uint8)):
         assert counts_of(rle.encode(masks)) == coco(masks)
+
+
+def test_masks_that_would_overflow_pycocotools_packer_are_packed_in_python():
+    from pipeline.rle.packing import _overflowing_masks
+
+    # rleToString's buffer is 6 characters per run; its NUL goes past it when every value
+    # needs 6 (|x| >= 2^24), and a value needing 7 (|x| >= 2^29) overflows outright.
+    runs = [[2**25, 2**24, 2**25, 2**26],  # every value (deltas from index 3) needs 6
+            [5, 2**25, 2**25],             # the first needs 1: safe
+            [2**24],                       # an empty 4096 x 4096 mask: 6 characters + NUL
+            [3, 2**29, 1],                 # a 7-group value
+            [1, 2, 3]]
+    flat = np.concatenate([np.array(r, np.uint32) for r in runs])
+    bounds = np.cumsum([0] + [len(r) for r in runs])
+    assert _overflowing_masks(flat, bounds).tolist() == [True, False, True, True, False]
+    packed = pack_counts(flat, bounds, (1, 1))
+    assert packed == [pack_runs_python(r) for r in runs]
+    empty = rle.encode(np.zeros((1, 4096, 4096), bool))
+    assert counts_of(empty) == coco(np.zeros((1, 4096, 4096), bool)) == ["PPPP`0"]  # 6 characters
