@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# glibc hands big temporaries back to the OS on every free; the next batch then pays page
-# faults for them. Keeping up to 32 MiB blocks mapped makes host post-processing steadier.
+# The codec benchmark only: glibc hands big temporaries back to the OS on every free, and the
+# next encode pays page faults for them; keeping up to 32 MiB blocks mapped steadies the timing.
+# The server tunes its own allocator (pipeline/memory.py): this is not for it.
 TUNED  := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=134217728
 
 MODEL  := model_repository/yolov5s_seg/1/model.pt
@@ -61,7 +62,7 @@ lint: setup
 
 # Everything: lint, the server's suite, then the client's suite in the light client env.
 test: lint $(MODEL) $(TRITON_STAMP) test-client
-	$(TUNED) $(BIN)/python -m pytest --ignore=tests/client
+	$(BIN)/python -m pytest --ignore=tests/client
 
 # The client library, CLI and mask helpers from .venv-client, against real server processes.
 test-client: setup $(MODEL) $(CLIENT_STAMP)
@@ -73,11 +74,11 @@ test-gpu: setup
 
 bench: setup $(MODEL)
 	$(TUNED) $(BIN)/python benchmarks/rle_bench.py
-	$(TUNED) $(BIN)/python benchmarks/engine_bench.py
-	$(TUNED) $(BIN)/python benchmarks/load_bench.py
+	$(BIN)/python benchmarks/engine_bench.py
+	$(BIN)/python benchmarks/load_bench.py
 
 run: setup $(MODEL)
-	$(TUNED) $(BIN)/python -m clients.demo --out out
+	$(BIN)/python -m clients.demo --out out
 
 # Regenerate the typed streaming API's code from pipeline/proto/video.proto.
 proto: setup

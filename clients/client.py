@@ -204,7 +204,8 @@ class SegmentationClient:
         max_detections: int | None = None,
     ) -> Iterator[vpb.FrameResult]:
         """Yield one FrameResult per frame, in order. Reconnects on UNAVAILABLE (server
-        restart, pod rescheduled) and re-sends frames still unanswered; other errors raise."""
+        restart, pod rescheduled) and re-sends frames still unanswered, including those a
+        draining server answered UNAVAILABLE; other errors raise."""
         stream_id = stream_id or uuid.uuid4().hex[:12]
         options = vpb.InferOptions()
         if confidence is not None:
@@ -236,20 +237,28 @@ class SegmentationClient:
         while True:
             replay = list(unanswered)
             stub = video_pb2_grpc.VideoSegmentationStub(self._channel)
+            unavailable = False
             try:
                 for result in stub.StreamFrames(requests(replay), metadata=self._metadata):
+                    if unavailable or result.error.startswith("UNAVAILABLE"):
+                        # A draining server answers what it cannot run UNAVAILABLE; those frames
+                        # (and any after them) stay unanswered and are re-sent on reconnecting.
+                        unavailable = True
+                        continue
                     if unanswered and unanswered[0].frame_index == result.frame_index:
                         unanswered.popleft()
                     delays = self.backoff.delays()  # healthy again: fresh back-off
                     yield result
                 if source_failure:
                     raise source_failure[0]
-                return
+                if not unavailable:
+                    return
+                code, details = grpc.StatusCode.UNAVAILABLE, "the server drained the stream"
             except grpc.RpcError as exc:
-                code = exc.code()
-                delay = next(delays, None) if code in RETRYABLE else None
-                if delay is None:
-                    raise ClientError(code.name, exc.details() or "") from None
-                LOG.warning("stream %s: %s; reconnecting in %.1f s with %d unanswered frames",
-                            stream_id, code.name, delay, len(unanswered))
-                time.sleep(delay)
+                code, details = exc.code(), exc.details() or ""
+            delay = next(delays, None) if code in RETRYABLE else None
+            if delay is None:
+                raise ClientError(code.name, details) from None
+            LOG.warning("stream %s: %s; reconnecting in %.1f s with %d unanswered frames",
+                        stream_id, code.name, delay, len(unanswered))
+            time.sleep(delay)

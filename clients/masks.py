@@ -1,12 +1,14 @@
 """Helpers for the masks in results: decode, area, bounding box and IoU straight from COCO
-RLE (area, box and IoU never build the dense mask), and supervision.Detections."""
+RLE (area, box and IoU never build the dense mask), and supervision.Detections.
+
+Every helper validates its input as ``pipeline.rle.decode`` does (``rle.parse``): malformed
+RLE raises ValueError naming the problem, never another error or a silently wrong answer."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from pycocotools import mask as coco_mask
 
 from pipeline.rle import decode, parse
 
@@ -17,18 +19,18 @@ def _runs(rle: Mapping) -> np.ndarray:
 
 def to_mask(rle: Mapping) -> np.ndarray:
     """(H, W) uint8 0/1 from one RLE (validated; our decoder, no pycocotools needed)."""
-    return decode(rle)[0]
+    return decode([rle])[0]
 
 
 def area(rle: Mapping) -> int:
-    """Pixels set: the sum of the odd (foreground) runs."""
+    """Pixels set: the sum of the odd (foreground) runs. ValueError if the RLE is malformed."""
     return int(_runs(rle)[1::2].sum())
 
 
 def bbox(rle: Mapping) -> tuple[int, int, int, int]:
-    """(x, y, width, height) of the set pixels, COCO style; (0, 0, 0, 0) if empty."""
-    H, _ = (int(v) for v in rle["size"])
-    runs = _runs(rle)
+    """(x, y, width, height) of the set pixels, COCO style; (0, 0, 0, 0) if empty.
+    ValueError if the RLE is malformed."""
+    (H, _), runs = parse(rle)
     ends = np.cumsum(runs)
     starts = ends - runs
     on = (np.arange(runs.size) % 2 == 1) & (runs > 0)
@@ -42,18 +44,24 @@ def bbox(rle: Mapping) -> tuple[int, int, int, int]:
     return (x0, y0, x1 - x0 + 1, y1 - y0 + 1)
 
 
-def _coco(rle: Mapping) -> dict:
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        counts = counts.encode()
-    elif not isinstance(counts, bytes):
-        return coco_mask.frPyObjects({"size": list(rle["size"]), "counts": list(counts)}, *rle["size"])
-    return {"size": list(rle["size"]), "counts": counts}
-
-
 def iou(a: Mapping, b: Mapping) -> float:
-    """Intersection over union of two masks, computed on their runs (pycocotools' C merge)."""
-    return float(coco_mask.iou([_coco(a)], [_coco(b)], [0])[0, 0])
+    """Intersection over union of two masks of one size, computed on their runs (never
+    decoded); 0.0 when both are empty. ValueError if either RLE is malformed or the sizes
+    differ."""
+    (size_a, runs_a), (size_b, runs_b) = parse(a, 0), parse(b, 1)
+    if size_a != size_b:
+        raise ValueError(f"masks of different sizes cannot be compared: {list(size_a)} vs "
+                         f"{list(size_b)}")
+    ends_a, ends_b = np.cumsum(runs_a), np.cumsum(runs_b)
+    # Cut the frame at every run end of either mask; each piece is inside A (or B) when the
+    # run of A holding it is odd (foreground).
+    cuts = np.union1d(ends_a, ends_b)
+    starts = np.concatenate([[0], cuts[:-1]])
+    in_a = np.searchsorted(ends_a, starts, side="right") % 2 == 1
+    in_b = np.searchsorted(ends_b, starts, side="right") % 2 == 1
+    inter = int(((cuts - starts) * (in_a & in_b)).sum())
+    union = int(runs_a[1::2].sum()) + int(runs_b[1::2].sum()) - inter
+    return inter / union if union else 0.0
 
 
 def to_supervision(document: Mapping):

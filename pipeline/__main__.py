@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="threads the network (and the RLE codec) may use (default: every core)")
     serve.add_argument("--worker-threads", type=int,
                        help="threads for decoding images and building responses (default 2)")
+    serve.add_argument("--max-streams-per-connection", type=int,
+                       help="streams one client connection may keep open (default 32)")
+    serve.add_argument("--max-in-flight-per-connection", type=int,
+                       help="requests one client connection may have in flight (default 256)")
     serve.set_defaults(func=_serve)
 
     health = commands.add_parser("health", help="check a server's gRPC health (exit 0 if SERVING)")

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .errors import ModelError, OverloadedError, ShuttingDownError
+from .errors import DeadlineError, ModelError, OverloadedError, ShuttingDownError
 from .telemetry import BatchReport
 
 LOG = logging.getLogger(__name__)
@@ -31,18 +31,47 @@ Result = TypeVar("Result")
 
 # Triton treats max_queue_size 0 as unbounded; we never are.
 DEFAULT_MAX_QUEUE = 1024
+# How long the queue must stay empty before ``on_idle`` runs.
+IDLE_S = 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
+class QueuePolicy:
+    """Triton's ``ModelQueuePolicy`` for the requests waiting in the queue.
+
+    timeout_s: how long a request may wait to start (None: no limit). action "reject": a
+    request past its timeout is answered at once with DeadlineError and never run; "delay":
+    it stays queued behind every request still within its timeout. allow_override: a
+    request may ask for a shorter timeout (never a longer one).
+    """
+
+    timeout_s: float | None = None
+    action: str = "reject"
+    allow_override: bool = False
+
+    def deadline(self, now: float, requested_s: float | None = None) -> float | None:
+        """The absolute (monotonic) time a request arriving ``now`` times out."""
+        timeout = self.timeout_s
+        if requested_s is not None and self.allow_override and requested_s > 0:
+            timeout = requested_s if timeout is None else min(timeout, requested_s)
+        return None if timeout is None else now + timeout
+
+
+@dataclass(eq=False)  # identity: requests are found in the queue by who they are
 class _Request(Generic[Item]):
     id: int
     item: Item
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # queue policy's: past it, rejected or delayed
+    hard_deadline: float | None = None  # the caller's own (e.g. gRPC): past it, always rejected
+    delayed: bool = False
+    timer: asyncio.TimerHandle | None = None
 
 
 # (pairs, stages) -> results: ``[(id, item), ...]`` in, ``[(id, result), ...]`` out in any
-# order; ``stages`` is a dict the function may add seconds per pipeline stage to.
+# order; a result that is an exception fails that request alone. ``stages`` is a dict the
+# function may add seconds per pipeline stage to.
 BatchFunction = Callable[[Sequence[tuple[int, Any]], dict], Sequence[tuple[int, Any]]]
 
 
@@ -58,6 +87,10 @@ class DynamicBatcher(Generic[Item, Result]):
     report: called on the event loop with one ``BatchReport`` per executed batch.
     key: items batch together only when their keys are equal (e.g. tensor shapes). A batch
     is led by the oldest waiting item; items with other keys keep their place in the queue.
+    policy: the queue policy (timeouts). on_timeout: called once per request the queue
+    answered with DeadlineError (metrics). on_idle: run in the batch thread once the queue
+    has stayed empty for ``IDLE_S`` after a batch (e.g. giving freed memory back to the OS):
+    never under sustained load, never between the frames of a steady stream.
     """
 
     def __init__(
@@ -72,6 +105,9 @@ class DynamicBatcher(Generic[Item, Result]):
         name: str = "model",
         report: Callable[[BatchReport], None] | None = None,
         key: Callable[[Any], Hashable] | None = None,
+        policy: QueuePolicy = QueuePolicy(),
+        on_timeout: Callable[[], None] | None = None,
+        on_idle: Callable[[], object] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -84,6 +120,9 @@ class DynamicBatcher(Generic[Item, Result]):
         self.name = name
         self.report = report
         self.key = key
+        self.policy = policy
+        self.on_timeout = on_timeout
+        self.on_idle = on_idle
         self._queue: deque[_Request] = deque()
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
@@ -102,8 +141,15 @@ class DynamicBatcher(Generic[Item, Result]):
             for i in range(self.workers)
         ]
 
-    async def submit(self, item: Item) -> Result:
-        """Queue one item and wait for its own result (or its batch's exception)."""
+    async def submit(self, item: Item, *, arrived: float | None = None,
+                     timeout_s: float | None = None, deadline: float | None = None) -> Result:
+        """Queue one item and wait for its own result (or its batch's exception).
+
+        arrived: when the request reached the server (monotonic; default now): its queue
+        timeout counts from then. timeout_s: the request's own queue timeout, honoured when
+        the policy allows overrides. deadline: the caller's absolute monotonic deadline (a
+        gRPC deadline): a request still queued then is rejected whatever the policy.
+        """
         if self._closing:
             raise ShuttingDownError(f"{self.name} is shutting down; no new requests")
         if not self._tasks:
@@ -114,10 +160,47 @@ class DynamicBatcher(Generic[Item, Result]):
                 f"{self.name} is overloaded: {live} requests already queued "
                 f"(max_queue_size {self.max_queue_size}); retry with back-off"
             )
-        request = _Request(next(self._ids), item, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        request = _Request(next(self._ids), item, loop.create_future(), now,
+                           self.policy.deadline(now if arrived is None else arrived, timeout_s),
+                           deadline)
         self._queue.append(request)
+        self._arm_timer(request)
         self._wakeup.set()
-        return await request.future
+        try:
+            return await request.future
+        finally:
+            if request.timer is not None:
+                request.timer.cancel()
+
+    def _arm_timer(self, request: _Request) -> None:
+        due = [d for d in (request.hard_deadline, None if request.delayed else request.deadline)
+               if d is not None]
+        if due:
+            loop = asyncio.get_running_loop()
+            request.timer = loop.call_at(loop.time() + max(0.0, min(due) - time.monotonic()),
+                                         self._expire, request)
+
+    def _expire(self, request: _Request) -> None:
+        """A queued request reached a deadline: answer it now, or move it behind the rest."""
+        if request.future.done() or request not in self._queue:
+            return  # already answered, or already running: it finishes normally
+        now = time.monotonic()
+        hard = request.hard_deadline is not None and now >= request.hard_deadline
+        if not hard and self.policy.action == "delay":
+            request.delayed = True
+            self._arm_timer(request)  # the caller's own deadline may still come
+            return
+        self._queue.remove(request)
+        waited = now - request.enqueued
+        limit = (request.hard_deadline if hard else request.deadline) - request.enqueued
+        why = "the caller's deadline" if hard else f"{self.name}'s queue timeout"
+        request.future.set_exception(DeadlineError(
+            f"{self.name}: waited {waited:.2f} s in the queue, past {why} of {limit:.2f} s; "
+            "it was not run (the server is behind: lower the frame rate or add replicas)"))
+        if self.on_timeout is not None:
+            self.on_timeout()
 
     async def close(self, drain: bool = True) -> None:
         """Stop taking requests; with drain, finish what is queued first."""
@@ -138,22 +221,33 @@ class DynamicBatcher(Generic[Item, Result]):
         self._queue.clear()
 
     def _take_live(self, key: Hashable = None) -> _Request | None:
-        """The oldest live request (with this key, if the batcher has a key function)."""
+        """The oldest live request (with this key, if the batcher has a key function);
+        requests delayed past their timeout only when no other one is waiting."""
+        fallback = None
         for request in list(self._queue):
             if request.future.done():  # cancelled while queued: drop it
                 self._queue.remove(request)
             elif key is None or self.key(request.item) == key:
-                self._queue.remove(request)
-                return request
-        return None
+                if not request.delayed:
+                    self._queue.remove(request)
+                    return request
+                fallback = fallback or request
+        if fallback is not None:
+            self._queue.remove(fallback)
+        return fallback
 
     async def _collect(self) -> list[_Request]:
+        idle_reported = self.on_idle is None
         while True:
             first = self._take_live()
             if first is not None:
                 break
             self._wakeup.clear()
-            await self._wakeup.wait()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), None if idle_reported else IDLE_S)
+            except asyncio.TimeoutError:
+                idle_reported = True
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.on_idle)
         batch = [first]
         key = self.key(first.item) if self.key is not None else None
         deadline = first.enqueued + self.max_delay_s
@@ -197,7 +291,11 @@ class DynamicBatcher(Generic[Item, Result]):
                     )
                 for r in batch:
                     if not r.future.done():
-                        r.future.set_result(by_id[r.id])
+                        outcome = by_id[r.id]
+                        if isinstance(outcome, BaseException):  # this item alone failed
+                            r.future.set_exception(outcome)
+                        else:
+                            r.future.set_result(outcome)
             except BaseException as exc:  # noqa: BLE001 - every request must hear of it
                 failed = True
                 cancelled = isinstance(exc, asyncio.CancelledError)

@@ -1,8 +1,13 @@
 """The engine: a pipeline model from the repository, run with dynamic batching.
 
-    images -> decode / letterbox (images) -> DynamicBatcher (batcher) -> network (runner)
-      -> NMS + box-aware masks (postprocess) -> run lengths for the whole batch (rle)
-      -> one host copy -> ASCII packing + response documents (schema)
+    images -> header probe (images) -> DynamicBatcher (batcher) -> decode / letterbox
+      -> network (runner) -> NMS + box-aware masks (postprocess)
+      -> run lengths for the whole batch (rle) -> one host copy
+      -> ASCII packing + response documents (schema)
+
+Images wait in the queue undecoded (an encoded frame is ~100 KB, a letterboxed one 5 MB), so
+a full queue costs little memory and a frame that times out in it costs no decoding; the
+header alone tells each image's input shape, which is all batching needs.
 
 ``Pipeline.infer`` is the synchronous Python API; ``Pipeline.submit`` is the asynchronous one
 that every frontend and stream shares, so requests from every caller are batched together.
@@ -21,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from . import schema
-from .batcher import DynamicBatcher
-from .errors import ConfigError
-from .images import Letterbox, as_picture, letterbox
+from . import memory, schema
+from .batcher import DynamicBatcher, QueuePolicy
+from .errors import BadInputError, ConfigError, PipelineError
+from .images import Letterbox, as_picture, letterbox, letterbox_geometry, probe
 from .postprocess import Detections, PostprocessOptions, postprocess
 from .repository import ModelEntry, ModelRepository, instance_count
 from .runner import load_runner, resolve_device
@@ -35,18 +40,31 @@ DEFAULT_MODEL = "instance_segmentation"
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """A letterboxed image waiting for a batch: (3, h, w) float32 tensor on the device."""
+class Accepted:
+    """An image waiting for a batch: its undecoded source (bytes, PIL image or Picture),
+    where it will sit in the network input, and what the request asked for."""
 
-    tensor: Any
+    source: Any
     geometry: Letterbox
     options: PostprocessOptions
-    preprocess_s: float
 
 
-def batch_key(prepared: Prepared) -> tuple:
+def queue_policy(entry: ModelEntry) -> QueuePolicy:
+    """config.pbtxt's ``dynamic_batching.default_queue_policy`` (timeouts) as a QueuePolicy."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    policy = entry.config.dynamic_batching.default_queue_policy
+    timeout = policy.default_timeout_microseconds
+    return QueuePolicy(
+        timeout_s=timeout / 1e6 if timeout else None,
+        action="delay" if policy.timeout_action == mc.ModelQueuePolicy.DELAY else "reject",
+        allow_override=policy.allow_timeout_override,
+    )
+
+
+def batch_key(accepted: Accepted) -> tuple[int, int]:
     """Images batch together only when their network inputs have one shape."""
-    return tuple(prepared.tensor.shape)
+    return accepted.geometry.input_h, accepted.geometry.input_w
 
 
 class Pipeline:
@@ -114,31 +132,51 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the stages
 
-    def prepare(self, image: Any, options: PostprocessOptions | None = None) -> Prepared:
-        """Decode (bytes, path, PIL or uint8 array) and letterbox one image."""
-        start = time.perf_counter()
-        size = self.info.input_size
-        picture = as_picture(image, long_side=size)
-        tensor, geometry = letterbox(picture, size, self.device, self.info.stride)
-        return Prepared(tensor, geometry, options or self.defaults, time.perf_counter() - start)
+    def accept(self, image: Any, options: PostprocessOptions | None = None) -> Accepted:
+        """Check an image (bytes, path, PIL image or uint8 array) from its header and place
+        it in the network input; cheap, no pixels decoded. BadInputError if unusable."""
+        source, size = probe(image)
+        geometry = letterbox_geometry(*size, self.info.input_size, self.info.stride)
+        return Accepted(source, geometry, options or self.defaults)
 
-    def run_batch(self, pairs: Sequence[tuple[int, Prepared]],
-                  stages: dict | None = None) -> list[tuple[int, Detections]]:
-        """Network + post-processing for a batch; results keyed by the callers' ids.
+    def prepare(self, accepted: Accepted):
+        """Decode (a JPEG at a reduced scale when it is far larger) and letterbox: the
+        (3, input_h, input_w) float32 tensor on the device."""
+        picture = as_picture(accepted.source, long_side=self.info.input_size)
+        if picture.size != (accepted.geometry.height, accepted.geometry.width):
+            raise BadInputError(f"image decodes to {picture.size[1]}x{picture.size[0]} but its "
+                                f"header says {accepted.geometry.width}x{accepted.geometry.height}")
+        tensor, _ = letterbox(picture, self.info.input_size, self.device,
+                              geometry=accepted.geometry)
+        return tensor
 
-        stages: optional dict that receives seconds per stage (see ``telemetry.STAGES``).
+    def run_batch(self, pairs: Sequence[tuple[int, Accepted]],
+                  stages: dict | None = None) -> list[tuple[int, Detections | PipelineError]]:
+        """Decode, network and post-processing for a batch; results keyed by the callers' ids.
+
+        An image that fails to decode gets its BadInputError as its result; the rest of the
+        batch runs. stages: optional dict that receives seconds per stage (``STAGES``).
         """
         import torch
 
         stages = {} if stages is None else stages
-        prepared = [p for _, p in pairs]
-        stages["preprocess"] = sum(p.preprocess_s for p in prepared)
         start = time.perf_counter()
-        pred, proto = self.runner(torch.stack([p.tensor for p in prepared]))
-        stages["network"] = time.perf_counter() - start
-        dets = postprocess(pred, proto, [p.geometry for p in prepared],
-                           [p.options for p in prepared], self.info.num_classes, stages)
-        return [(request_id, det) for (request_id, _), det in zip(pairs, dets)]
+        tensors, ready, failed = [], [], []
+        for request_id, accepted in pairs:
+            try:
+                tensors.append(self.prepare(accepted))
+                ready.append((request_id, accepted))
+            except BadInputError as exc:
+                failed.append((request_id, exc))
+        network_start = time.perf_counter()
+        stages["preprocess"] = network_start - start
+        if not ready:
+            return failed
+        pred, proto = self.runner(torch.stack(tensors))
+        stages["network"] = time.perf_counter() - network_start
+        dets = postprocess(pred, proto, [a.geometry for _, a in ready],
+                           [a.options for _, a in ready], self.info.num_classes, stages)
+        return [(request_id, det) for (request_id, _), det in zip(ready, dets)] + failed
 
     def render(self, det: Detections, options: PostprocessOptions | None = None) -> dict:
         """The response document of one image (see ``pipeline.schema``)."""
@@ -151,25 +189,28 @@ class Pipeline:
         """Synchronous: Detections per image, in batches of up to max_batch_size."""
         return self._detect(images, self.options(**options))
 
-    def batches(self, prepared: Sequence[Prepared]) -> list[list[int]]:
-        """Indices of ``prepared`` grouped into batches the network takes: one input shape
+    def batches(self, accepted: Sequence[Accepted]) -> list[list[int]]:
+        """Indices of ``accepted`` grouped into batches the network takes: one input shape
         each, at most ``batch_limit`` images, in order of first appearance."""
         by_shape: dict[tuple, list[int]] = {}
-        for i, p in enumerate(prepared):
-            by_shape.setdefault(batch_key(p), []).append(i)
+        for i, a in enumerate(accepted):
+            by_shape.setdefault(batch_key(a), []).append(i)
         return [group[start : start + self.batch_limit] for group in by_shape.values()
                 for start in range(0, len(group), self.batch_limit)]
 
     def _detect(self, images: Iterable[Any], options: PostprocessOptions) -> list[Detections]:
-        prepared = [self.prepare(image, options) for image in images]
-        results: dict[int, Detections] = {}
-        for chunk in self.batches(prepared):
+        accepted = [self.accept(image, options) for image in images]
+        results: dict[int, Detections | PipelineError] = {}
+        for chunk in self.batches(accepted):
             stages: dict[str, float] = {}
             began = time.monotonic()
-            results.update(self.run_batch([(i, prepared[i]) for i in chunk], stages))
+            results.update(self.run_batch([(i, accepted[i]) for i in chunk], stages))
             self._report(BatchReport(len(chunk), (0.0,) * len(chunk), time.monotonic() - began,
                                      stages, failed=False))
-        return [results[i] for i in range(len(prepared))]
+        for i in range(len(accepted)):
+            if isinstance(results[i], PipelineError):
+                raise results[i]
+        return [results[i] for i in range(len(accepted))]
 
     def infer(self, images: Iterable[Any] | Any, mask_format: str = "rle", **options) -> list[dict]:
         """One response document per image (see ``pipeline.schema``)."""
@@ -198,14 +239,26 @@ class Pipeline:
                 name=self.name,
                 report=self._report,
                 key=batch_key,
+                policy=queue_policy(self.entry),
+                on_timeout=lambda: self.ledger.queue_timeout(self.name),
+                on_idle=memory.trim,
             )
         return self._batcher
 
-    async def submit(self, image: Any, options: PostprocessOptions | None = None) -> Detections:
-        """Asynchronous: one image through the shared dynamic batcher. Decoding and
-        letterboxing run in a worker thread, never on the event loop."""
-        prepared = await asyncio.to_thread(self.prepare, image, options)
-        return await self.batcher.submit(prepared)
+    async def submit(self, image: Any, options: PostprocessOptions | None = None, *,
+                     timeout_s: float | None = None, deadline: float | None = None) -> Detections:
+        """Asynchronous: one image through the shared dynamic batcher. Its header is read in
+        a worker thread (never on the event loop); decoding happens in the batch.
+
+        timeout_s: the request's own queue timeout (config.pbtxt's queue policy decides
+        whether it may override the default). deadline: the caller's absolute monotonic
+        deadline (e.g. gRPC's). Either way a request that waited too long is answered with
+        DeadlineError and never run.
+        """
+        arrived = time.monotonic()
+        accepted = await asyncio.to_thread(self.accept, image, options)
+        return await self.batcher.submit(accepted, arrived=arrived, timeout_s=timeout_s,
+                                         deadline=deadline)
 
     async def close(self, drain: bool = True) -> None:
         if self._batcher is not None:

@@ -51,11 +51,16 @@ class ShuttingDownError(PipelineError):
     """The server is draining and takes no new work."""
 
 
+class DeadlineError(PipelineError):
+    """A request waited past its queue timeout or its caller's deadline; it was not run."""
+
+
 STATUS: dict[type[PipelineError], Status] = {
     BadInputError: Status("INVALID_ARGUMENT", 400),
     NotFoundError: Status("NOT_FOUND", 404),
     OverloadedError: Status("RESOURCE_EXHAUSTED", 503),
     ShuttingDownError: Status("UNAVAILABLE", 503),
+    DeadlineError: Status("DEADLINE_EXCEEDED", 504),
     ConfigError: Status("FAILED_PRECONDITION", 500),
     ModelError: Status("INTERNAL", 500),
 }

@@ -102,6 +102,36 @@ def decode_image(data: bytes, long_side: int | None = None) -> Picture:
         raise BadInputError(f"image is corrupt or truncated ({exc})") from None
 
 
+def probe(image: object) -> tuple[object, tuple[int, int]]:
+    """(source, (height, width) as shown) without decoding pixels: a header read for encoded
+    bytes (EXIF orientation applied), the shape of arrays. BadInputError if unusable.
+
+    source: what ``as_picture`` decodes later (a path is read into its bytes here)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, str) or hasattr(image, "__fspath__"):
+        with open(image, "rb") as f:
+            image = f.read()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if not data:
+            raise BadInputError("image is empty (0 bytes)")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                swapped = img.getexif().get(0x0112, 1) in _SWAPPING_ORIENTATIONS
+        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            raise BadInputError(f"image bytes are not a decodable image ({exc})") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise BadInputError(f"image is corrupt or truncated ({exc})") from None
+        check_image_size(h, w)
+        return data, ((w, h) if swapped else (h, w))
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
+        return image, (image.size[1], image.size[0])
+    picture = as_picture(image)  # arrays: validated here, nothing to decode later
+    return picture, picture.size
+
+
 def check_image_size(height: int, width: int) -> None:
     if height <= 0 or width <= 0:
         raise BadInputError(f"image has no pixels ({width}x{height})")
@@ -117,10 +147,11 @@ def as_rgb_array(image: object) -> np.ndarray:
 
 
 def as_picture(image: object, long_side: int | None = None) -> Picture:
-    """Encoded bytes, a path-like, a PIL image or an (H, W, 3) uint8 array, as a Picture.
-
-    long_side: see ``decode_image`` (only encoded images are decoded reduced).
+    """Encoded bytes, a path-like, a PIL image, an (H, W, 3) uint8 array or a Picture, as a
+    Picture. long_side: see ``decode_image`` (only encoded images are decoded reduced).
     """
+    if isinstance(image, Picture):
+        return image
     if isinstance(image, (bytes, bytearray, memoryview)):
         return decode_image(bytes(image), long_side)
     if isinstance(image, str) or hasattr(image, "__fspath__"):
@@ -140,17 +171,17 @@ def as_picture(image: object, long_side: int | None = None) -> Picture:
 
 
 def letterbox(image: np.ndarray | Picture, size: int, device: object = "cpu",
-              stride: int | None = None):
+              stride: int | None = None, geometry: Letterbox | None = None):
     """(3, input_h, input_w) float32 tensor in [0, 1] on ``device``, and its Letterbox.
 
     image: (H, W, 3) uint8 RGB, or a Picture (its pixels may be a reduced decode; the
-    geometry is its full size's).
+    geometry is its full size's). geometry: if already known (``letterbox_geometry``).
     """
     import torch
     import torch.nn.functional as F
 
     picture = image if isinstance(image, Picture) else Picture(image, image.shape[:2])
-    geo = letterbox_geometry(*picture.size, size, stride)
+    geo = geometry or letterbox_geometry(*picture.size, size, stride)
     pixels = torch.from_numpy(picture.rgb).to(device, non_blocking=True)
     chw = pixels.permute(2, 0, 1).unsqueeze(0).float().div_(255)
     if picture.rgb.shape[:2] != geo.inner:

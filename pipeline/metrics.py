@@ -44,6 +44,13 @@ _CUMULATIVE = {
         lambda t: t.output_ns / 1e3),
     "nv_inference_pending_request_count": ("Requests queued or running", lambda t: t.pending),
 }
+# name (without _total) -> (help, value from ModelTotals): our counters per model
+_COUNTERS = {
+    "rle_serving_queue_timeouts": (
+        "Requests answered DEADLINE_EXCEEDED from the queue, never run", lambda t: t.queue_timeouts),
+    "rle_serving_rle_seconds": ("Cumulative seconds computing run lengths",
+                                lambda t: t.stage_ns["rle"] / 1e9),
+}
 
 
 class LedgerCollector(Collector):
@@ -71,9 +78,8 @@ class LedgerCollector(Collector):
         stage_seconds = CounterMetricFamily("rle_serving_stage_seconds",
                                             "Cumulative seconds per pipeline stage",
                                             labels=["model", "stage"])
-        rle_seconds = CounterMetricFamily("rle_serving_rle_seconds",
-                                          "Cumulative seconds computing run lengths",
-                                          labels=["model"])
+        counters = {name: CounterMetricFamily(name, help_text, labels=["model"])
+                    for name, (help_text, _) in _COUNTERS.items()}
         for model, totals in models.items():
             for reason, count in totals.requests_failed.items():
                 failures.add_metric([model, VERSION, reason], count)
@@ -81,7 +87,8 @@ class LedgerCollector(Collector):
                        for b in BATCH_BUCKETS]
             buckets.append(("+Inf", totals.batches))
             batch_size.add_metric([model], buckets, sum_value=totals.images)
-            rle_seconds.add_metric([model], totals.stage_ns["rle"] / 1e9)
+            for name, (_, value) in _COUNTERS.items():
+                counters[name].add_metric([model], value(totals))
             limits.add_metric([model], totals.batch_limit)
             for stage in STAGES:
                 stage_seconds.add_metric([model, stage], totals.stage_ns[stage] / 1e9)
@@ -89,7 +96,7 @@ class LedgerCollector(Collector):
         yield batch_size
         yield limits
         yield stage_seconds
-        yield rle_seconds
+        yield from counters.values()
         yield CounterMetricFamily("rle_serving_frames_dropped",
                                   "Video frames dropped by the drop_oldest flow-control policy",
                                   value=dropped)

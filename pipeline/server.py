@@ -10,6 +10,7 @@ with UNAVAILABLE, work in flight finishes within the grace period, then the proc
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import signal
@@ -26,11 +27,11 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from . import metrics
 from .engine import Pipeline
-from .errors import ConfigError
+from .errors import ConfigError, ShuttingDownError
 from .proto import video_pb2, video_pb2_grpc
 from .repository import ModelRepository
 from .runner import resolve_device
-from .service import InferenceService, ServingState
+from .service import ConnectionLimits, InferenceService, ServingState
 from .stream_window import POLICIES
 from .streaming import VideoService
 from .telemetry import Ledger
@@ -59,6 +60,8 @@ class ServerConfig:
     token: str | None = None
     network_threads: int | None = None
     worker_threads: int = 2
+    max_streams_per_connection: int = 32
+    max_in_flight_per_connection: int = 256
 
     def __post_init__(self):
         if self.stream_window < 1:
@@ -78,6 +81,8 @@ class ServerConfig:
             raise ConfigError(f"network threads must be >= 1, got {self.network_threads}")
         if self.worker_threads < 1:
             raise ConfigError(f"worker threads must be >= 1, got {self.worker_threads}")
+        if self.max_streams_per_connection < 1 or self.max_in_flight_per_connection < 1:
+            raise ConfigError("per-connection limits must be >= 1")
 
     @classmethod
     def env_defaults(cls, environ: Mapping[str, str] = os.environ) -> dict:
@@ -110,8 +115,9 @@ def apply_thread_budget(cfg: ServerConfig, loop: asyncio.AbstractEventLoop) -> N
     responses (the loop's default executor), so nothing heavy runs on the event loop."""
     import torch
 
-    from . import rle
+    from . import memory, rle
 
+    memory.tune()
     network = cfg.network_threads or cores()
     torch.set_num_threads(network)
     rle.set_threads(network)
@@ -130,7 +136,8 @@ class _TokenCheck(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(OPEN_METHODS):
             return handler
         metadata = dict(details.invocation_metadata or ())
-        if metadata.get("authorization") == self.expected:
+        given = str(metadata.get("authorization", ""))
+        if hmac.compare_digest(given.encode(), self.expected.encode()):  # constant time
             return handler
 
         async def deny(request_or_iterator, context):
@@ -170,8 +177,10 @@ class PipelineServer:
         cfg = self.config
         loop = asyncio.get_running_loop()
         pipelines, unavailable = await loop.run_in_executor(None, self._load)
-        self.state = ServingState(cfg.model_repository, pipelines, unavailable, self.ledger,
-                                  stream_window=cfg.stream_window, stream_policy=cfg.stream_policy)
+        self.state = ServingState(
+            cfg.model_repository, pipelines, unavailable, self.ledger,
+            stream_window=cfg.stream_window, stream_policy=cfg.stream_policy,
+            limits=ConnectionLimits(cfg.max_streams_per_connection, cfg.max_in_flight_per_connection))
         limit = cfg.max_message_mb * 1024 * 1024
         options = [("grpc.max_receive_message_length", limit),
                    ("grpc.max_send_message_length", limit),
@@ -231,6 +240,8 @@ class PipelineServer:
             return
         self.state.draining = True
         await self._health.enter_graceful_shutdown()  # every service -> NOT_SERVING
+        for window in list(self.state.streams):  # answer what they read, then end them
+            window.stop(ShuttingDownError("server is shutting down; reconnect to another replica"))
         deadline = time.monotonic() + grace
         while self.state.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -15,11 +15,13 @@ SCORES FP32 [B, K], CLASS_IDS INT32 [B, K], RLE_COUNTS BYTES [B, K], IMAGE_SIZE 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -29,7 +31,15 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from .engine import Pipeline
-from .errors import BadInputError, NotFoundError, PipelineError, ShuttingDownError, status_of
+from .errors import (
+    BadInputError,
+    InvalidOptionError,
+    NotFoundError,
+    OverloadedError,
+    PipelineError,
+    ShuttingDownError,
+    status_of,
+)
 from .images import check_image_size
 from .postprocess import Detections, PostprocessOptions
 from .schema import OUTPUTS, output_arrays
@@ -56,6 +66,36 @@ def describe(error: BaseException) -> str:
     return f"internal error: {type(error).__name__}: {error}"
 
 
+class ConnectionLimits:
+    """Per client connection (gRPC peer): streams open and requests in flight, each capped so
+    one client cannot take the whole server; beyond a cap, OverloadedError (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, max_streams: int = 32, max_in_flight: int = 256):
+        self.limits = {"streams": max_streams, "requests in flight": max_in_flight}
+        self.held: dict[str, Counter] = {kind: Counter() for kind in self.limits}
+
+    def acquire(self, kind: str, peer: str) -> None:
+        held, limit = self.held[kind], self.limits[kind]
+        if held[peer] >= limit:
+            raise OverloadedError(f"this connection already has {held[peer]} {kind} (the limit is "
+                                  f"{limit}); wait for answers or open another connection")
+        held[peer] += 1
+
+    def release(self, kind: str, peer: str) -> None:
+        held = self.held[kind]
+        held[peer] -= 1
+        if held[peer] <= 0:
+            del held[peer]
+
+    @contextlib.contextmanager
+    def request(self, peer: str):
+        self.acquire("requests in flight", peer)
+        try:
+            yield
+        finally:
+            self.release("requests in flight", peer)
+
+
 @dataclass
 class ServingState:
     """What the frontends share: the loaded pipelines, the telemetry ledger, stream settings,
@@ -69,6 +109,8 @@ class ServingState:
     stream_policy: str = "wait"
     draining: bool = False
     active: int = 0  # unary requests and streams in progress, for the drain
+    streams: set = field(default_factory=set)  # open StreamWindows, stopped by the drain
+    limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
 
     def pipeline(self, name: str, version: str = "") -> Pipeline:
         """The pipeline that takes new work for ``name``; refuses while draining."""
@@ -159,6 +201,19 @@ def parameters_of(request: pb.ModelInferRequest) -> dict[str, Any]:
         kind = p.WhichOneof("parameter_choice")
         out[key] = getattr(p, kind) if kind else None
     return out
+
+
+def _microseconds(value: Any) -> float | None:
+    """Triton's ``timeout`` request parameter (int64 microseconds) in seconds; None if unset."""
+    if value is None:
+        return None
+    try:
+        micros = float(value)
+    except (TypeError, ValueError):
+        raise InvalidOptionError("timeout", f"parameter 'timeout' must be microseconds, got {value!r}") from None
+    if not micros >= 0:
+        raise InvalidOptionError("timeout", f"parameter 'timeout' must be >= 0, got {value!r}")
+    return micros / 1e6 or None
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
@@ -274,20 +329,31 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # Inference ---------------------------------------------------------------------
 
-    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """One request through the shared batcher; raises PipelineError on bad input."""
+    async def infer(self, request: pb.ModelInferRequest,
+                    context: grpc.aio.ServicerContext | None = None) -> pb.ModelInferResponse:
+        """One request through the shared batcher; raises PipelineError on bad input.
+
+        Triton's ``timeout`` parameter (microseconds) asks for a shorter queue timeout where
+        the model's queue policy allows overrides; a gRPC deadline (``context``) is honoured
+        too: a request still queued then is answered DEADLINE_EXCEEDED, never run."""
         started = time.monotonic()
         name = request.model_name
         ledger = self.state.ledger
         images: list = []
         try:
             pipe = self.state.pipeline(name, request.model_version)
-            options = PostprocessOptions.from_params(parameters_of(request), pipe.defaults)
+            params = parameters_of(request)
+            options = PostprocessOptions.from_params(params, pipe.defaults)
+            timeout_s = _microseconds(params.get("timeout"))
+            remaining = context.time_remaining() if context is not None else None
+            deadline = started + remaining if remaining is not None else None
             requested_outputs(request)  # refuse unknown outputs before any work
             images = images_of(request, pipe.max_batch_size)
             ledger.add_pending(name, len(images))
             try:
-                dets = await asyncio.gather(*(pipe.submit(img, options) for img in images))
+                dets = await asyncio.gather(*(
+                    pipe.submit(img, options, timeout_s=timeout_s, deadline=deadline)
+                    for img in images))
             finally:
                 ledger.add_pending(name, -len(images))
             built = time.monotonic()
@@ -306,7 +372,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         self.state.active += 1
         try:
-            return await self.infer(request)
+            with self.state.limits.request(context.peer()):
+                return await self.infer(request, context)
         except Exception as exc:  # noqa: BLE001 - the server keeps serving
             await context.abort(grpc_status(exc), describe(exc))
         finally:
@@ -320,7 +387,12 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @staticmethod
     def _stream_error(request: pb.ModelInferRequest, exc: BaseException) -> pb.ModelStreamInferResponse:
-        message = "stream closed" if isinstance(exc, asyncio.CancelledError) else describe(exc)
+        """An in-stream error, "STATUS: message" (as the video API's), so clients can tell a
+        stale frame (DEADLINE_EXCEEDED) from a draining server (UNAVAILABLE) or bad input."""
+        if isinstance(exc, asyncio.CancelledError):
+            message = "CANCELLED: stream closed"
+        else:
+            message = f"{grpc_status(exc).name}: {describe(exc)}"
         return pb.ModelStreamInferResponse(
             error_message=message,
             infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
@@ -329,15 +401,43 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         """Bidirectional: one response per request, in order, each as soon as it is ready.
         At most ``stream_window`` requests of a stream run at once; beyond that the stream
         stops reading, and gRPC flow control slows the client down (policy ``wait``)."""
-        if self.state.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        self.state.active += 1
-        self.state.ledger.stream_opened("kserve")
-        window = StreamWindow(self._stream_answer, self._stream_error,
-                              window=self.state.stream_window, policy="wait")
-        try:
-            async for response in window.run(request_iterator):
-                yield response
-        finally:
-            self.state.ledger.stream_opened("kserve", -1)
-            self.state.active -= 1
+        async for response in serve_stream(self.state, "kserve", self._stream_answer,
+                                           self._stream_error, request_iterator, context,
+                                           policy="wait"):
+            yield response
+
+
+async def serve_stream(state: ServingState, api: str, process, failed, requests,
+                       context: grpc.aio.ServicerContext, **window_options):
+    """One streaming RPC through a StreamWindow (``process``/``failed`` per request; see
+    ``pipeline.stream_window``): refused while draining, within the connection's limits,
+    counted, and registered so the drain can stop it. A drained stream gets every request it
+    read answered, then ends with UNAVAILABLE, so the client knows to reconnect and re-send."""
+    if state.draining:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+    peer = context.peer()
+
+    async def within_limits(request):
+        with state.limits.request(peer):
+            return await process(request)
+
+    window = StreamWindow(within_limits, failed, window=state.stream_window, **window_options)
+    try:
+        state.limits.acquire("streams", peer)
+    except OverloadedError as exc:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    state.ledger.stream_opened(api)
+    state.active += 1
+    state.streams.add(window)
+    try:
+        async for answer in window.run(requests):
+            yield answer
+        if window.stopped:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "server is shutting down: every request it read was answered; "
+                                "reconnect (to another replica) and send the rest")
+    finally:
+        state.limits.release("streams", peer)
+        state.streams.discard(window)
+        state.ledger.stream_opened(api, -1)
+        state.active -= 1

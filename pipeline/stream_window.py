@@ -13,6 +13,11 @@ Either way unanswered results never pile up: a client that stops reading its res
 down once ``4 * window`` are unanswered, whatever the policy. When the consumer goes away,
 nothing more is started and requests still running are cancelled (the batcher drops them if
 they have not reached the model yet).
+
+``stop()`` drains a stream (server shutdown): nothing more is read, requests waiting to start
+are answered ``failed(request, ShuttingDownError)``, running ones finish, and ``run()`` ends
+once every request read has its answer; ``stopped`` then tells the adapter to end the call
+with a clear status for whatever the client sent after.
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ class StreamWindow(Generic[Request, Result]):
         self._waiting: deque[_Slot] = deque()  # read, not yet started
         self._running = 0
         self._changed = asyncio.Event()
+        self._reader: asyncio.Task | None = None
+        self.stopped = False
 
     @property
     def in_progress(self) -> int:
@@ -82,7 +89,7 @@ class StreamWindow(Generic[Request, Result]):
     async def run(self, requests: AsyncIterator[Request]) -> AsyncIterator[Result]:
         """Yield one result per request of ``requests``, in order. A failing request source
         raises here once every request read before the failure has been answered."""
-        reader = asyncio.create_task(self._read(requests))
+        reader = self._reader = asyncio.create_task(self._read(requests))
         try:
             while True:
                 if self._order:
@@ -95,13 +102,25 @@ class StreamWindow(Generic[Request, Result]):
                 else:
                     self._changed.clear()
                     await self._changed.wait()
-            await reader  # surfaces a broken request source
+            if not self.stopped:
+                await reader  # surfaces a broken request source
         finally:
             reader.cancel()
             self._waiting.clear()  # a consumer that left gets no more work started for it
             for slot in self._order:
                 if slot.task is not None:
                     slot.task.cancel()
+
+    def stop(self, reason: BaseException) -> None:
+        """Drain: read nothing more; answer waiting requests ``failed(request, reason)``;
+        let running ones finish. ``run()`` ends when every request read is answered."""
+        self.stopped = True
+        if self._reader is not None:
+            self._reader.cancel()
+        while self._waiting:
+            slot = self._waiting.popleft()
+            slot.result.set_result(self.failed(slot.request, reason))
+        self._changed.set()
 
     async def _read(self, requests: AsyncIterator[Request]) -> None:
         try:

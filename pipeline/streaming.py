@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import grpc
 import numpy as np
 
 from .errors import BadInputError
@@ -23,8 +22,7 @@ from .postprocess import Detections, PostprocessOptions
 from .proto import video_pb2 as vpb
 from .proto import video_pb2_grpc
 from .schema import rows
-from .service import ServingState, describe, grpc_status
-from .stream_window import StreamWindow
+from .service import ServingState, describe, grpc_status, serve_stream
 
 LOG = logging.getLogger(__name__)
 DEFAULT_MODEL = "instance_segmentation"
@@ -96,19 +94,10 @@ class VideoService(video_pb2_grpc.VideoSegmentationServicer):
         return _answer(arrival[1], error=f"{grpc_status(exc).name}: {describe(exc)}")
 
     async def StreamFrames(self, request_iterator, context):
-        if self.state.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        ledger = self.state.ledger
-        window = StreamWindow(
-            self._process, self._failed, window=self.state.stream_window,
-            policy=self.state.stream_policy, dropped=lambda a: _answer(a[1], dropped=True),
-            on_drop=ledger.frames_dropped,
-        )
-        ledger.stream_opened("video")
-        self.state.active += 1
-        try:
-            async for result in window.run(_stamped(request_iterator)):
-                yield result
-        finally:
-            ledger.stream_opened("video", -1)
-            self.state.active -= 1
+        async for result in serve_stream(
+            self.state, "video", self._process, self._failed, _stamped(request_iterator),
+            context, policy=self.state.stream_policy,
+            dropped=lambda arrival: _answer(arrival[1], dropped=True),
+            on_drop=self.state.ledger.frames_dropped,
+        ):
+            yield result

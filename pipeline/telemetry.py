@@ -56,6 +56,7 @@ class ModelTotals:
     output_ns: int = 0
     pending: int = 0
     batch_limit: int = 0  # the most images the network is given at once (measured at load)
+    queue_timeouts: int = 0  # requests answered DEADLINE_EXCEEDED from the queue, never run
 
 
 class Ledger:
@@ -100,6 +101,10 @@ class Ledger:
     def set_batch_limit(self, model: str, limit: int) -> None:
         with self._lock:
             self._model(model).batch_limit = limit
+
+    def queue_timeout(self, model: str) -> None:
+        with self._lock:
+            self._model(model).queue_timeouts += 1
 
     def add_pending(self, model: str, count: int) -> None:
         with self._lock:

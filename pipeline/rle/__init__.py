@@ -205,6 +205,8 @@ def decode(rles: Any, max_pixels: int = MAX_DECODE_PIXELS) -> np.ndarray:
     """
     if isinstance(rles, Mapping):
         rles = [rles]
+    if not isinstance(rles, (list, tuple)):
+        raise ValueError(f"RLEs must be a mapping or a list of mappings, got {type(rles).__name__}")
     parsed = [parse(r, i) for i, r in enumerate(rles)]
     if not parsed:
         return np.zeros((0, 0, 0), np.uint8)

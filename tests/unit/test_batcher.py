@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from pipeline.batcher import DynamicBatcher
-from pipeline.errors import ModelError, OverloadedError, ShuttingDownError
+from pipeline.batcher import DynamicBatcher, QueuePolicy
+from pipeline.errors import DeadlineError, ModelError, OverloadedError, ShuttingDownError
 
 
 class Recorder:
@@ -192,3 +192,114 @@ def test_close_drains_then_refuses():
         return [p.result() for p in pending]
 
     assert run(main()) == [0, 2, 4, 6, 8]
+
+
+# ------------------------------------------------------------------ queue policy (timeouts)
+
+
+def test_a_request_past_its_queue_timeout_is_answered_at_once_and_never_run():
+    model = Recorder()
+    model.release.clear()  # the first batch holds the model: the rest must wait
+    timeouts = []
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0,
+                           policy=QueuePolicy(timeout_s=0.1), on_timeout=lambda: timeouts.append(1))
+        first = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.02)
+        start = time.monotonic()
+        with pytest.raises(DeadlineError, match="past model's queue timeout of 0.10 s"):
+            await b.submit(1)
+        answered_after = time.monotonic() - start
+        model.release.set()
+        assert await first == 0
+        await b.close()
+        return answered_after
+
+    answered_after = run(main())
+    assert 0.08 <= answered_after < 0.5  # at its deadline, not when the model came free
+    assert model.batches == [[0]] and timeouts == [1]
+
+
+def test_delay_keeps_timed_out_requests_but_runs_them_after_the_rest():
+    model = Recorder()
+    model.release.clear()
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0,
+                           policy=QueuePolicy(timeout_s=0.05, action="delay"))
+        tasks = [asyncio.create_task(b.submit(0))]
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(b.submit(1)))  # will time out while 0 runs
+        await asyncio.sleep(0.1)
+        tasks.append(asyncio.create_task(b.submit(2)))  # fresh: goes before the delayed 1
+        await asyncio.sleep(0.01)
+        model.release.set()
+        results = await asyncio.gather(*tasks)
+        await b.close()
+        return results
+
+    assert run(main()) == [0, 2, 4]
+    assert model.batches == [[0], [2], [1]]
+
+
+def test_a_request_may_shorten_its_timeout_only_where_the_policy_allows():
+    assert QueuePolicy(2.0, allow_override=True).deadline(10.0, 0.5) == 10.5
+    assert QueuePolicy(2.0, allow_override=True).deadline(10.0, 5.0) == 12.0  # never longer
+    assert QueuePolicy(2.0, allow_override=False).deadline(10.0, 0.5) == 12.0
+    assert QueuePolicy(None, allow_override=True).deadline(10.0, 0.5) == 10.5
+    assert QueuePolicy(None).deadline(10.0) is None
+
+
+def test_the_callers_deadline_rejects_whatever_the_policy():
+    model = Recorder()
+    model.release.clear()
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0,
+                           policy=QueuePolicy(timeout_s=None, action="delay"))
+        first = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.02)
+        with pytest.raises(DeadlineError, match="caller's deadline"):
+            await b.submit(1, deadline=time.monotonic() + 0.05)
+        model.release.set()
+        await first
+        await b.close()
+
+    run(main())
+    assert model.batches == [[0]]
+
+
+def test_requests_that_start_in_time_finish_even_if_slow():
+    model = Recorder(delay=0.2)
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0, policy=QueuePolicy(0.05))
+        result = await b.submit(21)  # starts at once; running past the timeout is fine
+        await b.close()
+        return result
+
+    assert run(main()) == 42
+
+
+def test_on_idle_runs_once_after_the_queue_stays_empty_never_between_close_requests(monkeypatch):
+    import pipeline.batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "IDLE_S", 0.1)
+    model = Recorder()
+    idle = []
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0, on_idle=lambda: idle.append(1))
+        for i in range(5):  # a steady stream, gaps far shorter than IDLE_S
+            await b.submit(i)
+            await asyncio.sleep(0.01)
+        during = len(idle)
+        await asyncio.sleep(0.3)  # now idle: on_idle runs once, not again and again
+        after = len(idle)
+        await b.submit(9)
+        await asyncio.sleep(0.3)
+        await b.close()
+        return during, after, len(idle)
+
+    assert run(main()) == (0, 1, 2)

@@ -45,3 +45,23 @@ def test_serve_reports_a_bad_variable_without_a_traceback():
 def test_bad_settings_are_refused_at_start_up(settings, words):
     with pytest.raises(ConfigError, match=words):
         ServerConfig(**settings)
+
+
+def test_connection_limits_count_per_peer_and_refuse_beyond_the_cap():
+    from pipeline.errors import OverloadedError
+    from pipeline.service import ConnectionLimits
+
+    limits = ConnectionLimits(max_streams=1, max_in_flight=2)
+    limits.acquire("streams", "ipv4:1.2.3.4:5")
+    with pytest.raises(OverloadedError, match="1 streams.*limit is 1"):
+        limits.acquire("streams", "ipv4:1.2.3.4:5")
+    limits.acquire("streams", "ipv4:1.2.3.4:6")  # another connection has its own budget
+    with limits.request("p"), limits.request("p"):
+        with pytest.raises(OverloadedError, match="2 requests in flight"):
+            with limits.request("p"):
+                pass
+    with limits.request("p"):  # released again
+        pass
+    limits.release("streams", "ipv4:1.2.3.4:5")
+    limits.release("streams", "ipv4:1.2.3.4:6")
+    assert not any(limits.held.values())

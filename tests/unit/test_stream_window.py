@@ -198,3 +198,33 @@ def test_bad_settings_are_refused():
         StreamWindow(Work(), failed, window=1, policy="fifo")
     with pytest.raises(ValueError, match="dropped"):
         StreamWindow(Work(), failed, window=1, policy="drop_oldest")
+
+
+def test_stop_answers_what_was_read_and_ends_the_stream():
+    async def main():
+        work = Work()
+        window = StreamWindow(work, failed, window=2)
+        results = []
+
+        async def endless():
+            i = 0
+            while True:
+                yield i
+                i += 1
+                await asyncio.sleep(0)
+
+        async def consume():
+            async for x in window.run(endless()):
+                results.append(x)
+
+        consumer = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)  # 0 and 1 running, 2 and 3 waiting, reading blocked
+        window.stop(RuntimeError("draining"))
+        work.gate(0).set()
+        work.gate(1).set()
+        await asyncio.wait_for(consumer, 5)
+        return results, work.started, window.stopped
+
+    results, started, stopped = run(main())
+    assert stopped and started == [0, 1]  # nothing started after the stop
+    assert results == ["done 0", "done 1", "failed 2: RuntimeError", "failed 3: RuntimeError"]

@@ -35,27 +35,30 @@ class TritonPythonModel:
 
     def execute(self, requests):
         pipe = self.pipe
-        prepared, owners, failures, options = [], [], {}, {}
+        accepted, owners, failures, options = [], [], {}, {}
         for r, request in enumerate(requests):
             try:
                 params = json.loads(request.parameters() or "{}")
                 options[r] = PostprocessOptions.from_params(params, pipe.defaults)
                 images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
                 for image in images.reshape(-1):
-                    prepared.append(pipe.prepare(bytes(image), options[r]))
+                    accepted.append(pipe.accept(bytes(image), options[r]))
                     owners.append(r)
             except PipelineError as exc:
                 failures[r] = exc
         found = {}
-        for chunk in pipe.batches(prepared):  # one input shape each, the measured best size
+        for chunk in pipe.batches(accepted):  # one input shape each, the measured best size
             try:
-                found.update(pipe.run_batch([(i, prepared[i]) for i in chunk]))
+                found.update(pipe.run_batch([(i, accepted[i]) for i in chunk]))
             except PipelineError as exc:
                 for i in chunk:
                     failures.setdefault(owners[i], exc)
         results = {r: [] for r in range(len(requests))}
         for i in sorted(found):  # each request's images in their order
-            results[owners[i]].append(found[i])
+            if isinstance(found[i], PipelineError):  # this image failed to decode
+                failures.setdefault(owners[i], found[i])
+            else:
+                results[owners[i]].append(found[i])
         responses = []
         for r in range(len(requests)):
             if r in failures:
