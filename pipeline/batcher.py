@@ -62,7 +62,7 @@ class _Request(Generic[Item]):
     id: int
     item: Item
     future: asyncio.Future
-    enqueued: float = field(default_factory=time.monotonic)
+    enqueued: float = field(default_factory=time.monotonic)  # when it arrived (monotonic)
     deadline: float | None = None  # queue policy's: past it, rejected or delayed
     hard_deadline: float | None = None  # the caller's own (e.g. gRPC): past it, always rejected
     delayed: bool = False
@@ -161,10 +161,9 @@ class DynamicBatcher(Generic[Item, Result]):
                 f"(max_queue_size {self.max_queue_size}); retry with back-off"
             )
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
-        request = _Request(next(self._ids), item, loop.create_future(), now,
-                           self.policy.deadline(now if arrived is None else arrived, timeout_s),
-                           deadline)
+        arrived = time.monotonic() if arrived is None else arrived
+        request = _Request(next(self._ids), item, loop.create_future(), arrived,
+                           self.policy.deadline(arrived, timeout_s), deadline)
         self._queue.append(request)
         self._arm_timer(request)
         self._wakeup.set()

@@ -1,0 +1,140 @@
+"""SIGTERM under load, counted: 8 video streams and unary requests against a real server
+process. Every request the server read gets its result or a clear UNAVAILABLE, in order;
+what it did not read is covered by the stream ending UNAVAILABLE; health turns NOT_SERVING
+at once; the process exits 0 within its grace period."""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from clients.demo import free_port, wait_until_serving
+from pipeline.proto import video_pb2 as vpb
+from pipeline.proto import video_pb2_grpc
+from pipeline.samples import sample_bytes, sample_rgb
+
+from ..conftest import ROOT, copy_repository
+
+STREAMS = 8
+GRACE_S = 30
+
+
+def small_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(sample_rgb("coffee")[::2, ::2]).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+class VideoStream(threading.Thread):
+    """A camera: sends frames until the server ends the stream; records every answer."""
+
+    def __init__(self, address: str, name: str, frame: bytes):
+        super().__init__(daemon=True)
+        self.address, self.name, self.frame = address, name, frame
+        self.sent = 0
+        self.results: list[vpb.FrameResult] = []
+        self.status: grpc.StatusCode | None = None
+        self.details = ""
+
+    def frames(self):
+        while True:
+            yield vpb.Frame(stream_id=self.name, frame_index=self.sent, encoded=self.frame)
+            self.sent += 1
+            time.sleep(0.02)
+
+    def run(self):
+        with grpc.insecure_channel(self.address) as channel:
+            stub = video_pb2_grpc.VideoSegmentationStub(channel)
+            try:
+                for result in stub.StreamFrames(self.frames(), timeout=120):
+                    self.results.append(result)
+                self.status = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                self.status, self.details = exc.code(), exc.details() or ""
+
+
+def test_sigterm_under_load_answers_everything_read_and_exits_zero(tmp_path):
+    # Queue timeouts off the table (30 s), so every answer here is the drain's doing.
+    repository = copy_repository(tmp_path, instance_segmentation=lambda text: text.replace(
+        "default_timeout_microseconds: 2000000", "default_timeout_microseconds: 30000000"))
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", "--model-repository", str(repository),
+         "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
+         "--device", "cpu", "--grace-period-s", str(GRACE_S), "--stream-window", "2"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_serving(address, process)
+        frame = small_jpeg()
+        streams = [VideoStream(address, f"camera-{i}", frame) for i in range(STREAMS)]
+        for s in streams:
+            s.start()
+        unary: dict[str, object] = {}
+
+        def one_unary(key):
+            client = triton.InferenceServerClient(address)
+            tensor = triton.InferInput("IMAGE", [2, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[sample_bytes("bus")]] * 2, dtype=object))
+            try:
+                unary[key] = client.infer("instance_segmentation", [tensor]).as_numpy("NUM_DETECTIONS")
+            except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+                unary[key] = exc
+
+        time.sleep(4)  # under load: every stream's window full
+        assert all(len(s.results) > 0 for s in streams), [len(s.results) for s in streams]
+        callers = [threading.Thread(target=one_unary, args=(k,)) for k in ("a", "b")]
+        for c in callers:
+            c.start()
+        time.sleep(0.3)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+
+        with grpc.insecure_channel(address) as channel:  # health goes NOT_SERVING at once
+            health = health_pb2_grpc.HealthStub(channel)
+            status = None
+            while time.monotonic() - signalled < 2:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.05)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert time.monotonic() - signalled < 1.0
+
+        for s in streams:
+            s.join(GRACE_S + 30)
+        for c in callers:
+            c.join(GRACE_S + 30)
+        code = process.wait(GRACE_S + 30)
+        took = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 0 and took < GRACE_S
+    log = process.stderr.read()
+    assert "draining" in log and "stopped" in log
+    # The unary requests accepted before the signal got their answers.
+    assert all(isinstance(unary[k], np.ndarray) and unary[k].shape == (2, 1) for k in "ab"), \
+        {k: str(v) for k, v in unary.items()}
+    for s in streams:
+        indices = [r.frame_index for r in s.results]
+        assert indices == list(range(len(indices))), s.name  # every frame read, in order
+        served = [r for r in s.results if not r.error]
+        refused = [r for r in s.results if r.error]
+        assert served, s.name
+        assert all(r.error.startswith("UNAVAILABLE: server is shutting down") for r in refused)
+        # Whatever the server did not read is covered by the stream ending UNAVAILABLE.
+        assert s.status == grpc.StatusCode.UNAVAILABLE and "reconnect" in s.details, (s.status, s.details)
+        assert s.sent >= len(s.results)
+    # Frames waiting to start when the signal came were answered UNAVAILABLE, not dropped.
+    assert sum(1 for s in streams for r in s.results if r.error) > 0

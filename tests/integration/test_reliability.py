@@ -1,0 +1,223 @@
+"""Under load and faults: bounded queue time, a failing batch fails only itself, and one
+connection cannot take the whole server."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from pipeline.proto import video_pb2 as vpb
+from pipeline.proto import video_pb2_grpc
+from pipeline.samples import sample_bytes
+
+from ..conftest import copy_repository
+from .conftest import running_server
+
+MODEL = "instance_segmentation"
+
+
+def image_input(*images: bytes) -> triton.InferInput:
+    tensor = triton.InferInput("IMAGE", [len(images), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[i] for i in images], dtype=object))
+    return tensor
+
+
+def with_queue_timeout(seconds: float):
+    def edit(text: str) -> str:
+        return text.replace("default_timeout_microseconds: 2000000",
+                            f"default_timeout_microseconds: {int(seconds * 1e6)}")
+    return edit
+
+
+@pytest.fixture(scope="module")
+def short_queue(tmp_path_factory):
+    """A server whose requests may wait at most 0.3 s for the network."""
+    repository = copy_repository(tmp_path_factory.mktemp("queue"),
+                                 instance_segmentation=with_queue_timeout(0.3))
+    with running_server(model_repository=str(repository)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def patient_queue(tmp_path_factory):
+    """A server whose requests may wait 10 s, or less where a request asks for less."""
+    repository = copy_repository(tmp_path_factory.mktemp("patient"),
+                                 instance_segmentation=with_queue_timeout(10.0))
+    with running_server(model_repository=str(repository)) as running:
+        yield running
+
+
+def busy(server, requests: int = 2) -> list[threading.Thread]:
+    """Occupy the network for ~2 s (requests of 8 images each, ~0.12 s per image here)."""
+    def one():
+        client = triton.InferenceServerClient(server.address)
+        client.infer(MODEL, [image_input(*[sample_bytes("bus")] * 8)], client_timeout=120)
+
+    workers = [threading.Thread(target=one, daemon=True) for _ in range(requests)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.3)
+    return workers
+
+
+def test_requests_past_the_queue_timeout_are_answered_at_once_and_never_run(short_queue):
+    server = short_queue
+    bus = sample_bytes("bus")
+    before = server.server.ledger.totals(MODEL)
+    outcomes: queue.Queue = queue.Queue()
+
+    def one():
+        client = triton.InferenceServerClient(server.address)
+        start = time.monotonic()
+        try:
+            client.infer(MODEL, [image_input(bus)])
+            outcomes.put(("ok", time.monotonic() - start, ""))
+        except InferenceServerException as exc:
+            outcomes.put((exc.status(), time.monotonic() - start, exc.message()))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    results = [outcomes.get_nowait() for _ in range(8)]
+    late = [r for r in results if r[0] == "StatusCode.DEADLINE_EXCEEDED"]
+    served = [r for r in results if r[0] == "ok"]
+    assert late and served and len(late) + len(served) == 8, results
+    assert all("past instance_segmentation's queue timeout of 0.30 s" in m and "not run" in m
+               for _, _, m in late)
+    after = server.server.ledger.totals(MODEL)
+    assert after.queue_timeouts - before.queue_timeouts == len(late)
+    assert after.images - before.images == len(served)  # the late ones never reached the model
+    assert after.requests_failed["deadline_exceeded"] - before.requests_failed["deadline_exceeded"] == len(late)
+    client = triton.InferenceServerClient(server.address)
+    assert client.infer(MODEL, [image_input(bus)]).as_numpy("NUM_DETECTIONS")[0, 0] >= 4
+    client.close()
+
+
+def test_a_request_may_ask_for_a_shorter_timeout(patient_queue):
+    client = triton.InferenceServerClient(patient_queue.address)
+    assert client.is_server_live()  # connected before timing
+    workers = busy(patient_queue)
+    start = time.monotonic()
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(MODEL, [image_input(sample_bytes("coffee"))], timeout=50_000)  # 50 ms
+    answered_after = time.monotonic() - start
+    assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    assert "queue timeout of 0.05 s" in info.value.message()
+    assert answered_after < 1.0  # at its deadline, long before the ~2 s of busy work ends
+    assert all(w.is_alive() for w in workers)
+    for w in workers:
+        w.join(120)
+    client.close()
+
+
+def test_a_grpc_deadline_is_honoured_in_the_queue(patient_queue):
+    before = patient_queue.server.ledger.totals(MODEL).queue_timeouts
+    workers = busy(patient_queue)
+    client = triton.InferenceServerClient(patient_queue.address)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(MODEL, [image_input(sample_bytes("coffee"))], client_timeout=0.3)
+    assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    for w in workers:
+        w.join(120)
+    time.sleep(0.2)
+    assert patient_queue.server.ledger.totals(MODEL).queue_timeouts == before + 1  # not run
+    client.close()
+
+
+# ------------------------------------------------------------------ faults inside a batch
+
+
+@pytest.fixture(scope="module")
+def fails_on_portraits(tmp_path_factory):
+    """The real network, wrapped so it raises on 480-wide inputs (portrait photos)."""
+    import torch
+
+    from ..conftest import MODEL_REPOSITORY
+
+    class FailsOnPortraits(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if images.shape[3] == 480:
+                raise RuntimeError("this network cannot run 480-wide inputs")
+            return self.net(images)
+
+    root = copy_repository(tmp_path_factory.mktemp("faulty"))
+    original = MODEL_REPOSITORY / "yolov5s_seg/1/model.pt"
+    extra = {"meta.json": ""}
+    net = torch.jit.load(str(original), _extra_files=extra)
+    target = root / "yolov5s_seg/1/model.pt"
+    target.unlink()
+    torch.jit.save(torch.jit.script(FailsOnPortraits(net)), str(target), _extra_files=extra)
+    with running_server(model_repository=str(root)) as running:
+        yield running
+
+
+def test_a_failing_batch_fails_only_its_requests_and_the_next_batch_runs(fails_on_portraits):
+    client = triton.InferenceServerClient(fails_on_portraits.address)
+    for _ in range(2):
+        with pytest.raises(InferenceServerException) as info:
+            client.infer(MODEL, [image_input(sample_bytes("bus"))])  # 810x1080 -> 480x640
+        assert info.value.status() == "StatusCode.INTERNAL"
+        assert "yolov5s_seg failed on a batch of 1" in info.value.message()
+        assert "cannot run 480-wide inputs" in info.value.message()
+        doc = json.loads(client.infer(MODEL, [image_input(sample_bytes("zidane"))])
+                         .as_numpy("DETECTIONS")[0, 0])  # 1280x720 -> 640x384: fine
+        assert {p["class"] for p in doc["predictions"]} >= {"person", "tie"}
+    client.close()
+
+
+# ------------------------------------------------------------------ one connection's share
+
+
+def test_requests_in_flight_per_connection_are_capped():
+    with running_server(max_in_flight_per_connection=1) as server:
+        answers: queue.Queue = queue.Queue()
+        client = triton.InferenceServerClient(server.address)
+        client.start_stream(callback=lambda result, error: answers.put(error))
+        for i in range(3):
+            client.async_stream_infer(MODEL, [image_input(sample_bytes("coffee"))], request_id=str(i))
+        errors = [answers.get(timeout=120) for _ in range(3)]
+        client.stop_stream()
+        refused = [e for e in errors if e is not None]
+        assert errors[0] is None and len(refused) == 2
+        assert all(e.message().startswith("RESOURCE_EXHAUSTED: this connection already has 1 "
+                                          "requests in flight") for e in refused)
+        assert client.infer(MODEL, [image_input(sample_bytes("coffee"))]).as_numpy("DETECTIONS") is not None
+        client.close()
+
+
+def test_streams_per_connection_are_capped():
+    with running_server(max_streams_per_connection=1) as server:
+        release = threading.Event()
+
+        def slow_frames():
+            yield vpb.Frame(stream_id="a", frame_index=0, encoded=sample_bytes("coffee"))
+            release.wait(60)
+
+        with grpc.insecure_channel(server.address) as channel:
+            stub = video_pb2_grpc.VideoSegmentationStub(channel)
+            first = stub.StreamFrames(slow_frames())
+            assert not next(first).error  # the first stream is open and served
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.StreamFrames(iter([vpb.Frame(stream_id="b", encoded=sample_bytes("coffee"))])))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "1 streams" in info.value.details()
+            release.set()
+            list(first)
+            second = list(stub.StreamFrames(iter([vpb.Frame(stream_id="c", encoded=sample_bytes("coffee"))])))
+            assert len(second) == 1 and not second[0].error  # the slot came back
