@@ -31,7 +31,8 @@ from .errors import ConfigError, ShuttingDownError
 from .proto import video_pb2, video_pb2_grpc
 from .repository import ModelRepository
 from .runner import resolve_device
-from .service import ConnectionLimits, InferenceService, ServingState
+from .service import InferenceService
+from .serving import ConnectionLimits, ServingState
 from .stream_window import POLICIES
 from .streaming import VideoService
 from .telemetry import Ledger

@@ -18,11 +18,12 @@ import numpy as np
 
 from .errors import BadInputError
 from .images import check_image_size
-from .postprocess import Detections, PostprocessOptions
+from .postprocess import Detections
 from .proto import video_pb2 as vpb
 from .proto import video_pb2_grpc
 from .schema import rows
-from .service import ServingState, describe, grpc_status, serve_stream
+from .service import grpc_status, serve_stream
+from .serving import ServingState, describe, infer
 
 LOG = logging.getLogger(__name__)
 DEFAULT_MODEL = "instance_segmentation"
@@ -80,10 +81,10 @@ class VideoService(video_pb2_grpc.VideoSegmentationServicer):
     async def _process(self, arrival: tuple[float, vpb.Frame]) -> vpb.FrameResult:
         arrived, frame = arrival
         try:
-            pipe = self.state.pipeline(frame.model or DEFAULT_MODEL)
-            options = PostprocessOptions.from_params(frame_params(frame), pipe.defaults)
-            det = await pipe.submit(frame_image(frame), options)
-            return result_of(frame, det, pipe.class_names, arrived)
+            return await infer(
+                self.state, frame.model or DEFAULT_MODEL, "", frame_params(frame),
+                lambda pipe: [frame_image(frame)],
+                lambda pipe, dets, options: result_of(frame, dets[0], pipe.class_names, arrived))
         except Exception as exc:  # noqa: BLE001 - one bad frame must not end the stream
             return self._failed(arrival, exc)
 

@@ -13,6 +13,7 @@ CORE = ["pipeline.rle", "pipeline.batcher", "pipeline.stream_window", "pipeline.
         "pipeline.engine", "pipeline.postprocess", "pipeline.runner", "pipeline.repository",
         "pipeline.images", "pipeline.schema", "pipeline.errors"]
 ADAPTERS = ["pipeline.service", "pipeline.streaming", "pipeline.server", "pipeline.metrics",
+            "pipeline.kserve", "pipeline.serving",
             "pipeline.http", "pipeline.__main__", "pipeline.proto", "clients"]
 
 

@@ -49,7 +49,7 @@ def test_bad_settings_are_refused_at_start_up(settings, words):
 
 def test_connection_limits_count_per_peer_and_refuse_beyond_the_cap():
     from pipeline.errors import OverloadedError
-    from pipeline.service import ConnectionLimits
+    from pipeline.serving import ConnectionLimits
 
     limits = ConnectionLimits(max_streams=1, max_in_flight=2)
     limits.acquire("streams", "ipv4:1.2.3.4:5")

@@ -1,0 +1,203 @@
+"""The KServe v2 (Triton) protocol's content, shared by its gRPC and HTTP/REST transports.
+
+The pipeline model takes ``IMAGE``: BYTES [B, 1] (encoded images) or UINT8 [B, H, W, 3] (raw
+RGB), and request parameters ``response_mask_format`` ("rle" or "polygon"), ``confidence``,
+``iou_threshold``, ``max_detections`` and Triton's ``timeout``. It returns ``DETECTIONS``
+(BYTES [B, 1], one JSON document per image) and typed tensors padded to the most detections
+K in the request: NUM_DETECTIONS INT32 [B, 1], BOXES FP32 [B, K, 4] (x1, y1, x2, y2),
+SCORES FP32 [B, K], CLASS_IDS INT32 [B, K], RLE_COUNTS BYTES [B, K], IMAGE_SIZE INT32 [B, 2].
+
+Metadata, configuration, statistics and the repository index are built here as the
+protobuf messages ``tritonclient`` ships; the HTTP transport renders them as JSON.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+
+from .errors import BadInputError
+from .images import check_image_size
+from .postprocess import Detections
+from .schema import OUTPUTS, output_arrays
+from .serving import VERSION, ServingState
+
+SERVER_NAME = "rle-serving"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data", "parameters",
+              "schedule_policy"]
+INPUT = "IMAGE"
+DTYPES = {"BYTES": object, "UINT8": np.uint8, "INT32": np.int32, "FP32": np.float32}
+
+
+def decode_bytes_tensor(raw: bytes) -> list[bytes]:
+    """Triton's BYTES wire format: each element is a 4-byte little-endian length + bytes."""
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise BadInputError("BYTES tensor is truncated (a length prefix is cut off)")
+        (length,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + length > len(raw):
+            raise BadInputError(
+                f"BYTES tensor is truncated (element claims {length} bytes, {len(raw) - pos} left)"
+            )
+        out.append(raw[pos : pos + length])
+        pos += length
+    return out
+
+
+def encode_bytes_tensor(items: Sequence[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    """One input as a transport delivered it: raw bytes (binary / raw_input_contents) or
+    ``values`` (typed contents / JSON data), never both."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes | None = None
+    values: Sequence[Any] | None = None
+
+
+def images_of(inputs: Sequence[InputTensor], max_batch: int) -> list[Any]:
+    """The request's images: encoded bytes or (H, W, 3) uint8 arrays; BadInputError else."""
+    names = [t.name for t in inputs]
+    if INPUT not in names:
+        raise BadInputError(f"missing input {INPUT!r} (got {names or 'none'})")
+    extra = [n for n in names if n != INPUT]
+    if extra:
+        raise BadInputError(f"unexpected input(s) {extra}; the model takes only {INPUT!r}")
+    tensor = inputs[names.index(INPUT)]
+    shape = list(tensor.shape)
+    if tensor.datatype == "BYTES":
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 1:
+            raise BadInputError(f"{INPUT} as BYTES must have shape [B, 1], got {shape}")
+        items = decode_bytes_tensor(tensor.raw) if tensor.raw is not None else list(tensor.values or [])
+        if len(items) != shape[0]:
+            raise BadInputError(f"{INPUT} shape {shape} promises {shape[0]} images, got {len(items)}")
+        images: list[Any] = items
+    elif tensor.datatype == "UINT8":
+        if len(shape) == 3:
+            shape = [1, *shape]
+        if len(shape) != 4 or shape[3] != 3 or min(shape) < 0:
+            raise BadInputError(f"{INPUT} as UINT8 must have shape [B, H, W, 3], got {list(tensor.shape)}")
+        check_image_size(shape[1], shape[2])
+        if tensor.raw is not None:
+            data = tensor.raw
+        else:
+            try:
+                data = bytes(np.asarray(tensor.values or [], dtype=np.int64).astype(np.uint8))
+            except (TypeError, ValueError, OverflowError):
+                raise BadInputError(f"{INPUT} as UINT8 must hold integers 0..255") from None
+        if len(data) != int(np.prod(shape)):
+            raise BadInputError(f"{INPUT} shape {shape} needs {int(np.prod(shape))} bytes, got {len(data)}")
+        pixels = np.frombuffer(data, np.uint8).reshape(shape)
+        images = [pixels[i] for i in range(shape[0])]
+    else:
+        raise BadInputError(
+            f"{INPUT} must be BYTES (encoded images) or UINT8 [B, H, W, 3], got {tensor.datatype}"
+        )
+    if len(images) > max_batch:
+        raise BadInputError(f"batch of {len(images)} exceeds the model's max_batch_size {max_batch}")
+    return images
+
+
+def requested_outputs(names: Sequence[str]) -> list[str]:
+    """The outputs a request asks for (all of them when it names none)."""
+    requested = list(names) or list(OUTPUTS)
+    unknown = [n for n in requested if n not in OUTPUTS]
+    if unknown:
+        raise BadInputError(f"unknown output(s) {unknown}; the model offers {list(OUTPUTS)}")
+    return requested
+
+
+def output_tensors(dets: list[Detections], names: Sequence[str], class_names: Sequence[str],
+                   mask_format: str) -> list[tuple[str, str, np.ndarray]]:
+    """(name, KServe datatype, array) of each requested output; BYTES as object arrays."""
+    arrays = output_arrays(dets, requested_outputs(names), class_names, mask_format)
+    return [(name, OUTPUTS[name][0], array) for name, array in arrays.items()]
+
+
+def raw_contents(array: np.ndarray) -> bytes:
+    """An output's bytes as both transports send them (BYTES length-prefixed)."""
+    if array.dtype == object:
+        return encode_bytes_tensor(list(array.reshape(-1)))
+    return np.ascontiguousarray(array).tobytes()
+
+
+# ------------------------------------------------------------------ metadata and statistics
+
+
+def server_ready(state: ServingState) -> bool:
+    return bool(state.pipelines) and not state.draining
+
+
+def model_ready(state: ServingState, name: str, version: str) -> bool:
+    return name in state.pipelines and version in ("", VERSION) and not state.draining
+
+
+def server_metadata() -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+
+def model_metadata(state: ServingState, name: str, version: str) -> pb.ModelMetadataResponse:
+    pipe = state.lookup(name, version)
+    response = pb.ModelMetadataResponse(name=pipe.name, versions=[VERSION], platform=pipe.entry.platform)
+    response.inputs.add(name=INPUT, datatype="BYTES", shape=[-1, 1])
+    for output, (datatype, dims) in OUTPUTS.items():
+        response.outputs.add(name=output, datatype=datatype, shape=[-1, *dims])
+    return response
+
+
+def model_config(state: ServingState, name: str, version: str) -> mc.ModelConfig:
+    pipe = state.lookup(name, version)
+    config = mc.ModelConfig()
+    config.CopyFrom(pipe.entry.config)
+    declared = {o.name for o in config.output}
+    for output, (datatype, dims) in OUTPUTS.items():
+        if output not in declared:
+            config.output.add(name=output, data_type=mc.DataType.Value(
+                "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"), dims=dims)
+    return config
+
+
+def model_statistics(state: ServingState, name: str, version: str) -> pb.ModelStatisticsResponse:
+    """Triton's statistics, read from the telemetry ledger (all models when name is '')."""
+    names = [name] if name else sorted(state.pipelines)
+    response = pb.ModelStatisticsResponse()
+    for model in names:
+        state.lookup(model, version)
+        t = state.ledger.totals(model)
+        s = response.model_stats.add(name=model, version=VERSION, last_inference=t.last_inference_ms,
+                                     inference_count=t.images, execution_count=t.batches)
+        stats = s.inference_stats
+        stats.success.count, stats.success.ns = t.requests_ok, t.requests_ok_ns
+        stats.fail.count, stats.fail.ns = sum(t.requests_failed.values()), t.requests_failed_ns
+        stats.queue.count, stats.queue.ns = t.images, t.queue_ns
+        stats.compute_input.count, stats.compute_input.ns = t.images, t.stage_ns["preprocess"]
+        stats.compute_infer.count, stats.compute_infer.ns = t.images, t.compute_ns
+        stats.compute_output.count, stats.compute_output.ns = t.answered_images, t.output_ns
+        for size, count in sorted(t.batch_sizes.items()):
+            s.batch_stats.add(batch_size=size).compute_infer.count = count
+    return response
+
+
+def repository_index(state: ServingState, ready_only: bool) -> pb.RepositoryIndexResponse:
+    response = pb.RepositoryIndexResponse()
+    for name in sorted(set(state.pipelines) | set(state.unavailable)):
+        if name in state.pipelines:
+            response.models.add(name=name, version=VERSION, state="READY")
+        elif not ready_only:
+            response.models.add(name=name, version=VERSION, state="UNAVAILABLE",
+                                reason=state.unavailable[name])
+    return response
