@@ -12,11 +12,14 @@ MODEL  := model_repository/yolov5s_seg/1/model.pt
 # NVIDIA Triton's Python backend runs our pipeline model in its own environment (numpy < 2).
 TRITON_VENV  := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed-stamp
+# Roboflow's official inference-sdk (numpy < 2.4, pillow < 13): the HTTP tests drive it from here.
+SDK_VENV  := .venv-sdk
+SDK_STAMP := $(SDK_VENV)/.installed-stamp
 # The light client (no torch, no model, no server pins): its tests run in an env of their own.
 CLIENT_VENV  := .venv-client
 CLIENT_STAMP := $(CLIENT_VENV)/.installed-stamp
 
-.PHONY: setup model triton-env client-env triton lint test test-client test-gpu bench run proto clean help
+.PHONY: setup model triton-env client-env sdk-env triton lint test test-client test-gpu bench run proto clean help
 
 help:
 	@echo "make run    set up, then run the main job on the embedded default"
@@ -52,6 +55,13 @@ $(CLIENT_STAMP): pyproject.toml
 
 client-env: $(CLIENT_STAMP)
 
+$(SDK_STAMP): tests/requirements-sdk.txt
+	test -x $(SDK_VENV)/bin/python || $(PYTHON) -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/requirements-sdk.txt
+	touch $(SDK_STAMP)
+
+sdk-env: $(SDK_STAMP)
+
 # The real NVIDIA Triton server (2.51, from the nvidia-pytriton wheel) on model_repository/:
 # gRPC :8101, HTTP :8100. Ctrl-C stops it.
 triton: setup $(MODEL) $(TRITON_STAMP)
@@ -61,7 +71,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 # Everything: lint, the server's suite, then the client's suite in the light client env.
-test: lint $(MODEL) $(TRITON_STAMP) test-client
+test: lint $(MODEL) $(TRITON_STAMP) $(SDK_STAMP) test-client
 	$(BIN)/python -m pytest --ignore=tests/client
 
 # The client library, CLI and mask helpers from .venv-client, against real server processes.
@@ -88,4 +98,4 @@ proto: setup
 	sed -i 's/^import video_pb2 as/from . import video_pb2 as/' pipeline/proto/video_pb2_grpc.py
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) $(CLIENT_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(TRITON_VENV) $(CLIENT_VENV) $(SDK_VENV) .pytest_cache .hypothesis

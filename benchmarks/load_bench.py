@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     photos = [jpeg(sample_rgb(n)) for n in NAMES]
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    server = PipelineServer(ServerConfig(model_repository=args.repository, host="127.0.0.1",
+    server = PipelineServer(ServerConfig(model_repository=args.repository, host="127.0.0.1", http_port=0,
                                          grpc_port=0, metrics_port=0, device=args.device))
     asyncio.run_coroutine_threadsafe(server.start(serve_metrics=False), loop).result(300)
     address = f"127.0.0.1:{server.grpc_port}"

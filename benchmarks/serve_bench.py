@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     log = open(ROOT / "out" / "serve_bench_server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "serve", "--host", "127.0.0.1", "--grpc-port", str(port),
-         "--metrics-port", str(metrics_port), *args.server_args.split()], cwd=ROOT, stderr=log)
+         "--metrics-port", str(metrics_port), "--http-port", "0", *args.server_args.split()], cwd=ROOT, stderr=log)
     ours = f"127.0.0.1:{port}"
     try:
         wait_until_serving(ours, server)

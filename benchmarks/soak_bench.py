@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     log = open(ROOT / "out" / "soak_server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "serve", "--host", "127.0.0.1", "--grpc-port", str(port),
-         "--metrics-port", "0", *args.server_args.split()], cwd=ROOT, stderr=log)
+         "--metrics-port", "0", "--http-port", "0", *args.server_args.split()], cwd=ROOT, stderr=log)
     target = f"127.0.0.1:{port}"
     try:
         wait_until_serving(target, server)

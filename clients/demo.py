@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     address = f"127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "serve", "--model-repository", args.model_repository,
-         "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", str(free_port())],
+         "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", str(free_port()),
+         "--http-port", str(free_port())],
         stderr=open(args.out / "server.log", "w"),
     )
     try:

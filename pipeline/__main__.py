@@ -151,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     predict.set_defaults(func=_predict)
 
     serve = commands.add_parser(
-        "serve", help="serve the repository over gRPC (Triton/KServe v2 + video streams)",
+        "serve", help="serve the repository over gRPC and HTTP (KServe v2, video, Roboflow API)",
         description="Serve the model repository over gRPC: Triton/KServe v2 protocol "
-        "(tritonclient works), the typed video streaming API, grpc.health.v1, reflection, and "
+        "(tritonclient works), the typed video streaming API, grpc.health.v1, reflection; over "
+        "HTTP: Roboflow's inference API (inference-sdk works) and KServe v2 REST; and "
         "Prometheus metrics. Every flag can also be set as RLE_SERVING_<FLAG> in the "
         "environment (e.g. RLE_SERVING_GRPC_PORT=8001). SIGTERM drains, then exits 0.",
     )
@@ -182,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="streams one client connection may keep open (default 32)")
     serve.add_argument("--max-in-flight-per-connection", type=int,
                        help="requests one client connection may have in flight (default 256)")
+    serve.add_argument("--http-port", type=int,
+                       help="HTTP port: Roboflow inference API and KServe v2 REST (default 8000, "
+                       "Triton's; 0 = any free; -1 = no HTTP)")
+    serve.add_argument("--allow-image-urls", action="store_true", default=None,
+                       help="let HTTP requests name images by URL, fetched by the server "
+                       "(off by default: server-side fetches are an SSRF risk)")
     serve.set_defaults(func=_serve)
 
     health = commands.add_parser("health", help="check a server's gRPC health (exit 0 if SERVING)")

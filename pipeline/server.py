@@ -1,10 +1,12 @@
-"""The server: loads the repository's pipelines and serves them over gRPC.
+"""The server: loads the repository's pipelines and serves them over gRPC and HTTP.
 
-Services on one port: Triton/KServe v2 (``inference.GRPCInferenceService``), the typed video
-API (``rleserving.v1.VideoSegmentation``), the standard health service (``grpc.health.v1``,
-which Kubernetes' native gRPC probes call) and server reflection. Prometheus metrics on a
-second port. SIGTERM drains: health turns NOT_SERVING, new requests and streams are refused
-with UNAVAILABLE, work in flight finishes within the grace period, then the process exits 0.
+gRPC on one port: Triton/KServe v2 (``inference.GRPCInferenceService``), the typed video API
+(``rleserving.v1.VideoSegmentation``), the standard health service (``grpc.health.v1``, which
+Kubernetes' native gRPC probes call) and server reflection. HTTP on a second port (Roboflow's
+inference API and KServe v2 REST, ``pipeline.http``), in the same process and event loop, on
+the same engine and batcher. Prometheus metrics on a third. SIGTERM drains: health turns
+NOT_SERVING, new requests and streams are refused (UNAVAILABLE / 503), work in flight
+finishes within the grace period, then the process exits 0.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hmac
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +31,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from . import metrics
 from .engine import Pipeline
 from .errors import ConfigError, ShuttingDownError
+from .http import HTTPFrontend
 from .proto import video_pb2, video_pb2_grpc
 from .repository import ModelRepository
 from .runner import resolve_device
@@ -63,6 +67,8 @@ class ServerConfig:
     worker_threads: int = 2
     max_streams_per_connection: int = 32
     max_in_flight_per_connection: int = 256
+    http_port: int = 8000
+    allow_image_urls: bool = False
 
     def __post_init__(self):
         if self.stream_window < 1:
@@ -84,6 +90,8 @@ class ServerConfig:
             raise ConfigError(f"worker threads must be >= 1, got {self.worker_threads}")
         if self.max_streams_per_connection < 1 or self.max_in_flight_per_connection < 1:
             raise ConfigError("per-connection limits must be >= 1")
+        if self.http_port < -1:
+            raise ConfigError(f"http port must be a port, 0 (any free one) or -1 (off), got {self.http_port}")
 
     @classmethod
     def env_defaults(cls, environ: Mapping[str, str] = os.environ) -> dict:
@@ -97,13 +105,22 @@ class ServerConfig:
             if value is None or value == "":
                 continue
             kind = f.type if isinstance(f.type, str) else f.type.__name__
-            convert = {"int": int, "float": float}.get(kind)
+            convert = {"int": int, "float": float, "bool": _boolean}.get(kind)
             try:
                 out[f.name] = convert(value) if convert else value
             except ValueError:
-                what = "a whole number" if kind == "int" else "a number"
+                what = {"int": "a whole number", "bool": "true or false"}.get(kind, "a number")
                 raise ConfigError(f"{variable} must be {what}, got {value!r}") from None
         return out
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
 
 
 def cores() -> int:
@@ -170,6 +187,8 @@ class PipelineServer:
         self.state: ServingState | None = None
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http: HTTPFrontend | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._stopped = asyncio.Event()
@@ -204,6 +223,19 @@ class PipelineServer:
             raise ConfigError(f"cannot listen on {address} (in use?)")
         await server.start()
         self._server = server
+        if cfg.http_port >= 0:
+            self._http = HTTPFrontend(self.state, max_body_mb=cfg.max_message_mb, token=cfg.token,
+                                      allow_image_urls=cfg.allow_image_urls)
+            ssl_context = None
+            if cfg.tls_cert:
+                ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            try:
+                self.http_port = await self._http.start(cfg.host, cfg.http_port, ssl_context)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen for HTTP on {cfg.host}:{cfg.http_port} ({exc})") from None
+            LOG.info("listening for HTTP on %s:%d%s (Roboflow inference API, KServe v2 REST)",
+                     cfg.host, self.http_port, " (TLS)" if cfg.tls_cert else "")
         if serve_metrics:
             self.metrics_port = metrics.serve(self.ledger, cfg.metrics_port, cfg.host)
         for service in ("", INFERENCE_SERVICE, VIDEO_SERVICE):
@@ -249,6 +281,8 @@ class PipelineServer:
         if self.state.active:
             LOG.warning("grace period over with %d requests/streams still open", self.state.active)
         await self._server.stop(max(0.0, deadline - time.monotonic()))
+        if self._http is not None:
+            await self._http.stop()
         for pipe in self.state.pipelines.values():
             await pipe.close(drain=False)
         self._stopped.set()

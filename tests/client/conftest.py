@@ -48,7 +48,7 @@ def server_process(tmp_path: Path, *args: str, port: int | None = None):
     process = subprocess.Popen(
         [str(SERVER_PYTHON), "-m", "pipeline", "serve", "--model-repository",
          str(MODEL_REPOSITORY), "--host", "127.0.0.1", "--grpc-port", str(port),
-         "--metrics-port", "0", "--device", "cpu", "--grace-period-s", "5", *args],
+         "--metrics-port", "0", "--http-port", "0", "--device", "cpu", "--grace-period-s", "5", *args],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     running = ServerProcess(f"127.0.0.1:{port}", port, process, log)
     tls_cert = Path(args[args.index("--tls-cert") + 1]) if "--tls-cert" in args else None

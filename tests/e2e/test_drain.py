@@ -71,7 +71,7 @@ def test_sigterm_under_load_answers_everything_read_and_exits_zero(tmp_path):
     address = f"127.0.0.1:{port}"
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "serve", "--model-repository", str(repository),
-         "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
+         "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0", "--http-port", "0",
          "--device", "cpu", "--grace-period-s", str(GRACE_S), "--stream-window", "2"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

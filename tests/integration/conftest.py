@@ -31,7 +31,7 @@ class RunningServer:
 @contextmanager
 def running_server(**settings):
     settings = {"model_repository": str(MODEL_REPOSITORY), "host": "127.0.0.1", "grpc_port": 0,
-                "metrics_port": 0, "device": "cpu", "grace_period_s": 5, **settings}
+                "metrics_port": 0, "http_port": 0, "device": "cpu", "grace_period_s": 5, **settings}
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

@@ -68,9 +68,11 @@ def test_ports_and_probes_match_the_server():
     assert set(env) - {"HOME"} <= SETTINGS, "unknown RLE_SERVING_* setting"
     grpc_port = int(env.get("RLE_SERVING_GRPC_PORT", DEFAULTS.grpc_port))
     metrics_port = int(env.get("RLE_SERVING_METRICS_PORT", DEFAULTS.metrics_port))
-    assert (grpc_port, metrics_port) == (DEFAULTS.grpc_port, DEFAULTS.metrics_port)
+    http_port = int(env.get("RLE_SERVING_HTTP_PORT", DEFAULTS.http_port))
+    assert (grpc_port, metrics_port, http_port) == (DEFAULTS.grpc_port, DEFAULTS.metrics_port,
+                                                    DEFAULTS.http_port)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+    assert ports == {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == grpc_port, probe  # native gRPC health probes
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
@@ -178,7 +180,7 @@ def test_dockerfile_rules(path):
             for name in re.findall(r"(RLE_SERVING_\w+)=", value):
                 assert name in SETTINGS, f"{path.name}: {name} is not a server setting"
     exposed = " ".join(v for k, v in steps if k == "EXPOSE").split()
-    assert str(DEFAULTS.grpc_port) in exposed and str(DEFAULTS.metrics_port) in exposed
+    assert {str(DEFAULTS.grpc_port), str(DEFAULTS.http_port), str(DEFAULTS.metrics_port)} <= set(exposed)
 
 
 @pytest.mark.parametrize("path", DOCKERFILES[:2], ids=lambda p: p.name)
