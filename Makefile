@@ -86,6 +86,7 @@ bench: setup $(MODEL)
 	$(TUNED) $(BIN)/python benchmarks/rle_bench.py
 	$(BIN)/python benchmarks/engine_bench.py
 	$(BIN)/python benchmarks/load_bench.py
+	$(BIN)/python benchmarks/tracking_bench.py
 
 run: setup $(MODEL)
 	$(BIN)/python -m clients.demo --out out

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw masks: a .mp4/.mkv/.mov file, or a folder for one PNG per frame")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     p.add_argument("--confidence", type=float, default=None, help="minimum score (server default 0.25)")
+    p.add_argument("--track", action="store_true",
+                   help="follow objects from frame to frame: each gets a tracker_id (JSONL, "
+                   "overlay) and the summary counts unique objects per class")
     p.add_argument("--model", default="instance_segmentation")
     p.add_argument("--token", default=None, help="bearer token, if the server wants one")
     p.add_argument("--tls-root-cert", default=None, help="CA certificate (PEM) to use TLS")
@@ -81,13 +84,14 @@ def run(args: argparse.Namespace) -> dict:
             png_folder.mkdir(parents=True, exist_ok=True)
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
     classes: Counter = Counter()
+    tracked_objects: dict[str, set] = {}
     summary = {"source": describe(args.source), "frames": 0, "errors": 0, "dropped": 0,
                "detections": 0, "rle_bytes": 0, "dense_bytes": 0, "interrupted": False}
     progress = Progress(not args.quiet)
     start = time.perf_counter()
     client = SegmentationClient(args.server, model=args.model, timeout_s=args.timeout,
                                 tls_root_cert=args.tls_root_cert, token=args.token)
-    results = client.stream(send(), confidence=args.confidence)
+    results = client.stream(send(), confidence=args.confidence, track=args.track)
     try:
         with args.jsonl.open("w") as out:
             for result in results:
@@ -98,6 +102,8 @@ def run(args: argparse.Namespace) -> dict:
                 summary["dropped"] += bool(result.dropped)
                 for p in doc["predictions"]:
                     classes[p["class"]] += 1
+                    if p.get("tracker_id", -1) >= 0:
+                        tracked_objects.setdefault(p["class"], set()).add(p["tracker_id"])
                     summary["rle_bytes"] += len(p["rle"]["counts"])
                     summary["dense_bytes"] += result.height * result.width
                 summary["detections"] += len(doc["predictions"])
@@ -125,6 +131,9 @@ def run(args: argparse.Namespace) -> dict:
     summary["seconds"] = round(elapsed, 2)
     summary["frames_per_second"] = round(summary["frames"] / elapsed, 2) if elapsed else 0.0
     summary["classes"] = dict(classes.most_common())
+    if args.track:  # unique objects followed, per class
+        summary["objects"] = dict(sorted(((c, len(ids)) for c, ids in tracked_objects.items()),
+                                         key=lambda item: -item[1]))
     return summary
 
 

@@ -86,6 +86,7 @@ def result_document(result: vpb.FrameResult) -> dict:
         "image": {"width": result.width, "height": result.height},
         "predictions": [
             record(d.x1, d.y1, d.x2, d.y2, d.score, d.class_id, d.class_name, d.detection_id,
+                   d.tracker_id if d.HasField("tracker_id") else None,
                    rle={"size": list(d.rle.size), "counts": d.rle.counts}, mask_format="rle")
             for d in result.detections
         ],
@@ -202,18 +203,28 @@ class SegmentationClient:
         confidence: float | None = None,
         iou_threshold: float | None = None,
         max_detections: int | None = None,
+        track: bool = False,
+        **tracker_options: float,
     ) -> Iterator[vpb.FrameResult]:
         """Yield one FrameResult per frame, in order. Reconnects on UNAVAILABLE (server
         restart, pod rescheduled) and re-sends frames still unanswered, including those a
-        draining server answered UNAVAILABLE; other errors raise."""
+        draining server answered UNAVAILABLE; other errors raise.
+
+        track: every detection gets a ``tracker_id`` that stays the same while the object
+        stays in view (-1 until confirmed). tracker_options: the tracker's knobs
+        (``track_activation_threshold``, ``lost_track_seconds``, ``minimum_iou``,
+        ``minimum_consecutive_frames``, ``frame_rate``; see pipeline/proto/video.proto).
+        A reconnected stream starts a new tracker."""
         stream_id = stream_id or uuid.uuid4().hex[:12]
-        options = vpb.InferOptions()
+        options = vpb.InferOptions(**tracker_options)  # unknown knobs: ValueError here
         if confidence is not None:
             options.confidence = confidence
         if iou_threshold is not None:
             options.iou_threshold = iou_threshold
         if max_detections is not None:
             options.max_detections = max_detections
+        if track:
+            options.track = True
         source = (to_frame(item, stream_id, i, options) for i, item in zip(itertools.count(), frames))
         unanswered: deque[vpb.Frame] = deque()
         delays = self.backoff.delays()

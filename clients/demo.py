@@ -3,7 +3,8 @@
 1. make a short sample clip from real photos shipped in packages (a slow pan and zoom over
    scikit-image's astronaut and coffee and ultralytics' bus.jpg): out/sample.mp4;
 2. start the server (``python -m pipeline serve``) on free ports and wait until it is SERVING;
-3. stream the clip through it with the client CLI: out/results.jsonl and out/annotated.mp4;
+3. stream the clip through it with the client CLI, tracking objects: out/results.jsonl and
+   out/annotated.mp4 (each tracked object keeps its colour and ``#id`` label);
 4. print a summary, then stop the server with SIGTERM (it drains and exits 0).
 """
 
@@ -106,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_until_serving(address, server)
         print(f"[2/4] server SERVING on {address} (log: {args.out / 'server.log'})")
-        cli = build_parser().parse_args([str(clip), "--server", address,
+        cli = build_parser().parse_args([str(clip), "--server", address, "--track",
                                          "--jsonl", str(args.out / "results.jsonl"),
                                          "--annotate", str(args.out / "annotated.mp4")])
-        print("[3/4] streaming the clip through the server ...")
+        print("[3/4] streaming the clip through the server, tracking objects ...")
         summary = run(cli)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['errors']} errors, {summary['dropped']} dropped)")
     print(f"detections:        {summary['detections']} — " +
           ", ".join(f"{k} {v}" for k, v in summary["classes"].items()))
+    print("objects followed:  " + (", ".join(f"{k} {v}" for k, v in summary["objects"].items())
+                                   or "none") + " (unique tracker ids)")
     print(f"mask bytes:        RLE {summary['rle_bytes']:,} vs dense {dense:,} as uint8 "
           f"({dense // 8:,} bit-packed): {dense / max(summary['rle_bytes'], 1):.0f}x smaller")
     print(f"results:           {args.out / 'results.jsonl'}")

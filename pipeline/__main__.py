@@ -186,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--http-port", type=int,
                        help="HTTP port: Roboflow inference API and KServe v2 REST (default 8000, "
                        "Triton's; 0 = any free; -1 = no HTTP)")
+    serve.add_argument("--max-tracked-streams", type=int,
+                       help="tracked streams and sequences alive at once (default 256)")
+    serve.add_argument("--tracker-idle-s", type=float,
+                       help="a tracker unused this long is freed (default 60)")
     serve.add_argument("--allow-image-urls", action="store_true", default=None,
                        help="let HTTP requests name images by URL, fetched by the server "
                        "(off by default: server-side fetches are an SSRF risk)")

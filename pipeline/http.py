@@ -38,7 +38,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from . import kserve, schema
 from .errors import BadInputError, status_of
-from .serving import VERSION, ServingState, describe, infer
+from .serving import VERSION, ServingState, describe, end_sequence, infer, sequence_tracking
 
 LOG = logging.getLogger(__name__)
 ROBOFLOW_TASK = "instance-segmentation"
@@ -262,7 +262,12 @@ class HTTPFrontend:
             kserve.requested_outputs([n for n, _ in wanted])
             return kserve.images_of(inputs, pipe.max_batch_size)
 
-        head, binary = await infer(self.state, name, version, params, read_images, respond)
+        tracking = sequence_tracking(self.state, name, params)
+        try:
+            head, binary = await infer(self.state, name, version, params, read_images, respond,
+                                       tracking=tracking)
+        finally:
+            end_sequence(self.state, tracking, params)
         payload = json.dumps(head).encode()
         if not binary:
             return web.Response(body=payload, content_type="application/json")

@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2 as pb
 from .errors import BadInputError
 from .images import check_image_size
 from .postprocess import Detections
-from .schema import OUTPUTS, output_arrays
+from .schema import DEFAULT_OUTPUTS, OUTPUTS, output_arrays
 from .serving import VERSION, ServingState
 
 SERVER_NAME = "rle-serving"
@@ -112,9 +112,9 @@ def images_of(inputs: Sequence[InputTensor], max_batch: int) -> list[Any]:
     return images
 
 
-def requested_outputs(names: Sequence[str]) -> list[str]:
-    """The outputs a request asks for (all of them when it names none)."""
-    requested = list(names) or list(OUTPUTS)
+def requested_outputs(names: Sequence[str], tracked: bool = False) -> list[str]:
+    """The outputs a request asks for (when it names none: all, TRACKER_IDS if tracked)."""
+    requested = list(names) or [*DEFAULT_OUTPUTS, *(["TRACKER_IDS"] if tracked else [])]
     unknown = [n for n in requested if n not in OUTPUTS]
     if unknown:
         raise BadInputError(f"unknown output(s) {unknown}; the model offers {list(OUTPUTS)}")
@@ -124,7 +124,8 @@ def requested_outputs(names: Sequence[str]) -> list[str]:
 def output_tensors(dets: list[Detections], names: Sequence[str], class_names: Sequence[str],
                    mask_format: str) -> list[tuple[str, str, np.ndarray]]:
     """(name, KServe datatype, array) of each requested output; BYTES as object arrays."""
-    arrays = output_arrays(dets, requested_outputs(names), class_names, mask_format)
+    tracked = any(d.tracker_ids is not None for d in dets)
+    arrays = output_arrays(dets, requested_outputs(names, tracked), class_names, mask_format)
     return [(name, OUTPUTS[name][0], array) for name, array in arrays.items()]
 
 

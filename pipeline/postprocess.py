@@ -106,6 +106,8 @@ class Detections:
 
     boxes: (K, 4) float32 x1, y1, x2, y2 in original-image pixels. scores: (K,) float32.
     class_ids: (K,) int64. masks: run lengths of the K masks at the original (H, W).
+    tracker_ids: (K,) int64 when the image belongs to a tracked stream (-1: not yet
+    confirmed), else None.
     """
 
     boxes: np.ndarray
@@ -113,6 +115,7 @@ class Detections:
     class_ids: np.ndarray
     masks: rle.RunLengths
     image_size: tuple[int, int]
+    tracker_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)

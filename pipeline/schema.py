@@ -35,7 +35,10 @@ OUTPUTS = {
     "CLASS_IDS": ("INT32", [-1]),        # -1 in padding
     "RLE_COUNTS": ("BYTES", [-1]),       # COCO counts; b"" in padding
     "IMAGE_SIZE": ("INT32", [2]),        # height, width
+    "TRACKER_IDS": ("INT32", [-1]),      # tracked sequences only; -1: unconfirmed or padding
 }
+# What a request naming no outputs gets (TRACKER_IDS only when its sequence is tracked).
+DEFAULT_OUTPUTS = tuple(name for name in OUTPUTS if name != "TRACKER_IDS")
 
 
 def class_name(names: Sequence[str], class_id: int) -> str:
@@ -44,9 +47,11 @@ def class_name(names: Sequence[str], class_id: int) -> str:
 
 
 def record(x1: float, y1: float, x2: float, y2: float, confidence: float, class_id: int,
-           name: str, detection_id: str, **mask) -> dict:
-    """THE prediction record (Roboflow's schema): box centre and size, score, class, id, and
-    the mask fields (``rle`` + ``mask_format``, or ``points`` + ``mask_format``)."""
+           name: str, detection_id: str, tracker_id: int | None = None, **mask) -> dict:
+    """THE prediction record (Roboflow's schema): box centre and size, score, class, id, the
+    tracker's id on tracked streams, and the mask fields (``rle`` + ``mask_format``, or
+    ``points`` + ``mask_format``)."""
+    tracked = {} if tracker_id is None else {"tracker_id": tracker_id}
     return {
         "x": (x1 + x2) / 2,
         "y": (y1 + y2) / 2,
@@ -56,6 +61,7 @@ def record(x1: float, y1: float, x2: float, y2: float, confidence: float, class_
         "class": name,
         "class_id": class_id,
         "detection_id": detection_id,
+        **tracked,
         **mask,
     }
 
@@ -64,7 +70,8 @@ def record(x1: float, y1: float, x2: float, y2: float, confidence: float, class_
 class Row:
     """One detection, typed, before it becomes a JSON record or a protobuf message.
 
-    i: its index in the image's Detections; box: x1, y1, x2, y2 in original pixels.
+    i: its index in the image's Detections; box: x1, y1, x2, y2 in original pixels;
+    tracker_id: on tracked streams (-1 until confirmed), else None.
     """
 
     i: int
@@ -73,14 +80,16 @@ class Row:
     class_id: int
     class_name: str
     detection_id: str
+    tracker_id: int | None = None
 
 
 def rows(det: Detections, class_names: Sequence[str]) -> Iterator[Row]:
     """An image's detections, best score first, each with a fresh detection id."""
     for i in range(len(det)):
         class_id = int(det.class_ids[i])
+        tracker_id = None if det.tracker_ids is None else int(det.tracker_ids[i])
         yield Row(i, tuple(float(v) for v in det.boxes[i]), float(det.scores[i]), class_id,
-                  class_name(class_names, class_id), str(uuid.uuid4()))
+                  class_name(class_names, class_id), str(uuid.uuid4()), tracker_id)
 
 
 def predictions(det: Detections, class_names: Sequence[str], mask_format: str = "rle") -> list[dict]:
@@ -94,7 +103,7 @@ def predictions(det: Detections, class_names: Sequence[str], mask_format: str = 
             mask = {"points": polygon(det.masks, row.i, det.boxes[row.i]),
                     "mask_format": "polygon"}
         out.append(record(*row.box, row.confidence, row.class_id, row.class_name,
-                          row.detection_id, **mask))
+                          row.detection_id, row.tracker_id, **mask))
     return out
 
 
@@ -198,5 +207,7 @@ def output_arrays(dets: Sequence[Detections], names: Sequence[str],
         "CLASS_IDS": lambda: padded(lambda d: d.class_ids, -1, np.int32),
         "RLE_COUNTS": lambda: padded(lambda d: [c.encode() for c in d.counts], b"", object),
         "IMAGE_SIZE": lambda: np.array([d.image_size for d in dets], np.int32).reshape(b, 2),
+        "TRACKER_IDS": lambda: padded(
+            lambda d: -1 if d.tracker_ids is None else d.tracker_ids, -1, np.int32),
     }
     return {name: makers[name]() for name in names}

@@ -40,6 +40,7 @@ from .serving import ConnectionLimits, ServingState
 from .stream_window import POLICIES
 from .streaming import VideoService
 from .telemetry import Ledger
+from .tracking import Tracks
 
 LOG = logging.getLogger(__name__)
 INFERENCE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -69,6 +70,8 @@ class ServerConfig:
     max_in_flight_per_connection: int = 256
     http_port: int = 8000
     allow_image_urls: bool = False
+    max_tracked_streams: int = 256
+    tracker_idle_s: float = 60.0
 
     def __post_init__(self):
         if self.stream_window < 1:
@@ -90,6 +93,8 @@ class ServerConfig:
             raise ConfigError(f"worker threads must be >= 1, got {self.worker_threads}")
         if self.max_streams_per_connection < 1 or self.max_in_flight_per_connection < 1:
             raise ConfigError("per-connection limits must be >= 1")
+        if self.max_tracked_streams < 1 or self.tracker_idle_s <= 0:
+            raise ConfigError("max tracked streams must be >= 1 and the tracker idle time > 0")
         if self.http_port < -1:
             raise ConfigError(f"http port must be a port, 0 (any free one) or -1 (off), got {self.http_port}")
 
@@ -200,7 +205,8 @@ class PipelineServer:
         self.state = ServingState(
             cfg.model_repository, pipelines, unavailable, self.ledger,
             stream_window=cfg.stream_window, stream_policy=cfg.stream_policy,
-            limits=ConnectionLimits(cfg.max_streams_per_connection, cfg.max_in_flight_per_connection))
+            limits=ConnectionLimits(cfg.max_streams_per_connection, cfg.max_in_flight_per_connection),
+            tracks=Tracks(cfg.max_tracked_streams, cfg.tracker_idle_s))
         limit = cfg.max_message_mb * 1024 * 1024
         options = [("grpc.max_receive_message_length", limit),
                    ("grpc.max_send_message_length", limit),

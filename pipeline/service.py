@@ -22,7 +22,7 @@ from tritonclient.grpc import service_pb2_grpc
 from . import kserve
 from .errors import OverloadedError, PipelineError, status_of
 from .postprocess import Detections, PostprocessOptions
-from .serving import VERSION, ServingState, describe, infer
+from .serving import VERSION, ServingState, describe, end_sequence, infer, sequence_tracking
 from .stream_window import StreamWindow
 
 LOG = logging.getLogger(__name__)
@@ -117,10 +117,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             kserve.requested_outputs([o.name for o in request.outputs])  # refuse before any work
             return kserve.images_of(inputs_of(request), pipe.max_batch_size)
 
-        return await infer(self.state, request.model_name, request.model_version,
-                           parameters_of(request), read_images,
-                           lambda pipe, dets, options: build_response(request, pipe, dets, options),
-                           deadline)
+        params = parameters_of(request)
+        tracking = sequence_tracking(self.state, request.model_name, params)
+        try:
+            return await infer(self.state, request.model_name, request.model_version, params,
+                               read_images,
+                               lambda pipe, dets, options: build_response(request, pipe, dets, options),
+                               deadline, tracking)
+        finally:
+            end_sequence(self.state, tracking, params)
 
     async def ModelInfer(self, request, context):
         with self.state.in_progress():

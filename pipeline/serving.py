@@ -27,6 +27,7 @@ from .errors import (
 )
 from .postprocess import Detections, PostprocessOptions
 from .telemetry import Ledger
+from .tracking import TrackerOptions, Tracks
 
 LOG = logging.getLogger(__name__)
 VERSION = "1"  # every model is served at version 1
@@ -86,6 +87,7 @@ class ServingState:
     active: int = 0  # requests and streams in progress, every frontend's, for the drain
     streams: set = field(default_factory=set)  # open StreamWindows, stopped by the drain
     limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
+    tracks: Tracks = field(default_factory=Tracks)  # live trackers of tracked streams
 
     def pipeline(self, name: str, version: str = "") -> Pipeline:
         """The pipeline that takes new work for ``name``; refuses while draining."""
@@ -127,17 +129,52 @@ def queue_timeout(params: dict[str, Any]) -> float | None:
     return micros / 1e6 or None
 
 
+@dataclass(frozen=True)
+class Tracking:
+    """A request on a tracked stream or sequence: its tracker's key, the tracker's knobs (used
+    when the key is new), the frame's time in seconds (None: one frame per update)."""
+
+    key: str
+    options: TrackerOptions
+    timestamp: float | None = None
+
+
+def sequence_tracking(state: ServingState, name: str, params: dict[str, Any]) -> Tracking | None:
+    """Triton's sequence parameters as tracking: requests with one ``sequence_id`` share a
+    tracker; ``sequence_start`` begins it afresh, ``sequence_end`` frees it after this request
+    (see ``end_sequence``). Without a sequence id (or with 0), None: nothing changes."""
+    sequence = params.get("sequence_id")
+    if sequence in (None, 0, "", "0"):
+        return None
+    key = f"sequence/{name}/{sequence}"
+    if params.get("sequence_start"):
+        state.tracks.end(key)
+    timestamp = params.get("timestamp")
+    try:
+        timestamp = None if timestamp is None else float(timestamp)
+    except (TypeError, ValueError):
+        raise InvalidOptionError("timestamp", f"parameter 'timestamp' must be seconds, got {timestamp!r}") from None
+    return Tracking(key, TrackerOptions.from_params(params), timestamp)
+
+
+def end_sequence(state: ServingState, tracking: Tracking | None, params: dict[str, Any]) -> None:
+    if tracking is not None and params.get("sequence_end"):
+        state.tracks.end(tracking.key)
+
+
 async def infer(state: ServingState, name: str, version: str, params: dict[str, Any],
                 read_images: Callable[[Pipeline], Sequence[Any]],
                 respond: Callable[[Pipeline, list[Detections], PostprocessOptions], Any],
-                deadline: float | None = None):
+                deadline: float | None = None, tracking: Tracking | None = None):
     """One inference request through the shared batcher, whatever its protocol.
 
     params: its parameters (``PostprocessOptions.from_params`` keys, Triton's ``timeout``).
     read_images(pipe): its images, validated (BadInputError). respond(pipe, dets, options):
     the protocol's response, built in a worker thread (JSON, polygons and tensors are CPU
-    work). deadline: the caller's absolute monotonic deadline. Every outcome is recorded in
-    the ledger once; PipelineErrors propagate for the adapter to map to a status.
+    work). deadline: the caller's absolute monotonic deadline. tracking: the request's place
+    in a tracked stream (one image); its detections get tracker ids, in the stream's order
+    (call ``infer`` when the request starts, so its place is taken in arrival order). Every
+    outcome is recorded in the ledger once; PipelineErrors propagate for the adapter to map.
     """
     started = time.monotonic()
     ledger = state.ledger
@@ -147,13 +184,24 @@ async def infer(state: ServingState, name: str, version: str, params: dict[str, 
         options = PostprocessOptions.from_params(params, pipe.defaults)
         timeout_s = queue_timeout(params)
         images = read_images(pipe)
+        ticket = None
+        if tracking is not None:
+            if len(images) != 1:
+                raise InvalidOptionError("sequence_id", f"a tracked request carries one image, got {len(images)}")
+            ticket = state.tracks.ticket(tracking.key, tracking.options)
         ledger.add_pending(name, len(images))
         try:
             dets = await asyncio.gather(*(
                 pipe.submit(image, options, timeout_s=timeout_s, deadline=deadline)
                 for image in images))
+        except BaseException:
+            if ticket is not None:
+                state.tracks.skip(tracking.key, ticket)
+            raise
         finally:
             ledger.add_pending(name, -len(images))
+        if ticket is not None:
+            dets = [await state.tracks.assign(tracking.key, ticket, dets[0], tracking.timestamp)]
         built = time.monotonic()
         response = await asyncio.to_thread(respond, pipe, list(dets), options)
     except BaseException as exc:

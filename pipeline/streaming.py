@@ -23,7 +23,8 @@ from .proto import video_pb2 as vpb
 from .proto import video_pb2_grpc
 from .schema import rows
 from .service import grpc_status, serve_stream
-from .serving import ServingState, describe, infer
+from .serving import ServingState, Tracking, describe, infer
+from .tracking import TrackerOptions
 
 LOG = logging.getLogger(__name__)
 DEFAULT_MODEL = "instance_segmentation"
@@ -45,8 +46,18 @@ def frame_image(frame: vpb.Frame):
 def frame_params(frame: vpb.Frame) -> dict:
     """The frame's options as request parameters (only those the client set)."""
     o = frame.options
-    return {key: getattr(o, key) for key in ("confidence", "iou_threshold", "max_detections")
-            if o.HasField(key)}
+    keys = ("confidence", "iou_threshold", "max_detections", *TrackerOptions.KEYS)
+    return {key: getattr(o, key) for key in keys if o.HasField(key)}
+
+
+def frame_tracking(frame: vpb.Frame) -> Tracking | None:
+    """Where a frame of a tracked stream sits: its stream's tracker, and its time (the
+    client's timestamp, else its index over the frame rate), so dropped frames are gaps."""
+    if not frame.options.track:
+        return None
+    options = TrackerOptions.from_params(frame_params(frame))
+    timestamp = frame.timestamp or frame.frame_index / options.frame_rate
+    return Tracking(f"video/{frame.model or DEFAULT_MODEL}/{frame.stream_id}", options, timestamp)
 
 
 def _answer(frame: vpb.Frame, **fields) -> vpb.FrameResult:
@@ -62,7 +73,7 @@ def result_of(frame: vpb.Frame, det: Detections, names, arrived: float) -> vpb.F
         out.detections.add(
             x1=x1, y1=y1, x2=x2, y2=y2, score=row.confidence, class_id=row.class_id,
             class_name=row.class_name, detection_id=row.detection_id,
-            rle=vpb.Rle(size=[H, W], counts=det.counts[row.i]),
+            rle=vpb.Rle(size=[H, W], counts=det.counts[row.i]), tracker_id=row.tracker_id,
         )
     out.server_ms = (time.monotonic() - arrived) * 1e3
     return out
@@ -78,13 +89,17 @@ class VideoService(video_pb2_grpc.VideoSegmentationServicer):
     def __init__(self, state: ServingState):
         self.state = state
 
-    async def _process(self, arrival: tuple[float, vpb.Frame]) -> vpb.FrameResult:
+    async def _process(self, arrival: tuple[float, vpb.Frame], tracked: set[str]) -> vpb.FrameResult:
         arrived, frame = arrival
         try:
+            tracking = frame_tracking(frame)
+            if tracking is not None:
+                tracked.add(tracking.key)
             return await infer(
                 self.state, frame.model or DEFAULT_MODEL, "", frame_params(frame),
                 lambda pipe: [frame_image(frame)],
-                lambda pipe, dets, options: result_of(frame, dets[0], pipe.class_names, arrived))
+                lambda pipe, dets, options: result_of(frame, dets[0], pipe.class_names, arrived),
+                tracking=tracking)
         except Exception as exc:  # noqa: BLE001 - one bad frame must not end the stream
             return self._failed(arrival, exc)
 
@@ -95,10 +110,19 @@ class VideoService(video_pb2_grpc.VideoSegmentationServicer):
         return _answer(arrival[1], error=f"{grpc_status(exc).name}: {describe(exc)}")
 
     async def StreamFrames(self, request_iterator, context):
-        async for result in serve_stream(
-            self.state, "video", self._process, self._failed, _stamped(request_iterator),
-            context, policy=self.state.stream_policy,
-            dropped=lambda arrival: _answer(arrival[1], dropped=True),
-            on_drop=self.state.ledger.frames_dropped,
-        ):
-            yield result
+        tracked: set[str] = set()  # this stream's trackers, freed when it ends
+
+        async def process(arrival):
+            return await self._process(arrival, tracked)
+
+        try:
+            async for result in serve_stream(
+                self.state, "video", process, self._failed, _stamped(request_iterator),
+                context, policy=self.state.stream_policy,
+                dropped=lambda arrival: _answer(arrival[1], dropped=True),
+                on_drop=self.state.ledger.frames_dropped,
+            ):
+                yield result
+        finally:
+            for key in tracked:
+                self.state.tracks.end(key)

@@ -193,3 +193,43 @@ def test_cli_reports_a_missing_source(tmp_path, capsys):
 
     assert main([str(tmp_path / "nope.mp4"), "--quiet"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_track_keeps_each_object_its_id_and_colour(server, rgb, tmp_path):
+    from pipeline.overlay import colour
+
+    bus = rgb["bus"]  # 810 x 1080: a camera panning right across it, 20 px a frame
+    path = tmp_path / "pan.mp4"
+    writer = VideoWriter(path, 10)
+    for f in range(8):
+        writer.write(np.ascontiguousarray(bus[:, 20 * f : 20 * f + 480]))
+    writer.close()
+    args = build_parser().parse_args([str(path), "--server", server.address, "--quiet", "--track",
+                                      "--jsonl", str(tmp_path / "r.jsonl"),
+                                      "--annotate", str(tmp_path / "frames")])
+    summary = run(args)
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert summary["frames"] == 8 and summary["errors"] == 0, [d.get("error") for d in lines]
+    assert all("tracker_id" in p for d in lines for p in d["predictions"])
+    buses = [p for d in lines for p in d["predictions"] if p["class"] == "bus"]
+    assert len(buses) == 8 and buses[0]["tracker_id"] == -1  # ByteTrack confirms on a 2nd sighting
+    assert len({p["tracker_id"] for p in buses[1:]}) == 1
+    people = {p["tracker_id"] for d in lines for p in d["predictions"] if p["class"] == "person"}
+    assert summary["objects"] == {"bus": 1, "person": len(people - {-1})}
+    assert summary["objects"]["person"] >= 2
+    originals = decoded_frames(path)
+    for doc, bus_found in zip(lines[1:], buses[1:]):  # the bus is painted in its id's colour in every frame
+        drawn = np.asarray(Image.open(tmp_path / "frames" / f"frame-{doc['frame_index']:06d}.png"))
+        mask = coco_mask.decode({"size": bus_found["rle"]["size"],
+                                 "counts": bus_found["rle"]["counts"].encode()}).astype(bool)
+        tint = (drawn[mask].astype(float) - 0.55 * originals[doc["frame_index"]][mask]) / 0.45
+        assert np.abs(np.median(tint, axis=0) - colour(bus_found["tracker_id"])).max() < 4
+
+
+def test_cli_without_track_has_no_tracker_ids(server, clip, tmp_path):
+    args = build_parser().parse_args([str(clip), "--server", server.address, "--quiet",
+                                      "--max-frames", "2", "--jsonl", str(tmp_path / "r.jsonl")])
+    summary = run(args)
+    assert "objects" not in summary
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert lines and not any("tracker_id" in p for d in lines for p in d["predictions"])
