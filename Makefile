@@ -19,7 +19,7 @@ SDK_STAMP := $(SDK_VENV)/.installed-stamp
 CLIENT_VENV  := .venv-client
 CLIENT_STAMP := $(CLIENT_VENV)/.installed-stamp
 
-.PHONY: setup model triton-env client-env sdk-env triton lint test test-client test-gpu bench run proto clean help
+.PHONY: setup model triton-env client-env sdk-env triton lint test test-client test-gpu image-test bench run proto clean help
 
 help:
 	@echo "make run    set up, then run the main job on the embedded default"
@@ -81,6 +81,15 @@ test-client: setup $(MODEL) $(CLIENT_STAMP)
 # On a machine with a CUDA device and CuPy: the GPU-marked tests only.
 test-gpu: setup
 	$(BIN)/python -m pytest -m gpu -rs
+
+# The CPU image built with buildah from docker/Dockerfile.cpu and served for real (root, Linux;
+# no Docker engine needed). See docker/image_test.py. .ci/run runs it after `make test`.
+IMAGE_TOOLS := buildah debootstrap
+image-test: setup $(MODEL)
+	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || \
+		apt-get install -y --no-install-recommends $(IMAGE_TOOLS) || \
+		(apt-get update && apt-get install -y --no-install-recommends $(IMAGE_TOOLS))
+	$(BIN)/python docker/image_test.py
 
 bench: setup $(MODEL)
 	$(TUNED) $(BIN)/python benchmarks/rle_bench.py

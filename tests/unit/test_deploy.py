@@ -158,7 +158,8 @@ def instructions(path: Path) -> list[tuple[str, str]]:
 def test_dockerfile_rules(path):
     steps = instructions(path)
     keywords = [k for k, _ in steps]
-    base = dict(steps)["FROM"]
+    defaults = dict(v.split("=", 1) for k, v in steps if k == "ARG" and "=" in v)
+    base = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)].strip('"'), dict(steps)["FROM"])
     assert ":" in base and not base.endswith(":latest"), "pin the base image (hadolint DL3006/7)"
     assert "USER" in keywords and keywords.index("USER") < keywords.index("ENTRYPOINT")
     user = [v for k, v in steps if k == "USER"][-1]
