@@ -7,9 +7,10 @@ errors by status, and requests lost (sent but never answered: must be 0).
 
     python benchmarks/soak_bench.py --streams 32 --window 2 --rounds 5 --seconds 40
 
-RSS is read 2 s after each round, once the idle server has given freed memory back. Single
-readings swing by tens of MB (allocator fragmentation), so the verdict compares the mean of
-the last half of the rounds with the first half: a plateau grows by less than 5%.
+RSS is read at rest after each round: the lowest of readings over 5 s of idle (the server
+gives freed memory back after a second idle; single readings swing by tens of MB with what
+the last batches left mapped). The verdict compares the mean of the last half of the rounds
+with the first half: a plateau grows by less than 5%.
 """
 
 from __future__ import annotations
@@ -34,11 +35,25 @@ from serve_bench import workload  # noqa: E402 - the same real photos and 16:9 f
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident MB: VmRSS (all), or RssAnon (heap and other anonymous memory, where a leak
+    would show; RssFile, the mapped libraries' pages, is the rest)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def settled_rss_mb(pid: int, seconds: float = 5.0, field: str = "VmRSS") -> float:
+    """The server's resident memory at rest: the lowest of readings over ``seconds`` of idle
+    (it trims freed memory after a second idle; single readings swing with what the last
+    batches left mapped)."""
+    readings = []
+    stop_at = time.monotonic() + seconds
+    while time.monotonic() < stop_at:
+        readings.append(rss_mb(pid, field))
+        time.sleep(0.25)
+    return min(readings)
 
 
 def one_stream(target: str, images: list[bytes], window: int, stop_at: float, tally: dict,
@@ -98,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         images = workload(args.workload)
         print(f"# soak: {args.streams} streams x window {args.window}, {args.rounds} rounds of "
               f"{args.seconds:.0f} s, {args.workload}; server flags: {args.server_args or '(defaults)'}")
-        print("| round | RSS MB | RSS growth | frames answered | frames/s | errors by status | lost |")
-        print("|---|---|---|---|---|---|---|")
-        print(f"| start | {rss_mb(server.pid):.0f} | | | | | |", flush=True)
-        previous = rss_mb(server.pid)
+        print("| round | RSS MB | RSS growth | anonymous MB | frames answered | frames/s | "
+              "errors by status | lost |")
+        print("|---|---|---|---|---|---|---|---|")
+        previous = settled_rss_mb(server.pid)
+        print(f"| start | {previous:.0f} | | {rss_mb(server.pid, 'RssAnon'):.0f} | | | | |", flush=True)
         readings, lost = [], 0
         for r in range(1, args.rounds + 1):
             tally = {"sent": 0, "answered": 0, "errors": collections.Counter()}
@@ -116,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             for t in threads:
                 t.join()
             elapsed = time.monotonic() - start
-            time.sleep(2.0)  # idle: the server gives freed memory back after a second
-            now = rss_mb(server.pid)
+            now = settled_rss_mb(server.pid)
+            anonymous = rss_mb(server.pid, "RssAnon")
             ok = tally["answered"] - sum(tally["errors"].values())
             errors = ", ".join(f"{k} {v}" for k, v in sorted(tally["errors"].items())) or "none"
-            print(f"| {r} | {now:.0f} | {100 * (now - previous) / previous:+.1f}% | {ok} | "
+            print(f"| {r} | {now:.0f} | {100 * (now - previous) / previous:+.1f}% | {anonymous:.0f} | {ok} | "
                   f"{ok / elapsed:.2f} | {errors} | {tally['sent'] - tally['answered']} |", flush=True)
             previous = now
             readings.append(now)
@@ -130,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             first, last = np.mean(readings[:half]), np.mean(readings[-half:])
             verdict = "plateau" if last < 1.05 * first else "GROWING"
             print(f"\nmean RSS, first {half} rounds {first:.0f} MB, last {half} {last:.0f} MB: "
-                  f"{100 * (last / first - 1):+.1f}% ({verdict}); requests lost: {lost}")
+                  f"{100 * (last / first - 1):+.1f}% ({verdict}); highest, first half "
+                  f"{max(readings[:half]):.0f} MB, last half {max(readings[-half:]):.0f} MB; "
+                  f"requests lost: {lost}")
     finally:
         server.terminate()
         server.wait(60)
