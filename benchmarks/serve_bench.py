@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import queue
-import subprocess
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ import numpy as np
 import tritonclient.grpc as triton
 from PIL import Image
 
-from clients.demo import free_port, wait_until_serving
+from clients.demo import free_port, local_server
 from pipeline.samples import NAMES, sample_rgb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,15 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer and not args.peer.startswith(("127.", "localhost")):
         raise SystemExit("--peer must be a loopback address")
 
-    port, metrics_port = free_port(), free_port()
+    metrics_port = free_port()
     (ROOT / "out").mkdir(exist_ok=True)
     log = open(ROOT / "out" / "serve_bench_server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--host", "127.0.0.1", "--grpc-port", str(port),
-         "--metrics-port", str(metrics_port), "--http-port", "0", *args.server_args.split()], cwd=ROOT, stderr=log)
-    ours = f"127.0.0.1:{port}"
-    try:
-        wait_until_serving(ours, server)
+    with local_server("--metrics-port", str(metrics_port), *args.server_args.split(), log=log,
+                      cwd=ROOT) as (ours, _):
         targets = [("ours", ours, "instance_segmentation")]
         if args.peer:
             targets.append(("peer", args.peer, args.peer_model))
@@ -214,9 +209,6 @@ def main(argv: list[str] | None = None) -> int:
                           f"{result.percentile(50):.0f} | {result.percentile(99):.0f} | {result.errors} | "
                           f"{ratio} | " + " | ".join(cells) + " |", flush=True)
         print(f"(our server's log: {log.name})", file=sys.stderr)
-    finally:
-        server.terminate()
-        server.wait(60)
     return 0
 
 

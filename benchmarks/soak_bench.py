@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import queue
-import subprocess
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as triton
 
-from clients.demo import free_port, wait_until_serving
+from clients.demo import local_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_bench import workload  # noqa: E402 - the same real photos and 16:9 frames
@@ -101,15 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-args", default="", help="extra flags for the server")
     args = parser.parse_args(argv)
 
-    port = free_port()
     (ROOT / "out").mkdir(exist_ok=True)
     log = open(ROOT / "out" / "soak_server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--host", "127.0.0.1", "--grpc-port", str(port),
-         "--metrics-port", "0", "--http-port", "0", *args.server_args.split()], cwd=ROOT, stderr=log)
-    target = f"127.0.0.1:{port}"
-    try:
-        wait_until_serving(target, server)
+    with local_server(*args.server_args.split(), log=log, cwd=ROOT) as (target, server):
         images = workload(args.workload)
         print(f"# soak: {args.streams} streams x window {args.window}, {args.rounds} rounds of "
               f"{args.seconds:.0f} s, {args.workload}; server flags: {args.server_args or '(defaults)'}")
@@ -149,9 +142,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * (last / first - 1):+.1f}% ({verdict}); highest, first half "
                   f"{max(readings[:half]):.0f} MB, last half {max(readings[-half:]):.0f} MB; "
                   f"requests lost: {lost}")
-    finally:
-        server.terminate()
-        server.wait(60)
     return 0
 
 

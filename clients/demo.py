@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import socket
@@ -84,6 +85,24 @@ def wait_until_serving(address: str, server: subprocess.Popen, timeout_s: float 
     raise RuntimeError(f"the server did not become SERVING within {timeout_s:.0f} s")
 
 
+@contextlib.contextmanager
+def local_server(*flags: str, log=subprocess.DEVNULL, cwd: Path | None = None):
+    """``python -m pipeline serve`` on free loopback ports, yielded as (gRPC address, process)
+    once SERVING; SIGTERM when done (the drain's exit code is then ``process.returncode``).
+    flags: more server flags; a flag given again overrides the defaults here."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", "--host", "127.0.0.1", "--grpc-port", str(port),
+         "--metrics-port", "0", "--http-port", "0", *flags], cwd=cwd, stderr=log)
+    try:
+        wait_until_serving(f"127.0.0.1:{port}", process)
+        yield f"127.0.0.1:{port}", process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        process.wait(120)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default out/)")
@@ -96,25 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     n = make_clip(clip, args.frames_per_photo)
     print(f"[1/4] sample clip: {clip} ({n} frames of {CLIP_SIZE[1]}x{CLIP_SIZE[0]} from real photos)")
 
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--model-repository", args.model_repository,
-         "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", str(free_port()),
-         "--http-port", str(free_port())],
-        stderr=open(args.out / "server.log", "w"),
-    )
-    try:
-        wait_until_serving(address, server)
+    with local_server("--model-repository", args.model_repository,
+                      log=open(args.out / "server.log", "w")) as (address, server):
         print(f"[2/4] server SERVING on {address} (log: {args.out / 'server.log'})")
         cli = build_parser().parse_args([str(clip), "--server", address, "--track",
                                          "--jsonl", str(args.out / "results.jsonl"),
                                          "--annotate", str(args.out / "annotated.mp4")])
         print("[3/4] streaming the clip through the server, tracking objects ...")
         summary = run(cli)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(120)
+    code = server.returncode
     dense = summary["dense_bytes"]
     print(f"[4/4] server drained and exited with {code}\n")
     print(f"frames:            {summary['frames']} ({summary['frames_per_second']} frames/s, "

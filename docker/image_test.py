@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from clients.demo import free_port, wait_until_serving
+from clients.demo import local_server, wait_until_serving
 from pipeline.samples import sample_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,21 +225,6 @@ def detections(address: str) -> list[tuple[list[dict], list[str]]]:
     return out
 
 
-@contextlib.contextmanager
-def host_server():
-    """The host's .venv server on free ports: the reference the image must equal."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--host", "127.0.0.1",
-                                "--grpc-port", str(port), "--http-port", "-1", "--metrics-port", "0",
-                                "--device", "cpu"], cwd=ROOT, stderr=subprocess.DEVNULL)
-    try:
-        wait_until_serving(f"127.0.0.1:{port}", process)
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
-
-
 def written_outside_tmp(mount: Path, since: float) -> list[str]:
     """Files the run created or changed outside /tmp (buildah's own /etc files aside)."""
     allowed = {"tmp", "proc", "sys", "dev", "run"}
@@ -287,7 +272,7 @@ def serve_and_prove(buildah: Buildah, config: dict, healthcheck: list[str]) -> N
                                capture_output=True, text=True, timeout=60)
         assert check.returncode == 0 and "SERVING" in check.stdout, check
         step(f"HEALTHCHECK {' '.join(healthcheck[1:])}: {check.stdout.strip()}")
-        with host_server() as reference:
+        with local_server("--http-port", "-1", "--device", "cpu", cwd=ROOT) as (reference, _):
             ours, theirs = detections("127.0.0.1:8001"), detections(reference)
         for name, (image_doc, image_counts), (host_doc, host_counts) in zip(PHOTOS, ours, theirs):
             assert image_doc and image_doc == host_doc, f"{name}: image and host detections differ"
