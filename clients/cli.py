@@ -11,6 +11,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from pipeline.overlay import tracker_id
+
 from .client import ClientError, SegmentationClient, result_document
 from .sources import VideoWriter, check, describe, frame_rate, frames, jpeg
 
@@ -102,8 +104,8 @@ def run(args: argparse.Namespace) -> dict:
                 summary["dropped"] += bool(result.dropped)
                 for p in doc["predictions"]:
                     classes[p["class"]] += 1
-                    if p.get("tracker_id", -1) >= 0:
-                        tracked_objects.setdefault(p["class"], set()).add(p["tracker_id"])
+                    if tracker_id(p) is not None:
+                        tracked_objects.setdefault(p["class"], set()).add(tracker_id(p))
                     summary["rle_bytes"] += len(p["rle"]["counts"])
                     summary["dense_bytes"] += result.height * result.width
                 summary["detections"] += len(doc["predictions"])

@@ -19,10 +19,16 @@ def palette(n: int) -> list[tuple[int, int, int]]:
     return [colour(i) for i in range(n)]
 
 
+def tracker_id(pred: dict) -> int | None:
+    """The prediction's tracker id, if it is a confirmed tracked object."""
+    found = pred.get("tracker_id")
+    return found if found is not None and found >= 0 else None
+
+
 def label(pred: dict) -> str:
     """'person 0.87', or '#7 person 0.87' for a tracked object."""
-    tracked = pred.get("tracker_id", -1)
-    prefix = f"#{tracked} " if tracked is not None and tracked >= 0 else ""
+    tracked = tracker_id(pred)
+    prefix = "" if tracked is None else f"#{tracked} "
     return f"{prefix}{pred['class']} {pred['confidence']:.2f}"
 
 
@@ -38,8 +44,7 @@ def draw(image: np.ndarray, predictions: Sequence[dict], alpha: float = 0.45):
     from .rle import decode
 
     out = image.astype(np.float32)
-    colours = [colour(p["tracker_id"]) if p.get("tracker_id", -1) >= 0 else colour(i)
-               for i, p in enumerate(predictions)]
+    colours = [colour(i if tracker_id(p) is None else tracker_id(p)) for i, p in enumerate(predictions)]
     for pred, tint in zip(predictions, colours):
         if "rle" in pred:
             mask = decode(pred["rle"])[0].astype(bool)

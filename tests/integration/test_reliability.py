@@ -30,28 +30,26 @@ def image_input(*images: bytes) -> triton.InferInput:
     return tensor
 
 
-def with_queue_timeout(seconds: float):
+def server_with_queue_timeout(tmp_path_factory, seconds: float):
+    """A server on a copy of the repository whose queue timeout is ``seconds``."""
     def edit(text: str) -> str:
         return text.replace("default_timeout_microseconds: 2000000",
                             f"default_timeout_microseconds: {int(seconds * 1e6)}")
-    return edit
+    repository = copy_repository(tmp_path_factory.mktemp("queue"), instance_segmentation=edit)
+    return running_server(model_repository=str(repository))
 
 
 @pytest.fixture(scope="module")
 def short_queue(tmp_path_factory):
     """A server whose requests may wait at most 0.3 s for the network."""
-    repository = copy_repository(tmp_path_factory.mktemp("queue"),
-                                 instance_segmentation=with_queue_timeout(0.3))
-    with running_server(model_repository=str(repository)) as running:
+    with server_with_queue_timeout(tmp_path_factory, 0.3) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def patient_queue(tmp_path_factory):
     """A server whose requests may wait 10 s, or less where a request asks for less."""
-    repository = copy_repository(tmp_path_factory.mktemp("patient"),
-                                 instance_segmentation=with_queue_timeout(10.0))
-    with running_server(model_repository=str(repository)) as running:
+    with server_with_queue_timeout(tmp_path_factory, 10.0) as running:
         yield running
 
 
