@@ -82,6 +82,9 @@ def workloads(quick: bool) -> list[Workload]:
     add("1080p x 20", _blobs(20 // scale, full_hd, (200, 700), 2))
     add("1080p x 20 large, holes", _large_with_holes(20 // scale, full_hd, 6))
     add("1080p x 100 small", _blobs(100 // scale, full_hd, (30, 150), 3))
+    # Sizes the codec was not tuned on: 4K frames of large objects, 16:9 720p video frames.
+    add("2160p x 8 large, holes", _large_with_holes(8 // scale, (2160, 3840), 7))
+    add("720p x 40 mixed", _blobs(40 // scale, (720, 1280), (20, 700), 8))
     add("640x640 x 100", _blobs(100 // scale, (640, 640), (40, 300), 4))
     rng = np.random.default_rng(5)
     noisy = rng.random((5, *full_hd)) < 0.033  # about 660k runs in all

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from . import memory, schema
+from . import memory, rle, schema
 from .batcher import DynamicBatcher, QueuePolicy
 from .errors import BadInputError, ConfigError, PipelineError
 from .images import Letterbox, as_picture, letterbox, letterbox_geometry, probe
@@ -86,6 +86,9 @@ class Pipeline:
         self.max_batch_size = max(1, entry.config.max_batch_size)
         self.batch_limit = self._batch_limit()
         self.ledger.set_batch_limit(self.name, self.batch_limit)
+        started = time.perf_counter()
+        rle.warm_up()
+        LOG.info("%s: host RLE kernel ready in %.1f s", entry.name, time.perf_counter() - started)
         self._batcher: DynamicBatcher | None = None
         LOG.info("%s: network %s on %s, %d classes, scale %d (%s), batches of up to %d "
                  "(max_batch_size %d)", entry.name, network.name, device, self.info.num_classes,

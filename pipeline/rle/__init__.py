@@ -4,10 +4,12 @@
 ``decode`` turns COCO RLE back into masks and refuses malformed or hostile input.
 
 Where the work happens: run lengths are computed where the masks live (CuPy on a CUDA device,
-NumPy on the host; ``runs``), reach the host in one copy per batch, and are packed to ASCII on
-the CPU (``packing``). ``arrays`` moves NumPy / CuPy / torch arrays between them without copies.
+a compiled numba kernel on the host; ``runs``, ``host_kernel``), reach the host in one copy
+per batch, and are packed to ASCII on the CPU (``packing``). ``arrays`` moves NumPy / CuPy /
+torch arrays between them without copies.
 This module is the codec's public API: other stages and outside code import only from here.
-It needs NumPy and pycocotools, never torch or CuPy (those are used when handed their arrays).
+It needs NumPy, pycocotools and (to encode on the host) numba, never torch or CuPy (those are
+used when handed their arrays).
 """
 
 from __future__ import annotations
@@ -34,11 +36,20 @@ from .runs import (
 
 __all__ = ["encode", "encode_crops", "decode", "parse", "dense", "run_lengths", "to_coco",
            "pack", "box_windows", "batch_run_lengths", "set_threads", "RunLengths", "Tiles",
-           "NotBinaryError", "MAX_DECODE_PIXELS"]
+           "NotBinaryError", "MAX_DECODE_PIXELS", "warm_up"]
 
 # decode() refuses to allocate more than this many mask pixels in one call (2 GiB of uint8),
 # so a hostile "size" cannot exhaust memory.
 MAX_DECODE_PIXELS = 1 << 31
+
+
+def warm_up() -> None:
+    """Make the host encoder ready: its kernel is compiled on first use (about 2 s, then
+    loaded from numba's on-disk cache in about 0.3 s). Servers call this while loading, so no
+    request pays for it. Raises RuntimeError if the compiled kernel is wrong on this CPU."""
+    from .host_kernel import warm_up as compile_and_check
+
+    compile_and_check()
 
 
 def pack(runs: RunLengths) -> list[str]:

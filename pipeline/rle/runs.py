@@ -20,21 +20,19 @@ C order. Two cases make the rule exact:
 - a full-height crop (top == 0, h == H): column c's bottom pad and column c+1's top pad land on
   the same index k; two changes at one index cancel (1 -> 0 -> 1 is no change), so neither stays.
 
-Sorting the transitions by k puts them in column-major order; differences give the counts.
+Putting the transitions in column-major order (ascending k) and taking differences gives
+the counts.
 
-A batch may mix frames (images of different sizes): instance i's keys are ``i * slot + k``
-with slot >= every frame's H*W, so one sort orders every instance's transitions at once.
+``batch_run_lengths`` is the one algorithm, with two implementations:
 
-``batch_run_lengths`` is the one algorithm; it finds transitions in one of two ways:
-
-- ``_changes_on_device``: plain array operations (one change map, one ``nonzero`` per stack),
-  array-module agnostic. This is the CUDA path through CuPy; ``crop_stack_run_lengths`` runs
-  it on NumPy too, so the CPU checks the GPU's logic.
-- ``_changes_on_host``: the NumPy path tuned for 2-core hosts. It compares rows eight pixels
-  at a time as uint64 words, so a mostly-empty mask is read once at memory speed.
-
-``host_run_lengths`` prepares host crops for it (small crops padded into one stack, large ones
-read in place, noise-like whole masks through one column-major copy each).
+- ``_device_batch``: plain array operations, array-module agnostic: one change map and one
+  ``nonzero`` per stack, then one sort of every key. A batch may mix frames (images of
+  different sizes): instance i's keys are ``i * slot + k`` with slot >= every frame's H*W, so
+  the one sort orders every instance's transitions at once. This is the CUDA path through
+  CuPy; ``crop_stack_run_lengths`` runs it on NumPy too, so the CPU checks the GPU's logic.
+- ``_host_batch``: the host's, through the compiled kernel in ``host_kernel``. It reads each
+  crop once, in place, eight pixels per load, and orders its changes with a counting sort by
+  column; the many array passes of the device path are what a 2-core host cannot afford.
 """
 
 from __future__ import annotations
@@ -44,26 +42,17 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .arrays import to_xp_array
 
-# Below this many pixels a crop is compared byte by byte: the word trick's fixed cost is
-# larger than the saving.
-_WORD_COMPARE_MIN_PIXELS = 1 << 14
-# When more than one word in this many holds a change (noisy masks), expanding candidate
-# words costs more than comparing every byte.
-_DENSE_WORD_RATIO = 8
-# Row comparisons of at least this many words (8 MiB) are split across cores.
-_PARALLEL_MIN_WORDS = 1 << 20
-# Whole masks whose sampled pixels change row to row more often than one in this many are
-# treated as noise (see _noise_like).
-_NOISE_CHANGE_RATIO = 32
-# Host crops up to this many pixels are padded into one shared stack and processed together;
-# larger ones are read in place (padding them would copy more than it saves).
-_PADDED_CROP_MAX_PIXELS = 1 << 16
+if TYPE_CHECKING:  # imported where used: numba's import (~0.3 s) is for encoding, not decoding
+    from . import host_kernel
+
+# Above this many pixels in all, a host batch is split across the host threads.
+_PARALLEL_MIN_PIXELS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -133,30 +122,6 @@ def _changes_on_device(xp: ModuleType, stack: Any) -> tuple[Any, Any, Any]:
     return xp.nonzero(changes)
 
 
-def _changes_on_host(stack: np.ndarray, parallel: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Same changes as ``_changes_on_device``, tuned for NumPy on a CPU. Their order may differ,
-    but within one instance and one column they come in row order, as there."""
-    n, h, w = stack.shape
-    flat = np.ascontiguousarray(stack).reshape(-1).view(np.uint8)
-    # Row-to-row changes over the whole stack at once; a "row 0" hit compares an instance's
-    # first row with the previous instance's last and is replaced by the zero-pad rows below.
-    p = _row_changes(flat, w, parallel)
-    if flat.size < 2**31:  # int32 division measured 4x faster than int64
-        p = p.astype(np.int32)
-    inst, rest = np.divmod(p, p.dtype.type(h * w))
-    row, col = np.divmod(rest, p.dtype.type(w))
-    inner = row > 0
-    top_inst, top_col = np.nonzero(stack[:, 0])
-    bottom_inst, bottom_col = np.nonzero(stack[:, h - 1])
-    # Top pads first and bottom pads last: within each instance and column, changes then come
-    # in row order, which ``_sorted_keys`` relies on.
-    return (
-        np.concatenate([top_inst, inst[inner], bottom_inst]),
-        np.concatenate([np.zeros_like(top_col), row[inner], np.full_like(bottom_col, h)]),
-        np.concatenate([top_col, col[inner], bottom_col]),
-    )
-
-
 @dataclass(frozen=True)
 class Tiles:
     """Same-shape crops of some instances of a batch, all on one device.
@@ -173,48 +138,21 @@ class Tiles:
 
 def transition_keys(
     xp: ModuleType, stack: Any, origins: Any, ids: Any, heights: Any, areas: Any, slot: int,
-    portable: bool = False, parallel: bool = True,
-) -> tuple[Any, Any, Any]:
-    """Unsorted transition keys ``id * slot + k`` of an (n, h, w) stack of crops, with each
-    key's instance and frame column (for ``_sorted_keys``).
+) -> Any:
+    """Unsorted transition keys ``id * slot + k`` of an (n, h, w) stack of crops.
 
     origins: (n, 2) (top, left) of each crop, ids: (n,) instance numbers; heights and areas:
     (N,) each instance's frame H and H*W; slot: at least the largest area. All int64 arrays
-    on the stack's device. portable: find changes with the device code even on NumPy.
-    parallel: the host may split its comparison across cores (not when already in a thread).
+    on the stack's device.
     """
-    if xp is np and not portable:
-        inst, row, col = _changes_on_host(stack, parallel)
-    else:
-        inst, row, col = _changes_on_device(xp, stack)
+    inst, row, col = _changes_on_device(xp, stack)
     # Per-crop constants first, so each change needs one gather per term.
     tops, lefts = origins[:, 0].copy(), origins[:, 1].copy()
     frame_heights, frame_areas = heights[ids], areas[ids]
-    column = lefts[inst] + col
-    k = column * frame_heights[inst] + tops[inst] + row
+    k = (lefts[inst] + col) * frame_heights[inst] + tops[inst] + row
     instance = ids[inst]
     keep = k < frame_areas[inst]  # a set last pixel of the frame: its run just ends at H*W
-    if xp is not np or not keep.all():  # (no sync on a device)
-        instance, column, k = instance[keep], column[keep], k[keep]
-    return instance * slot + k, instance, column
-
-
-def _sorted_keys(xp: ModuleType, keys: Any, instance: Any, column: Any, n: int,
-                 width: int) -> Any:
-    """The keys in ascending order.
-
-    Within one instance and one column, keys are generated in row order, so on the host a
-    stable sort by (instance, column) sorts them: two radix passes over 16-bit values
-    (NumPy's stable sort of small integers), measured ~3x faster than sorting the keys on
-    this project's CPUs, where NumPy's sort is not vectorised. Otherwise a plain sort.
-    """
-    if xp is np and keys.size and width <= 1 << 16 and n <= 1 << 16:
-        order = np.argsort(column.astype(np.uint16), kind="stable")
-        if n > 1:  # one radix pass on 8 bits where instances allow it
-            narrow = np.uint8 if n <= 1 << 8 else np.uint16
-            order = order[np.argsort(instance[order].astype(narrow), kind="stable")]
-        return keys[order]
-    return xp.sort(keys)
+    return instance[keep] * slot + k[keep]
 
 
 def _run_lengths_from_keys(
@@ -271,45 +209,21 @@ def batch_run_lengths(
     if n and (np.any(np.diff(frame_of) < 0) or frame_of[0] < 0 or frame_of[-1] >= len(sizes)):
         raise ValueError("frame_of must be non-decreasing frame indices")
     heights_host, areas_host = sizes[frame_of, 0], sizes[frame_of, 0] * sizes[frame_of, 1]
-    slot = max(int(areas_host.max()) if n else 0, 1)
     stacks = [(to_xp_array(t.stack), t) for t in tiles]
     live = [(xp, stack, t) for (xp, stack), t in stacks if stack.size]
     if len({xp.__name__ for xp, _, _ in live}) > 1:
         raise ValueError("a batch's crops must all live on the host or all on one CUDA device")
     xp = live[0][0] if live else np
-    heights, areas = xp.asarray(heights_host), xp.asarray(areas_host)
-    width = int(sizes[:, 1].max()) if len(sizes) else 0
-    largest = None
-    for _, stack, t in live:
+    for _, stack, _ in live:
         check_mask_dtype(stack.dtype)
-        if xp is np:
-            _check_binary_on_host(stack, t.ids)
-        elif stack.dtype == xp.uint8:  # checked once the batch is home: no sync here
-            top = stack.max()
-            largest = top if largest is None else xp.maximum(largest, top)
+    if xp is np and not portable:
+        from . import host_kernel
 
-    def keys_of(stack: Any, t: Tiles, parallel: bool) -> tuple[Any, Any, Any]:
-        origins = xp.asarray(np.asarray(t.origins, np.int64).reshape(-1, 2))
-        ids = xp.asarray(np.asarray(t.ids, np.int64).reshape(-1))
-        return transition_keys(xp, stack, origins, ids, heights, areas, slot, portable, parallel)
-
-    workers, _ = _compare_pool()
-    in_order = _tiles_in_id_order([t for _, _, t in live])
-    if (xp is np and workers is not None and in_order is not None and len(live) > 1
-            and sum(stack.size for _, stack, _ in live) >= 8 * _PARALLEL_MIN_WORDS):
-        # Tiles holding disjoint, ascending id ranges: each is found and sorted in a thread of
-        # its own (the host's cores), and their keys concatenated are sorted.
-        stacks = {id(t): stack for _, stack, t in live}
-        parts = workers.map(
-            lambda t: _sorted_keys(np, *keys_of(stacks[id(t)], t, False), n, width), in_order)
-        all_keys = np.concatenate(list(parts))
-    elif live:
-        found = [keys_of(stack, t, True) for _, stack, t in live]
-        keys, instance, column = (xp.concatenate(part) for part in zip(*found))
-        all_keys = _sorted_keys(xp, keys, instance, column, n, width)
+        windows = [host_kernel.Windows.of(list(stack), t.origins, t.ids) for _, stack, t in live]
+        counts, offsets = _host_batch(windows, heights_host, areas_host)
     else:
-        all_keys = xp.empty(0, xp.int64)
-    counts, offsets = _run_lengths_from_keys(xp, all_keys, areas, slot, largest)
+        counts, offsets = _device_batch(xp, [(stack, t) for _, stack, t in live], heights_host,
+                                        areas_host)
     bounds = np.searchsorted(frame_of, np.arange(len(sizes) + 1))
     out = []
     for f, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -319,12 +233,88 @@ def batch_run_lengths(
     return out
 
 
-def _tiles_in_id_order(tiles: Sequence[Tiles]) -> list[Tiles] | None:
-    """The tiles by first instance id if their id ranges do not interleave, else None."""
-    spans = sorted((int(np.min(t.ids)), int(np.max(t.ids)), i) for i, t in enumerate(tiles))
-    if any(prev[1] >= cur[0] for prev, cur in zip(spans, spans[1:])):
-        return None
-    return [tiles[i] for _, _, i in spans]
+def _device_batch(xp: ModuleType, stacks: Sequence[tuple[Any, Tiles]], heights_host: np.ndarray,
+                  areas_host: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Host (counts, offsets) of every instance through array operations on ``xp``: each
+    stack's keys found with no host copy, one sort of them all, one copy home."""
+    slot = max(int(areas_host.max()) if areas_host.size else 0, 1)
+    heights, areas = xp.asarray(heights_host), xp.asarray(areas_host)
+    largest = None
+    for stack, _ in stacks:
+        if stack.dtype == xp.uint8:  # checked once the batch is home: no sync here
+            top = stack.max()
+            largest = top if largest is None else xp.maximum(largest, top)
+    keys = [
+        transition_keys(xp, stack, xp.asarray(np.asarray(t.origins, np.int64).reshape(-1, 2)),
+                        xp.asarray(np.asarray(t.ids, np.int64).reshape(-1)), heights, areas, slot)
+        for stack, t in stacks
+    ]
+    all_keys = xp.sort(xp.concatenate(keys)) if keys else xp.empty(0, xp.int64)
+    return _run_lengths_from_keys(xp, all_keys, areas, slot, largest)
+
+
+def _host_batch(windows: Sequence[host_kernel.Windows], heights: np.ndarray,
+                areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Host (counts, offsets) of every instance through the compiled kernel.
+
+    A large batch is cut into pieces of whole crops, about one per host thread (the kernel
+    releases the GIL); each piece's runs are then copied to its instances' places.
+    heights, areas: (N,) each instance's frame H and H*W.
+    """
+    from . import host_kernel
+
+    n = len(heights)
+
+    def runs_of(piece: host_kernel.Windows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        counts, offsets, bits = host_kernel.run_lengths(piece, heights[piece.ids],
+                                                        areas[piece.ids])
+        if bits & int(host_kernel.NOT_BINARY_BITS):
+            _refuse_not_binary(piece)
+        return counts, offsets, piece.ids
+
+    pieces = _pieces(windows)
+    workers, _ = _host_pool()
+    parallel = workers is not None and len(pieces) > 1
+    found = list(workers.map(runs_of, pieces) if parallel else map(runs_of, pieces))
+    if len(found) == 1 and np.array_equal(found[0][2], np.arange(n)):
+        return found[0][0], found[0][1]
+    lengths = np.ones(n, np.int64)  # an instance without a crop is one zero-run
+    for _, offsets, ids in found:
+        lengths[ids] = np.diff(offsets)
+    offsets_all = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=offsets_all[1:])
+    counts_all = np.empty(int(offsets_all[-1]), np.int64)
+    counts_all[offsets_all[:-1]] = areas
+    for counts, offsets, ids in found:
+        shift = np.repeat(offsets_all[ids] - offsets[:-1], np.diff(offsets))
+        counts_all[shift + np.arange(counts.size)] = counts
+    return counts_all, offsets_all
+
+
+def _pieces(windows: Sequence[host_kernel.Windows]) -> list[host_kernel.Windows]:
+    """The windows cut into runs of whole crops holding similar pixel counts, about one per
+    host thread (left as they are when the batch is small or one thread is allowed)."""
+    _, threads = _host_pool()
+    live = [w for w in windows if len(w)]
+    total = sum(w.pixels for w in live)
+    if threads < 2 or total < _PARALLEL_MIN_PIXELS:
+        return live
+    pieces = []
+    for w in live:
+        done = np.cumsum(np.prod(w.shapes, axis=1))
+        parts = min(len(w), max(1, round(threads * int(done[-1]) / total)))
+        cuts = np.searchsorted(done, np.arange(1, parts) * (done[-1] / parts)) + 1
+        bounds = np.unique(np.clip(np.concatenate([[0], cuts, [len(w)]]), 0, len(w)))
+        pieces += [w.take(a, b) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    return pieces
+
+
+def _refuse_not_binary(windows: host_kernel.Windows) -> None:
+    """Raise NotBinaryError naming the first instance whose crop holds a value above 1."""
+    for i in range(len(windows)):
+        largest = int(windows.crops[i].max(initial=0))
+        if largest > 1:
+            raise _not_binary(largest, int(windows.ids[i]))
 
 
 def crop_stack_run_lengths(
@@ -345,55 +335,6 @@ def crop_stack_run_lengths(
 
 # ----------------------------------------------------------------------------- host path
 
-def _row_changes(flat: np.ndarray, w: int, parallel: bool = True) -> np.ndarray:
-    """Indices p >= w of ``flat`` (C-order rows of width w) where flat[p] != flat[p - w]."""
-    span = flat.size - w
-    if span <= 0:
-        return np.empty(0, np.int64)
-    if flat.size < _WORD_COMPARE_MIN_PIXELS:
-        return np.flatnonzero(flat[w:] != flat[:-w]) + w
-    # Compare 8 pixels at a time: word j covers positions w + 8j .. w + 8j + 7. Unaligned
-    # uint64 views of one buffer are fine on the hosts NumPy supports.
-    n_words = span // 8
-    below = np.frombuffer(flat, np.uint64, count=n_words, offset=w)
-    above = np.frombuffer(flat, np.uint64, count=n_words)
-    words = _changed_words(below, above, parallel)
-    if words.size * _DENSE_WORD_RATIO > n_words:
-        return np.flatnonzero(flat[w:] != flat[:-w]) + w
-    tail = np.flatnonzero(flat[w + 8 * n_words :] != flat[8 * n_words : span]) + w + 8 * n_words
-    # Which of the 8 bytes differ: look only at the changed words. (flatnonzero of a 1-D
-    # boolean is NumPy's fast path: measured 10x faster than np.nonzero of the (n, 8) bytes.)
-    # The XORed bytes are 0 or 1 (masks hold only 0 and 1): a valid boolean view.
-    differing = np.flatnonzero((below[words] ^ above[words]).view(np.bool_))
-    hits = w + 8 * words[differing >> 3] + (differing & 7)
-    return np.concatenate([hits, tail]) if tail.size else hits
-
-
-def _changed_words(below: np.ndarray, above: np.ndarray, parallel: bool = True) -> np.ndarray:
-    """Indices where two equal-length uint64 arrays differ; large inputs use every core.
-
-    The comparison streams both arrays once (memory speed; NumPy releases the GIL in it, so
-    big inputs are split into one slice per core). Its booleans are then scanned eight at a
-    time as uint64 words, so only the few eight-word blocks holding a change are expanded.
-    """
-    n = below.size
-    changed = np.empty(n, bool)
-    workers, count = _compare_pool()
-    if n < _PARALLEL_MIN_WORDS or workers is None or not parallel:
-        np.not_equal(below, above, out=changed)
-    else:
-        bounds = np.linspace(0, n, count + 1).astype(np.int64)
-        list(workers.map(lambda s, e: np.not_equal(below[s:e], above[s:e], out=changed[s:e]),
-                         bounds[:-1], bounds[1:]))
-    whole = n - n % 8
-    packed = changed[:whole].view(np.uint64)
-    blocks = np.flatnonzero(packed != 0)
-    inside = np.flatnonzero(packed[blocks].view(np.uint8) != 0)  # the blocks' bytes, in order
-    words = 8 * blocks[inside >> 3] + (inside & 7)
-    rest = np.flatnonzero(changed[whole:]) + whole
-    return np.concatenate([words, rest]) if rest.size else words
-
-
 _POOL: ThreadPoolExecutor | None = None
 _THREADS: int | None = None  # None: one per core, at most 4
 
@@ -409,8 +350,8 @@ def set_threads(count: int | None) -> None:
         pool.shutdown(wait=False)
 
 
-def _compare_pool() -> tuple[ThreadPoolExecutor | None, int]:
-    """The shared pool for large comparisons and its size; None when one thread is allowed."""
+def _host_pool() -> tuple[ThreadPoolExecutor | None, int]:
+    """The shared pool for large host batches and its size; None when one thread is allowed."""
     global _POOL
     if _THREADS is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -420,42 +361,8 @@ def _compare_pool() -> tuple[ThreadPoolExecutor | None, int]:
     if count < 2:
         return None, 1
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=count, thread_name_prefix="rle-compare")
+        _POOL = ThreadPoolExecutor(max_workers=count, thread_name_prefix="rle-host")
     return _POOL, count
-
-
-def _largest_value(flat: np.ndarray) -> int:
-    if flat.size % 8 == 0:
-        words = np.bitwise_or.reduce(flat.view(np.uint64))
-        if words & 0xFEFEFEFEFEFEFEFE == 0:
-            return int(words != 0)
-    return int(flat.max()) if flat.size else 0
-
-
-def _noise_like(stack: np.ndarray) -> bool:
-    """Whether changes are so dense (noise, dithering) that per-change index arithmetic costs
-    more than a column-major copy: judged on one row pair in 64 (~3% of the pixels).
-    A performance choice only; both paths give the same runs."""
-    h = stack.shape[1]
-    if h < 128 or stack.size < _WORD_COMPARE_MIN_PIXELS:
-        return False
-    sample = stack[:, 1::64] != stack[:, 0:-1:64]
-    return np.count_nonzero(sample) * _NOISE_CHANGE_RATIO > sample.size
-
-
-def _column_major_run_lengths(stack: np.ndarray) -> RunLengths:
-    """Runs of whole-frame masks via one column-major copy per mask (never of the stack):
-    the transitions then come out in order, with no sort and no index arithmetic."""
-    n, H, W = stack.shape
-    pieces, offsets = [], np.zeros(n + 1, np.int64)
-    for i in range(n):
-        column_major = np.ascontiguousarray(stack[i].T).reshape(-1).view(np.uint8)
-        changes = np.flatnonzero(column_major[1:] != column_major[:-1]) + 1
-        if column_major[0]:
-            changes = np.concatenate([[0], changes])
-        pieces.append(np.diff(changes, prepend=0, append=H * W))
-        offsets[i + 1] = offsets[i] + pieces[-1].size
-    return RunLengths(np.concatenate(pieces).astype(np.int64), offsets, (H, W))
 
 
 def pad_crops(
@@ -484,36 +391,17 @@ def host_run_lengths(crops: Any, origins: Any, size: tuple[int, int]) -> RunLeng
     """Run lengths on the host of an (N, h, w) stack or a sequence of (h_i, w_i) crops.
 
     crops: bool or uint8 0/1 NumPy arrays; origins: (N, 2) (top, left) of each in the frame.
-    Small crops share one padded stack (one vectorised pass for all of them, no per-crop
-    overhead); large ones are read in place, eight pixels at a time.
+    Every crop is read where it lies (a mask's box window in its mask), all in one kernel
+    call unless the batch is large enough to share among the host threads.
     """
-    H, W = size
+    from . import host_kernel
+
     n = len(crops)
     origins = np.asarray(origins, dtype=np.int64).reshape(n, 2)
-    if isinstance(crops, np.ndarray):
-        if n and crops.shape[1:] == (H, W) and not origins.any() and _noise_like(crops):
-            _check_binary_on_host(crops, np.arange(n))
-            return _column_major_run_lengths(crops)
-        # Contiguous groups of instances, so a big stack can use every core.
-        _, count = _compare_pool()
-        bounds = np.linspace(0, n, min(count, n) + 1).astype(np.int64) if n else np.zeros(1, int)
-        tiles = [Tiles(crops[a:b], origins[a:b], np.arange(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
-    else:
-        small = [i for i, c in enumerate(crops) if 0 < c.size <= _PADDED_CROP_MAX_PIXELS]
-        large = [i for i, c in enumerate(crops) if c.size > _PADDED_CROP_MAX_PIXELS]
-        tiles = [Tiles(crops[i][None], origins[i : i + 1], np.array([i])) for i in large]
-        if small:
-            stack, corners = pad_crops(np, [crops[i] for i in small], origins[small], size)
-            tiles.append(Tiles(stack, corners, np.array(small)))
-    return batch_run_lengths(tiles, [size], np.zeros(n, np.int64))[0]
-
-
-def _check_binary_on_host(stack: np.ndarray, ids: np.ndarray) -> None:
-    """Refuse uint8 crops holding values besides 0 and 1, naming the instance."""
-    if stack.dtype != np.uint8:
-        return
-    for crop, instance in zip(stack, ids):
-        if crop.size:
-            largest = _largest_value(np.ascontiguousarray(crop).reshape(-1))
-            if largest > 1:
-                raise _not_binary(largest, int(instance))
+    for crop in crops:
+        check_mask_dtype(crop.dtype)
+    windows = host_kernel.Windows.of(list(crops), origins, np.arange(n))
+    H, W = size
+    heights, areas = np.full(n, H, np.int64), np.full(n, H * W, np.int64)
+    counts, offsets = _host_batch([windows], heights, areas)
+    return RunLengths(counts, offsets, (int(H), int(W)))

@@ -118,7 +118,7 @@ def test_encode_matches_pycocotools(masks):
 @settings(max_examples=150, deadline=None)
 @given(mask_stacks(max_side=160))
 def test_encode_matches_pycocotools_large(masks):
-    # Large enough for the word-at-a-time row comparison and its dense fallback.
+    # Rows long enough for the host kernel's 32-byte blocks, then words, then byte tails.
     assert counts_of(rle.encode(masks)) == coco(masks)
 
 
@@ -216,7 +216,7 @@ def test_full_height_crops_touching_both_edges():
 
 
 def test_full_hd_batch_uses_every_path():
-    # 5 x 1080p crosses the multi-core threshold; one mask is noise (dense fallback).
+    # 5 x 1080p crosses the multi-core threshold; one mask is noise (grows the buffers).
     rng = np.random.default_rng(3)
     masks = np.zeros((5, 1080, 1920), bool)
     masks[0, 100:900, 200:1700] = True
@@ -343,18 +343,47 @@ def test_decode_forms():
         rle.decode([{"size": [1, 2], "counts": [2]}, {"size": [2, 1], "counts": [2]}])
 
 
-def test_noise_like_masks_take_the_column_major_path_and_stay_exact():
-    from pipeline.rle.runs import _noise_like
+def test_noise_outgrows_the_host_kernels_buffers_and_stays_exact():
+    from pipeline.rle.host_kernel import initial_capacity
 
     rng = np.random.default_rng(11)
     noise = rng.random((3, 256, 333)) < 0.1
     noise[1, 0, 0] = True  # first pixel set: the runs start with a zero-length run
     noise[2, -1, -1] = True  # last pixel set
-    blobs = np.zeros((3, 256, 333), bool)
-    blobs[:, 50:200, 40:300] = True
-    assert _noise_like(noise) and not _noise_like(blobs)
-    for masks in (noise, blobs, noise.astype(np.uint8)):
+    runs = rle.run_lengths(noise)
+    assert min(len(runs.runs(i)) for i in range(3)) > initial_capacity(256, 333)
+    for masks in (noise, noise.astype(np.uint8), noise[:, ::-1], noise[:, :, ::2]):
         assert counts_of(rle.encode(masks)) == coco(masks)
+
+
+def test_host_kernel_reads_crops_in_place_and_splits_batches_across_threads(monkeypatch):
+    from pipeline.rle import host_kernel, runs
+
+    rng = np.random.default_rng(12)
+    masks = np.zeros((6, 720, 1280), bool)
+    for i, m in enumerate(masks):
+        m[50 + i : 600, 100 : 1100 - 7 * i] = rng.random((550 - i, 1000 - 7 * i)) < 0.98
+    boxes = np.tile([90.0, 40.0, 1110.0, 610.0], (6, 1))
+    calls = []
+    real = host_kernel.run_lengths
+
+    def spy(windows, *args):
+        calls.append((len(windows), all(np.shares_memory(c, masks) for c in windows.crops)))
+        return real(windows, *args)
+
+    monkeypatch.setattr(host_kernel, "run_lengths", spy)
+    runs.set_threads(2)
+    try:
+        assert counts_of(rle.encode(masks, boxes)) == coco(masks)
+        assert counts_of(rle.encode(masks)) == coco(masks)
+        separate = [m.copy() for m in masks]
+        assert counts_of(rle.encode_crops(separate, [(0, 0)] * 6, (720, 1280))) == coco(masks)
+    finally:
+        runs.set_threads(None)
+    # Box windows and whole masks are read where they lie. The windows (3.5M pixels) stay
+    # below the parallel threshold: one call. Six whole 720p masks pass it: two pieces of
+    # three, one per thread; so do six separate arrays.
+    assert calls == [(6, True), (3, True), (3, True), (3, False), (3, False)]
 
 
 def test_masks_that_would_overflow_pycocotools_packer_are_packed_in_python():
@@ -374,3 +403,19 @@ def test_masks_that_would_overflow_pycocotools_packer_are_packed_in_python():
     assert packed == [pack_runs_python(r) for r in runs]
     empty = rle.encode(np.zeros((1, 4096, 4096), bool))
     assert counts_of(empty) == coco(np.zeros((1, 4096, 4096), bool)) == ["PPPP`0"]  # 6 characters
+
+
+def test_host_kernel_compiles_without_a_cache_where_no_directory_is_writable(monkeypatch):
+    from pipeline.rle import host_kernel
+
+    built = []
+
+    def njit(**options):
+        if options["cache"]:  # what numba raises when no cache locator can write
+            raise RuntimeError("cannot cache function 'f': no locator available for file")
+        built.append(options)
+        return lambda fn: fn
+
+    monkeypatch.setattr(host_kernel, "njit", njit)
+    assert host_kernel._jit(len) is len
+    assert built == [{"nogil": True, "cache": False, "boundscheck": False}]
