@@ -40,6 +40,8 @@ from numba.extending import intrinsic
 # (four words, which LLVM turns into one vector compare); only blocks with a change are
 # expanded word by word.
 _BLOCK = 32
+# Gathers bit 0 of each of a word's 8 bytes into its top byte (see _byte_flags).
+_GATHER = np.uint64(0x0102_0408_1020_4080)
 # A byte above 1 in any word read (uint8 masks must hold 0/1; see runs.NotBinaryError).
 NOT_BINARY_BITS = np.uint64(0xFEFE_FEFE_FEFE_FEFE)
 
@@ -73,17 +75,25 @@ _byte_at = _load(8)
 
 
 @njit(inline="always")
-def _record(diff, row, column, rows, columns, per_column, n):
-    """Record each differing byte of ``diff`` (word at ``column``) as a change of ``row``.
-    Counts past the buffers' end are still counted, so the caller learns the size needed."""
-    while diff:
-        c = column + (trailing_zeros(diff) >> 3)
+def _byte_flags(word):
+    """One bit per byte of a word whose bytes are 0 or 1: bit i is byte i. The multiply moves
+    every byte's bit 0 into the top byte without carries; garbage for other bytes (only
+    non-binary masks have them, and those are refused)."""
+    return (word * _GATHER) >> np.uint64(56)
+
+
+@njit(inline="always")
+def _record(flags, row, column, rows, columns, per_column, n):
+    """Record a change of ``row`` at ``column + i`` for each set bit i of ``flags``. Counts
+    past the buffers' end are still counted, so the caller learns the size needed."""
+    while flags:
+        c = column + trailing_zeros(flags)
         if n < rows.size:
             rows[n] = row
             columns[n] = c
         per_column[c] += 1
         n += 1
-        diff &= diff - np.uint64(1)
+        flags &= flags - np.uint64(1)
     return n
 
 
@@ -96,13 +106,13 @@ def _pad_row_changes(start, row, w, rows, columns, per_column, n):
         word = _word_at(start + c)
         seen |= word
         if word:
-            n = _record(word, row, c, rows, columns, per_column, n)
+            n = _record(_byte_flags(word), row, c, rows, columns, per_column, n)
         c += 8
     while c < w:
         byte = np.uint64(_byte_at(start + c))
         seen |= byte
         if byte:
-            n = _record(byte, row, c, rows, columns, per_column, n)
+            n = _record(np.uint64(1), row, c, rows, columns, per_column, n)
         c += 1
     return n, seen
 
@@ -122,25 +132,25 @@ def _crop_changes(start, row_stride, h, w, rows, columns, per_column):
                 word = _word_at(below + c + k)
                 seen |= word
                 diff |= word ^ _word_at(above + c + k)
-            if diff:
+            if diff:  # rare: gather the block's changed bytes into one bit mask, then record
+                flags = np.uint64(0)
                 for k in range(0, _BLOCK, 8):
                     word_diff = _word_at(below + c + k) ^ _word_at(above + c + k)
-                    if word_diff:
-                        n = _record(word_diff, r, c + k, rows, columns, per_column, n)
+                    flags |= _byte_flags(word_diff) << np.uint64(k)
+                n = _record(flags, r, c, rows, columns, per_column, n)
             c += _BLOCK
         while c + 8 <= w:
             word = _word_at(below + c)
             seen |= word
             word_diff = word ^ _word_at(above + c)
             if word_diff:
-                n = _record(word_diff, r, c, rows, columns, per_column, n)
+                n = _record(_byte_flags(word_diff), r, c, rows, columns, per_column, n)
             c += 8
         while c < w:
             byte = np.uint64(_byte_at(below + c))
             seen |= byte
-            byte_diff = byte ^ np.uint64(_byte_at(above + c))
-            if byte_diff:
-                n = _record(byte_diff, r, c, rows, columns, per_column, n)
+            if byte != np.uint64(_byte_at(above + c)):
+                n = _record(np.uint64(1), r, c, rows, columns, per_column, n)
             c += 1
     n, _ = _pad_row_changes(start + (h - 1) * row_stride, h, w, rows, columns, per_column, n)
     return n, seen
