@@ -253,6 +253,46 @@ def _device_batch(xp: ModuleType, stacks: Sequence[tuple[Any, Tiles]], heights_h
     return _run_lengths_from_keys(xp, all_keys, areas, slot, largest)
 
 
+def crop_stack_run_lengths(
+    xp: ModuleType, stack: Any, origins: Any, size: tuple[int, int]
+) -> RunLengths:
+    """Run lengths of N same-shape crops of one frame, on whichever device holds ``stack``.
+
+    stack: (N, h, w) bool or uint8 0/1 (NumPy or CuPy). origins: (N, 2) ints (top, left),
+    each crop inside the frame. size: (H, W). The batched, array-module agnostic path:
+    the CUDA path, and on NumPy the CPU's check of the GPU's logic.
+    """
+    n = int(stack.shape[0])
+    check_mask_dtype(stack.dtype)
+    origins = np.asarray(origins if xp is np else xp.asnumpy(xp.asarray(origins)), np.int64)
+    tiles = [Tiles(stack, origins.reshape(n, 2), np.arange(n))]
+    return batch_run_lengths(tiles, [size], np.zeros(n, np.int64), portable=True)[0]
+
+
+def pad_crops(
+    xp: ModuleType, crops: Sequence[Any], origins: np.ndarray, size: tuple[int, int]
+) -> tuple[Any, np.ndarray]:
+    """One zero-padded (N, h, w) tile stack for ragged crops, and each tile's origin.
+
+    A tile is shifted up/left where needed to stay inside the frame; the crop keeps its place
+    in the frame, and the tile's extra pixels are zeros, as the frame is there. On a device
+    this is one copy kernel per crop and no sync.
+    """
+    H, W = size
+    n = len(crops)
+    h = min(max([1] + [int(c.shape[0]) for c in crops]), max(H, 1))
+    w = min(max([1] + [int(c.shape[1]) for c in crops]), max(W, 1))
+    tiles = np.stack([np.minimum(origins[:, 0], H - h), np.minimum(origins[:, 1], W - w)], 1)
+    dtype = crops[0].dtype if n else xp.bool_
+    stack = xp.zeros((n, h, w), dtype=dtype)
+    for i, crop in enumerate(crops):
+        dy, dx = (int(v) for v in origins[i] - tiles[i])
+        stack[i, dy : dy + crop.shape[0], dx : dx + crop.shape[1]] = crop
+    return stack, tiles.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- host path
+
 def _host_batch(windows: Sequence[host_kernel.Windows], heights: np.ndarray,
                 areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Host (counts, offsets) of every instance through the compiled kernel.
@@ -312,28 +352,10 @@ def _pieces(windows: Sequence[host_kernel.Windows]) -> list[host_kernel.Windows]
 def _refuse_not_binary(windows: host_kernel.Windows) -> None:
     """Raise NotBinaryError naming the first instance whose crop holds a value above 1."""
     for i in range(len(windows)):
-        largest = int(windows.crops[i].max(initial=0))
+        largest = int(windows.crops[i].view(np.uint8).max(initial=0))  # (a bool's bytes too)
         if largest > 1:
             raise _not_binary(largest, int(windows.ids[i]))
 
-
-def crop_stack_run_lengths(
-    xp: ModuleType, stack: Any, origins: Any, size: tuple[int, int]
-) -> RunLengths:
-    """Run lengths of N same-shape crops of one frame, on whichever device holds ``stack``.
-
-    stack: (N, h, w) bool or uint8 0/1 (NumPy or CuPy). origins: (N, 2) ints (top, left),
-    each crop inside the frame. size: (H, W). The batched, array-module agnostic path:
-    the CUDA path, and on NumPy the CPU's check of the GPU's logic.
-    """
-    n = int(stack.shape[0])
-    check_mask_dtype(stack.dtype)
-    origins = np.asarray(origins if xp is np else xp.asnumpy(xp.asarray(origins)), np.int64)
-    tiles = [Tiles(stack, origins.reshape(n, 2), np.arange(n))]
-    return batch_run_lengths(tiles, [size], np.zeros(n, np.int64), portable=True)[0]
-
-
-# ----------------------------------------------------------------------------- host path
 
 _POOL: ThreadPoolExecutor | None = None
 _THREADS: int | None = None  # None: one per core, at most 4
@@ -363,28 +385,6 @@ def _host_pool() -> tuple[ThreadPoolExecutor | None, int]:
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=count, thread_name_prefix="rle-host")
     return _POOL, count
-
-
-def pad_crops(
-    xp: ModuleType, crops: Sequence[Any], origins: np.ndarray, size: tuple[int, int]
-) -> tuple[Any, np.ndarray]:
-    """One zero-padded (N, h, w) tile stack for ragged crops, and each tile's origin.
-
-    A tile is shifted up/left where needed to stay inside the frame; the crop keeps its place
-    in the frame, and the tile's extra pixels are zeros, as the frame is there. On a device
-    this is one copy kernel per crop and no sync.
-    """
-    H, W = size
-    n = len(crops)
-    h = min(max([1] + [int(c.shape[0]) for c in crops]), max(H, 1))
-    w = min(max([1] + [int(c.shape[1]) for c in crops]), max(W, 1))
-    tiles = np.stack([np.minimum(origins[:, 0], H - h), np.minimum(origins[:, 1], W - w)], 1)
-    dtype = crops[0].dtype if n else xp.bool_
-    stack = xp.zeros((n, h, w), dtype=dtype)
-    for i, crop in enumerate(crops):
-        dy, dx = (int(v) for v in origins[i] - tiles[i])
-        stack[i, dy : dy + crop.shape[0], dx : dx + crop.shape[1]] = crop
-    return stack, tiles.astype(np.int64)
 
 
 def host_run_lengths(crops: Any, origins: Any, size: tuple[int, int]) -> RunLengths:

@@ -268,6 +268,8 @@ def test_uint8_values_other_than_zero_one_are_refused_and_named():
         rle.encode_crops([np.full((3, 3), 2, np.uint8)], [(0, 0)], (5, 5))
     with pytest.raises(ValueError, match="value 7"):
         crop_stack_run_lengths(np, np.full((1, 3, 3), 7, np.uint8), np.zeros((1, 2), np.int64), (3, 3))
+    with pytest.raises(ValueError, match="mask 1 holds the value 255"):  # a bool view's bytes
+        rle.encode(m.view(bool))
 
 
 @pytest.mark.parametrize(
