@@ -65,7 +65,7 @@ sdk-env: $(SDK_STAMP)
 # The real NVIDIA Triton server (2.51, from the nvidia-pytriton wheel) on model_repository/:
 # gRPC :8101, HTTP :8100. Ctrl-C stops it.
 triton: setup $(MODEL) $(TRITON_STAMP)
-	$(BIN)/python -m pipeline.triton --model-repository model_repository
+	$(BIN)/python -m pipeline.tools.triton --model-repository model_repository
 
 lint: setup
 	$(BIN)/ruff check .
@@ -98,7 +98,7 @@ bench: setup $(MODEL)
 	$(BIN)/python benchmarks/tracking_bench.py
 
 run: setup $(MODEL)
-	$(BIN)/python -m clients.demo --out out
+	$(BIN)/python -m pipeline.tools.demo --out out
 
 # Regenerate the typed streaming API's code from pipeline/proto/video.proto.
 proto: setup

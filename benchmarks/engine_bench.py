@@ -14,8 +14,8 @@ import sys
 import time
 
 from pipeline.engine import Pipeline
-from pipeline.samples import NAMES, sample_bytes
 from pipeline.telemetry import STAGES
+from pipeline.tools.samples import NAMES, sample_bytes
 
 COLUMNS = (*STAGES, "packing")
 

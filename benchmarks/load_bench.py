@@ -21,10 +21,10 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from pipeline.frontends.server import PipelineServer, ServerConfig
 from pipeline.proto import video_pb2 as vpb
 from pipeline.proto import video_pb2_grpc
-from pipeline.samples import NAMES, sample_rgb
-from pipeline.server import PipelineServer, ServerConfig
+from pipeline.tools.samples import NAMES, sample_rgb
 
 
 def jpeg(rgb: np.ndarray) -> bytes:

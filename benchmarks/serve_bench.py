@@ -32,8 +32,8 @@ import numpy as np
 import tritonclient.grpc as triton
 from PIL import Image
 
-from clients.demo import free_port, local_server
-from pipeline.samples import NAMES, sample_rgb
+from pipeline.tools.launch import free_port, local_server
+from pipeline.tools.samples import NAMES, sample_rgb
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("preprocess", "network", "postprocess", "rle")
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     (ROOT / "out").mkdir(exist_ok=True)
     log = open(ROOT / "out" / "serve_bench_server.log", "w")
     with local_server("--metrics-port", str(metrics_port), *args.server_args.split(), log=log,
-                      cwd=ROOT) as (ours, _):
-        targets = [("ours", ours, "instance_segmentation")]
+                      cwd=ROOT) as server:
+        targets = [("ours", server.address, "instance_segmentation")]
         if args.peer:
             targets.append(("peer", args.peer, args.peer_model))
         print(f"# serve bench: {args.seconds:.0f} s per row, KServe ModelStreamInfer streams, "

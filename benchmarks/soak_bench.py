@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as triton
 
-from clients.demo import local_server
+from pipeline.tools.launch import local_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_bench import workload  # noqa: E402 - the same real photos and 16:9 frames
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
     (ROOT / "out").mkdir(exist_ok=True)
     log = open(ROOT / "out" / "soak_server.log", "w")
-    with local_server(*args.server_args.split(), log=log, cwd=ROOT) as (target, server):
+    with local_server(*args.server_args.split(), log=log, cwd=ROOT) as running:
+        target, server = running.address, running.process
         images = workload(args.workload)
         print(f"# soak: {args.streams} streams x window {args.window}, {args.rounds} rounds of "
               f"{args.seconds:.0f} s, {args.workload}; server flags: {args.server_args or '(defaults)'}")

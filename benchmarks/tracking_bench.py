@@ -109,7 +109,7 @@ def mosaic(names: tuple[str, ...], columns: int, rows: int) -> bytes:
     """A 1280x720 JPEG frame: the photos tiled ``columns`` x ``rows``, each letterboxed."""
     from PIL import Image
 
-    from pipeline.samples import sample_rgb
+    from pipeline.tools.samples import sample_rgb
 
     canvas = Image.new("RGB", (WIDTH, HEIGHT), (114, 114, 114))
     cell_w, cell_h = WIDTH // columns, HEIGHT // rows

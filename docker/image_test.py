@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from clients.demo import local_server, wait_until_serving
-from pipeline.samples import sample_bytes
+from pipeline.tools.launch import local_server, wait_until_serving
+from pipeline.tools.samples import sample_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker/Dockerfile.cpu"
@@ -142,7 +142,7 @@ def image_size(buildah: Buildah) -> str:
 
 def server_settings(buildah: Buildah, container: str) -> set[str]:
     """The RLE_SERVING_* names the server inside the image understands."""
-    code = ("import dataclasses; from pipeline.server import ServerConfig; "
+    code = ("import dataclasses; from pipeline.frontends.server import ServerConfig; "
             "print(' '.join('RLE_SERVING_' + f.name.upper() for f in dataclasses.fields(ServerConfig)))")
     return set(buildah("run", "--isolation", "chroot", container, "--", "python", "-c", code).split())
 
@@ -272,8 +272,8 @@ def serve_and_prove(buildah: Buildah, config: dict, healthcheck: list[str]) -> N
                                capture_output=True, text=True, timeout=60)
         assert check.returncode == 0 and "SERVING" in check.stdout, check
         step(f"HEALTHCHECK {' '.join(healthcheck[1:])}: {check.stdout.strip()}")
-        with local_server("--http-port", "-1", "--device", "cpu", cwd=ROOT) as (reference, _):
-            ours, theirs = detections("127.0.0.1:8001"), detections(reference)
+        with local_server("--device", "cpu", cwd=ROOT) as reference:
+            ours, theirs = detections("127.0.0.1:8001"), detections(reference.address)
         for name, (image_doc, image_counts), (host_doc, host_counts) in zip(PHOTOS, ours, theirs):
             assert image_doc and image_doc == host_doc, f"{name}: image and host detections differ"
             assert image_counts == host_counts, f"{name}: RLE counts differ"

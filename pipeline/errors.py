@@ -43,6 +43,14 @@ class OverloadedError(PipelineError):
     """A queue or a per-connection limit is full; the client should back off and retry."""
 
 
+class UnauthenticatedError(PipelineError):
+    """A request without the server's token (health checks excepted)."""
+
+
+class TooLargeError(PipelineError):
+    """A message or body over the server's size limit; refused before it is read."""
+
+
 class ModelError(PipelineError):
     """The model failed while running a batch."""
 
@@ -61,6 +69,8 @@ STATUS: dict[type[PipelineError], Status] = {
     OverloadedError: Status("RESOURCE_EXHAUSTED", 503),
     ShuttingDownError: Status("UNAVAILABLE", 503),
     DeadlineError: Status("DEADLINE_EXCEEDED", 504),
+    UnauthenticatedError: Status("UNAUTHENTICATED", 401),
+    TooLargeError: Status("RESOURCE_EXHAUSTED", 413),
     ConfigError: Status("FAILED_PRECONDITION", 500),
     ModelError: Status("INTERNAL", 500),
 }

@@ -14,11 +14,6 @@ def colour(i: int) -> tuple[int, int, int]:
     return tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.85, 1.0))
 
 
-def palette(n: int) -> list[tuple[int, int, int]]:
-    """n well-separated, saturated colours."""
-    return [colour(i) for i in range(n)]
-
-
 def tracker_id(pred: dict) -> int | None:
     """The prediction's tracker id, if it is a confirmed tracked object."""
     found = pred.get("tracker_id")

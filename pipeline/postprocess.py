@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -65,29 +65,32 @@ class PostprocessOptions:
                                      f"{self.mask_format!r}; use one of: {', '.join(MASK_FORMATS)}")
 
     @classmethod
+    def overrides(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields a request's (or config.pbtxt's) parameters set, validated, by field name.
+
+        Known keys: confidence, iou_threshold, max_detections, response_mask_format (strings
+        or numbers); others are ignored, as are missing or None ones. Raises
+        InvalidOptionError (a BadInputError) naming the key. The checks do not depend on the
+        values overridden, so ``replace(any_options, **overrides)`` cannot fail.
+        """
+        values: dict[str, Any] = {}
+        for key, kind in (("confidence", float), ("iou_threshold", float), ("max_detections", int)):
+            if params.get(key) is not None:
+                values[key] = _number(params, key, kind)
+        if params.get("response_mask_format") is not None:
+            values["mask_format"] = str(params["response_mask_format"])
+        cls(**values)  # range checks
+        return values
+
+    @classmethod
     def from_params(cls, params: Mapping[str, Any],
                     base: PostprocessOptions | None = None) -> PostprocessOptions:
-        """Options from request or config.pbtxt parameters (strings or numbers).
-
-        Known keys: confidence, iou_threshold, max_detections, response_mask_format; others
-        are ignored; missing or None keep ``base``'s values. Raises InvalidOptionError (a
-        BadInputError) naming the key.
-        """
-        base = base or cls()
-        values = {
-            "confidence": _number(params, "confidence", float, base.confidence),
-            "iou_threshold": _number(params, "iou_threshold", float, base.iou_threshold),
-            "max_detections": _number(params, "max_detections", int, base.max_detections),
-        }
-        mask_format = params.get("response_mask_format")
-        values["mask_format"] = base.mask_format if mask_format is None else str(mask_format)
-        return cls(**values)
+        """``base`` (default: the defaults) with the ``overrides`` of ``params``."""
+        return replace(base or cls(), **cls.overrides(params))
 
 
-def _number(params: Mapping[str, Any], key: str, kind: type, default):
-    value = params.get(key)
-    if value is None:
-        return default
+def _number(params: Mapping[str, Any], key: str, kind: type):
+    value = params[key]
     try:
         number = float(value)
         if kind is int:

@@ -2,7 +2,7 @@
 
 Writers report facts once: the batcher (or the synchronous API) hands in one ``BatchReport``
 per executed batch; the frontends record one outcome per request. Readers take snapshots: the
-Prometheus exporter (``pipeline.metrics``), KServe's ModelStatistics and the benchmarks. A
+Prometheus exporter (``pipeline.frontends.metrics``), KServe's ModelStatistics and the benchmarks. A
 lock makes it safe to write from the event loop and read from the exporter's thread.
 """
 

@@ -50,8 +50,8 @@ def pipeline_cpu():
 
 @pytest.fixture(scope="session")
 def samples():
-    """name -> (H, W, 3) uint8 RGB of the real sample photos (see pipeline.samples)."""
-    from pipeline.samples import NAMES, sample_rgb
+    """name -> (H, W, 3) uint8 RGB of the real sample photos (see pipeline.tools.samples)."""
+    from pipeline.tools.samples import NAMES, sample_rgb
 
     return {name: sample_rgb(name) for name in NAMES}
 

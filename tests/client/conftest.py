@@ -8,61 +8,36 @@ The servers are ``python -m pipeline serve`` from the server's environment (``.v
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from clients.demo import free_port, wait_until_serving
+from pipeline.tools.launch import local_server
 
 from ..conftest import MODEL_REPOSITORY, ROOT
 
 SERVER_PYTHON = Path(os.environ.get("RLE_SERVING_SERVER_PYTHON", ROOT / ".venv/bin/python"))
 
 
-@dataclass
-class ServerProcess:
-    address: str
-    port: int
-    process: subprocess.Popen
-    log: Path
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-
 @contextmanager
 def server_process(tmp_path: Path, *args: str, port: int | None = None):
-    """A real ``python -m pipeline serve`` on a free port, stopped (SIGTERM) afterwards."""
+    """A real ``python -m pipeline serve`` from the server's environment (``local_server``),
+    its log kept in ``tmp_path`` and shown if it fails to start."""
     if not SERVER_PYTHON.exists():
         pytest.fail(f"{SERVER_PYTHON} is missing: the client tests need the server's venv "
                     "(`make setup model`), or set RLE_SERVING_SERVER_PYTHON")
-    port = port or free_port()
-    log = tmp_path / f"server-{port}-{time.monotonic_ns()}.log"
-    process = subprocess.Popen(
-        [str(SERVER_PYTHON), "-m", "pipeline", "serve", "--model-repository",
-         str(MODEL_REPOSITORY), "--host", "127.0.0.1", "--grpc-port", str(port),
-         "--metrics-port", "0", "--http-port", "0", "--device", "cpu", "--grace-period-s", "5", *args],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"))
-    running = ServerProcess(f"127.0.0.1:{port}", port, process, log)
+    log = tmp_path / f"server-{time.monotonic_ns()}.log"
     tls_cert = Path(args[args.index("--tls-cert") + 1]) if "--tls-cert" in args else None
     try:
-        wait_until_serving(f"localhost:{port}" if tls_cert else running.address, process,
-                           tls_root_cert=tls_cert)
-        yield running
+        with local_server("--model-repository", str(MODEL_REPOSITORY), "--device", "cpu",
+                          "--grace-period-s", "5", *args, python=SERVER_PYTHON, log=log.open("w"),
+                          cwd=ROOT, port=port, tls_root_cert=tls_cert) as running:
+            yield running
     except RuntimeError as exc:
         raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}") from None
-    finally:
-        try:
-            running.stop(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +50,7 @@ def server(tmp_path_factory):
 def photos(tmp_path_factory) -> dict[str, bytes]:
     """name -> encoded bytes of the real sample photos, written by the server's environment."""
     folder = tmp_path_factory.mktemp("photos")
-    subprocess.run([str(SERVER_PYTHON), "-m", "pipeline.samples", "--out", str(folder)],
+    subprocess.run([str(SERVER_PYTHON), "-m", "pipeline.tools.samples", "--out", str(folder)],
                    cwd=ROOT, check=True, capture_output=True)
     return {path.stem: path.read_bytes() for path in folder.iterdir()}
 

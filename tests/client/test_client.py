@@ -17,8 +17,8 @@ from pycocotools import mask as coco_mask
 
 from clients import Backoff, ClientError, SegmentationClient, area, bbox
 from clients.cli import build_parser, run
-from clients.demo import free_port
 from clients.sources import VideoWriter
+from pipeline.tools.launch import free_port
 
 from .conftest import server_process
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,10 +16,10 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from clients.demo import free_port, wait_until_serving
 from pipeline.proto import video_pb2 as vpb
 from pipeline.proto import video_pb2_grpc
-from pipeline.samples import sample_bytes, sample_rgb
+from pipeline.tools.launch import local_server
+from pipeline.tools.samples import sample_bytes, sample_rgb
 
 from ..conftest import ROOT, copy_repository
 
@@ -67,15 +65,11 @@ def test_sigterm_under_load_answers_everything_read_and_exits_zero(tmp_path):
     # Queue timeouts off the table (30 s), so every answer here is the drain's doing.
     repository = copy_repository(tmp_path, instance_segmentation=lambda text: text.replace(
         "default_timeout_microseconds: 2000000", "default_timeout_microseconds: 30000000"))
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--model-repository", str(repository),
-         "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0", "--http-port", "0",
-         "--device", "cpu", "--grace-period-s", str(GRACE_S), "--stream-window", "2"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until_serving(address, process)
+    log = tmp_path / "server.log"
+    with local_server("--model-repository", str(repository), "--device", "cpu",
+                      "--grace-period-s", str(GRACE_S), "--stream-window", "2",
+                      log=log.open("w"), cwd=ROOT) as server:
+        address, process = server.address, server.process
         frame = small_jpeg()
         streams = [VideoStream(address, f"camera-{i}", frame) for i in range(STREAMS)]
         for s in streams:
@@ -117,12 +111,9 @@ def test_sigterm_under_load_answers_everything_read_and_exits_zero(tmp_path):
             c.join(GRACE_S + 30)
         code = process.wait(GRACE_S + 30)
         took = time.monotonic() - signalled
-    finally:
-        if process.poll() is None:
-            process.kill()
     assert code == 0 and took < GRACE_S
-    log = process.stderr.read()
-    assert "draining" in log and "stopped" in log
+    text = log.read_text()
+    assert "draining" in text and "stopped" in text
     # The unary requests accepted before the signal got their answers.
     assert all(isinstance(unary[k], np.ndarray) and unary[k].shape == (2, 1) for k in "ab"), \
         {k: str(v) for k, v in unary.items()}

@@ -6,8 +6,6 @@ import base64
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -15,23 +13,18 @@ import urllib.request
 import numpy as np
 import tritonclient.grpc as triton
 
-from clients.demo import free_port, wait_until_serving
-from pipeline.samples import sample_bytes
+from pipeline.tools.launch import local_server
+from pipeline.tools.samples import sample_bytes
 
 from ..conftest import MODEL_REPOSITORY, ROOT
 
 
-def test_serve_answers_then_drains_on_sigterm():
-    port, metrics, http = free_port(), free_port(), free_port()
-    env = {**os.environ, "RLE_SERVING_METRICS_PORT": str(metrics)}  # settings from env work
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--model-repository", str(MODEL_REPOSITORY),
-         "--host", "127.0.0.1", "--grpc-port", str(port), "--device", "cpu",
-         "--grace-period-s", "60", "--http-port", str(http)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        address = f"127.0.0.1:{port}"
-        wait_until_serving(address, process)
+def test_serve_answers_then_drains_on_sigterm(tmp_path):
+    env = {**os.environ, "RLE_SERVING_GRACE_PERIOD_S": "60"}  # settings from the env work
+    log = tmp_path / "server.log"
+    with local_server("--model-repository", str(MODEL_REPOSITORY), "--device", "cpu", http=True,
+                      env=env, log=log.open("w"), cwd=ROOT) as server:
+        address, port, http, process = server.address, server.port, server.http_port, server.process
         client = triton.InferenceServerClient(address)
         image = triton.InferInput("IMAGE", [1, 1], "BYTES")
         image.set_data_from_numpy(np.array([[sample_bytes("bus")]], dtype=object))
@@ -63,11 +56,8 @@ def test_serve_answers_then_drains_on_sigterm():
         status, docs = answer["http"]
         assert status == 200 and len(docs) == 2 and all("cup" in [p["class"] for p in d["predictions"]] for d in docs)
         assert process.wait(60) == 0
-        log = process.stderr.read()
-        assert f"listening for gRPC on 127.0.0.1:{port}" in log
-        assert f"listening for HTTP on 127.0.0.1:{http}" in log
-        assert "instance_segmentation is READY" in log and "draining" in log
         client.close()
-    finally:
-        if process.poll() is None:
-            process.kill()
+    text = log.read_text()
+    assert f"listening for gRPC on 127.0.0.1:{port}" in text
+    assert f"listening for HTTP on 127.0.0.1:{http}" in text
+    assert "instance_segmentation is READY" in text and "draining (grace 60 s)" in text

@@ -17,9 +17,9 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from clients.demo import free_port
-from pipeline.samples import sample_bytes
-from pipeline.triton import command
+from pipeline.tools.launch import free_port
+from pipeline.tools.samples import sample_bytes
+from pipeline.tools.triton import command
 
 from ..conftest import MODEL_REPOSITORY, ROOT
 from ..integration.conftest import running_server

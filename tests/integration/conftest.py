@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from pipeline.server import PipelineServer, ServerConfig
+from pipeline.frontends.server import PipelineServer, ServerConfig
 
 from ..conftest import MODEL_REPOSITORY
 

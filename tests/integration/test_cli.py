@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from pipeline.samples import sample_bytes
+from pipeline.tools.samples import sample_bytes
 
 from ..conftest import ROOT
 

@@ -17,7 +17,7 @@ import tritonclient.http as http_client
 from pycocotools import mask as coco_mask
 from tritonclient.utils import InferenceServerException
 
-from pipeline.samples import sample_bytes
+from pipeline.tools.samples import sample_bytes
 
 from ..conftest import ROOT
 from .conftest import running_server

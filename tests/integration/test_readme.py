@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from pipeline.server import ServerConfig
+from pipeline.frontends.server import ServerConfig
 
 from ..conftest import ROOT
 
@@ -27,7 +27,7 @@ SDK_PYTHON = ROOT / ".venv-sdk/bin/python"
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_python_snippets_run(index, server, capsys, tmp_path):
-    from pipeline.samples import sample_bytes
+    from pipeline.tools.samples import sample_bytes
 
     code = (SNIPPETS[index].replace("localhost:8001", server.address)
             .replace("localhost:8000", f"127.0.0.1:{server.server.http_port}"))

@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from pipeline.proto import video_pb2 as vpb
 from pipeline.proto import video_pb2_grpc
-from pipeline.samples import sample_bytes
+from pipeline.tools.samples import sample_bytes
 
 from ..conftest import copy_repository
 from .conftest import running_server

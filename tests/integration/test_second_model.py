@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import shutil
 
-from pipeline.convert import export
 from pipeline.engine import Pipeline
-from pipeline.fetch import DEFAULT_CACHE
-from pipeline.samples import sample_bytes
+from pipeline.tools.convert import export
+from pipeline.tools.fetch import DEFAULT_CACHE
+from pipeline.tools.samples import sample_bytes
 
 from ..conftest import MODEL_REPOSITORY, ROOT
 

@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from tritonclient.utils import InferenceServerException
 
-from pipeline.samples import sample_bytes
+from pipeline.tools.samples import sample_bytes
 
 MODEL = "instance_segmentation"
 

@@ -2,7 +2,7 @@
 
 Manifests are checked against the Kubernetes schemas (kubernetes-validate, strict) and
 against the server: ports, probes, drain timings and environment names must agree with
-pipeline.server's defaults. Dockerfiles are parsed and held to a few hadolint-style rules.
+pipeline.frontends.server's defaults. Dockerfiles are parsed and held to a few hadolint-style rules.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipeline.server import ServerConfig
+from pipeline.frontends.server import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "docker/k8s"
@@ -124,7 +124,7 @@ def test_hpa_metric_exists_on_the_server():
     """The adapter rule reads series the server really exposes, under Triton's names."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from pipeline.metrics import LedgerCollector
+    from pipeline.frontends.metrics import LedgerCollector
     from pipeline.telemetry import BatchReport, Ledger
 
     ledger = Ledger()

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.server import ServerConfig
+from pipeline.frontends.server import ServerConfig
 
 from ..conftest import ROOT
 
@@ -49,7 +49,7 @@ def test_bad_settings_are_refused_at_start_up(settings, words):
 
 def test_connection_limits_count_per_peer_and_refuse_beyond_the_cap():
     from pipeline.errors import OverloadedError
-    from pipeline.serving import ConnectionLimits
+    from pipeline.frontends.inference import ConnectionLimits
 
     limits = ConnectionLimits(max_streams=1, max_in_flight=2)
     limits.acquire("streams", "ipv4:1.2.3.4:5")

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pipeline.stream_window import StreamWindow
+from pipeline.frontends.stream_window import StreamWindow
 
 
 class Work:

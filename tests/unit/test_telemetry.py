@@ -6,7 +6,7 @@ import threading
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from pipeline.metrics import LedgerCollector
+from pipeline.frontends.metrics import LedgerCollector
 from pipeline.telemetry import BatchReport, Ledger
 
 

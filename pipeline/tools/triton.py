@@ -90,7 +90,7 @@ def command(repository: Path, grpc_port: int, http_port: int, python: Path,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.triton",
+        prog="python -m pipeline.tools.triton",
         description="Start the real NVIDIA Triton server (from the nvidia-pytriton wheel) on "
         "the model repository, serving the pipeline model through its Python backend.",
     )

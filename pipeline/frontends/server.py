@@ -1,18 +1,19 @@
-"""The server: loads the repository's pipelines and serves them over gRPC and HTTP.
+"""The server process: loads the repository's pipelines and serves them over gRPC and HTTP.
 
-gRPC on one port: Triton/KServe v2 (``inference.GRPCInferenceService``), the typed video API
-(``rleserving.v1.VideoSegmentation``), the standard health service (``grpc.health.v1``, which
-Kubernetes' native gRPC probes call) and server reflection. HTTP on a second port (Roboflow's
-inference API and KServe v2 REST, ``pipeline.http``), in the same process and event loop, on
-the same engine and batcher. Prometheus metrics on a third. SIGTERM drains: health turns
-NOT_SERVING, new requests and streams are refused (UNAVAILABLE / 503), work in flight
-finishes within the grace period, then the process exits 0.
+gRPC on one port: Triton/KServe v2 (``grpc_kserve``), the typed video API (``grpc_video``),
+the standard health service (``grpc.health.v1``, which Kubernetes' native gRPC probes call)
+and server reflection. HTTP on a second port: Roboflow's inference API (``http_roboflow``) and
+KServe v2 REST (``http_kserve``), in the same process and event loop, on the same engine and
+batcher. Prometheus metrics on a third. The cores are split once (``apply_thread_budget``)
+before anything loads. A server that cannot start undoes what it started and raises
+ConfigError. SIGTERM drains: health turns NOT_SERVING, new requests and streams are refused
+(UNAVAILABLE / 503), work in flight finishes within the grace period, then the process
+exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import signal
@@ -24,28 +25,30 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from . import metrics
-from .engine import Pipeline
-from .errors import ConfigError, ShuttingDownError
-from .http import HTTPFrontend
-from .proto import video_pb2, video_pb2_grpc
-from .repository import ModelRepository
-from .runner import resolve_device
-from .service import InferenceService
-from .serving import ConnectionLimits, ServingState
+from .. import memory, rle
+from ..engine import Pipeline
+from ..errors import ConfigError, ShuttingDownError
+from ..proto import video_pb2, video_pb2_grpc
+from ..repository import ModelRepository
+from ..runner import resolve_device
+from ..telemetry import Ledger
+from ..tracking import Tracks
+from . import http_kserve, http_roboflow, metrics
+from .auth import Token, TokenInterceptor
+from .grpc_kserve import InferenceService
+from .grpc_video import VideoService
+from .http import HTTPServer, middlewares
+from .inference import ConnectionLimits, ServingState
 from .stream_window import POLICIES
-from .streaming import VideoService
-from .telemetry import Ledger
-from .tracking import Tracks
 
 LOG = logging.getLogger(__name__)
 INFERENCE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 VIDEO_SERVICE = video_pb2.DESCRIPTOR.services_by_name["VideoSegmentation"].full_name
-OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes carry no token
 
 
 @dataclass(frozen=True)
@@ -132,55 +135,30 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def apply_thread_budget(cfg: ServerConfig, loop: asyncio.AbstractEventLoop) -> None:
-    """One explicit split of the cores: the network's intra-op threads (also the codec's, which
-    runs between network calls), and a small pool for decoding, letterboxing and building
-    responses (the loop's default executor), so nothing heavy runs on the event loop."""
+@dataclass(frozen=True)
+class ThreadBudget:
+    """The split ``apply_thread_budget`` made: the network's (and the codec's) threads, and the
+    workers that decode images and build responses."""
+
+    network: int
+    workers: int
+
+
+def apply_thread_budget(cfg: ServerConfig, loop: asyncio.AbstractEventLoop) -> ThreadBudget:
+    """One explicit split of the cores, before anything loads: the network's intra-op threads
+    (also the codec's, which runs between network calls), and a small pool for decoding,
+    letterboxing and building responses (the loop's default executor), so nothing heavy runs
+    on the event loop. The allocator's arenas are capped first (``memory.tune``), before
+    those threads exist."""
     import torch
 
-    from . import memory, rle
-
     memory.tune()
-    network = cfg.network_threads or cores()
-    torch.set_num_threads(network)
-    rle.set_threads(network)
-    loop.set_default_executor(ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="rle-worker"))
-    LOG.info("threads: network %d, workers %d (on %d cores)", network, cfg.worker_threads, cores())
-
-
-class _TokenCheck(grpc.aio.ServerInterceptor):
-    """Bearer-token authentication for everything but health checks and reflection."""
-
-    def __init__(self, token: str):
-        self.expected = f"Bearer {token}"
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_METHODS):
-            return handler
-        metadata = dict(details.invocation_metadata or ())
-        given = str(metadata.get("authorization", ""))
-        if hmac.compare_digest(given.encode(), self.expected.encode()):  # constant time
-            return handler
-
-        async def deny(request_or_iterator, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
-
-        async def deny_stream(request_or_iterator, context):
-            await deny(request_or_iterator, context)
-            yield  # pragma: no cover - abort raises first
-
-        kinds = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }
-        make = kinds[(handler.request_streaming, handler.response_streaming)]
-        return make(deny_stream if handler.response_streaming else deny,
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+    budget = ThreadBudget(cfg.network_threads or cores(), cfg.worker_threads)
+    torch.set_num_threads(budget.network)
+    rle.set_threads(budget.network)
+    loop.set_default_executor(ThreadPoolExecutor(budget.workers, thread_name_prefix="rle-worker"))
+    LOG.info("threads: network %d, workers %d (on %d cores)", budget.network, budget.workers, cores())
+    return budget
 
 
 class PipelineServer:
@@ -190,60 +168,40 @@ class PipelineServer:
         self.config = config
         self.ledger = ledger or Ledger()
         self.state: ServingState | None = None
+        self.threads: ThreadBudget | None = None
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
-        self._http: HTTPFrontend | None = None
+        self._http: HTTPServer | None = None
+        self._metrics = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._stopped = asyncio.Event()
 
     async def start(self, serve_metrics: bool = True) -> PipelineServer:
+        """Load, listen and report SERVING; on any failure undo what was started and raise."""
+        try:
+            await self._start(serve_metrics)
+        except BaseException:
+            await self._close(grace_s=0)
+            raise
+        return self
+
+    async def _start(self, serve_metrics: bool) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
+        self.threads = apply_thread_budget(cfg, loop)
         pipelines, unavailable = await loop.run_in_executor(None, self._load)
         self.state = ServingState(
             cfg.model_repository, pipelines, unavailable, self.ledger,
             stream_window=cfg.stream_window, stream_policy=cfg.stream_policy,
             limits=ConnectionLimits(cfg.max_streams_per_connection, cfg.max_in_flight_per_connection),
             tracks=Tracks(cfg.max_tracked_streams, cfg.tracker_idle_s))
-        limit = cfg.max_message_mb * 1024 * 1024
-        options = [("grpc.max_receive_message_length", limit),
-                   ("grpc.max_send_message_length", limit),
-                   ("grpc.so_reuseport", 0)]
-        interceptors = [_TokenCheck(cfg.token)] if cfg.token else []
-        server = grpc.aio.server(options=options, interceptors=interceptors)
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.state), server)
-        video_pb2_grpc.add_VideoSegmentationServicer_to_server(VideoService(self.state), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [INFERENCE_SERVICE, VIDEO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        address = f"{cfg.host}:{cfg.grpc_port}"
-        if cfg.tls_cert:
-            credentials = grpc.ssl_server_credentials(
-                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-            self.grpc_port = server.add_secure_port(address, credentials)
-        else:
-            self.grpc_port = server.add_insecure_port(address)
-        if not self.grpc_port:
-            raise ConfigError(f"cannot listen on {address} (in use?)")
-        await server.start()
-        self._server = server
+        token = Token(cfg.token) if cfg.token else None
+        await self._serve_grpc(token)
         if cfg.http_port >= 0:
-            self._http = HTTPFrontend(self.state, max_body_mb=cfg.max_message_mb, token=cfg.token,
-                                      allow_image_urls=cfg.allow_image_urls)
-            ssl_context = None
-            if cfg.tls_cert:
-                ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-            try:
-                self.http_port = await self._http.start(cfg.host, cfg.http_port, ssl_context)
-            except OSError as exc:
-                raise ConfigError(f"cannot listen for HTTP on {cfg.host}:{cfg.http_port} ({exc})") from None
-            LOG.info("listening for HTTP on %s:%d%s (Roboflow inference API, KServe v2 REST)",
-                     cfg.host, self.http_port, " (TLS)" if cfg.tls_cert else "")
+            await self._serve_http(token)
         if serve_metrics:
-            self.metrics_port = metrics.serve(self.ledger, cfg.metrics_port, cfg.host)
+            self._metrics, self.metrics_port = metrics.serve(self.ledger, cfg.metrics_port, cfg.host)
         for service in ("", INFERENCE_SERVICE, VIDEO_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         LOG.info("listening for gRPC on %s:%d%s; metrics on :%s", cfg.host, self.grpc_port,
@@ -252,7 +210,55 @@ class PipelineServer:
             LOG.info("model %s is READY", name)
         for name, why in unavailable.items():
             LOG.info("model %s is not served directly: %s", name, why)
-        return self
+
+    async def _serve_grpc(self, token: Token | None) -> None:
+        cfg = self.config
+        limit = cfg.max_message_mb * 1024 * 1024
+        options = [("grpc.max_receive_message_length", limit),
+                   ("grpc.max_send_message_length", limit),
+                   ("grpc.so_reuseport", 0)]
+        server = grpc.aio.server(options=options,
+                                 interceptors=[TokenInterceptor(token)] if token else [])
+        self._server = server
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.state), server)
+        video_pb2_grpc.add_VideoSegmentationServicer_to_server(VideoService(self.state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [INFERENCE_SERVICE, VIDEO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = f"{cfg.host}:{cfg.grpc_port}"
+        try:
+            if cfg.tls_cert:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+                self.grpc_port = server.add_secure_port(address, credentials)
+            else:
+                self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc raises where it cannot bind
+            self.grpc_port = 0
+        if not self.grpc_port:
+            raise ConfigError(f"cannot listen for gRPC on {address} (in use?)")
+        await server.start()
+
+    async def _serve_http(self, token: Token | None) -> None:
+        """Roboflow's API on the root app (its paths share no prefix), KServe v2 REST at /v2."""
+        cfg = self.config
+        max_body = cfg.max_message_mb * 1024 * 1024
+        app = web.Application(client_max_size=max_body,
+                              middlewares=middlewares(self.state, max_body=max_body, token=token))
+        http_roboflow.add_routes(app, self.state, token=token, max_body=max_body,
+                                 allow_image_urls=cfg.allow_image_urls)
+        app.add_subapp("/v2", http_kserve.app(self.state))
+        ssl_context = None
+        if cfg.tls_cert:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        self._http = HTTPServer(app)
+        try:
+            self.http_port = await self._http.start(cfg.host, cfg.http_port, ssl_context)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen for HTTP on {cfg.host}:{cfg.http_port} ({exc})") from None
+        LOG.info("listening for HTTP on %s:%d%s (Roboflow inference API, KServe v2 REST)",
+                 cfg.host, self.http_port, " (TLS)" if cfg.tls_cert else "")
 
     def _load(self):
         repository = ModelRepository.load(self.config.model_repository)
@@ -286,16 +292,20 @@ class PipelineServer:
             await asyncio.sleep(0.05)
         if self.state.active:
             LOG.warning("grace period over with %d requests/streams still open", self.state.active)
-        await self._server.stop(max(0.0, deadline - time.monotonic()))
-        if self._http is not None:
-            await self._http.stop()
-        for pipe in self.state.pipelines.values():
-            await pipe.close(drain=False)
-        self._stopped.set()
+        await self._close(max(0.0, deadline - time.monotonic()))
         LOG.info("stopped")
 
-    async def wait(self) -> None:
-        await self._stopped.wait()
+    async def _close(self, grace_s: float) -> None:
+        """Stop whatever was started: gRPC (within ``grace_s``), HTTP, metrics, the batchers."""
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        if self._http is not None:
+            await self._http.stop()
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+        for pipe in (self.state.pipelines.values() if self.state is not None else ()):
+            await pipe.close(drain=False)
 
 
 async def serve(config: ServerConfig) -> int:

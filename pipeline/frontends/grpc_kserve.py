@@ -1,36 +1,26 @@
 """The Triton / KServe v2 gRPC service (``inference.GRPCInferenceService``) on grpc.aio.
 
-A thin adapter: built on the messages tritonclient ships, so the official
-``tritonclient.grpc`` client works unmodified. What the protocol carries is in
-``pipeline.kserve`` (shared with the HTTP transport); a request's life is
-``pipeline.serving.infer``; errors become gRPC status codes through the one table in
+A thin adapter, built on the messages tritonclient ships, so the official
+``tritonclient.grpc`` client works unmodified: a message is read once into an
+``InferRequest`` (``kserve.request_of``), run by ``inference.run``, and its ``Answer`` encoded
+as a ``ModelInferResponse``. Errors become gRPC status codes through the one table in
 ``pipeline.errors``. Protobuf lives in the adapters, nowhere deeper.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from ..errors import PipelineError
 from . import kserve
-from .errors import OverloadedError, PipelineError, status_of
-from .postprocess import Detections, PostprocessOptions
-from .serving import VERSION, ServingState, describe, end_sequence, infer, sequence_tracking
-from .stream_window import StreamWindow
-
-LOG = logging.getLogger(__name__)
-
-
-def grpc_status(error: BaseException) -> grpc.StatusCode:
-    """The gRPC code of any error, from the one table in ``pipeline.errors``."""
-    return grpc.StatusCode[status_of(error).grpc]
+from .grpc_calls import grpc_status, serve_stream
+from .inference import VERSION, Answer, InferRequest, ServingState, describe, run
 
 
 def parameters_of(request: pb.ModelInferRequest) -> dict[str, Any]:
@@ -50,13 +40,17 @@ def inputs_of(request: pb.ModelInferRequest) -> list[kserve.InputTensor]:
         for i, t in enumerate(request.inputs)]
 
 
-def build_response(request: pb.ModelInferRequest, pipe, dets: list[Detections],
-                   options: PostprocessOptions) -> pb.ModelInferResponse:
+def read_request(message: pb.ModelInferRequest, deadline: float | None = None) -> InferRequest:
+    """The message as the one typed request (BadInputError if unusable)."""
+    return kserve.request_of(message.model_name, message.model_version, parameters_of(message),
+                             inputs_of(message), [o.name for o in message.outputs], deadline)
+
+
+def response_of(message: pb.ModelInferRequest, answer: Answer) -> pb.ModelInferResponse:
     """The response message (JSON, polygons, tensors): CPU work, run off the event loop."""
-    response = pb.ModelInferResponse(model_name=pipe.name, model_version=VERSION, id=request.id)
-    names = [o.name for o in request.outputs]
-    for name, datatype, array in kserve.output_tensors(dets, names, pipe.class_names,
-                                                       options.mask_format):
+    response = pb.ModelInferResponse(model_name=answer.pipe.name, model_version=VERSION,
+                                     id=message.id)
+    for name, datatype, array in kserve.output_tensors(answer, [o.name for o in message.outputs]):
         response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
         response.raw_output_contents.append(kserve.raw_contents(array))
     return response
@@ -103,35 +97,21 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # Inference ---------------------------------------------------------------------
 
-    async def infer(self, request: pb.ModelInferRequest,
-                    context: grpc.aio.ServicerContext | None = None) -> pb.ModelInferResponse:
-        """One request through the shared batcher; raises PipelineError on bad input.
+    async def infer(self, message: pb.ModelInferRequest, deadline: float | None = None):
+        """One message through the shared request life; raises PipelineError on bad input.
 
-        Triton's ``timeout`` parameter (microseconds) asks for a shorter queue timeout where
-        the model's queue policy allows overrides; a gRPC deadline (``context``) is honoured
-        too: a request still queued then is answered DEADLINE_EXCEEDED, never run."""
-        remaining = context.time_remaining() if context is not None else None
-        deadline = time.monotonic() + remaining if remaining is not None else None
-
-        def read_images(pipe):
-            kserve.requested_outputs([o.name for o in request.outputs])  # refuse before any work
-            return kserve.images_of(inputs_of(request), pipe.max_batch_size)
-
-        params = parameters_of(request)
-        tracking = sequence_tracking(self.state, request.model_name, params)
-        try:
-            return await infer(self.state, request.model_name, request.model_version, params,
-                               read_images,
-                               lambda pipe, dets, options: build_response(request, pipe, dets, options),
-                               deadline, tracking)
-        finally:
-            end_sequence(self.state, tracking, params)
+        deadline: the caller's absolute monotonic deadline (a gRPC deadline): a request
+        still queued then is answered DEADLINE_EXCEEDED, never run."""
+        return await run(self.state, message.model_name, lambda: read_request(message, deadline),
+                         lambda answer: response_of(message, answer))
 
     async def ModelInfer(self, request, context):
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
         with self.state.in_progress():
             try:
                 with self.state.limits.request(context.peer()):
-                    return await self.infer(request, context)
+                    return await self.infer(request, deadline)
             except Exception as exc:  # noqa: BLE001 - the server keeps serving
                 await context.abort(grpc_status(exc), describe(exc))
 
@@ -161,38 +141,3 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                                            self._stream_error, request_iterator, context,
                                            policy="wait"):
             yield response
-
-
-async def serve_stream(state: ServingState, api: str, process, failed, requests,
-                       context: grpc.aio.ServicerContext, **window_options):
-    """One streaming RPC through a StreamWindow (``process``/``failed`` per request; see
-    ``pipeline.stream_window``): refused while draining, within the connection's limits,
-    counted, and registered so the drain can stop it. A drained stream gets every request it
-    read answered, then ends with UNAVAILABLE, so the client knows to reconnect and re-send."""
-    if state.draining:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-    peer = context.peer()
-
-    async def within_limits(request):
-        with state.limits.request(peer):
-            return await process(request)
-
-    window = StreamWindow(within_limits, failed, window=state.stream_window, **window_options)
-    try:
-        state.limits.acquire("streams", peer)
-    except OverloadedError as exc:
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    state.ledger.stream_opened(api)
-    state.streams.add(window)
-    try:
-        with state.in_progress():
-            async for answer in window.run(requests):
-                yield answer
-            if window.stopped:
-                await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    "server is shutting down: every request it read was answered; "
-                                    "reconnect (to another replica) and send the rest")
-    finally:
-        state.limits.release("streams", peer)
-        state.streams.discard(window)
-        state.ledger.stream_opened(api, -1)

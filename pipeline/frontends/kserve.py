@@ -1,5 +1,9 @@
 """The KServe v2 (Triton) protocol's content, shared by its gRPC and HTTP/REST transports.
 
+Both transports deliver a request's inputs as ``InputTensor``s and its parameters as plain
+values; ``request_of`` reads them into the one ``InferRequest`` every frontend runs, and
+``output_tensors`` turns an ``Answer`` into the tensors both transports send.
+
 The pipeline model takes ``IMAGE``: BYTES [B, 1] (encoded images) or UINT8 [B, H, W, 3] (raw
 RGB), and request parameters ``response_mask_format`` ("rle" or "polygon"), ``confidence``,
 ``iou_threshold``, ``max_detections`` and Triton's ``timeout``. It returns ``DETECTIONS``
@@ -22,18 +26,16 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
-from .errors import BadInputError
-from .images import check_image_size
-from .postprocess import Detections
-from .schema import DEFAULT_OUTPUTS, OUTPUTS, output_arrays
-from .serving import VERSION, ServingState
+from ..errors import BadInputError
+from ..images import check_image_size
+from ..schema import DEFAULT_OUTPUTS, OUTPUTS, output_arrays
+from .inference import VERSION, Answer, InferRequest, ServingState
 
 SERVER_NAME = "rle-serving"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data", "parameters",
               "schedule_policy"]
 INPUT = "IMAGE"
-DTYPES = {"BYTES": object, "UINT8": np.uint8, "INT32": np.int32, "FP32": np.float32}
 
 
 def decode_bytes_tensor(raw: bytes) -> list[bytes]:
@@ -69,7 +71,15 @@ class InputTensor:
     values: Sequence[Any] | None = None
 
 
-def images_of(inputs: Sequence[InputTensor], max_batch: int) -> list[Any]:
+def request_of(model: str, version: str, params: dict[str, Any], inputs: Sequence[InputTensor],
+               outputs: Sequence[str], deadline: float | None = None) -> InferRequest:
+    """A KServe v2 inference request, read once: BadInputError if anything is unusable."""
+    requested_outputs(outputs)  # refuse before any work
+    return InferRequest.read(model, version, images_of(inputs), params, deadline=deadline,
+                             outputs=outputs)
+
+
+def images_of(inputs: Sequence[InputTensor]) -> list[Any]:
     """The request's images: encoded bytes or (H, W, 3) uint8 arrays; BadInputError else."""
     names = [t.name for t in inputs]
     if INPUT not in names:
@@ -107,8 +117,6 @@ def images_of(inputs: Sequence[InputTensor], max_batch: int) -> list[Any]:
         raise BadInputError(
             f"{INPUT} must be BYTES (encoded images) or UINT8 [B, H, W, 3], got {tensor.datatype}"
         )
-    if len(images) > max_batch:
-        raise BadInputError(f"batch of {len(images)} exceeds the model's max_batch_size {max_batch}")
     return images
 
 
@@ -121,11 +129,12 @@ def requested_outputs(names: Sequence[str], tracked: bool = False) -> list[str]:
     return requested
 
 
-def output_tensors(dets: list[Detections], names: Sequence[str], class_names: Sequence[str],
-                   mask_format: str) -> list[tuple[str, str, np.ndarray]]:
+def output_tensors(answer: Answer, names: Sequence[str]) -> list[tuple[str, str, np.ndarray]]:
     """(name, KServe datatype, array) of each requested output; BYTES as object arrays."""
+    dets = answer.detections
     tracked = any(d.tracker_ids is not None for d in dets)
-    arrays = output_arrays(dets, requested_outputs(names, tracked), class_names, mask_format)
+    arrays = output_arrays(dets, requested_outputs(names, tracked), answer.pipe.class_names,
+                           answer.options.mask_format)
     return [(name, OUTPUTS[name][0], array) for name, array in arrays.items()]
 
 

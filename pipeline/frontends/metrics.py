@@ -19,7 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .telemetry import STAGES, Ledger
+from ..telemetry import STAGES, Ledger
 
 VERSION = "1"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -107,9 +107,10 @@ class LedgerCollector(Collector):
         yield open_streams
 
 
-def serve(ledger: Ledger, port: int, address: str = "0.0.0.0") -> int:
-    """Expose /metrics over HTTP on ``port`` (0: pick a free one); returns the port."""
+def serve(ledger: Ledger, port: int, address: str = "0.0.0.0"):
+    """Expose /metrics over HTTP on ``port`` (0: pick a free one), in a thread of its own;
+    returns (the HTTP server, to ``shutdown()``; its port)."""
     registry = CollectorRegistry()
     registry.register(LedgerCollector(ledger))
     server, _ = start_http_server(port, addr=address, registry=registry)
-    return server.server_port
+    return server, server.server_port

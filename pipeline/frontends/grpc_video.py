@@ -1,33 +1,49 @@
 """The typed streaming API for video (``rleserving.v1.VideoSegmentation/StreamFrames``).
 
 A thin adapter: flow control, ordering and "one result per frame" are the shared
-``StreamWindow`` core's (see ``pipeline.stream_window``), with the server's window and
-policy (``wait`` or ``drop_oldest``). Here frames become images and options, and detections
-become typed ``FrameResult`` messages: detections, an ``error`` (a bad frame does not end the
-stream), or ``dropped``.
+``StreamWindow`` core's (see ``stream_window``), with the server's window and policy (``wait``
+or ``drop_oldest``). Here a frame is read once into an ``InferRequest`` (``request_of``) and
+run by ``inference.run``; its ``Answer`` becomes a typed ``FrameResult``: detections, an
+``error`` (a bad frame does not end the stream), or ``dropped``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 
 import numpy as np
 
-from .errors import BadInputError
-from .images import check_image_size
-from .postprocess import Detections
-from .proto import video_pb2 as vpb
-from .proto import video_pb2_grpc
-from .schema import rows
-from .service import grpc_status, serve_stream
-from .serving import ServingState, Tracking, describe, infer
-from .tracking import TrackerOptions
+from ..errors import BadInputError
+from ..images import check_image_size
+from ..proto import video_pb2 as vpb
+from ..proto import video_pb2_grpc
+from ..schema import rows
+from ..tracking import TrackerOptions
+from .grpc_calls import grpc_status, serve_stream
+from .inference import Answer, InferRequest, ServingState, Tracking, describe, run
 
-LOG = logging.getLogger(__name__)
 DEFAULT_MODEL = "instance_segmentation"
+
+
+def model_of(frame: vpb.Frame) -> str:
+    return frame.model or DEFAULT_MODEL
+
+
+def request_of(frame: vpb.Frame) -> InferRequest:
+    """The frame as the one typed request (BadInputError if unusable). A tracked stream's
+    frame carries its time (the client's timestamp, else its index over the frame rate), so
+    dropped frames are gaps."""
+    o = frame.options
+    keys = ("confidence", "iou_threshold", "max_detections", *TrackerOptions.KEYS)
+    params = {key: getattr(o, key) for key in keys if o.HasField(key)}
+    tracking = None
+    if o.track:
+        options = TrackerOptions.from_params(params)
+        timestamp = frame.timestamp or frame.frame_index / options.frame_rate
+        tracking = Tracking(f"video/{model_of(frame)}/{frame.stream_id}", options, timestamp)
+    return InferRequest.read(model_of(frame), "", [frame_image(frame)], params, tracking=tracking)
 
 
 def frame_image(frame: vpb.Frame):
@@ -43,32 +59,16 @@ def frame_image(frame: vpb.Frame):
     raise BadInputError("frame carries no image (set 'encoded' or 'raw')")
 
 
-def frame_params(frame: vpb.Frame) -> dict:
-    """The frame's options as request parameters (only those the client set)."""
-    o = frame.options
-    keys = ("confidence", "iou_threshold", "max_detections", *TrackerOptions.KEYS)
-    return {key: getattr(o, key) for key in keys if o.HasField(key)}
-
-
-def frame_tracking(frame: vpb.Frame) -> Tracking | None:
-    """Where a frame of a tracked stream sits: its stream's tracker, and its time (the
-    client's timestamp, else its index over the frame rate), so dropped frames are gaps."""
-    if not frame.options.track:
-        return None
-    options = TrackerOptions.from_params(frame_params(frame))
-    timestamp = frame.timestamp or frame.frame_index / options.frame_rate
-    return Tracking(f"video/{frame.model or DEFAULT_MODEL}/{frame.stream_id}", options, timestamp)
-
-
 def _answer(frame: vpb.Frame, **fields) -> vpb.FrameResult:
     return vpb.FrameResult(stream_id=frame.stream_id, frame_index=frame.frame_index,
                            timestamp=frame.timestamp, **fields)
 
 
-def result_of(frame: vpb.Frame, det: Detections, names, arrived: float) -> vpb.FrameResult:
+def result_of(frame: vpb.Frame, answer: Answer, arrived: float) -> vpb.FrameResult:
+    (det,) = answer.detections
     H, W = det.image_size
     out = _answer(frame, height=H, width=W)
-    for row in rows(det, names):
+    for row in rows(det, answer.pipe.class_names):
         x1, y1, x2, y2 = row.box
         out.detections.add(
             x1=x1, y1=y1, x2=x2, y2=y2, score=row.confidence, class_id=row.class_id,
@@ -91,15 +91,16 @@ class VideoService(video_pb2_grpc.VideoSegmentationServicer):
 
     async def _process(self, arrival: tuple[float, vpb.Frame], tracked: set[str]) -> vpb.FrameResult:
         arrived, frame = arrival
+
+        def read() -> InferRequest:
+            request = request_of(frame)
+            if request.tracking is not None:
+                tracked.add(request.tracking.key)
+            return request
+
         try:
-            tracking = frame_tracking(frame)
-            if tracking is not None:
-                tracked.add(tracking.key)
-            return await infer(
-                self.state, frame.model or DEFAULT_MODEL, "", frame_params(frame),
-                lambda pipe: [frame_image(frame)],
-                lambda pipe, dets, options: result_of(frame, dets[0], pipe.class_names, arrived),
-                tracking=tracking)
+            return await run(self.state, model_of(frame), read,
+                             lambda answer: result_of(frame, answer, arrived))
         except Exception as exc:  # noqa: BLE001 - one bad frame must not end the stream
             return self._failed(arrival, exc)
 

@@ -11,21 +11,17 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.samples import sample_rgb
+from clients.cli import build_parser, run
+from clients.sources import VideoWriter
 
-from .cli import build_parser, run
-from .sources import VideoWriter
+from .launch import local_server
+from .samples import sample_rgb
 
 CLIP_SIZE = (480, 640)  # height, width
 PHOTOS = ("astronaut", "coffee", "bus")
@@ -53,58 +49,8 @@ def make_clip(path: Path, frames_per_photo: int = 8, fps: int = 8) -> int:
     return count
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_serving(address: str, server: subprocess.Popen, timeout_s: float = 180,
-                       tls_root_cert: Path | None = None) -> None:
-    """Poll the server's gRPC health until SERVING; raise if it exits or times out."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    if tls_root_cert is None:
-        channel = grpc.insecure_channel(address)
-    else:
-        credentials = grpc.ssl_channel_credentials(Path(tls_root_cert).read_bytes())
-        channel = grpc.secure_channel(address, credentials)
-    with channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited with {server.returncode} before serving")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.5)
-    raise RuntimeError(f"the server did not become SERVING within {timeout_s:.0f} s")
-
-
-@contextlib.contextmanager
-def local_server(*flags: str, log=subprocess.DEVNULL, cwd: Path | None = None):
-    """``python -m pipeline serve`` on free loopback ports, yielded as (gRPC address, process)
-    once SERVING; SIGTERM when done (the drain's exit code is then ``process.returncode``).
-    flags: more server flags; a flag given again overrides the defaults here."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--host", "127.0.0.1", "--grpc-port", str(port),
-         "--metrics-port", "0", "--http-port", "0", *flags], cwd=cwd, stderr=log)
-    try:
-        wait_until_serving(f"127.0.0.1:{port}", process)
-        yield f"127.0.0.1:{port}", process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        process.wait(120)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clients.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default out/)")
     parser.add_argument("--frames-per-photo", type=int, default=8)
     parser.add_argument("--model-repository", default="model_repository")
@@ -116,14 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[1/4] sample clip: {clip} ({n} frames of {CLIP_SIZE[1]}x{CLIP_SIZE[0]} from real photos)")
 
     with local_server("--model-repository", args.model_repository,
-                      log=open(args.out / "server.log", "w")) as (address, server):
+                      log=open(args.out / "server.log", "w")) as server:
+        address = server.address
         print(f"[2/4] server SERVING on {address} (log: {args.out / 'server.log'})")
         cli = build_parser().parse_args([str(clip), "--server", address, "--track",
                                          "--jsonl", str(args.out / "results.jsonl"),
                                          "--annotate", str(args.out / "annotated.mp4")])
         print("[3/4] streaming the clip through the server, tracking objects ...")
         summary = run(cli)
-    code = server.returncode
+    code = server.process.returncode
     dense = summary["dense_bytes"]
     print(f"[4/4] server drained and exited with {code}\n")
     print(f"frames:            {summary['frames']} ({summary['frames_per_second']} frames/s, "

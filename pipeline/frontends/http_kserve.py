@@ -1,0 +1,231 @@
+"""KServe v2 REST, as ``tritonclient.http`` calls it: an aiohttp app mounted at ``/v2``.
+
+Health, metadata, config, statistics, the repository index and ``POST
+/v2/models/{m}[/versions/{v}]/infer`` with JSON tensors or the binary tensor extension. The
+protocol's content is ``kserve``'s, shared with gRPC: a body is read once into an
+``InferRequest`` (``kserve.request_of``), run by ``inference.run``, and its ``Answer`` written
+as a JSON header plus binary outputs. Errors: ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from google.protobuf.descriptor import FieldDescriptor
+
+from ..errors import BadInputError
+from . import kserve
+from .http import ERROR_FIELD, json_body
+from .inference import VERSION, Answer, InferRequest, ServingState, run
+
+JSON_HEADER = "Inference-Header-Content-Length"
+
+
+def app(state: ServingState) -> web.Application:
+    """The KServe v2 REST routes (to be mounted at ``/v2``)."""
+    api = web.Application()
+    api[ERROR_FIELD] = "error"
+    handlers = _Handlers(state)
+    r = api.router
+    r.add_get("", handlers.server_metadata)
+    r.add_get("/health/live", handlers.live)
+    r.add_get("/health/ready", handlers.ready)
+    r.add_get("/models/stats", handlers.statistics)
+    r.add_post("/repository/index", handlers.repository_index)
+    for prefix in ("/models/{model}", "/models/{model}/versions/{version}"):
+        r.add_get(prefix, handlers.model_metadata)
+        r.add_get(prefix + "/ready", handlers.model_ready)
+        r.add_get(prefix + "/config", handlers.model_config)
+        r.add_get(prefix + "/stats", handlers.statistics)
+        r.add_post(prefix + "/infer", handlers.infer)
+    return api
+
+
+class _Handlers:
+    def __init__(self, state: ServingState):
+        self.state = state
+
+    async def live(self, request):
+        return web.Response(status=200)
+
+    async def ready(self, request):
+        return web.Response(status=200 if kserve.server_ready(self.state) else 400)
+
+    async def server_metadata(self, request):
+        return web.json_response(message_json(kserve.server_metadata()))
+
+    async def model_metadata(self, request):
+        return web.json_response(message_json(kserve.model_metadata(self.state, *_model(request))))
+
+    async def model_ready(self, request):
+        return web.Response(status=200 if kserve.model_ready(self.state, *_model(request)) else 400)
+
+    async def model_config(self, request):
+        return web.json_response(message_json(kserve.model_config(self.state, *_model(request))))
+
+    async def statistics(self, request):
+        name, version = request.match_info.get("model", ""), request.match_info.get("version", "")
+        return web.json_response(message_json(kserve.model_statistics(self.state, name, version)))
+
+    async def repository_index(self, request):
+        body = await json_body(request) if request.can_read_body else {}
+        index = kserve.repository_index(self.state, bool((body or {}).get("ready")))
+        return web.json_response([message_json(m) for m in index.models])
+
+    async def infer(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        call = _InferCall(name, version, await request.read(), request.headers.get(JSON_HEADER))
+        head, binary = await run(self.state, name, call.read, call.respond)
+        payload = json.dumps(head).encode()
+        if not binary:
+            return web.Response(body=payload, content_type="application/json")
+        return web.Response(body=payload + binary, content_type="application/octet-stream",
+                            headers={JSON_HEADER: str(len(payload))})
+
+
+def _model(request) -> tuple[str, str]:
+    return request.match_info["model"], request.match_info.get("version", "")
+
+
+# ----------------------------------------------------------------------------- one call
+
+
+class _InferCall:
+    """One REST inference call: ``read`` reads its body once (the JSON document, then the
+    binary inputs after it); ``respond`` answers with what the document asked for."""
+
+    def __init__(self, model: str, version: str, body: bytes, header_length: str | None):
+        self.model, self.version, self.body, self.header_length = model, version, body, header_length
+        self.document: dict = {}
+        self.binary_of: dict[str, bool | None] = {}  # output -> binary? (None: not said)
+
+    def read(self) -> InferRequest:
+        body, header_length = self.body, self.header_length
+        try:
+            split = int(header_length) if header_length is not None else len(body)
+            if not 0 <= split <= len(body):
+                raise ValueError
+        except ValueError:
+            raise BadInputError(f"{JSON_HEADER} {header_length!r} does not fit the body of "
+                                f"{len(body)} bytes") from None
+        try:
+            document = json.loads(body[:split])
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadInputError(f"the inference request is not valid JSON ({exc})") from None
+        if not isinstance(document, dict):
+            raise BadInputError("the inference request must be a JSON object")
+        params = document.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadInputError("'parameters' must be an object")
+        self.document, self.binary_of = document, dict(_requested(document))
+        return kserve.request_of(self.model, self.version, params, _inputs(document, body[split:]),
+                                 list(self.binary_of))
+
+    def respond(self, answer: Answer) -> tuple[dict, bytes]:
+        """(JSON header, binary section) of the response."""
+        document = self.document
+        binary_default = bool((document.get("parameters") or {}).get("binary_data_output", False))
+        head: dict[str, Any] = {"model_name": answer.pipe.name, "model_version": VERSION, "outputs": []}
+        if "id" in document:
+            head["id"] = document["id"]
+        blobs = []
+        for name, datatype, array in kserve.output_tensors(answer, list(self.binary_of)):
+            entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+            binary = self.binary_of.get(name)
+            if binary if binary is not None else binary_default:
+                raw = kserve.raw_contents(array)
+                entry["parameters"] = {"binary_data_size": len(raw)}
+                blobs.append(raw)
+            elif array.dtype == object:
+                entry["data"] = [v.decode() for v in array.reshape(-1)]
+            else:
+                entry["data"] = np.asarray(array).reshape(-1).tolist()
+            head["outputs"].append(entry)
+        return head, b"".join(blobs)
+
+
+def _flat(values) -> list:
+    out = []
+    for v in values if isinstance(values, list) else [values]:
+        out.extend(_flat(v) if isinstance(v, list) else [v])
+    return out
+
+
+def _inputs(document: dict, binary: bytes) -> list[kserve.InputTensor]:
+    """The request's inputs, binary parts taken in order from after the JSON header."""
+    items = document.get("inputs")
+    if not isinstance(items, list):
+        raise BadInputError("'inputs' must be a list of tensors")
+    out, offset = [], 0
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadInputError(f"inputs[{i}] must be an object {{name, shape, datatype, data}}")
+        try:
+            name, datatype = str(item["name"]), str(item["datatype"])
+            shape = [int(d) for d in item["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise BadInputError(f"inputs[{i}] needs a name, a datatype and an integer shape") from None
+        size = (item.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise BadInputError(f"inputs[{i}] binary_data_size {size!r} does not fit the "
+                                    f"{len(binary) - offset} binary bytes left")
+            out.append(kserve.InputTensor(name, datatype, shape, raw=binary[offset : offset + size]))
+            offset += size
+        elif "data" in item:
+            values = _flat(item["data"])
+            if datatype == "BYTES":
+                values = [v.encode() if isinstance(v, str) else v for v in values]
+                if not all(isinstance(v, bytes) for v in values):
+                    raise BadInputError(f"inputs[{i}] BYTES data must be strings")
+            out.append(kserve.InputTensor(name, datatype, shape, values=values))
+        else:
+            raise BadInputError(f"inputs[{i}] has neither data nor binary_data_size")
+    if offset != len(binary):
+        raise BadInputError(f"{len(binary) - offset} binary bytes after the inputs are unclaimed")
+    return out
+
+
+def _requested(document: dict) -> list[tuple[str, bool | None]]:
+    """(output name, binary?) of each output the request names (binary None: not said)."""
+    items = document.get("outputs") or []
+    if not isinstance(items, list):
+        raise BadInputError("'outputs' must be a list")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadInputError(f"outputs[{i}] must be an object with a name")
+        out.append((item["name"], (item.get("parameters") or {}).get("binary_data")))
+    return out
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def message_json(message) -> dict:
+    """A protobuf message as Triton's HTTP JSON: field names as in the .proto, 64-bit
+    integers as numbers (protobuf's own JSON would quote them), enums by name."""
+    out = {}
+    for field, value in message.ListFields():
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            out[field.name] = {k: _json_value(value_field, v) for k, v in value.items()}
+        elif field.is_repeated:
+            out[field.name] = [_json_value(field, v) for v in value]
+        else:
+            out[field.name] = _json_value(field, value)
+    return out
+
+
+def _json_value(field, value):
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_json(value)
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return field.enum_type.values_by_number[value].name
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode()
+    return value

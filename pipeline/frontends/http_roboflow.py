@@ -1,0 +1,219 @@
+"""Roboflow ``inference``'s HTTP API, as the official ``inference-sdk`` calls it.
+
+v0 (legacy) ``POST /{model}/{version}`` with the base64 image as the raw body (or a multipart
+``file``), query ``api_key``, ``confidence``, ``overlap``, ``max_detections``,
+``response_mask_format``, ``format``; v1 ``GET /model/registry``, ``POST /model/add`` and
+``POST /infer/instance_segmentation`` (JSON; a list of images gives a list of responses).
+As in Roboflow's server, masks come as polygon ``points`` unless the request asks for
+``response_mask_format=rle``; ``confidence`` and ``overlap`` of 1 or more are percents.
+Errors: ``{"message": ...}``. ``model_id`` is ``<repository model>/1``. Images given by URL
+are fetched only when the server was started with ``--allow-image-urls`` (server-side
+fetches are an SSRF risk).
+
+Its paths share no prefix, so ``add_routes`` puts them on the root app (KServe's REST API is
+the sub-app at ``/v2``); the catch-all ``/{model}/{version}`` is matched last.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import time
+import uuid
+from typing import Any
+
+from aiohttp import ClientSession, ClientTimeout, web
+
+from .. import schema
+from ..errors import BadInputError, TooLargeError
+from .auth import Token
+from .http import BODY_KEY_PATHS, ERROR_FIELD, body_key_ok, json_body
+from .inference import VERSION, Answer, InferRequest, ServingState, run
+
+TASK = "instance-segmentation"
+
+
+def add_routes(app: web.Application, state: ServingState, *, token: Token | None,
+               max_body: int, allow_image_urls: bool) -> None:
+    """Roboflow's routes and error format on ``app`` (the root app)."""
+    app[ERROR_FIELD] = "message"
+    app[BODY_KEY_PATHS] = frozenset({"/model/add", "/infer/instance_segmentation"})
+    api = _Handlers(state, token, max_body, allow_image_urls)
+    r = app.router
+    r.add_get("/model/registry", api.registry)
+    r.add_post("/model/add", api.add_model)
+    r.add_post("/infer/instance_segmentation", api.v1)
+    r.add_post("/{model}/{version}", api.v0)
+    r.add_get("/{model}/{version}", api.v0)
+
+
+class _Handlers:
+    def __init__(self, state: ServingState, token: Token | None, max_body: int,
+                 allow_image_urls: bool):
+        self.state = state
+        self.token = token
+        self.max_body = max_body
+        self.allow_image_urls = allow_image_urls
+
+    def _registered(self) -> dict:
+        return {"models": [{"model_id": f"{name}/{VERSION}", "task_type": TASK,
+                            "batch_size": pipe.max_batch_size}
+                           for name, pipe in sorted(self.state.pipelines.items())]}
+
+    def _model(self, model_id: Any) -> str:
+        if not isinstance(model_id, str) or model_id.count("/") != 1:
+            raise BadInputError(f"model_id must be '<model>/<version>', e.g. "
+                                f"'instance_segmentation/{VERSION}', got {model_id!r}")
+        name, version = model_id.split("/")
+        self.state.lookup(name, version)  # NotFoundError names what is served
+        return name
+
+    async def registry(self, request):
+        return web.json_response(self._registered())
+
+    async def add_model(self, request):
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            raise BadInputError("the body must be a JSON object {model_id, api_key}")
+        body_key_ok(request, self.token, body)
+        self._model(body.get("model_id"))
+        return web.json_response(self._registered())
+
+    async def v0(self, request: web.Request) -> web.StreamResponse:
+        name = self._model(f"{request.match_info['model']}/{request.match_info['version']}")
+        query = request.query
+        params = _parameters(query, legacy=True)
+        output = query.get("format", "json")
+        if output not in ("json", "image"):
+            raise BadInputError(f"format must be 'json' or 'image', got {output!r}")
+        image = await self._v0_image(request)
+        documents = await self._infer(name, params, [image], draw=output == "image")
+        if output == "image":
+            return web.Response(body=documents[0], content_type="image/jpeg")
+        return web.json_response(documents[0])
+
+    async def v1(self, request: web.Request) -> web.Response:
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            raise BadInputError("the body must be a JSON object {model_id, image, ...}")
+        body_key_ok(request, self.token, body)
+        name = self._model(body.get("model_id"))
+        many = isinstance(body.get("image"), list)
+        given = body.get("image") if many else [body.get("image")]
+        if not given or given == [None]:
+            raise BadInputError("'image' is required: {\"type\": \"base64\", \"value\": ...} or a list")
+        images = [await self._v1_image(item, i) for i, item in enumerate(given)]
+        documents = await self._infer(name, _parameters(body, legacy=False), images)
+        return web.json_response(documents if many else documents[0])
+
+    async def _infer(self, name: str, params: dict, images: list[bytes], draw: bool = False) -> list:
+        started = time.monotonic()
+
+        def respond(answer: Answer) -> list:
+            names = answer.pipe.class_names
+            if draw:  # drawn from the exact masks, whatever format the JSON would use
+                return [_overlay_jpeg(image, schema.document(det, names, "rle"))
+                        for image, det in zip(images, answer.detections)]
+            return [{"inference_id": str(uuid.uuid4()), "time": time.monotonic() - started,
+                     **schema.document(det, names, answer.options.mask_format)}
+                    for det in answer.detections]
+
+        return await run(self.state, name, lambda: InferRequest.read(name, VERSION, images, params),
+                         respond)
+
+    async def _v0_image(self, request: web.Request) -> bytes:
+        if request.query.get("image") is not None:
+            return await self._fetch(request.query["image"])
+        if request.query.get("image_type", "base64") != "base64":
+            raise BadInputError("image_type must be 'base64' (numpy arrays are not accepted)")
+        if (request.content_type or "").startswith("multipart/form-data"):
+            reader = await request.multipart()
+            async for part in reader:
+                if part.name == "file":
+                    return bytes(await part.read())
+            raise BadInputError("the multipart body has no 'file' part")
+        body = await request.read()
+        if not body:
+            raise BadInputError("the body is empty: send the image as base64 text, or as a "
+                                "multipart 'file'")
+        return _base64(body, "the body")
+
+    async def _v1_image(self, item: Any, i: int) -> bytes:
+        if not isinstance(item, dict) or "value" not in item:
+            raise BadInputError(f"image {i} must be an object {{\"type\": \"base64\", \"value\": ...}}")
+        kind = item.get("type", "base64")
+        if kind == "url":
+            return await self._fetch(item["value"])
+        if kind != "base64":
+            raise BadInputError(f"image {i}: type {kind!r} is not accepted (use 'base64' or 'url')")
+        if not isinstance(item["value"], str):
+            raise BadInputError(f"image {i}: value must be base64 text")
+        return _base64(item["value"].encode(), f"image {i}")
+
+    async def _fetch(self, url: Any) -> bytes:
+        if not self.allow_image_urls:
+            raise BadInputError("images by URL are refused: this server does not fetch from the "
+                                "network (start it with --allow-image-urls to allow it); send the "
+                                "image itself as base64")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise BadInputError(f"image URL must be http(s)://..., got {url!r}")
+        try:
+            async with ClientSession(timeout=ClientTimeout(total=10)) as session:
+                async with session.get(url) as response:
+                    if response.status != 200:
+                        raise BadInputError(f"fetching {url} answered HTTP {response.status}")
+                    chunks, size = [], 0
+                    async for chunk in response.content.iter_chunked(1 << 16):
+                        chunks.append(chunk)
+                        size += len(chunk)
+                        if size > self.max_body:
+                            break
+                    data = b"".join(chunks)
+        except (OSError, TimeoutError) as exc:
+            raise BadInputError(f"fetching {url} failed ({exc})") from None
+        if len(data) > self.max_body:
+            raise TooLargeError(f"the image at {url} exceeds the {self.max_body}-byte limit")
+        return data
+
+
+def _base64(text: bytes, what: str) -> bytes:
+    if text.startswith(b"data:") and b"," in text:  # a data URI
+        text = text.split(b",", 1)[1]
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadInputError(f"{what} is not base64 text (send the image base64-encoded)") from None
+
+
+def _parameters(source, legacy: bool) -> dict:
+    """Request parameters from Roboflow's names: ``overlap`` (v0) / ``iou_threshold`` (v1);
+    confidence and overlap of 1 or more are percents (v0); masks default to polygons."""
+    params: dict[str, Any] = {"response_mask_format": source.get("response_mask_format") or "polygon"}
+    confidence = source.get("confidence")
+    if confidence not in (None, "default", "best"):
+        params["confidence"] = _percent(confidence, "confidence") if legacy else confidence
+    overlap = source.get("overlap") if legacy else source.get("iou_threshold")
+    if overlap is not None:
+        params["iou_threshold"] = _percent(overlap, "overlap") if legacy else overlap
+    if source.get("max_detections") is not None:
+        params["max_detections"] = source.get("max_detections")
+    return params
+
+
+def _percent(value: Any, key: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise BadInputError(f"parameter {key!r} must be a number, got {value!r}") from None
+    return number / 100 if number >= 1 else number
+
+
+def _overlay_jpeg(image: bytes, document: dict) -> bytes:
+    """The image with its masks drawn (Roboflow's ``format=image``)."""
+    from ..images import as_rgb_array
+    from ..overlay import draw
+
+    buffer = io.BytesIO()
+    draw(as_rgb_array(image), document["predictions"]).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
