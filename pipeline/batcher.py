@@ -131,6 +131,11 @@ class DynamicBatcher(Generic[Item, Result]):
         self._closing = False
         self._in_flight = 0
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch (not those cancelled while waiting)."""
+        return sum(1 for r in self._queue if not r.future.done())
+
     def start(self) -> None:
         if self._tasks:
             return
@@ -154,7 +159,7 @@ class DynamicBatcher(Generic[Item, Result]):
             raise ShuttingDownError(f"{self.name} is shutting down; no new requests")
         if not self._tasks:
             self.start()
-        live = sum(1 for r in self._queue if not r.future.done())
+        live = self.queued
         if live >= self.max_queue_size:
             raise OverloadedError(
                 f"{self.name} is overloaded: {live} requests already queued "

@@ -61,7 +61,7 @@ class PostprocessOptions:
             raise InvalidOptionError("max_detections", f"max_detections must be in "
                                      f"[0, {MAX_DETECTIONS_LIMIT}], got {self.max_detections}")
         if self.mask_format not in MASK_FORMATS:
-            raise InvalidOptionError("response_mask_format", f"unknown mask format "
+            raise InvalidOptionError("response_mask_format", f"response_mask_format: unknown mask format "
                                      f"{self.mask_format!r}; use one of: {', '.join(MASK_FORMATS)}")
 
     @classmethod

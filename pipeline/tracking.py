@@ -9,7 +9,8 @@ bounded by its detections, never by the stream's length.
 
 Order: requests of one key may be detected concurrently (a stream's window), but a tracker
 must see frames in order. Each request takes a ticket when it starts (in arrival order, so
-frames a ``drop_oldest`` window dropped take none) and updates the tracker only on its turn.
+frames a ``drop_oldest`` window dropped take none) and updates the tracker only on its turn,
+in a worker thread (the event loop only hands turns on).
 Gaps are seen through timestamps: the tracker predicts motion across the skipped time.
 """
 
@@ -112,6 +113,11 @@ class _Track:
     skipped: set[int] = field(default_factory=set)  # tickets that will not update
     waiting: dict[int, asyncio.Future] = field(default_factory=dict)
 
+    def done(self) -> None:
+        """The current turn's update finished."""
+        self.last_used = time.monotonic()
+        self.advance()
+
     def advance(self) -> None:
         """The current turn is over: move to the next ticket that will update, and wake it."""
         self.turn += 1
@@ -164,11 +170,12 @@ class Tracks:
                 track.waiting.pop(ticket, None)
                 self.skip(key, ticket)
                 raise
-        try:
-            return replace(det, tracker_ids=track.tracker.update(det, timestamp))
-        finally:
-            track.last_used = time.monotonic()
-            track.advance()
+        # The update (~3 ms at 100 detections) runs in a worker thread, off the event loop.
+        # The turn passes when it is done, not before, even if this request is cancelled
+        # meanwhile: a tracker is never updated by two threads at once.
+        update = asyncio.get_running_loop().run_in_executor(None, track.tracker.update, det, timestamp)
+        update.add_done_callback(lambda _: track.done())
+        return replace(det, tracker_ids=await asyncio.shield(update))
 
     def skip(self, key: str, ticket: int) -> None:
         """``ticket``'s request will not update the tracker (it failed): its turn passes."""

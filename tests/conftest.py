@@ -40,6 +40,27 @@ def pytest_collection_modifyitems(config, items):
 MODEL_REPOSITORY = ROOT / "model_repository"
 
 
+async def until(condition, timeout_s: float = 5.0) -> None:
+    """Wait (on the event loop) until ``condition()`` holds: tests order events by what has
+    happened, not by how long they slept. AssertionError after ``timeout_s``."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout_s} s: {condition}")
+        await asyncio.sleep(0.001)
+
+
+async def settle(turns: int = 20) -> None:
+    """Let the event loop run ``turns`` times (to show that something does NOT happen)."""
+    import asyncio
+
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
 @pytest.fixture(scope="session")
 def pipeline_cpu():
     """The real default model (yolov5s-seg, COCO) on the CPU, loaded once per session."""

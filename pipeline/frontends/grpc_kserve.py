@@ -42,8 +42,10 @@ def inputs_of(request: pb.ModelInferRequest) -> list[kserve.InputTensor]:
 
 def read_request(message: pb.ModelInferRequest, deadline: float | None = None) -> InferRequest:
     """The message as the one typed request (BadInputError if unusable)."""
-    return kserve.request_of(message.model_name, message.model_version, parameters_of(message),
-                             inputs_of(message), [o.name for o in message.outputs], deadline)
+    params, inputs = parameters_of(message), inputs_of(message)
+    outputs = [o.name for o in message.outputs]
+    return kserve.request_of(message.model_name, message.model_version, params, inputs, outputs,
+                             deadline)
 
 
 def response_of(message: pb.ModelInferRequest, answer: Answer) -> pb.ModelInferResponse:
@@ -102,8 +104,13 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         deadline: the caller's absolute monotonic deadline (a gRPC deadline): a request
         still queued then is answered DEADLINE_EXCEEDED, never run."""
-        return await run(self.state, message.model_name, lambda: read_request(message, deadline),
-                         lambda answer: response_of(message, answer))
+        def read() -> InferRequest:
+            return read_request(message, deadline)
+
+        def respond(answer: Answer) -> pb.ModelInferResponse:
+            return response_of(message, answer)
+
+        return await run(self.state, message.model_name, read, respond)
 
     async def ModelInfer(self, request, context):
         remaining = context.time_remaining()

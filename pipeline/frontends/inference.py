@@ -92,9 +92,11 @@ class InferRequest:
         """From a protocol's parameters by their wire names (strings or numbers): the
         post-processing overrides, Triton's ``timeout`` and, unless ``tracking`` is given,
         Triton's sequence parameters. Raises BadInputError naming the parameter."""
-        return cls(model, version, tuple(images), PostprocessOptions.overrides(params),
-                   queue_timeout(params), deadline,
-                   tracking if tracking is not None else sequence_tracking(model, params),
+        timeout_s = queue_timeout(params)
+        if tracking is None:
+            tracking = sequence_tracking(model, params)
+        options = PostprocessOptions.overrides(params)
+        return cls(model, version, tuple(images), options, timeout_s, deadline, tracking,
                    tuple(outputs))
 
 

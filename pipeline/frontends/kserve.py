@@ -75,8 +75,8 @@ def request_of(model: str, version: str, params: dict[str, Any], inputs: Sequenc
                outputs: Sequence[str], deadline: float | None = None) -> InferRequest:
     """A KServe v2 inference request, read once: BadInputError if anything is unusable."""
     requested_outputs(outputs)  # refuse before any work
-    return InferRequest.read(model, version, images_of(inputs), params, deadline=deadline,
-                             outputs=outputs)
+    images = images_of(inputs)
+    return InferRequest.read(model, version, images, params, deadline=deadline, outputs=outputs)
 
 
 def images_of(inputs: Sequence[InputTensor]) -> list[Any]:
@@ -132,9 +132,8 @@ def requested_outputs(names: Sequence[str], tracked: bool = False) -> list[str]:
 def output_tensors(answer: Answer, names: Sequence[str]) -> list[tuple[str, str, np.ndarray]]:
     """(name, KServe datatype, array) of each requested output; BYTES as object arrays."""
     dets = answer.detections
-    tracked = any(d.tracker_ids is not None for d in dets)
-    arrays = output_arrays(dets, requested_outputs(names, tracked), answer.pipe.class_names,
-                           answer.options.mask_format)
+    wanted = requested_outputs(names, tracked=any(d.tracker_ids is not None for d in dets))
+    arrays = output_arrays(dets, wanted, answer.pipe.class_names, answer.options.mask_format)
     return [(name, OUTPUTS[name][0], array) for name, array in arrays.items()]
 
 

@@ -137,11 +137,13 @@ def cores() -> int:
 
 @dataclass(frozen=True)
 class ThreadBudget:
-    """The split ``apply_thread_budget`` made: the network's (and the codec's) threads, and the
-    workers that decode images and build responses."""
+    """The split ``apply_thread_budget`` made: the network's (and the codec's) threads, the
+    workers that decode images and build responses, and whether the allocator's arenas were
+    capped (glibc only)."""
 
     network: int
     workers: int
+    arenas_capped: bool
 
 
 def apply_thread_budget(cfg: ServerConfig, loop: asyncio.AbstractEventLoop) -> ThreadBudget:
@@ -152,8 +154,7 @@ def apply_thread_budget(cfg: ServerConfig, loop: asyncio.AbstractEventLoop) -> T
     those threads exist."""
     import torch
 
-    memory.tune()
-    budget = ThreadBudget(cfg.network_threads or cores(), cfg.worker_threads)
+    budget = ThreadBudget(cfg.network_threads or cores(), cfg.worker_threads, memory.tune())
     torch.set_num_threads(budget.network)
     rle.set_threads(budget.network)
     loop.set_default_executor(ThreadPoolExecutor(budget.workers, thread_name_prefix="rle-worker"))

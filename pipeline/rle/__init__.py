@@ -32,10 +32,11 @@ from .runs import (
     host_run_lengths,
     pad_crops,
     set_threads,
+    threads,
 )
 
 __all__ = ["encode", "encode_crops", "decode", "parse", "dense", "run_lengths", "to_coco",
-           "pack", "box_windows", "batch_run_lengths", "set_threads", "RunLengths", "Tiles",
+           "pack", "box_windows", "batch_run_lengths", "set_threads", "threads", "RunLengths", "Tiles",
            "NotBinaryError", "MAX_DECODE_PIXELS", "warm_up"]
 
 # decode() refuses to allocate more than this many mask pixels in one call (2 GiB of uint8),

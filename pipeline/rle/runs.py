@@ -372,6 +372,11 @@ def set_threads(count: int | None) -> None:
         pool.shutdown(wait=False)
 
 
+def threads() -> int:
+    """How many threads the host path may use for large masks now."""
+    return _host_pool()[1]
+
+
 def _host_pool() -> tuple[ThreadPoolExecutor | None, int]:
     """The shared pool for large host batches and its size; None when one thread is allowed."""
     global _POOL

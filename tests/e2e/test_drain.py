@@ -1,11 +1,10 @@
 """SIGTERM under load, counted: 8 video streams and unary requests against a real server
-process. Every request the server read gets its result or a clear UNAVAILABLE, in order;
+process (on the fake network, 100 ms of busy work per image: ``tests/fakes.py``). Every request the server read gets its result or a clear UNAVAILABLE, in order;
 what it did not read is covered by the stream ending UNAVAILABLE; health turns NOT_SERVING
 at once; the process exits 0 within its grace period."""
 
 from __future__ import annotations
 
-import io
 import signal
 import threading
 import time
@@ -14,23 +13,17 @@ import grpc
 import numpy as np
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 from pipeline.proto import video_pb2 as vpb
 from pipeline.proto import video_pb2_grpc
 from pipeline.tools.launch import local_server
-from pipeline.tools.samples import sample_bytes, sample_rgb
 
-from ..conftest import ROOT, copy_repository
+from ..conftest import ROOT
+from ..fakes import fake_repository, png, scene
 
 STREAMS = 8
 GRACE_S = 30
-
-
-def small_jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(sample_rgb("coffee")[::2, ::2]).save(buffer, format="JPEG")
-    return buffer.getvalue()
+FRAME = png(scene(240, 320, green=(100, 60, 260, 220)))
 
 
 class VideoStream(threading.Thread):
@@ -63,15 +56,13 @@ class VideoStream(threading.Thread):
 
 def test_sigterm_under_load_answers_everything_read_and_exits_zero(tmp_path):
     # Queue timeouts off the table (30 s), so every answer here is the drain's doing.
-    repository = copy_repository(tmp_path, instance_segmentation=lambda text: text.replace(
-        "default_timeout_microseconds: 2000000", "default_timeout_microseconds: 30000000"))
+    repository = fake_repository(tmp_path / "models", delay_ms=100, queue_timeout_s=30)
     log = tmp_path / "server.log"
     with local_server("--model-repository", str(repository), "--device", "cpu",
                       "--grace-period-s", str(GRACE_S), "--stream-window", "2",
                       log=log.open("w"), cwd=ROOT) as server:
         address, process = server.address, server.process
-        frame = small_jpeg()
-        streams = [VideoStream(address, f"camera-{i}", frame) for i in range(STREAMS)]
+        streams = [VideoStream(address, f"camera-{i}", FRAME) for i in range(STREAMS)]
         for s in streams:
             s.start()
         unary: dict[str, object] = {}
@@ -79,14 +70,16 @@ def test_sigterm_under_load_answers_everything_read_and_exits_zero(tmp_path):
         def one_unary(key):
             client = triton.InferenceServerClient(address)
             tensor = triton.InferInput("IMAGE", [2, 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([[sample_bytes("bus")]] * 2, dtype=object))
+            tensor.set_data_from_numpy(np.array([[FRAME]] * 2, dtype=object))
             try:
                 unary[key] = client.infer("instance_segmentation", [tensor]).as_numpy("NUM_DETECTIONS")
             except Exception as exc:  # noqa: BLE001 - recorded and asserted below
                 unary[key] = exc
 
-        time.sleep(4)  # under load: every stream's window full
-        assert all(len(s.results) > 0 for s in streams), [len(s.results) for s in streams]
+        loaded = time.monotonic() + 60  # under load: every stream served and sending more
+        while not all(len(s.results) >= 2 for s in streams) and time.monotonic() < loaded:
+            time.sleep(0.05)
+        assert all(len(s.results) >= 2 for s in streams), [len(s.results) for s in streams]
         callers = [threading.Thread(target=one_unary, args=(k,)) for k in ("a", "b")]
         for c in callers:
             c.start()

@@ -1,5 +1,7 @@
 """An in-process server on a free port, running its own event loop in a thread, so tests can
-use the real (blocking) tritonclient against it."""
+use the real (blocking) tritonclient against it. The frontends' tests run it on the fake
+network (``tests/fakes.py``: known detections in milliseconds); ``real_server`` serves the
+real model, for what only it can show (the README's snippets on real photos)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 from pipeline.frontends.server import PipelineServer, ServerConfig
 
 from ..conftest import MODEL_REPOSITORY
+from ..fakes import fake_repository
 
 
 class RunningServer:
@@ -48,7 +51,32 @@ def running_server(**settings):
 
 
 @pytest.fixture(scope="session")
-def server():
+def fake_root(tmp_path_factory):
+    """A repository whose pipeline runs the fake network (no delay)."""
+    return fake_repository(tmp_path_factory.mktemp("fake"))
+
+
+@pytest.fixture(scope="session")
+def slow_root(tmp_path_factory):
+    """A repository whose fake network takes ~100 ms per image (busy, like a real one)."""
+    return fake_repository(tmp_path_factory.mktemp("slow"), delay_ms=100)
+
+
+@pytest.fixture(scope="session")
+def fake_pipeline(fake_root):
+    from pipeline.engine import Pipeline
+
+    return Pipeline.from_repository(fake_root, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def server(fake_root):
+    with running_server(model_repository=str(fake_root)) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def real_server():
     with running_server() as running:
         yield running
 
@@ -68,8 +96,8 @@ def tls_files(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def guarded(tls_files):
+def guarded(tls_files, slow_root):
     key, cert = tls_files
-    with running_server(tls_cert=str(cert), tls_key=str(key), token="s3cret",
+    with running_server(model_repository=str(slow_root), tls_cert=str(cert), tls_key=str(key), token="s3cret",
                         stream_window=1, stream_policy="drop_oldest") as running:
         yield running, cert.read_bytes()

@@ -13,6 +13,7 @@ from pycocotools import mask as coco_mask
 from pipeline.tools.samples import sample_bytes
 
 from ..conftest import ROOT
+from ..fakes import png, scene
 
 
 def predict(*args, cwd=ROOT):
@@ -44,22 +45,24 @@ def test_predict_prints_json_and_draws_masks_only_where_they_are(tmp_path):
     assert not changed[~near_any_box].any()  # nothing drawn away from the detections
 
 
-def test_polygon_format_and_options(tmp_path):
-    image = tmp_path / "bus.jpg"
-    image.write_bytes(sample_bytes("bus"))
-    run = predict(str(image), "--mask-format", "polygon", "--confidence", "0.8")
+def test_polygon_format_and_options(tmp_path, fake_root):
+    image = tmp_path / "scene.png"
+    image.write_bytes(png(scene(240, 320, red=(20, 40, 100, 120), blue=(200, 100, 300, 200))))
+    run = predict(str(image), "--model-repository", str(fake_root), "--mask-format", "polygon",
+                  "--confidence", "0.8", "--max-detections", "1")
     assert run.returncode == 0, run.stderr
-    doc = json.loads(run.stdout)
-    assert doc["predictions"] and all(p["confidence"] > 0.8 for p in doc["predictions"])
-    assert all(p["mask_format"] == "polygon" and len(p["points"]) >= 3 for p in doc["predictions"])
+    (red,) = json.loads(run.stdout)["predictions"]
+    assert red["class"] == "red" and red["confidence"] > 0.8 and red["mask_format"] == "polygon"
+    xs, ys = [q["x"] for q in red["points"]], [q["y"] for q in red["points"]]
+    assert (min(xs), min(ys), max(xs), max(ys)) == (20, 40, 99, 119)
 
 
-def test_bad_files_are_reported_and_the_rest_still_run(tmp_path):
+def test_bad_files_are_reported_and_the_rest_still_run(tmp_path, fake_root):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    good = tmp_path / "bus.jpg"
-    good.write_bytes(sample_bytes("bus"))
-    run = predict(str(bad), str(good), str(tmp_path / "missing.png"))
+    good = tmp_path / "scene.png"
+    good.write_bytes(png(scene(red=(20, 40, 100, 120))))
+    run = predict(str(bad), str(good), str(tmp_path / "missing.png"), "--model-repository", str(fake_root))
     assert run.returncode == 1
     assert "broken.jpg" in run.stderr and "missing.png" in run.stderr
     assert len(run.stdout.strip().splitlines()) == 1

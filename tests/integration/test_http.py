@@ -1,6 +1,7 @@
 """HTTP on the same server: Roboflow's inference API driven by the OFFICIAL inference-sdk
 (unmodified, from .venv-sdk), KServe v2 REST by the official tritonclient.http, bad input on
-every route, token auth. Answers equal gRPC's for the same images."""
+every route, token auth. Answers equal gRPC's for the same images. The fake network's
+synthetic scenes (``tests/fakes.py``) stand in for photos."""
 
 from __future__ import annotations
 
@@ -17,9 +18,8 @@ import tritonclient.http as http_client
 from pycocotools import mask as coco_mask
 from tritonclient.utils import InferenceServerException
 
-from pipeline.tools.samples import sample_bytes
-
 from ..conftest import ROOT
+from ..fakes import png, scene
 from .conftest import running_server
 
 MODEL = "instance_segmentation"
@@ -27,18 +27,22 @@ SDK_PYTHON = ROOT / ".venv-sdk/bin/python"
 DRIVER = ROOT / "tests/integration/sdk_driver.py"
 
 
-@pytest.fixture(scope="module")
-def server():
-    with running_server(http_port=0) as running:
-        yield running
+SCENES = {  # name -> (H, W, 3) RGB: a few saturated rectangles the fake network finds
+    "bus": scene(480, 640, red=(40, 60, 200, 400), green=(300, 100, 420, 220), blue=(500, 300, 620, 460)),
+    "coffee": scene(300, 400, green=(100, 60, 260, 220)),
+}
+
+
+def sample_bytes(name: str) -> bytes:
+    return png(SCENES[name])
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")
     paths = {}
-    for name in ("bus", "coffee", "zidane"):
-        paths[name] = folder / f"{name}.jpg"
+    for name in SCENES:
+        paths[name] = folder / f"{name}.png"
         paths[name].write_bytes(sample_bytes(name))
     return paths
 
@@ -100,7 +104,7 @@ def test_the_sdk_with_rle_gets_grpcs_masks_byte_for_byte(server, photos, mode):
             assert xs.max() < np.ceil(p["x"] + p["width"] / 2)
             assert ys.min() >= np.floor(p["y"] - p["height"] / 2)
             assert ys.max() < np.ceil(p["y"] + p["height"] / 2)
-    assert {"person", "bus"} <= {p["class"] for p in bus["predictions"]}
+    assert {p["class"] for p in bus["predictions"]} == {"red", "green", "blue"}
 
 
 @pytest.mark.parametrize("mode", ["v0", "v1"])
@@ -124,7 +128,7 @@ def rest(server):
 
 def test_rest_health_metadata_config_statistics(rest):
     assert rest.is_server_live() and rest.is_server_ready() and rest.is_model_ready(MODEL)
-    assert not rest.is_model_ready("yolov5s_seg")
+    assert not rest.is_model_ready("fake_seg")
     assert rest.get_server_metadata()["name"] == "rle-serving"
     meta = rest.get_model_metadata(MODEL)
     assert meta["inputs"] == [{"name": "IMAGE", "datatype": "BYTES", "shape": [-1, 1]}]
@@ -133,7 +137,7 @@ def test_rest_health_metadata_config_statistics(rest):
     assert config["max_batch_size"] == 8 and config["instance_group"][0]["kind"] == "KIND_CPU"
     assert config["dynamic_batching"]["default_queue_policy"]["default_timeout_microseconds"] == 2000000
     index = {m["name"]: m["state"] for m in rest.get_model_repository_index()}
-    assert index == {MODEL: "READY", "yolov5s_seg": "UNAVAILABLE"}
+    assert index == {MODEL: "READY", "fake_seg": "UNAVAILABLE"}
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -155,12 +159,12 @@ def test_rest_infer_equals_grpc(server, rest, binary):
     assert stats["inference_count"] >= 1 and stats["inference_stats"]["success"]["count"] >= 1
 
 
-def test_rest_raw_uint8_pixels(rest, samples):
-    rgb = samples["coffee"]
+def test_rest_raw_uint8_pixels(rest):
+    rgb = SCENES["coffee"]
     tensor = http_client.InferInput("IMAGE", [1, *rgb.shape], "UINT8")
     tensor.set_data_from_numpy(rgb[None])
     doc = json.loads(rest.infer(MODEL, [tensor]).as_numpy("DETECTIONS")[0, 0])
-    assert "cup" in [p["class"] for p in doc["predictions"]]
+    assert [p["class"] for p in doc["predictions"]] == ["green"]
 
 
 # ------------------------------------------------------------------ bad input, still serving
@@ -192,7 +196,7 @@ B64 = base64.b64encode(b"not an image at all")
     ("/infer/instance_segmentation", b'{"model_id": "instance_segmentation/1", "image": {"type": "url", "value": "http://10.0.0.1/x.jpg"}}', 400, "message", "images by URL are refused"),
     ("/infer/instance_segmentation", b'{"model_id": "instance_segmentation/1", "image": {"type": "numpy", "value": "AA=="}}', 400, "message", "type 'numpy' is not accepted"),
     ("/infer/instance_segmentation", b'{"model_id": "instance_segmentation/1", "image": {"value": "AA=="}, "confidence": 7}', 400, "message", "confidence must be in [0, 1]"),
-    ("/model/add", b'{"model_id": "yolov5s_seg/1"}', 404, "message", "not served directly"),
+    ("/model/add", b'{"model_id": "fake_seg/1"}', 404, "message", "not served directly"),
     ("/model/add", b"[]", 400, "message", "JSON object"),
     (f"/v2/models/{MODEL}/infer", b"{bad", 400, "error", "not valid JSON"),
     (f"/v2/models/{MODEL}/infer", b'{"inputs": 3}', 400, "error", "'inputs' must be a list"),
@@ -208,16 +212,16 @@ def test_bad_requests_get_a_status_and_a_message_and_the_server_keeps_serving(se
     still_serves(server)
 
 
-def test_an_oversized_body_is_refused_before_it_is_read(photos):
-    with running_server(http_port=0, max_message_mb=1) as small:
+def test_an_oversized_body_is_refused_before_it_is_read(fake_root):
+    with running_server(model_repository=str(fake_root), max_message_mb=1) as small:
         got, doc = post(http_url(small, f"/{MODEL}/1"), b"A" * (2 * 1024 * 1024))
         assert got == 413 and "exceeds the 1048576-byte limit" in doc["message"]
         still_serves(small)
 
 
-def test_token_is_required_as_bearer_or_api_key_and_health_stays_open(photos):
+def test_token_is_required_as_bearer_or_api_key_and_health_stays_open(fake_root):
     body = base64.b64encode(sample_bytes("coffee"))
-    with running_server(http_port=0, token="s3cret") as guarded:
+    with running_server(model_repository=str(fake_root), token="s3cret") as guarded:
         assert urllib.request.urlopen(http_url(guarded, "/v2/health/live"), timeout=10).status == 200
         got, doc = post(http_url(guarded, f"/{MODEL}/1"), body)
         assert got == 401 and "token" in doc["message"]
@@ -247,8 +251,8 @@ def test_format_image_returns_a_picture_and_http_is_counted_in_metrics(server):
     assert float(line.split()[-1]) >= 3
 
 
-def test_while_draining_inference_is_503_and_readiness_400():
-    with running_server(http_port=0) as draining:
+def test_while_draining_inference_is_503_and_readiness_400(fake_root):
+    with running_server(model_repository=str(fake_root)) as draining:
         draining.server.state.draining = True  # what drain() sets first
         got, doc = post(http_url(draining, f"/{MODEL}/1"), base64.b64encode(sample_bytes("coffee")))
         assert got == 503 and "shutting down" in doc["message"]  # the SDK retries 503
@@ -258,7 +262,7 @@ def test_while_draining_inference_is_503_and_readiness_400():
         assert info.value.code == 400
 
 
-def test_image_urls_are_fetched_only_when_allowed(tmp_path):
+def test_image_urls_are_fetched_only_when_allowed(tmp_path, fake_root):
     import http.server
     import threading
     from functools import partial
@@ -270,9 +274,9 @@ def test_image_urls_are_fetched_only_when_allowed(tmp_path):
     url = f"http://127.0.0.1:{files.server_address[1]}"
     body = json.dumps({"model_id": f"{MODEL}/1", "image": {"type": "url", "value": f"{url}/coffee.jpg"}}).encode()
     try:
-        with running_server(http_port=0, allow_image_urls=True) as allowed:
+        with running_server(model_repository=str(fake_root), allow_image_urls=True) as allowed:
             got, doc = post(http_url(allowed, "/infer/instance_segmentation"), body)
-            assert got == 200 and "cup" in [p["class"] for p in doc["predictions"]]
+            assert got == 200 and [p["class"] for p in doc["predictions"]] == ["green"]
             missing = body.replace(b"coffee.jpg", b"missing.jpg")
             got, doc = post(http_url(allowed, "/infer/instance_segmentation"), missing)
             assert got == 400 and "answered HTTP 404" in doc["message"]

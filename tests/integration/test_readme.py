@@ -26,9 +26,10 @@ SDK_PYTHON = ROOT / ".venv-sdk/bin/python"
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
-def test_python_snippets_run(index, server, capsys, tmp_path):
+def test_python_snippets_run(index, real_server, capsys, tmp_path):
     from pipeline.tools.samples import sample_bytes
 
+    server = real_server
     code = (SNIPPETS[index].replace("localhost:8001", server.address)
             .replace("localhost:8000", f"127.0.0.1:{server.server.http_port}"))
     if "inference_sdk" in code:  # Roboflow's SDK lives in its own environment (make sdk-env)

@@ -1,29 +1,25 @@
-"""The gRPC frontend with the REAL tritonclient (sync and stream) on real photos."""
+"""The gRPC frontend with the REAL tritonclient (sync and stream), on the fake network's
+synthetic scenes (``tests/fakes.py``): known detections, exact masks."""
 
 from __future__ import annotations
 
-import io
 import json
 import queue
+import struct
 import threading
+import time
 import urllib.request
+import zlib
 
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from PIL import Image
 from pycocotools import mask as coco_mask
 from tritonclient.utils import InferenceServerException
 
-from pipeline.tools.samples import sample_bytes
+from ..fakes import png, scene
 
 MODEL = "instance_segmentation"
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def bytes_input(*images: bytes) -> triton.InferInput:
@@ -45,12 +41,14 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def bus():
-    return sample_bytes("bus")
+    """A 640x480 scene of three objects (named for the photo it stands in for)."""
+    return png(scene(480, 640, red=(40, 60, 200, 400), green=(300, 100, 420, 220),
+                     blue=(500, 300, 620, 460)))
 
 
 @pytest.fixture(scope="module")
-def small_png(samples):
-    return png_bytes(samples["coffee"])
+def small_png():
+    return png(scene(240, 320, red=(20, 40, 100, 120), blue=(200, 100, 300, 200)))
 
 
 def assert_still_serves(client, image):
@@ -61,7 +59,7 @@ def assert_still_serves(client, image):
 def test_health_and_metadata(client):
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(MODEL)
-    assert not client.is_model_ready("yolov5s_seg")
+    assert not client.is_model_ready("fake_seg")
     assert client.get_server_metadata().name == "rle-serving"
     meta = client.get_model_metadata(MODEL)
     assert [(t.name, t.datatype) for t in meta.inputs] == [("IMAGE", "BYTES")]
@@ -69,13 +67,14 @@ def test_health_and_metadata(client):
     config = client.get_model_config(MODEL).config
     assert config.max_batch_size == 8 and config.dynamic_batching.max_queue_delay_microseconds == 5000
     index = {m.name: m.state for m in client.get_model_repository_index().models}
-    assert index == {"instance_segmentation": "READY", "yolov5s_seg": "UNAVAILABLE"}
+    assert index == {"instance_segmentation": "READY", "fake_seg": "UNAVAILABLE"}
 
 
-def test_infer_matches_the_engine_and_pycocotools(client, bus, pipeline_cpu):
+def test_infer_matches_the_engine_and_pycocotools(client, bus, fake_pipeline):
     result = client.infer(MODEL, [bytes_input(bus)])
     (doc,) = documents(result)
-    (expected,) = pipeline_cpu.infer([bus])
+    (expected,) = fake_pipeline.infer([bus])
+    assert sorted(p["class"] for p in doc["predictions"]) == ["blue", "green", "red"]
     assert [p["class"] for p in doc["predictions"]] == [p["class"] for p in expected["predictions"]]
     assert [p["rle"] for p in doc["predictions"]] == [p["rle"] for p in expected["predictions"]]
     H, W = doc["image"]["height"], doc["image"]["width"]
@@ -91,13 +90,15 @@ def test_infer_matches_the_engine_and_pycocotools(client, bus, pipeline_cpu):
     assert counts == [p["rle"]["counts"] for p in doc["predictions"]]
     np.testing.assert_allclose(scores, [p["confidence"] for p in doc["predictions"]], rtol=1e-6)
     np.testing.assert_allclose((boxes[:, 0] + boxes[:, 2]) / 2, [p["x"] for p in doc["predictions"]], rtol=1e-5)
-    assert list(result.as_numpy("IMAGE_SIZE")[0]) == [1080, 810]
+    assert list(result.as_numpy("IMAGE_SIZE")[0]) == [480, 640]
+    red = next(p for p in doc["predictions"] if p["class"] == "red")  # the rectangle itself
+    assert (red["x"], red["y"], red["width"], red["height"]) == (120.0, 230.0, 160.0, 340.0)
     names = {p["class_id"] for p in doc["predictions"]}
     assert set(result.as_numpy("CLASS_IDS")[0].tolist()) == names
 
 
-def test_raw_uint8_batch_and_requested_outputs(client, samples, small_png):
-    rgb = samples["coffee"]
+def test_raw_uint8_batch_and_requested_outputs(client, small_png):
+    rgb = scene(240, 320, red=(20, 40, 100, 120), blue=(200, 100, 300, 200))
     raw = triton.InferInput("IMAGE", [2, *rgb.shape], "UINT8")
     raw.set_data_from_numpy(np.stack([rgb, rgb]))
     result = client.infer(MODEL, [raw], outputs=[triton.InferRequestedOutput("DETECTIONS")])
@@ -113,8 +114,11 @@ def test_parameters(client, bus):
                           parameters={"response_mask_format": "polygon", "confidence": 0.8,
                                       "max_detections": 2})
     (doc,) = documents(result)
-    assert 1 <= len(doc["predictions"]) <= 2
+    assert len(doc["predictions"]) == 2
     assert all(p["mask_format"] == "polygon" and p["confidence"] > 0.8 for p in doc["predictions"])
+    red = next(p for p in doc["predictions"] if p["class"] == "red")
+    xs, ys = [q["x"] for q in red["points"]], [q["y"] for q in red["points"]]
+    assert (min(xs), min(ys), max(xs), max(ys)) == (40, 60, 199, 399)  # the rectangle's outline
 
 
 def test_stream_infer_answers_in_order(server, bus, small_png):
@@ -129,15 +133,13 @@ def test_stream_infer_answers_in_order(server, bus, small_png):
     c.close()
     assert [r.get_response().id for r, e in got] == ["frame-0", "frame-1", "frame-2"]
     assert all(e is None for _, e in got)
-    assert [documents(r)[0]["image"]["width"] for r, _ in got] == [810, 600, 810]
+    assert [documents(r)[0]["image"]["width"] for r, _ in got] == [640, 320, 640]
 
 
-def test_concurrent_clients_share_the_batcher(tmp_path, small_png):
-    from ..conftest import copy_repository, without_batch_calibration
+def test_concurrent_clients_share_the_batcher(slow_root, small_png):
     from .conftest import running_server
 
-    repository = copy_repository(tmp_path, instance_segmentation=without_batch_calibration)
-    with running_server(model_repository=str(repository)) as server:
+    with running_server(model_repository=str(slow_root)) as server:
         def one():
             c = triton.InferenceServerClient(server.address)
             try:
@@ -199,7 +201,7 @@ def raw_input(shape, dtype="UINT8", data=None):
     [
         (lambda c, img: c.infer("no_such_model", [bytes_input(img)]), "NOT_FOUND", "unknown model"),
         (lambda c, img: c.infer(MODEL, [bytes_input(img)], model_version="7"), "NOT_FOUND", "no version '7'"),
-        (lambda c, img: c.infer("yolov5s_seg", [bytes_input(img)]), "NOT_FOUND", "inside instance_segmentation"),
+        (lambda c, img: c.infer("fake_seg", [bytes_input(img)]), "NOT_FOUND", "inside instance_segmentation"),
         (lambda c, img: c.infer(MODEL, [raw_input([1, 2], "FP32", np.zeros((1, 2), np.float32))]), "INVALID_ARGUMENT", "BYTES"),
         (lambda c, img: c.infer(MODEL, [bytes_input(img), _named("EXTRA", img)]), "INVALID_ARGUMENT", "unexpected input"),
         (lambda c, img: c.infer(MODEL, [_named("PICTURE", img)]), "INVALID_ARGUMENT", "missing input 'IMAGE'"),
@@ -228,12 +230,18 @@ def _named(name, image):
     return tensor
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: what a decompression bomb shows
+    before it is decoded."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
+            + struct.pack(">I", zlib.crc32(chunk)) + b"\x00\x00\x00\x00IEND\xaeB`\x82")
+
+
 def test_gigantic_image_is_refused_before_decoding(client, small_png):
-    big = Image.new("RGB", (20000, 20000))
-    buffer = io.BytesIO()
-    big.save(buffer, format="PNG")  # compresses to a few hundred kB, decodes to 1.2 GB
-    with pytest.raises(InferenceServerException) as info:
-        client.infer(MODEL, [bytes_input(buffer.getvalue())])
+    with pytest.raises(InferenceServerException) as info:  # 20000 x 20000: 1.2 GB decoded
+        client.infer(MODEL, [bytes_input(png_header(20000, 20000))])
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "exceeds" in info.value.message()
     assert_still_serves(client, small_png)
@@ -261,13 +269,46 @@ def test_client_disconnecting_mid_stream(server, client, bus, small_png):
     assert_still_serves(client, small_png)
 
 
-def test_message_size_limit_is_resource_exhausted(small_png):
+def test_message_size_limit_is_resource_exhausted(fake_root, small_png):
     from .conftest import running_server
 
-    with running_server(max_message_mb=1) as small:
+    with running_server(model_repository=str(fake_root), max_message_mb=1) as small:
         c = triton.InferenceServerClient(small.address)
         with pytest.raises(InferenceServerException) as info:
             c.infer(MODEL, [bytes_input(b"\xff" * (2 * 1024 * 1024))])
         assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
         assert_still_serves(c, small_png)
         c.close()
+
+
+def test_the_thread_budget_is_applied_at_start(fake_root):
+    import asyncio
+
+    import torch
+
+    from pipeline import rle
+    from pipeline.frontends.server import ThreadBudget
+
+    from .conftest import running_server
+
+    before = torch.get_num_threads(), rle.threads()
+    try:
+        with running_server(model_repository=str(fake_root), network_threads=1, worker_threads=1) as server:
+            assert server.server.threads == ThreadBudget(network=1, workers=1, arenas_capped=True)
+            assert rle.threads() == 1
+
+            async def worker_threads():  # what the loop's executor (decoding, responses) runs on
+                return set(await asyncio.gather(*(asyncio.to_thread(
+                    lambda: (time.sleep(0.05), threading.current_thread().name,
+                             torch.get_num_threads())[1:]) for _ in range(4))))
+
+            # One worker; and torch, whose thread count is set per thread as each starts
+            # (OpenMP), gives every thread started after the budget one intra-op thread.
+            assert server.call(worker_threads()) == {("rle-worker_0", 1)}
+            client = triton.InferenceServerClient(server.address)
+            (doc,) = documents(client.infer(MODEL, [bytes_input(png(scene(red=(10, 10, 50, 50))))]))
+            assert [p["class"] for p in doc["predictions"]] == ["red"]  # and it serves
+            client.close()
+    finally:
+        torch.set_num_threads(before[0])
+        rle.set_threads(before[1])

@@ -1,5 +1,6 @@
-"""Tracking through the server on a clip cut from a real photo: the video API's ``track``
-option, KServe sequences with the official tritonclient, and the bounds."""
+"""Tracking through the server on a clip cut from a synthetic world (the fake network's
+coloured objects, ``tests/fakes.py``): the video API's ``track`` option, KServe sequences with
+the official tritonclient, and the bounds."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ import tritonclient.grpc as triton
 from pipeline.proto import video_pb2 as vpb
 from pipeline.proto import video_pb2_grpc
 
+from ..fakes import scene
 from .conftest import running_server
 
 MODEL = "instance_segmentation"
+# A camera's world, wider than its view: blue at the left edge leaves the view as the camera
+# pans right and comes back as it pans back; red and green stay in view throughout.
+WORLD = scene(240, 560, blue=(4, 80, 44, 130), red=(225, 10, 315, 100), green=(225, 130, 315, 220))
 
 
 def pan(f: int, frames: int = 24, step: int = 20) -> int:
@@ -24,10 +29,10 @@ def pan(f: int, frames: int = 24, step: int = 20) -> int:
     return step * (f if f < frames // 2 else frames - 1 - f)
 
 
-def panned_clip(photo: np.ndarray, frames: int = 24, width: int = 480):
-    """A camera panning right across the photo and back: objects move a few pixels per
-    frame, and the person at the photo's left edge leaves the view and comes back."""
-    return [np.ascontiguousarray(photo[:, pan(f, frames) : pan(f, frames) + width]) for f in range(frames)]
+def panned_clip(frames: int = 24, width: int = 320):
+    """A camera panning right across the world and back: objects move 20 pixels per frame,
+    and blue, at the world's left edge, leaves the view and comes back."""
+    return [np.ascontiguousarray(WORLD[:, pan(f, frames) : pan(f, frames) + width]) for f in range(frames)]
 
 
 def box_iou(a, b) -> float:
@@ -49,8 +54,8 @@ def detections(result):
     return [((d.x1, d.y1, d.x2, d.y2), d.class_name, d.tracker_id) for d in result.detections]
 
 
-def test_tracked_video_keeps_ids_for_moving_objects_and_frees_its_state(server, samples):
-    clip = panned_clip(samples["bus"])
+def test_tracked_video_keeps_ids_for_moving_objects_and_frees_its_state(server):
+    clip = panned_clip()
     with grpc.insecure_channel(server.address) as channel:
         stub = video_pb2_grpc.VideoSegmentationStub(channel)
         results = list(stub.StreamFrames(frames_for(clip, dropped={5, 6, 17}), timeout=600))
@@ -69,18 +74,17 @@ def test_tracked_video_keeps_ids_for_moving_objects_and_frees_its_state(server, 
                     matched += 1
                     switches += tracker_id != old_id
     assert matched >= 30 and switches == 0, (matched, switches)
-    buses = {t for r in results[1:] for _, name, t in detections(r) if name == "bus"}
-    assert len(buses) == 1 and min(buses) >= 0  # in view throughout: one id, gaps and all
-    people = [{t for _, name, t in detections(r) if name == "person" and t >= 0} for r in results]
-    assert len(set().union(*people)) >= 2
-    # The person at the photo's left edge leaves the view mid-pan and comes back: tracked again.
-    away = [i for i, p in enumerate(people) if len(p) < max(map(len, people))]
-    assert away and len(people[-1]) == max(map(len, people))
+    greens = {t for r in results[1:] for _, name, t in detections(r) if name == "green"}
+    assert len(greens) == 1 and min(greens) >= 0  # in view throughout: one id, gaps and all
+    blues = [{t for _, name, t in detections(r) if name == "blue" and t >= 0} for r in results]
+    # Blue, at the world's left edge, leaves the view mid-pan and comes back: tracked again.
+    away = [i for i, ids in enumerate(blues) if not ids]
+    assert blues[1] and away and blues[-1]
     assert len(server.server.state.tracks) == 0  # the stream's tracker went with it
 
 
-def test_untracked_video_has_no_tracker_ids(server, samples):
-    rgb = np.ascontiguousarray(samples["coffee"])
+def test_untracked_video_has_no_tracker_ids(server):
+    rgb = panned_clip()[0]
     frame = vpb.Frame(stream_id="plain", raw=vpb.RawImage(height=rgb.shape[0], width=rgb.shape[1],
                                                          rgb=rgb.tobytes()))
     with grpc.insecure_channel(server.address) as channel:
@@ -94,8 +98,8 @@ def bytes_input(rgb: np.ndarray) -> triton.InferInput:
     return tensor
 
 
-def test_sequences_with_the_official_tritonclient_share_a_tracker(server, samples):
-    clip = panned_clip(samples["bus"], frames=8)
+def test_sequences_with_the_official_tritonclient_share_a_tracker(server):
+    clip = panned_clip(frames=8)
     client = triton.InferenceServerClient(server.address)
     docs, tensors = [], []
     for i, rgb in enumerate(clip):
@@ -106,8 +110,8 @@ def test_sequences_with_the_official_tritonclient_share_a_tracker(server, sample
     assert all("tracker_id" in p for d in docs for p in d["predictions"])
     for doc, ids in zip(docs, tensors):  # the typed output carries the same ids
         assert ids[0, : len(doc["predictions"])].tolist() == [p["tracker_id"] for p in doc["predictions"]]
-    bus_ids = {p["tracker_id"] for d in docs[1:] for p in d["predictions"] if p["class"] == "bus"}
-    assert len(bus_ids) == 1 and min(bus_ids) >= 0
+    red_ids = {p["tracker_id"] for d in docs[1:] for p in d["predictions"] if p["class"] == "red"}
+    assert len(red_ids) == 1 and min(red_ids) >= 0
     assert len(server.server.state.tracks) == 0  # sequence_end freed it
     plain = client.infer(MODEL, [bytes_input(clip[0])])  # no sequence id: nothing changes
     assert plain.as_numpy("TRACKER_IDS") is None
@@ -115,10 +119,10 @@ def test_sequences_with_the_official_tritonclient_share_a_tracker(server, sample
     client.close()
 
 
-def test_a_sequence_over_kserve_rest_with_tritonclient_http(server, samples):
+def test_a_sequence_over_kserve_rest_with_tritonclient_http(server):
     import tritonclient.http as http_client
 
-    clip = panned_clip(samples["bus"], frames=5)
+    clip = panned_clip(frames=5)
     client = http_client.InferenceServerClient(f"127.0.0.1:{server.server.http_port}")
     ids = []
     for i, rgb in enumerate(clip):
@@ -129,14 +133,14 @@ def test_a_sequence_over_kserve_rest_with_tritonclient_http(server, samples):
         doc = json.loads(result.as_numpy("DETECTIONS")[0, 0])
         assert result.as_numpy("TRACKER_IDS")[0, : len(doc["predictions"])].tolist() == \
             [p["tracker_id"] for p in doc["predictions"]]
-        ids.append({p["tracker_id"] for p in doc["predictions"] if p["class"] == "bus"})
+        ids.append({p["tracker_id"] for p in doc["predictions"] if p["class"] == "red"})
     client.close()
     assert len(set().union(*ids[1:])) == 1 and min(set().union(*ids[1:])) >= 0
     assert len(server.server.state.tracks) == 0
 
 
-def test_a_sequence_over_a_kserve_stream(server, samples):
-    clip = panned_clip(samples["bus"], frames=6)
+def test_a_sequence_over_a_kserve_stream(server):
+    clip = panned_clip(frames=6)
     answers: queue.Queue = queue.Queue()
     client = triton.InferenceServerClient(server.address)
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
@@ -148,13 +152,13 @@ def test_a_sequence_over_a_kserve_stream(server, samples):
     client.close()
     assert all(error is None for _, error in got)
     docs = [json.loads(r.as_numpy("DETECTIONS")[0, 0]) for r, _ in got]
-    buses = {p["tracker_id"] for d in docs[1:] for p in d["predictions"] if p["class"] == "bus"}
-    assert len(buses) == 1 and min(buses) >= 0
+    reds = {p["tracker_id"] for d in docs[1:] for p in d["predictions"] if p["class"] == "red"}
+    assert len(reds) == 1 and min(reds) >= 0
 
 
-def test_too_many_tracked_streams_is_a_clear_error(samples):
-    rgb = np.ascontiguousarray(samples["coffee"])
-    with running_server(max_tracked_streams=1) as small:
+def test_too_many_tracked_streams_is_a_clear_error(fake_root):
+    rgb = panned_clip()[0]
+    with running_server(model_repository=str(fake_root), max_tracked_streams=1) as small:
         client = triton.InferenceServerClient(small.address)
         client.infer(MODEL, [bytes_input(rgb)], sequence_id=1, sequence_start=True)
         with pytest.raises(triton.InferenceServerException) as info:

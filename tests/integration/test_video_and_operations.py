@@ -1,9 +1,8 @@
 """The typed video API (order, errors, flow control) and the operational surface: health,
-reflection, bearer token, TLS, drain."""
+reflection, bearer token, TLS, drain. On the fake network (``tests/fakes.py``)."""
 
 from __future__ import annotations
 
-import io
 import time
 
 import grpc
@@ -11,20 +10,19 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from pipeline.proto import video_pb2 as vpb
 from pipeline.proto import video_pb2_grpc
 
+from ..fakes import png, scene
 from .conftest import running_server
 
 
-def small_frames(samples, n):
-    rgb = np.ascontiguousarray(samples["coffee"][::2, ::2])
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG")
-    return buffer.getvalue(), rgb
+def small_frames():
+    """A frame (PNG) with a green object, and its pixels."""
+    rgb = scene(240, 320, green=(100, 60, 260, 220))
+    return png(rgb), rgb
 
 
 def stream(channel, frames, timeout=300):
@@ -32,8 +30,8 @@ def stream(channel, frames, timeout=300):
     return list(stub.StreamFrames(iter(frames), timeout=timeout))
 
 
-def test_video_stream_in_order_with_a_bad_frame_in_the_middle(server, samples):
-    jpeg, rgb = small_frames(samples, 1)
+def test_video_stream_in_order_with_a_bad_frame_in_the_middle(server):
+    jpeg, rgb = small_frames()
     frames = [
         vpb.Frame(stream_id="cam-1", frame_index=0, timestamp=0.0, encoded=jpeg),
         vpb.Frame(stream_id="cam-1", frame_index=1, timestamp=0.04, encoded=b"garbage"),
@@ -50,14 +48,15 @@ def test_video_stream_in_order_with_a_bad_frame_in_the_middle(server, samples):
     assert results[1].error.startswith("INVALID_ARGUMENT") and not results[1].detections
     ok = results[0]
     assert not ok.error and not ok.dropped and (ok.height, ok.width) == rgb.shape[:2]
-    cup = [d for d in ok.detections if d.class_name == "cup"]
-    assert cup and list(cup[0].rle.size) == [ok.height, ok.width] and cup[0].rle.counts
-    assert len(results[2].detections) >= 1  # raw RGB frame works too
+    (green,) = ok.detections
+    assert green.class_name == "green" and list(green.rle.size) == [ok.height, ok.width]
+    assert (green.x1, green.y1, green.x2, green.y2) == (100, 60, 260, 220) and green.rle.counts
+    assert [d.rle.counts for d in results[2].detections] == [green.rle.counts]  # raw RGB too
     assert all(d.score > 0.9 for d in results[3].detections)
 
 
-def test_wait_policy_never_drops(server, samples):
-    jpeg, _ = small_frames(samples, 1)
+def test_wait_policy_never_drops(server):
+    jpeg, _ = small_frames()
     frames = [vpb.Frame(stream_id="s", frame_index=i, encoded=jpeg) for i in range(5)]
     with grpc.insecure_channel(server.address) as channel:
         results = stream(channel, frames)
@@ -65,8 +64,8 @@ def test_wait_policy_never_drops(server, samples):
     assert not any(r.dropped or r.error for r in results)
 
 
-def test_video_client_leaving_mid_stream(server, samples):
-    jpeg, _ = small_frames(samples, 1)
+def test_video_client_leaving_mid_stream(server):
+    jpeg, _ = small_frames()
     with grpc.insecure_channel(server.address) as channel:
         stub = video_pb2_grpc.VideoSegmentationStub(channel)
         call = stub.StreamFrames(iter([vpb.Frame(stream_id="gone", frame_index=i, encoded=jpeg)
@@ -92,8 +91,8 @@ def secure_channel(guarded, with_token=True):
     return grpc.secure_channel(f"localhost:{running.server.grpc_port}", credentials)
 
 
-def test_drop_oldest_reports_every_dropped_frame_in_order(guarded, samples):
-    jpeg, _ = small_frames(samples, 1)
+def test_drop_oldest_reports_every_dropped_frame_in_order(guarded):
+    jpeg, _ = small_frames()
     frames = [vpb.Frame(stream_id="live", frame_index=i, encoded=jpeg) for i in range(8)]
     with secure_channel(guarded) as channel:
         results = stream(channel, frames)
@@ -146,8 +145,8 @@ def test_reflection_lists_the_services(server):
             "grpc.health.v1.Health"} <= services
 
 
-def test_health_serving_then_not_serving_while_draining(samples):
-    with running_server() as running:
+def test_health_serving_then_not_serving_while_draining(fake_root):
+    with running_server(model_repository=str(fake_root)) as running:
         with grpc.insecure_channel(running.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for service in ("", "inference.GRPCInferenceService", "rleserving.v1.VideoSegmentation"):
@@ -156,7 +155,7 @@ def test_health_serving_then_not_serving_while_draining(samples):
             running.server.state.draining = True  # what drain() sets first
             client = triton.InferenceServerClient(running.address)
             assert not client.is_server_ready()
-            jpeg, _ = small_frames(samples, 1)
+            jpeg, _ = small_frames()
             tensor = triton.InferInput("IMAGE", [1, 1], "BYTES")
             tensor.set_data_from_numpy(np.array([[jpeg]], dtype=object))
             with pytest.raises(InferenceServerException) as info:

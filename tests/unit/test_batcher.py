@@ -11,18 +11,27 @@ import pytest
 from pipeline.batcher import DynamicBatcher, QueuePolicy
 from pipeline.errors import DeadlineError, ModelError, OverloadedError, ShuttingDownError
 
+from ..conftest import until
+
 
 class Recorder:
-    """A fake model: doubles each item, remembers the batches it saw."""
+    """A fake model: doubles each item, remembers the batches it saw. ``entered`` is set when
+    a batch reaches it; ``release`` (when cleared) holds batches there."""
 
     def __init__(self, delay: float = 0.0, fail_on=None):
         self.batches: list[list] = []
         self.delay = delay
         self.fail_on = fail_on
+        self.entered = threading.Event()
         self.release = threading.Event()
         self.release.set()
 
+    async def running(self) -> None:
+        """Until a batch is inside the model."""
+        await asyncio.to_thread(self.entered.wait, 5)
+
     def __call__(self, pairs, stages):
+        self.entered.set()
         self.release.wait(5)
         stages["network"] = self.delay
         items = [item for _, item in pairs]
@@ -96,10 +105,10 @@ def test_cancelled_requests_never_reach_the_model_and_do_not_poison_the_batch():
     async def main():
         b = DynamicBatcher(model, max_batch_size=4, max_delay_s=0.01)
         first = asyncio.create_task(b.submit(0))
-        await asyncio.sleep(0.05)  # batch [0] is now running, blocked in the model
+        await model.running()  # batch [0] is now running, blocked in the model
         doomed = asyncio.create_task(b.submit(99))
         kept = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
-        await asyncio.sleep(0.01)
+        await until(lambda: b.queued == 3)
         doomed.cancel()
         model.release.set()
         results = await asyncio.gather(first, *kept)
@@ -118,10 +127,9 @@ def test_a_client_cancelling_mid_batch_does_not_break_the_loop():
     async def main():
         b = DynamicBatcher(model, max_batch_size=2, max_delay_s=0.001)
         task = asyncio.create_task(b.submit(1))
-        await asyncio.sleep(0.03)  # now inside the model
-        task.cancel()
-        await asyncio.sleep(0.2)
-        after = await b.submit(5)  # the batching loop is still alive
+        await model.running()
+        task.cancel()  # its batch finishes after this: a result for a cancelled future
+        after = await asyncio.wait_for(b.submit(5), 5)  # the batching loop is still alive
         await b.close()
         return after
 
@@ -166,9 +174,9 @@ def test_full_queue_is_an_immediate_overloaded_error():
     async def main():
         b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0, max_queue_size=2)
         running = asyncio.create_task(b.submit(0))
-        await asyncio.sleep(0.05)
+        await model.running()
         queued = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
-        await asyncio.sleep(0.01)
+        await until(lambda: b.queued == 2)
         with pytest.raises(OverloadedError, match="max_queue_size 2"):
             await b.submit(3)
         model.release.set()
@@ -206,7 +214,7 @@ def test_a_request_past_its_queue_timeout_is_answered_at_once_and_never_run():
         b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0,
                            policy=QueuePolicy(timeout_s=0.1), on_timeout=lambda: timeouts.append(1))
         first = asyncio.create_task(b.submit(0))
-        await asyncio.sleep(0.02)
+        await model.running()
         start = time.monotonic()
         with pytest.raises(DeadlineError, match="past model's queue timeout of 0.10 s"):
             await b.submit(1)
@@ -229,11 +237,11 @@ def test_delay_keeps_timed_out_requests_but_runs_them_after_the_rest():
         b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0,
                            policy=QueuePolicy(timeout_s=0.05, action="delay"))
         tasks = [asyncio.create_task(b.submit(0))]
-        await asyncio.sleep(0.01)
+        await model.running()
         tasks.append(asyncio.create_task(b.submit(1)))  # will time out while 0 runs
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # time passes: 1 is past its 0.05 s
         tasks.append(asyncio.create_task(b.submit(2)))  # fresh: goes before the delayed 1
-        await asyncio.sleep(0.01)
+        await until(lambda: b.queued == 2)
         model.release.set()
         results = await asyncio.gather(*tasks)
         await b.close()
@@ -259,7 +267,7 @@ def test_the_callers_deadline_rejects_whatever_the_policy():
         b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0,
                            policy=QueuePolicy(timeout_s=None, action="delay"))
         first = asyncio.create_task(b.submit(0))
-        await asyncio.sleep(0.02)
+        await model.running()
         with pytest.raises(DeadlineError, match="caller's deadline"):
             await b.submit(1, deadline=time.monotonic() + 0.05)
         model.release.set()
@@ -295,10 +303,11 @@ def test_on_idle_runs_once_after_the_queue_stays_empty_never_between_close_reque
             await b.submit(i)
             await asyncio.sleep(0.01)
         during = len(idle)
-        await asyncio.sleep(0.3)  # now idle: on_idle runs once, not again and again
+        await until(lambda: len(idle) == 1)  # now idle: on_idle runs ...
+        await asyncio.sleep(0.3)  # ... once, not again and again
         after = len(idle)
         await b.submit(9)
-        await asyncio.sleep(0.3)
+        await until(lambda: len(idle) == 2)
         await b.close()
         return during, after, len(idle)
 

@@ -8,6 +8,8 @@ import pytest
 
 from pipeline.frontends.stream_window import StreamWindow
 
+from ..conftest import settle, until
+
 
 class Work:
     """Fake per-request work: each request waits until released; records what ran."""
@@ -77,7 +79,7 @@ def test_at_most_window_run_at_once_and_wait_never_drops():
 
         async def release_all():
             for r in range(6):
-                await asyncio.sleep(0.01)
+                await until(lambda r=r: r in work.started)
                 work.gate(r).set()
 
         releaser = asyncio.create_task(release_all())
@@ -102,7 +104,8 @@ def test_wait_stops_reading_when_window_and_queue_are_full():
 
         results = window.run(source(range(10), pause=note))
         consumer = asyncio.create_task(results.__anext__())
-        await asyncio.sleep(0.05)
+        await until(lambda: len(read) == 5)
+        await settle()  # ... and no more is read
         # 2 running + 2 waiting; the 5th request has been read but not admitted.
         state = (list(work.started), len(read), window.in_progress)
         work.gate(0).set()
@@ -129,7 +132,7 @@ def test_drop_oldest_drops_waiting_requests_never_running_ones_and_reports_each(
 
         async def release_when_all_read():
             await all_read.wait()
-            await asyncio.sleep(0.01)  # let the reader admit request 5
+            await until(lambda: window.in_progress == 6)  # the reader admitted request 5
             for r in range(6):
                 work.gate(r).set()
 
@@ -162,9 +165,10 @@ def test_a_consumer_leaving_cancels_running_work_and_starts_nothing_more():
         window = StreamWindow(work, failed, window=2)
         results = window.run(source(range(8)))
         first = await results.__anext__()
-        await asyncio.sleep(0.02)
+        await until(lambda: work.started == [0, 1, 2])
         await results.aclose()  # the client goes away
-        await asyncio.sleep(0.02)
+        await until(lambda: work.running == 0)
+        await settle()
         return first, work
 
     first, work = run(main())
@@ -218,7 +222,8 @@ def test_stop_answers_what_was_read_and_ends_the_stream():
                 results.append(x)
 
         consumer = asyncio.create_task(consume())
-        await asyncio.sleep(0.05)  # 0 and 1 running, 2 and 3 waiting, reading blocked
+        await until(lambda: work.started == [0, 1] and window.in_progress == 4)
+        await settle()  # 0 and 1 running, 2 and 3 waiting, reading blocked
         window.stop(RuntimeError("draining"))
         work.gate(0).set()
         work.gate(1).set()

@@ -145,3 +145,45 @@ def test_bad_tracker_knobs_name_the_key(params, key):
     with pytest.raises(InvalidOptionError) as info:
         TrackerOptions.from_params(params)
     assert info.value.key == key
+
+
+def test_updates_run_off_the_event_loop_one_at_a_time_even_when_a_request_is_cancelled(monkeypatch):
+    import threading
+
+    from pipeline import tracking
+
+    class Blocking:
+        """A tracker whose update waits to be released, noting its thread and overlap."""
+
+        def __init__(self, options):
+            self.release, self.entered = threading.Event(), threading.Event()
+            self.threads, self.active, self.overlapped = [], 0, False
+
+        def update(self, det, timestamp):
+            self.active += 1
+            self.overlapped |= self.active > 1
+            self.threads.append(threading.get_ident())
+            self.entered.set()
+            self.release.wait(10)
+            self.active -= 1
+            return np.zeros(len(det), np.int64)
+
+    monkeypatch.setattr(tracking, "_ClassAware", Blocking)
+
+    async def main():
+        tracks = Tracks()
+        t0, t1 = (tracks.ticket("cam", TrackerOptions()) for _ in range(2))
+        tracker = tracks._tracks["cam"].tracker
+        first = asyncio.create_task(tracks.assign("cam", t0, detections([[10, 10, 60, 90]]), 0.0))
+        await asyncio.to_thread(tracker.entered.wait, 10)  # the first update is running
+        first.cancel()  # its caller leaves mid-update ...
+        second = asyncio.create_task(tracks.assign("cam", t1, detections([[12, 10, 62, 90]]), 0.1))
+        await asyncio.sleep(0)  # ... the second waits for the turn, not for the caller
+        assert len(tracker.threads) == 1
+        tracker.release.set()
+        await asyncio.wait_for(second, 10)
+        return tracker, threading.get_ident()
+
+    tracker, loop_thread = asyncio.run(main())
+    assert len(tracker.threads) == 2 and loop_thread not in tracker.threads
+    assert not tracker.overlapped
