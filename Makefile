@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# Every environment of ours installs the versions in the lock file (pip constraints);
+# pyproject.toml holds ranges. `make lock` re-resolves them.
+LOCK   := requirements.lock
+PIP    := -m pip install --quiet --disable-pip-version-check -c $(LOCK)
 # The codec benchmark only: glibc hands big temporaries back to the OS on every free, and the
 # next encode pays page faults for them; keeping up to 32 MiB blocks mapped steadies the timing.
 # The server tunes its own allocator (pipeline/memory.py): this is not for it.
@@ -19,16 +23,16 @@ SDK_STAMP := $(SDK_VENV)/.installed-stamp
 CLIENT_VENV  := .venv-client
 CLIENT_STAMP := $(CLIENT_VENV)/.installed-stamp
 
-.PHONY: setup model triton-env client-env sdk-env triton lint test test-client test-gpu image-test bench run proto clean help
+.PHONY: setup model triton-env client-env sdk-env triton lint unit test test-client test-gpu image-test bench run proto lock clean help
 
 help:
 	@echo "make run    set up, then run the main job on the embedded default"
 	@echo "make test   set up, then run the test suite"
 	@echo "make bench  benchmarks against the peers (pycocotools, SAM-style torch)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[server,test,client]'
+	$(BIN)/python $(PIP) -e '.[server,test,client]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -54,9 +58,9 @@ $(TRITON_STAMP): docker/triton/requirements-models.txt pyproject.toml
 
 triton-env: $(TRITON_STAMP)
 
-$(CLIENT_STAMP): pyproject.toml
+$(CLIENT_STAMP): pyproject.toml $(LOCK)
 	test -x $(CLIENT_VENV)/bin/python || $(PYTHON) -m venv $(CLIENT_VENV)
-	$(CLIENT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[client,test-client]'
+	$(CLIENT_VENV)/bin/python $(PIP) -e '.[client,test-client]'
 	touch $(CLIENT_STAMP)
 
 client-env: $(CLIENT_STAMP)
@@ -73,12 +77,23 @@ sdk-env: $(SDK_STAMP)
 triton: setup $(MODEL) $(TRITON_STAMP)
 	$(BIN)/python -m pipeline.tools.triton --model-repository model_repository
 
+# Style and likely bugs (ruff), and dead code (vulture: names nothing calls, beyond the few
+# that frameworks call, listed in tests/vulture_allow.py).
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/vulture pipeline clients benchmarks docker model_repository tests/vulture_allow.py \
+		--exclude '*_pb2.py,*_pb2_grpc.py' --min-confidence 60
 
-# Everything: lint, the server's suite, then the client's suite in the light client env.
+# The pure tests (fakes allowed): under half a minute.
+unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+# Everything: lint, the client's suite in the light client env, then the server's suite with
+# its coverage floor (lines of pipeline/ and clients/ run in-process).
+COVERAGE_FLOOR := 85
 test: lint $(MODEL) $(SECOND_MODEL) $(TRITON_STAMP) $(SDK_STAMP) test-client
-	$(BIN)/python -m pytest --ignore=tests/client
+	$(BIN)/python -m pytest --ignore=tests/client --cov=pipeline --cov=clients \
+		--cov-report=term:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)
 
 # The client library, CLI and mask helpers from .venv-client, against real server processes.
 test-client: setup $(MODEL) $(CLIENT_STAMP)
@@ -105,6 +120,16 @@ bench: setup $(MODEL)
 
 run: setup $(MODEL)
 	$(BIN)/python -m pipeline.tools.demo --out out
+
+# Re-resolve pyproject.toml's ranges (every extra) in a fresh environment into the lock file.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check -e '.[server,test,client,dev]'
+	{ echo "# The versions every environment of this project installs (pip constraints): make,"; \
+	  echo "# CI and the images. Made by \`make lock\` from pyproject.toml's ranges; local version"; \
+	  echo "# labels (+cpu) are left out, so the CUDA builds of torch match too."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//'; } > $(LOCK)
+	rm -rf .venv-lock
 
 # Regenerate the typed streaming API's code from pipeline/proto/video.proto.
 proto: setup

@@ -21,7 +21,8 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from pipeline.frontends.server import PipelineServer, ServerConfig
+from pipeline.frontends.config import ServerConfig
+from pipeline.frontends.server import PipelineServer
 from pipeline.proto import video_pb2 as vpb
 from pipeline.proto import video_pb2_grpc
 from pipeline.tools.samples import NAMES, sample_rgb

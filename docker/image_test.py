@@ -142,7 +142,7 @@ def image_size(buildah: Buildah) -> str:
 
 def server_settings(buildah: Buildah, container: str) -> set[str]:
     """The RLE_SERVING_* names the server inside the image understands."""
-    code = ("import dataclasses; from pipeline.frontends.server import ServerConfig; "
+    code = ("import dataclasses; from pipeline.frontends.config import ServerConfig; "
             "print(' '.join('RLE_SERVING_' + f.name.upper() for f in dataclasses.fields(ServerConfig)))")
     return set(buildah("run", "--isolation", "chroot", container, "--", "python", "-c", code).split())
 

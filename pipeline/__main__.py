@@ -53,12 +53,14 @@ def _serve(args: argparse.Namespace) -> int:
     import dataclasses
     import logging
 
-    from .frontends.server import ServerConfig, serve
+    from .frontends.config import ServerConfig
 
-    logging.getLogger().setLevel(logging.INFO)
     chosen = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
               if getattr(args, f.name, None) is not None}
-    config = ServerConfig(**{**ServerConfig.env_defaults(), **chosen})
+    config = ServerConfig(**{**ServerConfig.env_defaults(), **chosen})  # checked before loading
+    from .frontends.server import serve
+
+    logging.getLogger().setLevel(logging.INFO)
     return asyncio.run(serve(config))
 
 

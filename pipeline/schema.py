@@ -125,59 +125,28 @@ def window_mask(runs: RunLengths, i: int, box) -> tuple[np.ndarray, int, int]:
     return full[top:bottom, left:right], int(top), int(left)
 
 
-# Clockwise neighbours starting west: (dy, dx).
-_NEIGHBOURS = ((0, -1), (-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1))
-_DIRECTION = {d: i for i, d in enumerate(_NEIGHBOURS)}
-
-
 def outer_contour(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(x, y) pixels on the outer boundary of the largest 8-connected part, clockwise,
-    with points inside straight runs dropped (as OpenCV's CHAIN_APPROX_SIMPLE does)."""
-    from scipy import ndimage
+    """(x, y) pixels on the outer boundary of the largest 8-connected part (of equal parts, the
+    one a raster scan meets first), clockwise from its topmost-leftmost pixel, with points
+    inside straight runs dropped.
 
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
-    if count == 0:
+    OpenCV's border following (``findContours``, external borders, CHAIN_APPROX_SIMPLE) on
+    that part; OpenCV runs outer borders counter-clockwise, so the path is reversed after its
+    first point.
+    """
+    import cv2
+
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 1:
         return []
-    sizes = np.bincount(labels.ravel())[1:]
-    part = np.pad(labels == (1 + int(np.argmax(sizes))), 1)
-    ys, xs = np.nonzero(part)
-    start = (int(ys[0]), int(xs[0]))  # topmost, then leftmost: its west neighbour is empty
-    current, back = start, (start[0], start[1] - 1)
-    path = [start]
-    for _ in range(4 * part.size + 8):  # Moore tracing ends far sooner; the bound is a guard
-        step = _next_of(part, current, back)
-        if step is None:
-            break  # a lone pixel
-        current, back = step
-        # Stop when the next move from start would repeat the first one (Jacob's criterion).
-        if current == start and len(path) > 1 and _next_of(part, start, back)[0] == path[1]:
-            break
-        path.append(current)
-    return [(x - 1, y - 1) for y, x in _drop_collinear(path)]
-
-
-def _next_of(part: np.ndarray, current, back):
-    """Moore step: scan current's neighbours clockwise from back; (next pixel, its back)."""
-    d = _DIRECTION[(back[0] - current[0], back[1] - current[1])]
-    for step in range(1, 9):
-        dy, dx = _NEIGHBOURS[(d + step) % 8]
-        candidate = (current[0] + dy, current[1] + dx)
-        if part[candidate]:
-            py, px = _NEIGHBOURS[(d + step - 1) % 8]
-            return candidate, (current[0] + py, current[1] + px)
-    return None
-
-
-def _drop_collinear(path: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    if len(path) < 3:
-        return path
-    kept = []
-    n = len(path)
-    for i in range(n):
-        prev, here, nxt = path[i - 1], path[i], path[(i + 1) % n]
-        if (here[0] - prev[0], here[1] - prev[1]) != (nxt[0] - here[0], nxt[1] - here[1]):
-            kept.append(here)
-    return kept or path[:1]
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    tied = np.flatnonzero(areas == areas.max()) + 1
+    flat = labels.ravel()
+    largest = tied[0] if len(tied) == 1 else flat[np.flatnonzero(np.isin(flat, tied))[0]]
+    contours, _ = cv2.findContours((labels == largest).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    points = [(int(x), int(y)) for x, y in contours[0][:, 0]]
+    return points[:1] + points[:0:-1]
 
 
 def polygon(runs: RunLengths, i: int, box) -> list[dict]:

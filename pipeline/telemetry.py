@@ -42,7 +42,6 @@ class ModelTotals:
 
     batches: int = 0
     images: int = 0
-    failed_images: int = 0
     queue_ns: int = 0
     compute_ns: int = 0
     batch_sizes: Counter = field(default_factory=Counter)
@@ -76,7 +75,6 @@ class Ledger:
             t = self._model(model)
             t.batches += 1
             t.images += report.size
-            t.failed_images += report.size if report.failed else 0
             t.queue_ns += int(sum(report.waits_s) * 1e9)
             t.compute_ns += int(report.compute_s * 1e9)
             t.batch_sizes[report.size] += 1

@@ -4,6 +4,7 @@ tests are marked ``gpu`` and skipped, with the reason, where no CUDA device is v
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,11 +63,10 @@ async def settle(turns: int = 20) -> None:
 
 
 @pytest.fixture(scope="session")
-def pipeline_cpu():
-    """The real default model (yolov5s-seg, COCO) on the CPU, loaded once per session."""
-    from pipeline.engine import Pipeline
-
-    return Pipeline.from_repository(MODEL_REPOSITORY, device="cpu")
+def pipeline_cpu(real_server):
+    """The real default model (yolov5s-seg, COCO) on the CPU, loaded once per session: the
+    real server's own (its synchronous API runs beside the server's batches safely)."""
+    return real_server.server.state.pipelines["instance_segmentation"]
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +92,58 @@ def copy_repository(target: Path, **edits) -> Path:
         if folder.name in edits:
             config.write_text(edits[folder.name](config.read_text()))
     return target
+
+
+class RunningServer:
+    """An in-process server (its own event loop in a thread), so tests can use the real,
+    blocking tritonclient against it."""
+
+    def __init__(self, server, loop):
+        self.server = server
+        self.loop = loop
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    def call(self, coro, timeout=60):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@contextmanager
+def running_server(**settings):
+    """A PipelineServer on free ports in this process (the real model unless settings say)."""
+    import asyncio
+    import threading
+
+    from pipeline.frontends.config import ServerConfig
+    from pipeline.frontends.server import PipelineServer
+
+    settings = {"model_repository": str(MODEL_REPOSITORY), "host": "127.0.0.1", "grpc_port": 0,
+                "metrics_port": 0, "http_port": 0, "device": "cpu", "grace_period_s": 5, **settings}
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = PipelineServer(ServerConfig(**settings))
+    running = RunningServer(server, loop)
+    running.call(server.start(), timeout=120)
+    try:
+        yield running
+    finally:
+        if not server.state.draining:
+            running.call(server.drain(grace_s=2))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+
+@pytest.fixture(scope="session")
+def real_server():
+    """The real model (yolov5s-seg), served in-process once per session."""
+    with running_server() as running:
+        yield running
 
 
 def without_batch_calibration(text: str) -> str:

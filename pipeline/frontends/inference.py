@@ -179,7 +179,6 @@ class ServingState:
     """The loaded pipelines, the telemetry ledger, stream settings, limits, the live trackers,
     and whether we are draining."""
 
-    repository_root: str
     pipelines: dict[str, Pipeline]
     unavailable: dict[str, str]  # model name -> why it is not served directly
     ledger: Ledger

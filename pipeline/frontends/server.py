@@ -18,10 +18,10 @@ import logging
 import os
 import signal
 import ssl
+import threading
 import time
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -40,95 +40,15 @@ from ..telemetry import Ledger
 from ..tracking import Tracks
 from . import http_kserve, http_roboflow, metrics
 from .auth import Token, TokenInterceptor
+from .config import ServerConfig
 from .grpc_kserve import InferenceService
 from .grpc_video import VideoService
 from .http import HTTPServer, middlewares
 from .inference import ConnectionLimits, ServingState
-from .stream_window import POLICIES
 
 LOG = logging.getLogger(__name__)
 INFERENCE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 VIDEO_SERVICE = video_pb2.DESCRIPTOR.services_by_name["VideoSegmentation"].full_name
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Every setting, from flags or RLE_SERVING_<NAME> environment variables."""
-
-    model_repository: str = "model_repository"
-    host: str = "0.0.0.0"
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    device: str | None = None
-    stream_window: int = 8
-    stream_policy: str = "wait"
-    max_message_mb: int = 64
-    grace_period_s: float = 30.0
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    token: str | None = None
-    network_threads: int | None = None
-    worker_threads: int = 2
-    max_streams_per_connection: int = 32
-    max_in_flight_per_connection: int = 256
-    http_port: int = 8000
-    allow_image_urls: bool = False
-    max_tracked_streams: int = 256
-    tracker_idle_s: float = 60.0
-
-    def __post_init__(self):
-        if self.stream_window < 1:
-            raise ConfigError(f"stream window must be >= 1, got {self.stream_window}")
-        if self.stream_policy not in POLICIES:
-            raise ConfigError(f"stream policy must be one of {POLICIES}, got {self.stream_policy!r}")
-        if self.device not in (None, "cpu", "cuda"):
-            raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ConfigError("TLS needs both --tls-cert and --tls-key")
-        for path in (self.tls_cert, self.tls_key):
-            if path and not Path(path).is_file():
-                raise ConfigError(f"TLS file {path} does not exist")
-        if self.max_message_mb < 1:
-            raise ConfigError("max message size must be >= 1 MB")
-        if self.network_threads is not None and self.network_threads < 1:
-            raise ConfigError(f"network threads must be >= 1, got {self.network_threads}")
-        if self.worker_threads < 1:
-            raise ConfigError(f"worker threads must be >= 1, got {self.worker_threads}")
-        if self.max_streams_per_connection < 1 or self.max_in_flight_per_connection < 1:
-            raise ConfigError("per-connection limits must be >= 1")
-        if self.max_tracked_streams < 1 or self.tracker_idle_s <= 0:
-            raise ConfigError("max tracked streams must be >= 1 and the tracker idle time > 0")
-        if self.http_port < -1:
-            raise ConfigError(f"http port must be a port, 0 (any free one) or -1 (off), got {self.http_port}")
-
-    @classmethod
-    def env_defaults(cls, environ: Mapping[str, str] = os.environ) -> dict:
-        """Settings found in the environment (RLE_SERVING_GRPC_PORT=8001, ...).
-
-        Raises ConfigError naming the variable when a number is not a number."""
-        out = {}
-        for f in fields(cls):
-            variable = f"RLE_SERVING_{f.name.upper()}"
-            value = environ.get(variable)
-            if value is None or value == "":
-                continue
-            kind = f.type if isinstance(f.type, str) else f.type.__name__
-            convert = {"int": int, "float": float, "bool": _boolean}.get(kind)
-            try:
-                out[f.name] = convert(value) if convert else value
-            except ValueError:
-                what = {"int": "a whole number", "bool": "true or false"}.get(kind, "a number")
-                raise ConfigError(f"{variable} must be {what}, got {value!r}") from None
-        return out
-
-
-def _boolean(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(text)
 
 
 def cores() -> int:
@@ -158,7 +78,8 @@ def apply_thread_budget(cfg: ServerConfig, loop: asyncio.AbstractEventLoop) -> T
     torch.set_num_threads(budget.network)
     rle.set_threads(budget.network)
     loop.set_default_executor(ThreadPoolExecutor(budget.workers, thread_name_prefix="rle-worker"))
-    LOG.info("threads: network %d, workers %d (on %d cores)", budget.network, budget.workers, cores())
+    LOG.info("threads: network %d, workers %d (on %d cores); malloc arenas capped: %s",
+             budget.network, budget.workers, cores(), "yes" if budget.arenas_capped else "no (not glibc)")
     return budget
 
 
@@ -193,7 +114,7 @@ class PipelineServer:
         self.threads = apply_thread_budget(cfg, loop)
         pipelines, unavailable = await loop.run_in_executor(None, self._load)
         self.state = ServingState(
-            cfg.model_repository, pipelines, unavailable, self.ledger,
+            pipelines, unavailable, self.ledger,
             stream_window=cfg.stream_window, stream_policy=cfg.stream_policy,
             limits=ConnectionLimits(cfg.max_streams_per_connection, cfg.max_in_flight_per_connection),
             tracks=Tracks(cfg.max_tracked_streams, cfg.tracker_idle_s))
@@ -302,9 +223,14 @@ class PipelineServer:
             await self._server.stop(grace_s)
         if self._http is not None:
             await self._http.stop()
-        if self._metrics is not None:
-            self._metrics.shutdown()
-            self._metrics.server_close()
+        if self._metrics is not None:  # its loop notices within half a second: do not wait
+            metrics_server = self._metrics
+
+            def stop_metrics():
+                metrics_server.shutdown()
+                metrics_server.server_close()
+
+            threading.Thread(target=stop_metrics, name="metrics-stop", daemon=True).start()
         for pipe in (self.state.pipelines.values() if self.state is not None else ()):
             await pipe.close(drain=False)
 

@@ -8,8 +8,9 @@ a compiled numba kernel on the host; ``runs``, ``host_kernel``), reach the host 
 per batch, and are packed to ASCII on the CPU (``packing``). ``arrays`` moves NumPy / CuPy /
 torch arrays between them without copies.
 This module is the codec's public API: other stages and outside code import only from here.
-It needs NumPy, pycocotools and (to encode on the host) numba, never torch or CuPy (those are
-used when handed their arrays).
+It needs NumPy and pycocotools, never torch or CuPy (those are used when handed their
+arrays); numba, where installed (the server's install), compiles the host encoder, else the
+host encodes through the NumPy path (the same bytes, slower: ``compiled()`` says which).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .runs import (
     Tiles,
     batch_run_lengths,
     check_mask_dtype,
+    compiled,
     crop_stack_run_lengths,
     host_run_lengths,
     pad_crops,
@@ -37,7 +39,7 @@ from .runs import (
 
 __all__ = ["encode", "encode_crops", "decode", "parse", "dense", "run_lengths", "to_coco",
            "pack", "box_windows", "batch_run_lengths", "set_threads", "threads", "RunLengths", "Tiles",
-           "NotBinaryError", "MAX_DECODE_PIXELS", "warm_up"]
+           "NotBinaryError", "MAX_DECODE_PIXELS", "warm_up", "compiled"]
 
 # decode() refuses to allocate more than this many mask pixels in one call (2 GiB of uint8),
 # so a hostile "size" cannot exhaust memory.
@@ -48,6 +50,8 @@ def warm_up() -> None:
     """Make the host encoder ready: its kernel is compiled on first use (about 2 s, then
     loaded from numba's on-disk cache in about 0.3 s). Servers call this while loading, so no
     request pays for it. Raises RuntimeError if the compiled kernel is wrong on this CPU."""
+    if not compiled():
+        raise RuntimeError("the compiled host encoder needs numba: pip install 'rle-serving[server]'")
     from .host_kernel import warm_up as compile_and_check
 
     compile_and_check()

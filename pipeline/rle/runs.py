@@ -33,10 +33,15 @@ the counts.
 - ``_host_batch``: the host's, through the compiled kernel in ``host_kernel``. It reads each
   crop once, in place, eight pixels per load, and orders its changes with a counting sort by
   column; the many array passes of the device path are what a 2-core host cannot afford.
+  The kernel needs numba (the server installs it; a light client may not): without it the
+  host runs ``_device_batch`` on NumPy, the same bytes several times slower
+  (``compiled()`` says which).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +83,12 @@ class RunLengths:
 
 class NotBinaryError(ValueError):
     """A mask holds a value other than 0 or 1 (pycocotools would silently encode garbage)."""
+
+
+@functools.cache
+def compiled() -> bool:
+    """Whether the host encodes through the compiled kernel: numba is installed."""
+    return importlib.util.find_spec("numba") is not None
 
 
 def check_mask_dtype(dtype: Any) -> None:
@@ -216,7 +227,7 @@ def batch_run_lengths(
     xp = live[0][0] if live else np
     for _, stack, _ in live:
         check_mask_dtype(stack.dtype)
-    if xp is np and not portable:
+    if xp is np and not portable and compiled():
         from . import host_kernel
 
         windows = [host_kernel.Windows.of(list(stack), t.origins, t.ids) for _, stack, t in live]
@@ -399,12 +410,15 @@ def host_run_lengths(crops: Any, origins: Any, size: tuple[int, int]) -> RunLeng
     Every crop is read where it lies (a mask's box window in its mask), all in one kernel
     call unless the batch is large enough to share among the host threads.
     """
-    from . import host_kernel
-
     n = len(crops)
     origins = np.asarray(origins, dtype=np.int64).reshape(n, 2)
     for crop in crops:
         check_mask_dtype(crop.dtype)
+    if not compiled():
+        stack, tile_origins = pad_crops(np, list(crops), origins, size)
+        return crop_stack_run_lengths(np, stack, tile_origins, size)
+    from . import host_kernel
+
     windows = host_kernel.Windows.of(list(crops), origins, np.arange(n))
     H, W = size
     heights, areas = np.full(n, H, np.int64), np.full(n, H * W, np.int64)

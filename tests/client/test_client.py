@@ -30,9 +30,23 @@ def without_ids(doc: dict) -> list[dict]:
 @pytest.mark.skipif(os.environ.get("RLE_SERVING_LIGHT_CLIENT") != "1",
                     reason="checks the light client environment (make test runs it there)")
 def test_the_light_client_environment_has_no_server_dependencies():
-    for heavy in ("torch", "scipy", "skimage", "prometheus_client"):
+    for heavy in ("torch", "scipy", "skimage", "prometheus_client", "numba", "cv2"):
         assert importlib.util.find_spec(heavy) is None, f"{heavy} is in the client install"
     assert sys.prefix != sys.base_prefix  # a virtual environment of its own
+
+
+@pytest.mark.skipif(os.environ.get("RLE_SERVING_LIGHT_CLIENT") != "1",
+                    reason="checks the light client environment (make test runs it there)")
+def test_the_light_client_encodes_through_numpy_with_pycocotools_bytes():
+    from pycocotools import mask as coco_mask
+
+    from pipeline import rle
+
+    masks = np.random.default_rng(3).random((4, 90, 70)) < 0.4
+    masks[2] = False
+    expected = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    assert not rle.compiled()  # no numba here
+    assert [r["counts"].encode() for r in rle.encode(masks)] == [e["counts"] for e in expected]
 
 
 def test_infer_equals_the_official_tritonclient_and_pycocotools(server, photos):

@@ -1,5 +1,5 @@
 """SIGTERM under load, counted: 8 video streams and unary requests against a real server
-process (on the fake network, 100 ms of busy work per image: ``tests/fakes.py``). Every request the server read gets its result or a clear UNAVAILABLE, in order;
+process (on the fake network, 50 ms of busy work per image: ``tests/fakes.py``). Every request the server read gets its result or a clear UNAVAILABLE, in order;
 what it did not read is covered by the stream ending UNAVAILABLE; health turns NOT_SERVING
 at once; the process exits 0 within its grace period."""
 
@@ -56,7 +56,7 @@ class VideoStream(threading.Thread):
 
 def test_sigterm_under_load_answers_everything_read_and_exits_zero(tmp_path):
     # Queue timeouts off the table (30 s), so every answer here is the drain's doing.
-    repository = fake_repository(tmp_path / "models", delay_ms=100, queue_timeout_s=30)
+    repository = fake_repository(tmp_path / "models", delay_ms=50, queue_timeout_s=30)
     log = tmp_path / "server.log"
     with local_server("--model-repository", str(repository), "--device", "cpu",
                       "--grace-period-s", str(GRACE_S), "--stream-window", "2",

@@ -22,7 +22,6 @@ from pipeline.tools.samples import sample_bytes
 from pipeline.tools.triton import command
 
 from ..conftest import MODEL_REPOSITORY, ROOT
-from ..integration.conftest import running_server
 
 MODEL = "instance_segmentation"
 TRITON_PYTHON = ROOT / ".venv-triton/bin/python"
@@ -68,11 +67,10 @@ def tritonserver(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ours():
-    with running_server() as running:
-        client = triton.InferenceServerClient(running.address)
-        yield client
-        client.close()
+def ours(real_server):
+    client = triton.InferenceServerClient(real_server.address)
+    yield client
+    client.close()
 
 
 def ask(client, image: bytes, parameters: dict):

@@ -1,4 +1,5 @@
-"""``python -m pipeline predict``: JSON per image, and an overlay a person can look at."""
+"""``python -m pipeline predict``: JSON per image, and an overlay a person can look at (on the
+fake network's scenes, ``tests/fakes.py``; the real model's detections are test_engine's)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from pipeline.tools.samples import sample_bytes
-
 from ..conftest import ROOT
 from ..fakes import png, scene
 
@@ -21,15 +20,15 @@ def predict(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_predict_prints_json_and_draws_masks_only_where_they_are(tmp_path):
-    image = tmp_path / "bus.jpg"
-    image.write_bytes(sample_bytes("bus"))
+def test_predict_prints_json_and_draws_masks_only_where_they_are(tmp_path, fake_root):
+    image = tmp_path / "scene.png"
+    image.write_bytes(png(scene(480, 360, red=(20, 40, 140, 200), blue=(200, 260, 340, 460))))
     overlay = tmp_path / "out.png"
-    run = predict(str(image), "--overlay", str(overlay))
+    run = predict(str(image), "--overlay", str(overlay), "--model-repository", str(fake_root))
     assert run.returncode == 0, run.stderr
     doc = json.loads(run.stdout)
-    assert doc["image"] == {"width": 810, "height": 1080}
-    assert {"person", "bus"} <= {p["class"] for p in doc["predictions"]}
+    assert doc["image"] == {"width": 360, "height": 480}
+    assert {p["class"] for p in doc["predictions"]} == {"red", "blue"}
 
     original = np.asarray(Image.open(image).convert("RGB")).astype(int)
     drawn = np.asarray(Image.open(overlay).convert("RGB")).astype(int)

@@ -74,22 +74,27 @@ def without_ids(predictions: list[dict]) -> list[dict]:
     return [{k: v for k, v in p.items() if k != "detection_id"} for p in predictions]
 
 
-def sdk(server, mode: str, mask_format: str, *images) -> list[dict]:
-    assert SDK_PYTHON.exists(), "run `make sdk-env` (make test does)"
-    run = subprocess.run([str(SDK_PYTHON), str(DRIVER), http_url(server), mode, mask_format,
-                          *map(str, images)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout)
-    assert "results" in out, out
-    return out["results"]
-
-
 # ------------------------------------------------------------------ the official inference-sdk
 
 
+@pytest.fixture(scope="module")
+def sdk(server, photos) -> dict[tuple[str, str], list[dict]]:
+    """(mode, mask format) -> the SDK's results: both photos with RLE, coffee by default."""
+    assert SDK_PYTHON.exists(), "run `make sdk-env` (make test does)"
+    jobs = {(mode, "rle"): [photos["bus"], photos["coffee"]] for mode in ("v0", "v1")}
+    jobs.update({(mode, "default"): [photos["coffee"]] for mode in ("v0", "v1")})
+    run = subprocess.run([str(SDK_PYTHON), str(DRIVER), http_url(server),
+                          *(",".join([mode, fmt, *map(str, images)]) for (mode, fmt), images in jobs.items())],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert all("results" in job for job in out), out
+    return {key: job["results"] for key, job in zip(jobs, out)}
+
+
 @pytest.mark.parametrize("mode", ["v0", "v1"])
-def test_the_sdk_with_rle_gets_grpcs_masks_byte_for_byte(server, photos, mode):
-    (bus, coffee) = sdk(server, mode, "rle", photos["bus"], photos["coffee"])
+def test_the_sdk_with_rle_gets_grpcs_masks_byte_for_byte(server, sdk, mode):
+    (bus, coffee) = sdk[mode, "rle"]
     for doc, name in ((bus, "bus"), (coffee, "coffee")):
         assert {"inference_id", "time", "image", "predictions"} <= set(doc)
         expected = grpc_documents(server, sample_bytes(name), {"response_mask_format": "rle"})
@@ -108,8 +113,8 @@ def test_the_sdk_with_rle_gets_grpcs_masks_byte_for_byte(server, photos, mode):
 
 
 @pytest.mark.parametrize("mode", ["v0", "v1"])
-def test_the_sdk_without_a_mask_format_gets_roboflows_polygons(server, photos, mode):
-    (doc,) = sdk(server, mode, "default", photos["coffee"])
+def test_the_sdk_without_a_mask_format_gets_roboflows_polygons(server, sdk, mode):
+    (doc,) = sdk[mode, "default"]
     expected = grpc_documents(server, sample_bytes("coffee"), {"response_mask_format": "polygon"})
     assert doc["predictions"] and all(p["mask_format"] == "polygon" and len(p["points"]) >= 3
                                       for p in doc["predictions"])

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from pipeline.frontends.server import ServerConfig
+from pipeline.frontends.config import ServerConfig
 
 from ..conftest import ROOT
 

@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipeline.frontends.server import ServerConfig
+from pipeline.frontends.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "docker/k8s"
@@ -196,3 +196,47 @@ def test_dockerignore_keeps_local_state_out():
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in (".venv", ".venv-triton", ".cache", ".git"):
         assert entry in ignored
+
+
+def locked() -> dict[str, str]:
+    """package (normalised) -> version, from the lock file."""
+    out = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            out[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return out
+
+
+@pytest.mark.parametrize("path", DOCKERFILES[:2], ids=lambda p: p.name)
+def test_the_server_images_install_the_locked_versions(path):
+    installs = [v for k, v in instructions(path) if k == "RUN" and "pip install" in v]
+    assert any("-c requirements.lock '.[server" in v for v in installs)
+    torch = locked()["torch"]
+    assert all(f"torch=={torch}" in v for v in installs if "torch==" in v)
+
+
+def test_the_makefile_installs_the_locked_versions_and_the_lock_covers_every_extra():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "PIP    := -m pip install --quiet --disable-pip-version-check -c $(LOCK)" in makefile
+    assert makefile.count("$(PIP) -e") == 2  # the server's and the light client's environments
+    versions = locked()
+    for name in ("numpy", "torch", "numba", "grpcio", "grpcio-health-checking", "grpcio-reflection",
+                 "grpcio-tools", "protobuf", "tritonclient", "aiohttp", "opencv-python", "vulture"):
+        assert name in versions, name
+    grpc = {versions[n].rsplit(".", 1)[0] for n in
+            ("grpcio", "grpcio-health-checking", "grpcio-reflection", "grpcio-tools")}
+    assert len(grpc) == 1, f"the grpc packages on one release line, got {grpc}"
+
+
+def test_tritons_model_environment_matches_the_lock_but_for_numpy():
+    """The Python backend's environment pins numpy < 2 (see its file); every other pin it
+    shares with the lock is the lock's version."""
+    versions = locked()
+    assert {"torch", "pycocotools", "numba", "grpcio", "tritonclient"} <= set(versions)
+    for line in (ROOT / "docker/triton/requirements-models.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            name = re.sub(r"\[.*\]", "", re.sub(r"[-_.]+", "-", name).lower())
+            if name != "numpy" and name in versions:
+                assert versions[name] == version, (name, version, versions[name])

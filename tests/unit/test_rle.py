@@ -421,3 +421,27 @@ def test_host_kernel_compiles_without_a_cache_where_no_directory_is_writable(mon
     monkeypatch.setattr(host_kernel, "njit", njit)
     assert host_kernel._jit(len) is len
     assert built == [{"nogil": True, "cache": False, "boundscheck": False}]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_without_numba_the_host_encodes_through_numpy_with_the_same_bytes(data):
+    """A light client without numba: whole masks, boxes, crops and batches still match
+    pycocotools, through the array-module path on NumPy."""
+    from unittest import mock
+
+    from pipeline.rle import runs
+
+    masks = data.draw(mask_stacks(max_side=40))
+    boxes = data.draw(boxes_for(masks))
+    windows = rle.box_windows(boxes, masks.shape[1:])
+    crops = [masks[i, t:b, l:r] for i, (t, l, b, r) in enumerate(windows)]
+    with mock.patch.object(runs, "compiled", lambda: False), \
+            mock.patch.object(runs, "_host_batch", side_effect=AssertionError("compiled path")):
+        assert counts_of(rle.encode(masks)) == coco(masks)
+        assert counts_of(rle.encode(masks, boxes)) == coco(clear_outside(masks, windows))
+        assert counts_of(rle.encode_crops(crops, windows[:, :2], masks.shape[1:])) == \
+            coco(clear_outside(masks, windows))
+        tiles = [rle.Tiles(masks, np.zeros((len(masks), 2), np.int64), np.arange(len(masks)))]
+        (batch,) = rle.batch_run_lengths(tiles, [masks.shape[1:]], np.zeros(len(masks), np.int64))
+        assert counts_of(rle.to_coco(batch)) == coco(masks)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.frontends.server import ServerConfig
+from pipeline.frontends.config import ServerConfig
 
 from ..conftest import ROOT
 
