@@ -6,7 +6,9 @@ Peers measured in the same run, on the same masks:
   column-major, XOR neighbours, one ``nonzero``, then a per-mask loop with ``.tolist()`` and
   pycocotools' ``frPyObjects`` to pack), on the CPU and, when present, on the GPU.
 
-Every encoder's output is checked equal to pycocotools before it is timed.
+Every encoder's output is checked equal to pycocotools before it is timed. "ours host, no
+numba" is what a light client without the ``encode`` extra runs: the array-module path on
+NumPy instead of the compiled kernel.
 Run: ``make bench`` or ``python benchmarks/rle_bench.py [--repeat 9] [--quick]``.
 """
 
@@ -18,11 +20,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from unittest import mock
 
 import numpy as np
 from pycocotools import mask as coco_mask
 
 from pipeline import rle
+from pipeline.rle import runs
 from pipeline.rle.arrays import cupy_or_none
 
 
@@ -118,6 +122,14 @@ def sam_style_encode(tensor) -> list[str]:
     return out
 
 
+def without_numba(fn: Callable[[], list[str]]) -> Callable[[], list[str]]:
+    """``fn`` as a client without numba runs it."""
+    def run():
+        with mock.patch.object(runs, "compiled", lambda: False):
+            return fn()
+    return run
+
+
 def median_ms(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None):
     fn()
     sync()
@@ -143,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = cp is not None and torch.cuda.is_available()
     print(f"# RLE encode, median of {args.repeat} runs, ms (ratio = pycocotools / that column)")
     print(f"# host: numpy {np.__version__}, torch {torch.__version__}, gpu: {gpu}")
-    cols = ["pycocotools", "SAM torch cpu", "ours host", "ours host+boxes", "ours crops"]
+    cols = ["pycocotools", "SAM torch cpu", "ours host", "ours host+boxes", "ours crops",
+            "ours host, no numba"]
     if gpu:
         cols += ["SAM torch gpu", "ours device", "ours device+boxes"]
     print("| workload | runs | " + " | ".join(cols) + " |")
@@ -168,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                 ],
                 lambda: None,
             ),
+            "ours host, no numba": (
+                without_numba(lambda: [r["counts"] for r in rle.encode(wl.masks)]), lambda: None),
         }
         if gpu:
             cuda = tensor.cuda()
