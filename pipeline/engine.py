@@ -32,7 +32,7 @@ from .errors import BadInputError, ConfigError, PipelineError
 from .images import Letterbox, as_picture, letterbox, letterbox_geometry, probe
 from .postprocess import Detections, PostprocessOptions, postprocess
 from .repository import ModelEntry, ModelRepository, instance_count
-from .runner import load_runner, resolve_device
+from .runners import load_runner, resolve_device
 from .telemetry import BatchReport, Ledger
 
 LOG = logging.getLogger(__name__)

@@ -19,8 +19,13 @@ from .errors import ConfigError, InvalidOptionError, NotFoundError
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_FILENAMES = {"pytorch_libtorch": "model.pt", "python": "model.py"}
-SUPPORTED = tuple(DEFAULT_FILENAMES)
+# Triton's platform and backend names -> the runtime that runs them (``pipeline.runners``).
+RUNTIMES = {"pytorch_libtorch": "torchscript", "pytorch": "torchscript",
+            "onnxruntime_onnx": "onnx", "onnxruntime": "onnx", "openvino": "openvino",
+            "python": "python"}
+DEFAULT_FILENAMES = {"torchscript": "model.pt", "onnx": "model.onnx", "openvino": "model.xml",
+                     "python": "model.py"}
+SUPPORTED = tuple(RUNTIMES)
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,10 @@ class ModelEntry:
     def model_file(self, version: int | None = None) -> Path:
         """The model file of a version (the newest by default); ConfigError if missing."""
         version = self.latest_version() if version is None else version
-        filename = self.config.default_model_filename or DEFAULT_FILENAMES[self.platform]
+        filename = self.config.default_model_filename or DEFAULT_FILENAMES[runtime_of(self)]
         path = self.path / str(version) / filename
         if not path.is_file():
-            hint = " (run `make model` to create the default model)" if filename == "model.pt" else ""
+            hint = " (run `make model` to create the default model's files)" if runtime_of(self) != "python" else ""
             raise ConfigError(f"{path}: model file is missing{hint}")
         return path
 
@@ -116,6 +121,11 @@ class ModelRepository:
             ) from None
 
 
+def runtime_of(entry: ModelEntry) -> str:
+    """The runtime of a model: torchscript, onnx, openvino or python."""
+    return RUNTIMES[entry.platform]
+
+
 def load_entry(folder: Path) -> ModelEntry:
     config_path = folder / "config.pbtxt"
     config = mc.ModelConfig()
@@ -145,8 +155,7 @@ def validate(config: mc.ModelConfig, folder_name: str, path: Path) -> None:
     platform = config.platform or config.backend
     if platform not in SUPPORTED:
         raise _fail(path, "platform" if config.platform else "backend",
-                    f"{platform!r} is not supported (use one of {', '.join(SUPPORTED)}; export "
-                    "ONNX and other networks to TorchScript)")
+                    f"{platform!r} is not supported (use one of {', '.join(SUPPORTED)})")
     if config.max_batch_size < 0:
         raise _fail(path, "max_batch_size", f"must be >= 0, got {config.max_batch_size}")
     batching = config.dynamic_batching
@@ -157,9 +166,11 @@ def validate(config: mc.ModelConfig, folder_name: str, path: Path) -> None:
             if not 0 < size <= config.max_batch_size:
                 raise _fail(path, "dynamic_batching.preferred_batch_size",
                             f"{size} is not in 1..max_batch_size ({config.max_batch_size})")
-    if not config.input:
+    # A network may leave its inputs and outputs out: they are read from its file at load
+    # (Triton's auto-complete). A pipeline model declares its own.
+    if platform == "python" and not config.input:
         raise _fail(path, "input", "at least one input is required")
-    if not config.output:
+    if platform == "python" and not config.output:
         raise _fail(path, "output", "at least one output is required")
     for kind, tensors in (("input", config.input), ("output", config.output)):
         seen = set()

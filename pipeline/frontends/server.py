@@ -35,7 +35,7 @@ from ..engine import Pipeline
 from ..errors import ConfigError, ShuttingDownError
 from ..proto import video_pb2, video_pb2_grpc
 from ..repository import ModelRepository
-from ..runner import resolve_device
+from ..runners import resolve_device
 from ..telemetry import Ledger
 from ..tracking import Tracks
 from . import http_kserve, http_roboflow, metrics

@@ -85,9 +85,9 @@ def test_pipeline_parameters_are_config_errors_naming_file_and_field(tmp_path, o
     assert "instance_segmentation/config.pbtxt" in str(info.value) and f"'{field}'" in str(info.value)
 
 
-def test_a_platform_we_cannot_run_is_refused_by_validation(tmp_path):
-    network = GOOD_NETWORK.replace('platform: "pytorch_libtorch"', 'platform: "onnxruntime_onnx"')
-    with pytest.raises(ConfigError, match="'platform'.*onnxruntime_onnx.*TorchScript"):
+def test_a_platform_we_cannot_run_is_refused_by_validation_naming_those_we_can(tmp_path):
+    network = GOOD_NETWORK.replace('platform: "pytorch_libtorch"', 'platform: "tensorrt_plan"')
+    with pytest.raises(ConfigError, match="'platform'.*tensorrt_plan.*pytorch_libtorch.*onnxruntime_onnx.*openvino"):
         ModelRepository.load(make_repo(tmp_path, network=network))
 
 
