@@ -13,6 +13,8 @@ PIP    := -m pip install --quiet --disable-pip-version-check -c $(LOCK)
 TUNED  := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=134217728
 
 MODEL  := model_repository/yolov5s_seg/1/model.pt
+FORMS  := yolov5s_seg yolov5s_seg_onnx yolov5s_seg_openvino
+INT8   := model_repository/yolov5s_seg_int8/1/model.xml
 # NVIDIA Triton's Python backend runs our pipeline model in its own environment (numpy < 2).
 TRITON_VENV  := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed-stamp
@@ -23,7 +25,7 @@ SDK_STAMP := $(SDK_VENV)/.installed-stamp
 CLIENT_VENV  := .venv-client
 CLIENT_STAMP := $(CLIENT_VENV)/.installed-stamp
 
-.PHONY: setup model triton-env client-env sdk-env triton lint unit test test-client test-gpu image-test bench run proto lock clean help
+.PHONY: setup model model-int8 triton-env client-env sdk-env triton lint unit test test-client test-gpu image-test bench run proto lock clean help
 
 help:
 	@echo "make run    set up, then run the main job on the embedded default"
@@ -32,17 +34,26 @@ help:
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python $(PIP) -e '.[server,test,client]'
+	$(BIN)/python $(PIP) -e '.[server,test,client,quantize]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-# The real COCO weights, converted locally (GPL/AGPL: never committed). ~15 s once, and
-# again whenever the converter changes.
+# The real COCO weights, converted locally (GPL/AGPL: never committed) to TorchScript, ONNX
+# and OpenVINO IR, then timed here: the default pipeline is pointed at the fastest form for
+# this machine. ~40 s once, and again whenever the converter changes.
 $(MODEL): pipeline/tools/convert.py | $(STAMP)
-	$(BIN)/python -m pipeline.convert --model yolov5s_seg --samples --force
+	$(BIN)/python -m pipeline.convert --model yolov5s_seg --format torchscript --format onnx \
+		--format openvino --samples --force
+	$(BIN)/python -m pipeline.tools.runtimes --pipeline instance_segmentation --networks $(FORMS) --choose
 
 model: $(MODEL)
+
+# Opt-in INT8 (OpenVINO + NNCF): instance_segmentation_int8 beside the default pipeline.
+$(INT8): $(MODEL) pipeline/tools/quantize.py
+	$(BIN)/python -m pipeline.tools.quantize
+
+model-int8: $(INT8)
 
 # A second network (yolov7-seg, same wheel), converted once for the test that drops it into a
 # repository with only a config.pbtxt (tests/integration/test_second_model.py).
@@ -91,7 +102,7 @@ unit: setup
 # Everything: lint, the client's suite in the light client env, then the server's suite with
 # its coverage floor (lines of pipeline/ and clients/ run in-process).
 COVERAGE_FLOOR := 80
-test: lint $(MODEL) $(SECOND_MODEL) $(TRITON_STAMP) $(SDK_STAMP) test-client
+test: lint $(MODEL) $(INT8) $(SECOND_MODEL) $(TRITON_STAMP) $(SDK_STAMP) test-client
 	$(BIN)/python -m pytest --ignore=tests/client --cov=pipeline --cov=clients \
 		--cov-report=term:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)
 
@@ -124,7 +135,7 @@ run: setup $(MODEL)
 # Re-resolve pyproject.toml's ranges (every extra) in a fresh environment into the lock file.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check -e '.[server,test,client,dev]'
+	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check -e '.[server,test,client,dev,quantize]'
 	{ echo "# The versions every environment of this project installs (pip constraints): make,"; \
 	  echo "# CI and the images. Made by \`make lock\` from pyproject.toml's ranges; local version"; \
 	  echo "# labels (+cpu) are left out, so the CUDA builds of torch match too."; \

@@ -115,6 +115,12 @@ instance_group [ { count: 1, kind: KIND_CPU } ]
 """
 
 
+META = {"names": list(CLASSES), "input_size": 320, "stride": 32}
+# The fake network's other forms: Triton's platform line, and the file.
+FORMS = {"onnx": ('platform: "onnxruntime_onnx"', "model.onnx"),
+         "openvino": ('backend: "openvino"', "model.xml")}
+
+
 def fake_repository(root: Path, delay_ms: float = 0.0, queue_timeout_s: float = 2.0,
                     max_batch_size: int = 8, fails_on_width: int = 0) -> Path:
     """A model repository under ``root``: the pipeline ``instance_segmentation`` over the fake
@@ -129,10 +135,40 @@ def fake_repository(root: Path, delay_ms: float = 0.0, queue_timeout_s: float = 
     (folder / "1").mkdir(parents=True, exist_ok=True)
     (folder / "config.pbtxt").write_text(NETWORK_CONFIG)
     (folder / "labels.txt").write_text("\n".join(CLASSES) + "\n")
-    meta = {"names": list(CLASSES), "input_size": 320, "stride": 32}
     torch.jit.save(torch.jit.script(FakeSegmenter(per_image, fails_on_width)), str(folder / "1/model.pt"),
-                   _extra_files={"meta.json": json.dumps(meta)})
+                   _extra_files={"meta.json": json.dumps(META)})
     return root
+
+
+def fake_network_as(folder: Path, form: str, config: str | None = None) -> Path:
+    """The fake network as ONNX or OpenVINO IR in ``folder`` (a repository's model folder),
+    its metadata inside; ``config``: the config.pbtxt to write (default: only its name,
+    runtime and batch bound, so inputs and outputs are read from the file)."""
+    import onnx
+
+    runtime, filename = FORMS[form]
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    onnx_file = folder / "1" / "model.onnx"
+    with torch.inference_mode():
+        torch.onnx.export(FakeSegmenter(0), (torch.zeros(1, 3, 64, 96),), str(onnx_file), dynamo=False,
+                          opset_version=17, input_names=["images"], output_names=["pred", "proto"],
+                          dynamic_axes={"images": {0: "b", 2: "h", 3: "w"}, "pred": {0: "b"},
+                                        "proto": {0: "b", 2: "ph", 3: "pw"}})
+    model = onnx.load(str(onnx_file))
+    for key, value in META.items():
+        model.metadata_props.add(key=key, value=json.dumps(value))
+    onnx.save(model, str(onnx_file))
+    if form == "openvino":
+        import openvino as ov
+
+        ir = ov.convert_model(str(onnx_file))
+        for key, value in META.items():
+            ir.set_rt_info(json.dumps(value), [key])
+        ov.save_model(ir, str(folder / "1" / filename))
+        onnx_file.unlink()
+    (folder / "config.pbtxt").write_text(
+        config or f'name: "{folder.name}"\n{runtime}\nmax_batch_size: 8\n')
+    return folder / "1" / filename
 
 
 def scene(height: int = 240, width: int = 320, **objects: tuple[int, int, int, int]) -> np.ndarray:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import ssl
 import threading
@@ -35,7 +34,7 @@ from ..engine import Pipeline
 from ..errors import ConfigError, ShuttingDownError
 from ..proto import video_pb2, video_pb2_grpc
 from ..repository import ModelRepository
-from ..runners import resolve_device
+from ..runners import cores, resolve_device
 from ..telemetry import Ledger
 from ..tracking import Tracks
 from . import http_kserve, http_roboflow, metrics
@@ -49,10 +48,6 @@ from .inference import ConnectionLimits, ServingState
 LOG = logging.getLogger(__name__)
 INFERENCE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 VIDEO_SERVICE = video_pb2.DESCRIPTOR.services_by_name["VideoSegmentation"].full_name
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

