@@ -57,6 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     chosen = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
               if getattr(args, f.name, None) is not None}
+    if "load_model" in chosen:
+        chosen["load_model"] = tuple(chosen["load_model"])
     config = ServerConfig(**{**ServerConfig.env_defaults(), **chosen})  # checked before loading
     from .frontends.server import serve
 
@@ -156,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--allow-image-urls", action="store_true", default=None,
                        help="let HTTP requests name images by URL, fetched by the server "
                        "(off by default: server-side fetches are an SSRF risk)")
+    serve.add_argument("--model-control-mode", choices=["none", "explicit"],
+                       help="none (default): every pipeline model is loaded at start, for good; "
+                       "explicit: the --load-model ones, and the rest loaded and unloaded at run "
+                       "time (Triton's RepositoryModelLoad/Unload, /v2/repository/models/NAME/load)")
+    serve.add_argument("--load-model", action="append", metavar="NAME",
+                       help="with --model-control-mode explicit: a model to load at start "
+                       "(repeatable; RLE_SERVING_LOAD_MODEL=a,b)")
     serve.set_defaults(func=_serve)
 
     health = commands.add_parser("health", help="check a server's gRPC health (exit 0 if SERVING)")

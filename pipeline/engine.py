@@ -90,6 +90,9 @@ class Pipeline:
         rle.warm_up()
         LOG.info("%s: host RLE kernel ready in %.1f s", entry.name, time.perf_counter() - started)
         self._batcher: DynamicBatcher | None = None
+        # Requests using this version now: a frontend counts them, so a replaced version is
+        # freed only once it has answered them (see frontends/control.py).
+        self.held = 0
         LOG.info("%s: network %s on %s, %d classes, scale %d (%s), batches of up to %d "
                  "(max_batch_size %d)", entry.name, network.name, device, self.info.num_classes,
                  self.info.input_size, f"any size, stride {self.info.stride}" if self.info.stride

@@ -55,6 +55,10 @@ class ModelError(PipelineError):
     """The model failed while running a batch."""
 
 
+class UnavailableError(PipelineError):
+    """A model that is not loaded now (unloaded, or a network it needs is)."""
+
+
 class ShuttingDownError(PipelineError):
     """The server is draining and takes no new work."""
 
@@ -68,6 +72,7 @@ STATUS: dict[type[PipelineError], Status] = {
     NotFoundError: Status("NOT_FOUND", 404),
     OverloadedError: Status("RESOURCE_EXHAUSTED", 503),
     ShuttingDownError: Status("UNAVAILABLE", 503),
+    UnavailableError: Status("UNAVAILABLE", 503),
     DeadlineError: Status("DEADLINE_EXCEEDED", 504),
     UnauthenticatedError: Status("UNAUTHENTICATED", 401),
     TooLargeError: Status("RESOURCE_EXHAUSTED", 413),

@@ -37,6 +37,8 @@ class ServerConfig:
     allow_image_urls: bool = False
     max_tracked_streams: int = 256
     tracker_idle_s: float = 60.0
+    model_control_mode: str = "none"
+    load_model: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.stream_window < 1:
@@ -60,6 +62,11 @@ class ServerConfig:
             raise ConfigError("per-connection limits must be >= 1")
         if self.max_tracked_streams < 1 or self.tracker_idle_s <= 0:
             raise ConfigError("max tracked streams must be >= 1 and the tracker idle time > 0")
+        if self.model_control_mode not in ("none", "explicit"):
+            raise ConfigError(f"model control mode must be none or explicit, got {self.model_control_mode!r}")
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ConfigError("--load-model needs --model-control-mode explicit (in mode none every "
+                              "pipeline model is loaded)")
         if self.http_port < -1:
             raise ConfigError(f"http port must be a port, 0 (any free one) or -1 (off), got {self.http_port}")
 
@@ -75,13 +82,18 @@ class ServerConfig:
             if value is None or value == "":
                 continue
             kind = f.type if isinstance(f.type, str) else f.type.__name__
-            convert = {"int": int, "float": float, "bool": _boolean}.get(kind)
+            convert = {"int": int, "float": float, "bool": _boolean, "tuple[str, ...]": _names}.get(kind)
             try:
                 out[f.name] = convert(value) if convert else value
             except ValueError:
                 what = {"int": "a whole number", "bool": "true or false"}.get(kind, "a number")
                 raise ConfigError(f"{variable} must be {what}, got {value!r}") from None
         return out
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A list in one variable: comma-separated (RLE_SERVING_LOAD_MODEL=a,b)."""
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def _boolean(text: str) -> bool:

@@ -16,16 +16,22 @@ def grpc_status(error: BaseException) -> grpc.StatusCode:
 
 
 async def serve_stream(state: ServingState, api: str, process, failed, requests,
-                       context: grpc.aio.ServicerContext, **window_options):
+                       context: grpc.aio.ServicerContext, model_of, **window_options):
     """One streaming RPC through a StreamWindow (``process``/``failed`` per request; see
     ``stream_window``): refused while draining, within the connection's limits, counted, and
-    registered so the drain can stop it. A drained stream gets every request it read
-    answered, then ends with UNAVAILABLE, so the client knows to reconnect and re-send."""
+    registered so the drain can stop it; the models its requests name (``model_of``) count
+    as in use until it ends. A drained stream gets every request it read answered, then
+    ends with UNAVAILABLE, so the client knows to reconnect and re-send."""
     if state.draining:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
     peer = context.peer()
+    models: set[str] = set()
 
     async def within_limits(request):
+        model = model_of(request)
+        if model not in models:
+            models.add(model)
+            state.model_streams[model] += 1
         with state.limits.request(peer):
             return await process(request)
 
@@ -48,3 +54,5 @@ async def serve_stream(state: ServingState, api: str, process, failed, requests,
         state.limits.release("streams", peer)
         state.streams.discard(window)
         state.ledger.stream_opened(api, -1)
+        for model in models:
+            state.model_streams[model] -= 1

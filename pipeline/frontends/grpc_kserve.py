@@ -19,6 +19,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from ..errors import PipelineError
 from . import kserve
+from .control import ModelControl
 from .grpc_calls import grpc_status, serve_stream
 from .inference import VERSION, Answer, InferRequest, ServingState, describe, run
 
@@ -59,8 +60,9 @@ def response_of(message: pb.ModelInferRequest, answer: Answer) -> pb.ModelInferR
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, state: ServingState):
+    def __init__(self, state: ServingState, models: ModelControl):
         self.state = state
+        self.models = models
 
     async def _answer(self, context, build):
         try:
@@ -96,6 +98,23 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request, context):
         return kserve.repository_index(self.state, request.ready)
+
+    # Model control (Triton's repository extension) -------------------------------------
+
+    async def RepositoryModelLoad(self, request, context):
+        await self._control(context, self.models.load, request.model_name, request.parameters)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self._control(context, self.models.unload, request.model_name, {})
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _control(self, context, change, name: str, parameters) -> None:
+        try:
+            kserve.no_overrides(parameters)
+            await change(name)
+        except Exception as exc:  # noqa: BLE001 - the server keeps serving what it served
+            await context.abort(grpc_status(exc), describe(exc))
 
     # Inference ---------------------------------------------------------------------
 
@@ -146,5 +165,5 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         stops reading, and gRPC flow control slows the client down (policy ``wait``)."""
         async for response in serve_stream(self.state, "kserve", self._stream_answer,
                                            self._stream_error, request_iterator, context,
-                                           policy="wait"):
+                                           lambda request: request.model_name, policy="wait"):
             yield response

@@ -119,7 +119,7 @@ class VideoService(video_pb2_grpc.VideoSegmentationServicer):
         try:
             async for result in serve_stream(
                 self.state, "video", process, self._failed, _stamped(request_iterator),
-                context, policy=self.state.stream_policy,
+                context, lambda arrival: model_of(arrival[1]), policy=self.state.stream_policy,
                 dropped=lambda arrival: _answer(arrival[1], dropped=True),
                 on_drop=self.state.ledger.frames_dropped,
             ):

@@ -19,23 +19,26 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from ..errors import BadInputError
 from . import kserve
+from .control import ModelControl
 from .http import ERROR_FIELD, json_body
 from .inference import VERSION, Answer, InferRequest, ServingState, run
 
 JSON_HEADER = "Inference-Header-Content-Length"
 
 
-def app(state: ServingState) -> web.Application:
+def app(state: ServingState, models: ModelControl) -> web.Application:
     """The KServe v2 REST routes (to be mounted at ``/v2``)."""
     api = web.Application()
     api[ERROR_FIELD] = "error"
-    handlers = _Handlers(state)
+    handlers = _Handlers(state, models)
     r = api.router
     r.add_get("", handlers.server_metadata)
     r.add_get("/health/live", handlers.live)
     r.add_get("/health/ready", handlers.ready)
     r.add_get("/models/stats", handlers.statistics)
     r.add_post("/repository/index", handlers.repository_index)
+    r.add_post("/repository/models/{model}/load", handlers.load)
+    r.add_post("/repository/models/{model}/unload", handlers.unload)
     for prefix in ("/models/{model}", "/models/{model}/versions/{version}"):
         r.add_get(prefix, handlers.model_metadata)
         r.add_get(prefix + "/ready", handlers.model_ready)
@@ -46,8 +49,9 @@ def app(state: ServingState) -> web.Application:
 
 
 class _Handlers:
-    def __init__(self, state: ServingState):
+    def __init__(self, state: ServingState, models: ModelControl):
         self.state = state
+        self.models = models
 
     async def live(self, request):
         return web.Response(status=200)
@@ -75,6 +79,16 @@ class _Handlers:
         body = await json_body(request) if request.can_read_body else {}
         index = kserve.repository_index(self.state, bool((body or {}).get("ready")))
         return web.json_response([message_json(m) for m in index.models])
+
+    async def load(self, request):
+        body = await json_body(request) if request.can_read_body else {}
+        kserve.no_overrides((body or {}).get("parameters") or {} if isinstance(body, dict) else {})
+        await self.models.load(request.match_info["model"])
+        return web.Response(status=200)
+
+    async def unload(self, request):
+        await self.models.unload(request.match_info["model"])
+        return web.Response(status=200)
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)

@@ -180,7 +180,7 @@ class ServingState:
     and whether we are draining."""
 
     pipelines: dict[str, Pipeline]
-    unavailable: dict[str, str]  # model name -> why it is not served directly
+    unavailable: dict[str, PipelineError]  # model name -> what a request for it is answered
     ledger: Ledger
     stream_window: int = 8
     stream_policy: str = "wait"
@@ -189,6 +189,7 @@ class ServingState:
     streams: set = field(default_factory=set)  # open StreamWindows, stopped by the drain
     limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
     tracks: Tracks = field(default_factory=Tracks)  # live trackers of tracked streams
+    model_streams: Counter = field(default_factory=Counter)  # model -> open streams using it
 
     def pipeline(self, name: str, version: str = "") -> Pipeline:
         """The pipeline that takes new work for ``name``; refuses while draining."""
@@ -198,7 +199,7 @@ class ServingState:
 
     def lookup(self, name: str, version: str = "") -> Pipeline:
         if name in self.unavailable:
-            raise NotFoundError(f"model {name!r} is not served directly: {self.unavailable[name]}")
+            raise self.unavailable[name]
         if name not in self.pipelines:
             have = ", ".join(sorted(self.pipelines))
             raise NotFoundError(f"unknown model {name!r}; this server serves: {have}")
@@ -235,11 +236,14 @@ async def run(state: ServingState, model: str, read: Callable[[], InferRequest],
     ledger, tracks = state.ledger, state.tracks
     images: Sequence[Any] = ()
     tracking: Tracking | None = None
+    held: Pipeline | None = None
     try:
         state.pipeline(model)  # an unknown model, or a draining server, is refused before reading
         request = read()
         images, tracking = request.images, request.tracking
         pipe = state.lookup(request.model, request.version)
+        pipe.held += 1  # this version answers this request, whatever is loaded meanwhile
+        held = pipe
         if len(images) > pipe.max_batch_size:
             raise BadInputError(f"batch of {len(images)} exceeds the model's max_batch_size "
                                 f"{pipe.max_batch_size}")
@@ -275,6 +279,8 @@ async def run(state: ServingState, model: str, read: Callable[[], InferRequest],
     finally:
         if tracking is not None and tracking.end:
             tracks.end(tracking.key)
+        if held is not None:
+            held.held -= 1
     done = time.monotonic()
     ledger.record_request(model, images=len(images), duration_s=done - started,
                           output_s=done - built)

@@ -34,7 +34,7 @@ from .inference import VERSION, Answer, InferRequest, ServingState
 SERVER_NAME = "rle-serving"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data", "parameters",
-              "schedule_policy"]
+              "schedule_policy", "model_repository"]
 INPUT = "IMAGE"
 
 
@@ -201,6 +201,15 @@ def model_statistics(state: ServingState, name: str, version: str) -> pb.ModelSt
     return response
 
 
+def no_overrides(parameters) -> None:
+    """Triton lets a load carry a config or files to use instead of the repository's; here
+    the repository is the one source (edit its config.pbtxt, then load)."""
+    given = [key for key in parameters if key == "config" or key.startswith("file:")]
+    if given:
+        raise BadInputError(f"load parameters {given} are not supported: edit the model's "
+                            "config.pbtxt and files in the repository, then load it")
+
+
 def repository_index(state: ServingState, ready_only: bool) -> pb.RepositoryIndexResponse:
     response = pb.RepositoryIndexResponse()
     for name in sorted(set(state.pipelines) | set(state.unavailable)):
@@ -208,5 +217,5 @@ def repository_index(state: ServingState, ready_only: bool) -> pb.RepositoryInde
             response.models.add(name=name, version=VERSION, state="READY")
         elif not ready_only:
             response.models.add(name=name, version=VERSION, state="UNAVAILABLE",
-                                reason=state.unavailable[name])
+                                reason=str(state.unavailable[name]))
     return response

@@ -30,16 +30,15 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from .. import memory, rle
-from ..engine import Pipeline
 from ..errors import ConfigError, ShuttingDownError
 from ..proto import video_pb2, video_pb2_grpc
-from ..repository import ModelRepository
-from ..runners import cores, resolve_device
+from ..runners import cores
 from ..telemetry import Ledger
 from ..tracking import Tracks
 from . import http_kserve, http_roboflow, metrics
 from .auth import Token, TokenInterceptor
 from .config import ServerConfig
+from .control import ModelControl
 from .grpc_kserve import InferenceService
 from .grpc_video import VideoService
 from .http import HTTPServer, middlewares
@@ -85,6 +84,7 @@ class PipelineServer:
         self.config = config
         self.ledger = ledger or Ledger()
         self.state: ServingState | None = None
+        self.models: ModelControl | None = None
         self.threads: ThreadBudget | None = None
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
@@ -107,12 +107,13 @@ class PipelineServer:
         cfg = self.config
         loop = asyncio.get_running_loop()
         self.threads = apply_thread_budget(cfg, loop)
-        pipelines, unavailable = await loop.run_in_executor(None, self._load)
         self.state = ServingState(
-            pipelines, unavailable, self.ledger,
-            stream_window=cfg.stream_window, stream_policy=cfg.stream_policy,
+            {}, {}, self.ledger, stream_window=cfg.stream_window, stream_policy=cfg.stream_policy,
             limits=ConnectionLimits(cfg.max_streams_per_connection, cfg.max_in_flight_per_connection),
             tracks=Tracks(cfg.max_tracked_streams, cfg.tracker_idle_s))
+        self.models = ModelControl(self.state, cfg.model_repository, mode=cfg.model_control_mode,
+                                   device=cfg.device, ledger=self.ledger)
+        await loop.run_in_executor(None, self.models.load_at_start, cfg.load_model)
         token = Token(cfg.token) if cfg.token else None
         await self._serve_grpc(token)
         if cfg.http_port >= 0:
@@ -123,10 +124,10 @@ class PipelineServer:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         LOG.info("listening for gRPC on %s:%d%s; metrics on :%s", cfg.host, self.grpc_port,
                  " (TLS)" if cfg.tls_cert else "", self.metrics_port)
-        for name in pipelines:
+        for name in self.state.pipelines:
             LOG.info("model %s is READY", name)
-        for name, why in unavailable.items():
-            LOG.info("model %s is not served directly: %s", name, why)
+        for name, why in self.state.unavailable.items():
+            LOG.info("model %s is not served: %s", name, why)
 
     async def _serve_grpc(self, token: Token | None) -> None:
         cfg = self.config
@@ -137,7 +138,8 @@ class PipelineServer:
         server = grpc.aio.server(options=options,
                                  interceptors=[TokenInterceptor(token)] if token else [])
         self._server = server
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.state), server)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceService(self.state, self.models), server)
         video_pb2_grpc.add_VideoSegmentationServicer_to_server(VideoService(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -164,7 +166,7 @@ class PipelineServer:
                               middlewares=middlewares(self.state, max_body=max_body, token=token))
         http_roboflow.add_routes(app, self.state, token=token, max_body=max_body,
                                  allow_image_urls=cfg.allow_image_urls)
-        app.add_subapp("/v2", http_kserve.app(self.state))
+        app.add_subapp("/v2", http_kserve.app(self.state, self.models))
         ssl_context = None
         if cfg.tls_cert:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -176,24 +178,6 @@ class PipelineServer:
             raise ConfigError(f"cannot listen for HTTP on {cfg.host}:{cfg.http_port} ({exc})") from None
         LOG.info("listening for HTTP on %s:%d%s (Roboflow inference API, KServe v2 REST)",
                  cfg.host, self.http_port, " (TLS)" if cfg.tls_cert else "")
-
-    def _load(self):
-        repository = ModelRepository.load(self.config.model_repository)
-        pipelines, unavailable = {}, {}
-        for name, entry in repository.models.items():
-            if entry.platform == "python" and entry.parameter("network"):
-                network = repository.get(entry.parameter("network"))
-                device = resolve_device(self.config.device, entry)
-                pipelines[name] = Pipeline(repository, entry, network, device, self.ledger)
-        for name in repository.models:
-            if name not in pipelines:
-                users = [p for p, pipe in pipelines.items() if pipe.network_entry.name == name]
-                unavailable[name] = (f"a network used inside {', '.join(users)}" if users
-                                     else "not a pipeline model")
-        if not pipelines:
-            raise ConfigError(f"{self.config.model_repository}: no pipeline model to serve "
-                              "(a Python-backend model with a 'network' parameter)")
-        return pipelines, unavailable
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Refuse new work, let work in flight finish (up to the grace period), stop."""

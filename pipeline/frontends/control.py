@@ -1,0 +1,173 @@
+"""Model control: which models serve, loaded at start and, in Triton's ``explicit`` mode, loaded
+and unloaded at run time (Triton's repository extension; gRPC ``RepositoryModelLoad`` /
+``RepositoryModelUnload`` and HTTP ``/v2/repository/models/{name}/load|unload``).
+
+- ``none`` (the default): every pipeline model of the repository is loaded at start, and the
+  set never changes; load and unload are refused.
+- ``explicit``: the ``--load-model`` ones are loaded at start; the rest on request.
+
+Loading reads the model's config.pbtxt and files afresh and builds the new version beside the
+serving one, in a worker thread: if it fails, the version that was serving keeps serving and
+the caller hears why. If it succeeds, new requests go to the new version at once while the
+old one finishes what it had accepted, then is freed. A network is loaded or unloaded with
+the pipelines that use it: while a network is unloaded, its pipelines answer UNAVAILABLE
+saying so. Unloading frees the memory: the old version's batcher drains, nothing refers to
+it any more, and the allocator gives the pages back (``memory.trim``). A model a stream is
+using is not unloaded (end the stream first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from pathlib import Path
+
+from .. import memory
+from ..engine import Pipeline
+from ..errors import ConfigError, NotFoundError, PipelineError, UnavailableError
+from ..repository import ModelEntry, ModelRepository
+from ..runners import resolve_device
+from ..telemetry import Ledger
+from .inference import ServingState
+
+LOG = logging.getLogger(__name__)
+MODES = ("none", "explicit")
+
+
+def is_pipeline(entry: ModelEntry) -> bool:
+    return entry.platform == "python" and entry.parameter("network") is not None
+
+
+class ModelControl:
+    """Loads and unloads the repository's models into a ServingState; one change at a time."""
+
+    def __init__(self, state: ServingState, root: str | Path, *, mode: str = "none",
+                 device: str | None = None, ledger: Ledger | None = None):
+        if mode not in MODES:
+            raise ConfigError(f"model control mode must be one of {MODES}, got {mode!r}")
+        self.state, self.root, self.mode, self.device = state, Path(root), mode, device
+        self.ledger = ledger or state.ledger
+        self.unloaded_networks: set[str] = set()
+        self._changing = asyncio.Lock()
+
+    # At start ---------------------------------------------------------------------------
+
+    def load_at_start(self, names: tuple[str, ...] = ()) -> None:
+        """Every pipeline (mode none) or the named models (explicit). Blocking: run it in a
+        worker thread. ConfigError if a model cannot be served, or (mode none) none can."""
+        repository = ModelRepository.load(self.root)
+        if self.mode == "none":
+            names = tuple(n for n, entry in repository.models.items() if is_pipeline(entry))
+            if not names:
+                raise ConfigError(f"{self.root}: no pipeline model to serve "
+                                  "(a Python-backend model with a 'network' parameter)")
+        for name in names:
+            for pipeline in self._pipelines_of(repository, name):
+                self.state.pipelines[pipeline] = self._build(repository, pipeline)
+        self._describe_the_rest(repository)
+
+    # At run time -------------------------------------------------------------------------
+
+    async def load(self, name: str) -> None:
+        """(Re)load a pipeline, or a network with the pipelines that use it. On failure the
+        serving versions stay; the error says why."""
+        self._check_mode("load")
+        async with self._changing:
+            repository = await asyncio.to_thread(ModelRepository.load, self.root)
+            pipelines = self._pipelines_of(repository, name)
+            network = name if not is_pipeline(repository.get(name)) else None
+            built = {}
+            for pipeline in pipelines:  # every new version before any swap: all or nothing
+                try:
+                    built[pipeline] = await asyncio.to_thread(self._build, repository, pipeline)
+                except BaseException:
+                    for pipe in built.values():
+                        await pipe.close(drain=False)
+                    raise
+            if network is not None:
+                self.unloaded_networks.discard(network)
+            for pipeline, pipe in built.items():
+                old = self.state.pipelines.get(pipeline)
+                self.state.pipelines[pipeline] = pipe  # new requests: the new version
+                self.state.unavailable.pop(pipeline, None)
+                if old is not None:
+                    await self._retire(old)  # the old one finishes what it accepted
+                LOG.info("model %s is READY (loaded%s)", pipeline, " again" if old else "")
+            self._describe_the_rest(repository)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a pipeline, or a network and the pipelines that use it, and free them."""
+        self._check_mode("unload")
+        async with self._changing:
+            repository = await asyncio.to_thread(ModelRepository.load, self.root)
+            entry = repository.get(name)
+            pipelines = [p for p in self._pipelines_of(repository, name) if p in self.state.pipelines]
+            busy = {p: self.state.model_streams[p] for p in pipelines if self.state.model_streams[p]}
+            if busy:
+                raise ConfigError("; ".join(f"model {p!r} is in use by {n} open stream(s)"
+                                            for p, n in busy.items())
+                                  + ": end them before unloading")
+            reason = ("model {} is unloaded (load it with RepositoryModelLoad)" if is_pipeline(entry)
+                      else f"model {{}} cannot run: its network {name!r} is unloaded")
+            if not is_pipeline(entry):
+                self.unloaded_networks.add(name)
+            for pipeline in pipelines:
+                pipe = self.state.pipelines.pop(pipeline)
+                self.state.unavailable[pipeline] = UnavailableError(reason.format(repr(pipeline)))
+                await self._retire(pipe)
+                LOG.info("model %s is unloaded", pipeline)
+            self._describe_the_rest(repository)
+
+    # Inside ----------------------------------------------------------------------------
+
+    def _check_mode(self, what: str) -> None:
+        if self.mode != "explicit":
+            raise ConfigError(f"cannot {what} models: model control mode is {self.mode!r} "
+                              "(start the server with --model-control-mode explicit)")
+
+    def _pipelines_of(self, repository: ModelRepository, name: str) -> list[str]:
+        """The pipelines a load or unload of ``name`` concerns: itself, or a network's users."""
+        entry = repository.get(name)  # NotFoundError names what the repository has
+        if is_pipeline(entry):
+            return [name]
+        users = [n for n, e in repository.models.items()
+                 if is_pipeline(e) and e.parameter("network") == name]
+        if not users:
+            raise NotFoundError(f"model {name!r} is neither a pipeline model nor a network one "
+                                "of them uses; nothing to load")
+        loaded = [u for u in users if u in self.state.pipelines or u in self.state.unavailable]
+        return loaded or users
+
+    def _build(self, repository: ModelRepository, name: str) -> Pipeline:
+        entry = repository.get(name)
+        network = repository.get(entry.parameter("network"))
+        return Pipeline(repository, entry, network, resolve_device(self.device, entry), self.ledger)
+
+    async def _retire(self, pipe: Pipeline) -> None:
+        """Let a replaced or unloaded version answer the requests it holds, then free it."""
+        while pipe.held:
+            await asyncio.sleep(0.01)
+        await pipe.close(drain=True)
+        del pipe
+        await asyncio.to_thread(_free)
+
+    def _describe_the_rest(self, repository: ModelRepository) -> None:
+        """What a request for each model that is not serving is told."""
+        for name, entry in repository.models.items():
+            if name in self.state.pipelines or isinstance(self.state.unavailable.get(name), UnavailableError):
+                continue
+            if is_pipeline(entry):
+                self.state.unavailable[name] = UnavailableError(
+                    f"model {name!r} is not loaded (load it with RepositoryModelLoad)")
+                continue
+            users = [p for p, pipe in self.state.pipelines.items() if pipe.network_entry.name == name]
+            why: PipelineError = NotFoundError(
+                f"model {name!r} is not served directly: " +
+                (f"a network used inside {', '.join(users)}" if users else "not a pipeline model"))
+            self.state.unavailable[name] = why
+
+
+def _free() -> None:
+    gc.collect()
+    memory.trim()
