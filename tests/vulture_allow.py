@@ -4,6 +4,7 @@ a caller vulture cannot see. Listed as attribute reads, grouped by who calls the
 # gRPC calls these servicer methods by their RPC names; grpc.aio calls interceptors'.
 _.ServerLive, _.ServerReady, _.ModelReady, _.ServerMetadata, _.ModelMetadata, _.ModelConfig
 _.ModelStatistics, _.RepositoryIndex, _.ModelInfer, _.ModelStreamInfer, _.StreamFrames
+_.RepositoryModelLoad, _.RepositoryModelUnload
 _.intercept_service
 # NVIDIA Triton's Python backend calls the pipeline model's entry points.
 _.TritonPythonModel, _.initialize, _.execute
