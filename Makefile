@@ -83,6 +83,19 @@ $(SDK_STAMP): tests/requirements-sdk.txt
 
 sdk-env: $(SDK_STAMP)
 
+# Ultralytics (AGPL: a test tool, never shipped) in an environment of its own, torch pinned:
+# it exports an untrained YOLO11n-seg to ONNX and OpenVINO for the YOLOv8/11-seg head's tests.
+ULTRA_VENV  := .venv-ultralytics
+ULTRA_STAMP := $(ULTRA_VENV)/.installed-stamp
+YOLO11      := .cache/models/yolo11n-seg.onnx
+$(ULTRA_STAMP): tests/requirements-ultralytics.txt
+	test -x $(ULTRA_VENV)/bin/python || $(PYTHON) -m venv $(ULTRA_VENV)
+	$(ULTRA_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/requirements-ultralytics.txt
+	touch $(ULTRA_STAMP)
+
+$(YOLO11): $(ULTRA_STAMP) tests/export_yolo11.py
+	$(ULTRA_VENV)/bin/python tests/export_yolo11.py .cache/models
+
 # The real NVIDIA Triton server (2.51, from the nvidia-pytriton wheel) on model_repository/:
 # gRPC :8101, HTTP :8100. Ctrl-C stops it.
 triton: setup $(MODEL) $(TRITON_STAMP)
@@ -102,7 +115,7 @@ unit: setup
 # Everything: lint, the client's suite in the light client env, then the server's suite with
 # its coverage floor (lines of pipeline/ and clients/ run in-process).
 COVERAGE_FLOOR := 80
-test: lint $(MODEL) $(INT8) $(SECOND_MODEL) $(TRITON_STAMP) $(SDK_STAMP) test-client
+test: lint $(MODEL) $(INT8) $(SECOND_MODEL) $(YOLO11) $(TRITON_STAMP) $(SDK_STAMP) test-client
 	$(BIN)/python -m pytest --ignore=tests/client --cov=pipeline --cov=clients \
 		--cov-report=term:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)
 
@@ -150,4 +163,4 @@ proto: setup
 	sed -i 's/^import video_pb2 as/from . import video_pb2 as/' pipeline/proto/video_pb2_grpc.py
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) $(CLIENT_VENV) $(SDK_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(TRITON_VENV) $(CLIENT_VENV) $(SDK_VENV) $(ULTRA_VENV) .pytest_cache .hypothesis

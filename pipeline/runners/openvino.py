@@ -70,11 +70,12 @@ def _metadata(model, path) -> dict:
 
 
 def _tensors(ports) -> list[Tensor]:
+    """Each port's name (an unnamed output, as some exports leave, by its index) and dims."""
     out = []
-    for port in ports:
+    for i, port in enumerate(ports):
         shape = port.get_partial_shape()
         dims = tuple(d.get_length() if d.is_static else -1 for d in shape)
-        out.append(Tensor(port.get_any_name(), dims))
+        out.append(Tensor(next(iter(port.get_names()), f"output{i}"), dims))
     return out
 
 
