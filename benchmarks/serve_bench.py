@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", nargs="+", default=["photos", "photos+16:9"])
     parser.add_argument("--seconds", type=float, default=30.0, help="per run and target")
     parser.add_argument("--server-args", default="", help="extra flags for our server")
+    parser.add_argument("--model", action="append",
+                        help="our pipeline model(s) to drive, each a row of its own "
+                        "(default: instance_segmentation)")
     args = parser.parse_args(argv)
     if args.peer and not args.peer.startswith(("127.", "localhost")):
         raise SystemExit("--peer must be a loopback address")
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     log = open(ROOT / "out" / "serve_bench_server.log", "w")
     with local_server("--metrics-port", str(metrics_port), *args.server_args.split(), log=log,
                       cwd=ROOT) as server:
-        targets = [("ours", server.address, "instance_segmentation")]
+        targets = [("ours" if model == "instance_segmentation" else f"ours {model}", server.address, model)
+                   for model in args.model or ["instance_segmentation"]]
         if args.peer:
             targets.append(("peer", args.peer, args.peer_model))
         print(f"# serve bench: {args.seconds:.0f} s per row, KServe ModelStreamInfer streams, "
@@ -192,14 +196,14 @@ def main(argv: list[str] | None = None) -> int:
                 images = workload(name)
                 rows = {}
                 for label, target, model in targets:
-                    before = scrape(metrics_port) if label == "ours" else None
+                    before = scrape(metrics_port) if label.startswith("ours") else None
                     result = drive(target, model, images, streams, window, args.seconds)
                     extra = our_breakdown(before, scrape(metrics_port), model) if before else None
                     rows[label] = (result, extra)
                 for label, (result, extra) in rows.items():
                     peer = rows.get("peer", (None,))[0]
                     ratio = ""
-                    if peer and label == "ours":
+                    if peer and label.startswith("ours"):
                         p50 = result.percentile(50) / peer.percentile(50)
                         p99 = result.percentile(99) / peer.percentile(99)
                         ratio = f"{result.fps / peer.fps:.2f}x fps, p50 {p50:.2f}x, p99 {p99:.2f}x"

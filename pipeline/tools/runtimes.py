@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--pipeline", default="instance_segmentation")
-    parser.add_argument("--networks", nargs="+", required=True, help="the forms to time")
+    parser.add_argument("--networks", nargs="+", help="the forms to time")
+    parser.add_argument("--use", metavar="NETWORK",
+                        help="point the pipeline at this network without timing (the CUDA "
+                        "images: torch is the runtime that runs on the GPU there)")
     parser.add_argument("--choose", action="store_true", help="point the pipeline at the fastest")
     parser.add_argument("--rounds", type=int, default=7, help="turns each network takes")
     args = parser.parse_args(argv)
@@ -104,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
 
     repo = ModelRepository.load(args.repository)
     pipeline = repo.get(args.pipeline)
+    if args.use:
+        repo.get(args.use)  # NotFoundError names the repository's models
+        point_pipeline_at(pipeline.config_path, args.use)
+        print(f"{args.pipeline}: network {args.use}")
+        return 0
+    if not args.networks:
+        parser.error("give --networks to time, or --use")
     results = measure(args.repository, args.networks, args.rounds)
     for name, row in results.items():
         row["runtime"] = runtime_of(repo.get(name))
