@@ -78,15 +78,17 @@ def samples():
 
 
 def copy_repository(target: Path, **edits) -> Path:
-    """The shipped model repository under ``target``, its converted model linked, and each
-    model's config.pbtxt passed through ``edits[model_name](text)`` where given."""
+    """The shipped model repository under ``target``, its converted models linked (every
+    form), and each model's config.pbtxt passed through ``edits[model_name](text)`` where
+    given."""
     import shutil
 
+    model_files = ("*.pt", "*.onnx", "*.xml", "*.bin")
     for folder in MODEL_REPOSITORY.iterdir():
         if not (folder / "config.pbtxt").is_file():
             continue
-        shutil.copytree(folder, target / folder.name, ignore=shutil.ignore_patterns("*.pt"))
-        for model_file in folder.glob("*/*.pt"):
+        shutil.copytree(folder, target / folder.name, ignore=shutil.ignore_patterns(*model_files))
+        for model_file in (f for pattern in model_files for f in folder.glob(f"*/{pattern}")):
             (target / model_file.relative_to(MODEL_REPOSITORY)).symlink_to(model_file)
         config = target / folder.name / "config.pbtxt"
         if folder.name in edits:
@@ -144,6 +146,15 @@ def real_server():
     """The real model (yolov5s-seg), served in-process once per session."""
     with running_server() as running:
         yield running
+
+
+def pointed_at(network: str):
+    """An edit of a pipeline config (for ``copy_repository``) that makes it run ``network``."""
+    import re
+
+    def edit(text: str) -> str:
+        return re.sub(r'(key: "network" value: \{ string_value: ")[^"]*(")', rf"\g<1>{network}\g<2>", text)
+    return edit
 
 
 def without_batch_calibration(text: str) -> str:

@@ -139,10 +139,11 @@ def pipeline_square(tmp_path_factory):
     """The same network declared with a fixed [3, 640, 640] input: square letterboxing."""
     from pipeline.engine import Pipeline
 
-    from ..conftest import copy_repository, without_batch_calibration
+    from ..conftest import copy_repository, pointed_at, without_batch_calibration
 
     root = copy_repository(tmp_path_factory.mktemp("square"), yolov5s_seg=lambda text: text.replace(
-        "dims: [ 3, -1, -1 ]", "dims: [ 3, 640, 640 ]"), instance_segmentation=without_batch_calibration)
+        "dims: [ 3, -1, -1 ]", "dims: [ 3, 640, 640 ]"),
+        instance_segmentation=lambda text: without_batch_calibration(pointed_at("yolov5s_seg")(text)))
     return Pipeline.from_repository(root, device="cpu")
 
 

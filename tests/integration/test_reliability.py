@@ -125,7 +125,7 @@ def test_a_request_may_ask_for_a_shorter_timeout(patient_queue):
 
 
 def test_a_grpc_deadline_is_honoured_in_the_queue(patient_queue):
-    before = patient_queue.server.ledger.totals(MODEL).queue_timeouts
+    before = patient_queue.server.ledger.totals(MODEL).images
     workers = busy(patient_queue)
     client = triton.InferenceServerClient(patient_queue.address)
     with pytest.raises(InferenceServerException) as info:
@@ -133,8 +133,9 @@ def test_a_grpc_deadline_is_honoured_in_the_queue(patient_queue):
     assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
     for w in workers:
         w.join(120)
-    time.sleep(0.2)
-    assert patient_queue.server.ledger.totals(MODEL).queue_timeouts == before + 1  # not run
+    # Never run: the network saw the busy work's 16 images and not this one. (Whether the
+    # queue's timer or gRPC's own cancellation answered it first is a race; either way.)
+    assert patient_queue.server.ledger.totals(MODEL).images == before + 16
     client.close()
 
 

@@ -10,10 +10,13 @@ import pytest
 from pipeline.errors import ConfigError, NotFoundError
 from pipeline.repository import ModelRepository
 
+from ..conftest import pointed_at
+
 ROOT = Path(__file__).resolve().parents[2]
 
 GOOD_NETWORK = (ROOT / "model_repository/yolov5s_seg/config.pbtxt").read_text()
-GOOD_PIPELINE = (ROOT / "model_repository/instance_segmentation/config.pbtxt").read_text()
+# The shipped pipeline, on the TorchScript network (`make model` may point it at another form).
+GOOD_PIPELINE = pointed_at("yolov5s_seg")((ROOT / "model_repository/instance_segmentation/config.pbtxt").read_text())
 
 
 def make_repo(tmp_path, network=GOOD_NETWORK, pipeline=GOOD_PIPELINE):
