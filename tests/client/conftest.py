@@ -33,7 +33,8 @@ def server_process(tmp_path: Path, *args: str, port: int | None = None):
     tls_cert = Path(args[args.index("--tls-cert") + 1]) if "--tls-cert" in args else None
     try:
         with local_server("--model-repository", str(MODEL_REPOSITORY), "--device", "cpu",
-                          "--grace-period-s", "5", *args, python=SERVER_PYTHON, log=log.open("w"),
+                          "--grace-period-s", "5", "--model-control-mode", "explicit",
+                          "--load-model", "instance_segmentation", *args, python=SERVER_PYTHON, log=log.open("w"),
                           cwd=ROOT, port=port, tls_root_cert=tls_cert) as running:
             yield running
     except RuntimeError as exc:

@@ -20,7 +20,9 @@ from ..conftest import MODEL_REPOSITORY, ROOT
 
 
 def test_serve_answers_then_drains_on_sigterm(tmp_path):
-    env = {**os.environ, "RLE_SERVING_GRACE_PERIOD_S": "60"}  # settings from the env work
+    # Settings from the environment work, a list among them; only the default pipeline loads.
+    env = {**os.environ, "RLE_SERVING_GRACE_PERIOD_S": "60", "RLE_SERVING_MODEL_CONTROL_MODE": "explicit",
+           "RLE_SERVING_LOAD_MODEL": "instance_segmentation"}
     log = tmp_path / "server.log"
     with local_server("--model-repository", str(MODEL_REPOSITORY), "--device", "cpu", http=True,
                       env=env, log=log.open("w"), cwd=ROOT) as server:
@@ -61,3 +63,4 @@ def test_serve_answers_then_drains_on_sigterm(tmp_path):
     assert f"listening for gRPC on 127.0.0.1:{port}" in text
     assert f"listening for HTTP on 127.0.0.1:{http}" in text
     assert "instance_segmentation is READY" in text and "draining (grace 60 s)" in text
+    assert "instance_segmentation_int8 is READY" not in text  # explicit: only what was named
