@@ -95,7 +95,7 @@ class Runner:
     ``_load`` (the file -> its session, its declared inputs and outputs, its metadata) and
     ``_run`` (images -> the network's raw outputs, in any order)."""
 
-    runtime = "?"
+    head: Head  # what the outputs say, learnt at load
 
     def __init__(self, entry: ModelEntry, device: str):
         self.entry = entry
@@ -103,7 +103,6 @@ class Runner:
         self.path = entry.model_file()
         self._lock = threading.Lock()  # one batch at a time per instance
         self.inputs, self.outputs, meta = self._load()
-        self.head: Head
         self.info = self._check_against_config(meta)
 
     # What a runtime provides ----------------------------------------------------------
@@ -128,9 +127,8 @@ class Runner:
             with self._lock, torch.inference_mode():
                 outputs = self._run(images)
         except Exception as exc:
-            # Runtimes' errors carry their whole traceback or graph dump; the last line says it.
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-            raise ModelError(f"{self.entry.name} failed on a batch of {len(images)}: {reason}") from exc
+            raise ModelError(f"{self.entry.name} failed on a batch of {len(images)}: "
+                             f"{last_line(exc)}") from exc
         return _pred_and_proto(outputs)
 
     def _check_against_config(self, meta: dict) -> NetworkInfo:
@@ -248,6 +246,12 @@ class Runner:
                 break
             batch *= 2
         return batch, measured
+
+
+def last_line(exc: BaseException) -> str:
+    """What a runtime's error says: its messages carry whole tracebacks or graph dumps, and
+    the last line says it."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
 
 
 def _pred_and_proto(outputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,15 +12,13 @@ import onnxruntime as ort
 import torch
 
 from ..errors import ConfigError
-from . import Runner, Tensor
+from . import Runner, Tensor, last_line
 
 LOG = logging.getLogger(__name__)
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 class OnnxRunner(Runner):
-    runtime = "onnx"
-
     def _load(self) -> tuple[list[Tensor], list[Tensor], dict]:
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # the server's thread budget
@@ -40,7 +38,7 @@ class OnnxRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:  # onnxruntime's own errors for a corrupt or foreign file
-            raise ConfigError(f"{self.path}: not a loadable ONNX model ({_last_line(exc)})") from None
+            raise ConfigError(f"{self.path}: not a loadable ONNX model ({last_line(exc)})") from None
         LOG.info("%s: ONNX Runtime %s on %s", self.entry.name, ort.__version__,
                  ", ".join(self.session.get_providers()))
         self.input_name = self.session.get_inputs()[0].name
@@ -56,10 +54,6 @@ class OnnxRunner(Runner):
 def _tensors(nodes) -> list[Tensor]:
     return [Tensor(n.name, tuple(d if isinstance(d, int) and d > 0 else -1 for d in n.shape))
             for n in nodes]
-
-
-def _last_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
 
 
 RUNNER = OnnxRunner  # what load_runner takes from this module

@@ -13,14 +13,12 @@ import openvino as ov
 import torch
 
 from ..errors import ConfigError
-from . import Runner, Tensor
+from . import Runner, Tensor, last_line
 
 LOG = logging.getLogger(__name__)
 
 
 class OpenVinoRunner(Runner):
-    runtime = "openvino"
-
     def _load(self) -> tuple[list[Tensor], list[Tensor], dict]:
         if self.device.type != "cpu":
             raise ConfigError(f"{self.entry.config_path}: OpenVINO runs on the CPU here; use "
@@ -29,7 +27,7 @@ class OpenVinoRunner(Runner):
         try:
             model = core.read_model(str(self.path))
         except Exception as exc:  # OpenVINO's own errors for a corrupt or foreign file
-            raise ConfigError(f"{self.path}: not a loadable OpenVINO model ({_last_line(exc)})") from None
+            raise ConfigError(f"{self.path}: not a loadable OpenVINO model ({last_line(exc)})") from None
         meta = _metadata(model, self.path)
         inputs, outputs = _tensors(model.inputs), _tensors(model.outputs)
         self.compiled = core.compile_model(model, "CPU", {
@@ -77,10 +75,6 @@ def _tensors(ports) -> list[Tensor]:
         dims = tuple(d.get_length() if d.is_static else -1 for d in shape)
         out.append(Tensor(next(iter(port.get_names()), f"output{i}"), dims))
     return out
-
-
-def _last_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
 
 
 RUNNER = OpenVinoRunner  # what load_runner takes from this module

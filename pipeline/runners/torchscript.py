@@ -16,8 +16,6 @@ LOG = logging.getLogger(__name__)
 
 
 class TorchScriptRunner(Runner):
-    runtime = "torchscript"
-
     def _load(self) -> tuple[list[Tensor], list[Tensor], dict]:
         extra = {"meta.json": ""}
         try:

@@ -118,14 +118,14 @@ def agreement(reference: list[dict], candidate: list[dict], min_confidence: floa
                 continue
             wanted += 1
             same = [q for q in doc["predictions"] if q["class"] == p["class"]]
-            best = max(same, key=lambda q: _box_iou(p, q), default=None)
-            if best is not None and _box_iou(p, best) >= min_box_iou:
+            best = max(same, key=lambda q: box_iou(p, q), default=None)
+            if best is not None and box_iou(p, best) >= min_box_iou:
                 matched += 1
                 mask_ious.append(iou(p["rle"], best["rle"]))
     return wanted, matched, mask_ious
 
 
-def _box_iou(a: dict, b: dict) -> float:
+def box_iou(a: dict, b: dict) -> float:
     """IoU of two predictions' boxes (centre and size, as the schema gives them)."""
     ax1, ay1 = a["x"] - a["width"] / 2, a["y"] - a["height"] / 2
     bx1, by1 = b["x"] - b["width"] / 2, b["y"] - b["height"] / 2
@@ -141,11 +141,11 @@ def report(repository: Path, fp32: str, int8: str) -> str:
     from .runtimes import measure
 
     images = evaluation_images()
-    docs = {name: [Pipeline.from_repository(repository, model=name, device="cpu").infer([rgb])[0]
-                   for rgb in images.values()] for name in (fp32, int8)}
+    pipes = {name: Pipeline.from_repository(repository, model=name, device="cpu") for name in (fp32, int8)}
+    docs = {name: [pipe.infer([rgb])[0] for rgb in images.values()] for name, pipe in pipes.items()}
     wanted, matched, mask_ious = agreement(docs[fp32], docs[int8])
-    networks = [Pipeline.from_repository(repository, model=name, device="cpu").network_entry.name
-                for name in (fp32, int8)]
+    networks = [pipes[name].network_entry.name for name in (fp32, int8)]
+    del pipes
     times = measure(repository, networks)
     speed = {shape: times[networks[0]][(*shape, 1)] / times[networks[1]][(*shape, 1)]
              for shape in ((640, 640), (384, 640))}

@@ -16,7 +16,7 @@ import pytest
 from pipeline.engine import Pipeline
 from pipeline.errors import ConfigError
 from pipeline.rle import decode
-from pipeline.tools.quantize import _box_iou
+from pipeline.tools.quantize import box_iou
 
 from ..conftest import MODEL_REPOSITORY
 from ..fakes import CLASSES, PIPELINE, fake_network_as, fake_repository, png, scene
@@ -58,8 +58,8 @@ def test_every_form_finds_what_torchscript_finds_on_every_photo(forms, samples):
             assert len(found) == len(reference), (name, network)
             for p in reference:
                 same = [q for q in found if q["class"] == p["class"]]
-                best = max(same, key=lambda q: _box_iou(p, q))
-                assert _box_iou(p, best) >= 0.99, (name, network, p["class"])
+                best = max(same, key=lambda q: box_iou(p, q))
+                assert box_iou(p, best) >= 0.99, (name, network, p["class"])
                 a, b = decode(p["rle"])[0].astype(bool), decode(best["rle"])[0].astype(bool)
                 assert (a & b).sum() / (a | b).sum() >= 0.99, (name, network, p["class"])
 
