@@ -22,6 +22,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# gRPC channel options for waiting on a server that is starting: by default a channel backs off
+# 1 s, 1.6 s, 2.6 s ... between attempts to reach a port not yet open, and so notices a server
+# that came up a second or two late.
+PROMPT_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 200)]
+
+
 def wait_until_serving(address: str, server: subprocess.Popen | None = None, timeout_s: float = 180,
                        tls_root_cert: Path | None = None) -> None:
     """Poll a server's gRPC health until SERVING; raise RuntimeError if ``server`` exits
@@ -31,10 +38,10 @@ def wait_until_serving(address: str, server: subprocess.Popen | None = None, tim
 
     deadline = time.monotonic() + timeout_s
     if tls_root_cert is None:
-        channel = grpc.insecure_channel(address)
+        channel = grpc.insecure_channel(address, PROMPT_RECONNECT)
     else:
         credentials = grpc.ssl_channel_credentials(Path(tls_root_cert).read_bytes())
-        channel = grpc.secure_channel(address, credentials)
+        channel = grpc.secure_channel(address, credentials, PROMPT_RECONNECT)
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:

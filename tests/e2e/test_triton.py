@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from pipeline.tools.launch import free_port
+from pipeline.tools.launch import PROMPT_RECONNECT, free_port
 from pipeline.tools.samples import sample_bytes
 from pipeline.tools.triton import command
 
@@ -46,7 +46,7 @@ def tritonserver(tmp_path_factory):
     argv, env = command(MODEL_REPOSITORY, grpc_port, http_port, TRITON_PYTHON)
     log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
     process = subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}", channel_args=PROMPT_RECONNECT)
     deadline = time.monotonic() + 180
     while True:
         if process.poll() is not None:
@@ -59,7 +59,7 @@ def tritonserver(tmp_path_factory):
         if time.monotonic() > deadline:
             process.kill()
             raise AssertionError(f"Triton not ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+        time.sleep(0.1)
     yield Triton(f"127.0.0.1:{grpc_port}", client, log)
     client.close()
     process.terminate()
