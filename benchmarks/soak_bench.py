@@ -1,16 +1,19 @@
-"""Soak: does the server's memory settle under sustained overload? Nothing lost?
+"""Soak: under sustained overload, is a frame that cannot be served refused at once, and does
+the server's memory settle? Nothing lost?
 
 Starts ``python -m pipeline serve`` and drives it with N tritonclient streams (each keeping
 ``window`` requests in flight through ModelStreamInfer, real photos) for R rounds of S
-seconds. After each round it prints the server's resident memory (VmRSS), frames answered,
-errors by status, and requests lost (sent but never answered: must be 0).
+seconds. After each round it prints the server's resident memory at rest (VmRSS), frames
+served and refused, the time a refused frame waited for its answer (p50; the goal is under
+100 ms: a frame that cannot start within its deadline is refused on arrival), the served
+frames' p99, errors by status, and requests lost (sent but never answered: must be 0).
 
-    python benchmarks/soak_bench.py --streams 32 --window 2 --rounds 5 --seconds 40
+    python benchmarks/soak_bench.py --streams 32 --window 2 --rounds 4 --seconds 60
 
 RSS is read at rest after each round: the lowest of readings over 5 s of idle (the server
 gives freed memory back after a second idle; single readings swing by tens of MB with what
-the last batches left mapped). The verdict compares the mean of the last half of the rounds
-with the first half: a plateau grows by less than 5%.
+the last batches left mapped). The verdict: every round after the second within 10% of the
+second's resting RSS.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import queue
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +66,14 @@ def one_stream(target: str, images: list[bytes], window: int, stop_at: float, ta
     client.start_stream(callback=lambda result, error: answers.put(error))
     sent = answered = k = in_flight = 0
     errors: collections.Counter = collections.Counter()
+    sent_at: deque[float] = deque()  # a stream is answered in order: the oldest is answered next
+    served_s, refused_s = [], []
     try:
         while time.monotonic() < stop_at or in_flight:
             while in_flight < window and time.monotonic() < stop_at:
                 tensor = triton.InferInput("IMAGE", [1, 1], "BYTES")
                 tensor.set_data_from_numpy(np.array([[images[k % len(images)]]], dtype=object))
+                sent_at.append(time.monotonic())
                 client.async_stream_infer("instance_segmentation", [tensor], request_id=str(k))
                 k += 1
                 sent += 1
@@ -75,10 +82,14 @@ def one_stream(target: str, images: list[bytes], window: int, stop_at: float, ta
                 error = answers.get(timeout=120)
             except queue.Empty:
                 break
+            waited = time.monotonic() - sent_at.popleft()
             in_flight -= 1
             answered += 1
             if error is not None:
                 errors[error.message().split(":", 1)[0]] += 1  # "STATUS: message"
+                refused_s.append(waited)
+            else:
+                served_s.append(waited)
     finally:
         client.stop_stream()
         client.close()
@@ -86,6 +97,8 @@ def one_stream(target: str, images: list[bytes], window: int, stop_at: float, ta
         tally["sent"] += sent
         tally["answered"] += answered
         tally["errors"].update(errors)
+        tally["served_s"] += served_s
+        tally["refused_s"] += refused_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--window", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=40.0)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--workload", default="photos+16:9")
     parser.add_argument("--server-args", default="", help="extra flags for the server")
     args = parser.parse_args(argv)
@@ -107,14 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         images = workload(args.workload)
         print(f"# soak: {args.streams} streams x window {args.window}, {args.rounds} rounds of "
               f"{args.seconds:.0f} s, {args.workload}; server flags: {args.server_args or '(defaults)'}")
-        print("| round | RSS MB | RSS growth | anonymous MB | frames answered | frames/s | "
-              "errors by status | lost |")
-        print("|---|---|---|---|---|---|---|---|")
-        previous = settled_rss_mb(server.pid)
-        print(f"| start | {previous:.0f} | | {rss_mb(server.pid, 'RssAnon'):.0f} | | | | |", flush=True)
+        print("| round | RSS MB at rest | vs round 2 | anonymous MB | frames served | served/s | "
+              "refused | refusal p50 ms | served p99 ms | errors by status | lost |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print(f"| start | {settled_rss_mb(server.pid):.0f} | | {rss_mb(server.pid, 'RssAnon'):.0f} "
+              "| | | | | | | |", flush=True)
         readings, lost = [], 0
         for r in range(1, args.rounds + 1):
-            tally = {"sent": 0, "answered": 0, "errors": collections.Counter()}
+            tally = {"sent": 0, "answered": 0, "errors": collections.Counter(), "served_s": [],
+                     "refused_s": []}
             lock = threading.Lock()
             stop_at = time.monotonic() + args.seconds
             threads = [threading.Thread(target=one_stream, args=(target, images, args.window,
@@ -130,20 +144,23 @@ def main(argv: list[str] | None = None) -> int:
             anonymous = rss_mb(server.pid, "RssAnon")
             ok = tally["answered"] - sum(tally["errors"].values())
             errors = ", ".join(f"{k} {v}" for k, v in sorted(tally["errors"].items())) or "none"
-            print(f"| {r} | {now:.0f} | {100 * (now - previous) / previous:+.1f}% | {anonymous:.0f} | {ok} | "
-                  f"{ok / elapsed:.2f} | {errors} | {tally['sent'] - tally['answered']} |", flush=True)
-            previous = now
             readings.append(now)
+            versus = f"{100 * (now / readings[1] - 1):+.1f}%" if len(readings) > 2 else ""
+            refused = tally["refused_s"]
+            print(f"| {r} | {now:.0f} | {versus} | {anonymous:.0f} | {ok} | {ok / elapsed:.2f} | "
+                  f"{len(refused)} | {ms(refused, 50)} | {ms(tally['served_s'], 99)} | {errors} | "
+                  f"{tally['sent'] - tally['answered']} |", flush=True)
             lost += tally["sent"] - tally["answered"]
-        half = len(readings) // 2
-        if half:
-            first, last = np.mean(readings[:half]), np.mean(readings[-half:])
-            verdict = "plateau" if last < 1.05 * first else "GROWING"
-            print(f"\nmean RSS, first {half} rounds {first:.0f} MB, last {half} {last:.0f} MB: "
-                  f"{100 * (last / first - 1):+.1f}% ({verdict}); highest, first half "
-                  f"{max(readings[:half]):.0f} MB, last half {max(readings[-half:]):.0f} MB; "
-                  f"requests lost: {lost}")
+        if len(readings) > 2:
+            spread = max(abs(x / readings[1] - 1) for x in readings[2:])
+            verdict = "settled" if spread <= 0.10 else "NOT SETTLED"
+            print(f"\nresting RSS after round 2 within {100 * spread:.1f}% of round 2's ({verdict}, "
+                  f"goal 10%); requests lost: {lost}")
     return 0
+
+
+def ms(seconds: list[float], percentile: int) -> str:
+    return f"{1e3 * np.percentile(seconds, percentile):.0f}" if seconds else "-"
 
 
 if __name__ == "__main__":

@@ -144,20 +144,42 @@ def main(argv: list[str] | None = None) -> int:
                        help="threads the network (and the RLE codec) may use (default: every core)")
     serve.add_argument("--worker-threads", type=int,
                        help="threads for decoding images and building responses (default 2)")
-    serve.add_argument("--max-streams-per-connection", type=int,
-                       help="streams one client connection may keep open (default 32)")
-    serve.add_argument("--max-in-flight-per-connection", type=int,
-                       help="requests one client connection may have in flight (default 256)")
+    serve.add_argument("--max-streams-per-client", type=int,
+                       help="streams one client (one address, however many connections) may keep "
+                       "open (default 32)")
+    serve.add_argument("--max-in-flight-per-client", type=int,
+                       help="requests one client (one address) may have in flight (default 256)")
+    serve.add_argument("--max-bytes-in-flight-mb", type=int,
+                       help="the server's budget for the images of requests in flight, MB; beyond "
+                       "it requests are refused with RESOURCE_EXHAUSTED / 503 (default 1024)")
     serve.add_argument("--http-port", type=int,
                        help="HTTP port: Roboflow inference API and KServe v2 REST (default 8000, "
                        "Triton's; 0 = any free; -1 = no HTTP)")
+    serve.add_argument("--http-header-timeout-s", type=float,
+                       help="a new HTTP connection that has not sent its request headers within "
+                       "this is closed (default 10)")
+    serve.add_argument("--http-idle-timeout-s", type=float,
+                       help="an idle keep-alive HTTP connection is closed after this (default 30)")
+    serve.add_argument("--max-http-connections", type=int,
+                       help="HTTP connections open at once; beyond it new ones are closed at once "
+                       "(default 1000, lowered to fit the open-file limit)")
+    serve.add_argument("--metrics-token-required", action="store_true", default=None,
+                       help="require the --token bearer token on /metrics too (default: open, "
+                       "as Prometheus scrapes without one; served over TLS when TLS is set)")
     serve.add_argument("--max-tracked-streams", type=int,
                        help="tracked streams and sequences alive at once (default 256)")
+    serve.add_argument("--max-tracked-streams-per-client", type=int,
+                       help="tracked streams and sequences one client (one address) may have "
+                       "alive at once (default 64)")
     serve.add_argument("--tracker-idle-s", type=float,
                        help="a tracker unused this long is freed (default 60)")
     serve.add_argument("--allow-image-urls", action="store_true", default=None,
                        help="let HTTP requests name images by URL, fetched by the server "
                        "(off by default: server-side fetches are an SSRF risk)")
+    serve.add_argument("--image-url-allow", action="append", metavar="CIDR_OR_HOST",
+                       help="with --allow-image-urls, a network (10.0.0.0/8, 127.0.0.1) or host "
+                       "name whose loopback, private or link-local addresses may be fetched all "
+                       "the same (repeat for more; refused by default)")
     serve.add_argument("--model-control-mode", choices=["none", "explicit"],
                        help="none (default): every pipeline model is loaded at start, for good; "
                        "explicit: the --load-model ones, and the rest loaded and unloaded at run "

@@ -7,7 +7,9 @@ Habits from the peers' bug trackers, kept on purpose:
 - requests cancelled while queued are dropped before the batch runs, and a result is never
   set on a future its caller already cancelled (that once killed Ray Serve's batching loop);
 - an exception raised by the batch function reaches every request of that batch;
-- the queue is bounded: a full queue is an immediate OverloadedError, not unbounded memory.
+- the queue is bounded: a full queue is an immediate OverloadedError, not unbounded memory;
+- a request that cannot start before its deadline (the work queued ahead of it at the
+  measured pace) is refused on arrival, not after waiting the whole deadline out.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ Result = TypeVar("Result")
 DEFAULT_MAX_QUEUE = 1024
 # How long the queue must stay empty before ``on_idle`` runs.
 IDLE_S = 1.0
+# Weight of the newest batch in the measured seconds per item (an exponential average:
+# follows a changing load within a few batches, ignores one slow batch).
+PACE_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
@@ -130,11 +135,21 @@ class DynamicBatcher(Generic[Item, Result]):
         self._ids = itertools.count(1)
         self._closing = False
         self._in_flight = 0
+        self._item_s: float | None = None  # measured compute seconds per item (PACE_WEIGHT)
 
     @property
     def queued(self) -> int:
         """Requests waiting for a batch (not those cancelled while waiting)."""
         return sum(1 for r in self._queue if not r.future.done())
+
+    def expected_wait_s(self, queued: int | None = None) -> float:
+        """How long a request queued now would wait to start: the items queued ahead, and
+        half of those running (on average half done), at the measured pace; 0 until a batch
+        has been measured."""
+        if self._item_s is None:
+            return 0.0
+        ahead = (self.queued if queued is None else queued) + self._in_flight / 2
+        return ahead * self._item_s / self.workers
 
     def start(self) -> None:
         if self._tasks:
@@ -169,6 +184,7 @@ class DynamicBatcher(Generic[Item, Result]):
         arrived = time.monotonic() if arrived is None else arrived
         request = _Request(next(self._ids), item, loop.create_future(), arrived,
                            self.policy.deadline(arrived, timeout_s), deadline)
+        self._refuse_if_late(request, live)
         self._queue.append(request)
         self._arm_timer(request)
         self._wakeup.set()
@@ -185,6 +201,26 @@ class DynamicBatcher(Generic[Item, Result]):
             loop = asyncio.get_running_loop()
             request.timer = loop.call_at(loop.time() + max(0.0, min(due) - time.monotonic()),
                                          self._expire, request)
+
+    def _refuse_if_late(self, request: _Request, queued: int) -> None:
+        """DeadlineError now if the work ahead cannot be done before the request's deadline
+        (the caller's, or the policy's where it rejects): waiting it out would only delay
+        the same answer and hold the request's memory meanwhile."""
+        policy = request.deadline if self.policy.action == "reject" else None
+        deadlines = [(d, why) for d, why in ((request.hard_deadline, "the caller's deadline"),
+                                             (policy, f"{self.name}'s queue timeout")) if d is not None]
+        if not deadlines:
+            return
+        now, wait = time.monotonic(), self.expected_wait_s(queued)
+        deadline, why = min(deadlines)
+        if now + wait <= deadline:
+            return
+        if self.on_timeout is not None:
+            self.on_timeout()
+        raise DeadlineError(
+            f"{self.name}: {queued} requests are queued ahead, about {wait:.2f} s of work at the "
+            f"measured pace, past {why} of {deadline - request.enqueued:.2f} s; refused at once, "
+            "not run (the server is behind: lower the frame rate or add replicas)")
 
     def _expire(self, request: _Request) -> None:
         """A queued request reached a deadline: answer it now, or move it behind the rest."""
@@ -312,6 +348,10 @@ class DynamicBatcher(Generic[Item, Result]):
                     raise
             finally:
                 self._in_flight -= len(batch)
+                if not failed:
+                    pace = (time.monotonic() - started) / len(batch)
+                    self._item_s = pace if self._item_s is None else (
+                        PACE_WEIGHT * pace + (1 - PACE_WEIGHT) * self._item_s)
                 if self.report is not None:
                     self.report(BatchReport(
                         size=len(batch), waits_s=tuple(started - r.enqueued for r in batch),

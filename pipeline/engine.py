@@ -29,7 +29,7 @@ import numpy as np
 from . import memory, rle, schema
 from .batcher import DynamicBatcher, QueuePolicy
 from .errors import BadInputError, ConfigError, PipelineError
-from .images import Letterbox, as_picture, letterbox, letterbox_geometry, probe
+from .images import Letterbox, PixelBudget, as_picture, letterbox, letterbox_geometry, probe
 from .postprocess import Detections, PostprocessOptions, postprocess
 from .repository import ModelEntry, ModelRepository, instance_count
 from .runners import load_runner, resolve_device
@@ -138,15 +138,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the stages
 
-    def accept(self, image: Any, options: PostprocessOptions | None = None) -> Accepted:
+    def accept(self, image: Any, options: PostprocessOptions | None = None,
+               pixels: PixelBudget | None = None) -> Accepted:
         """Check an image (bytes, path, PIL image or uint8 array) from its header and place
-        it in the network input; cheap, no pixels decoded. BadInputError if unusable."""
+        it in the network input; cheap, no pixels decoded. BadInputError if unusable, or
+        past its request's ``pixels`` budget."""
         source, size = probe(image)
+        if pixels is not None:
+            pixels.take(*size)
         geometry = letterbox_geometry(*size, self.info.input_size, self.info.stride)
         return Accepted(source, geometry, options or self.defaults)
 
     def prepare(self, accepted: Accepted):
-        """Decode (a JPEG at a reduced scale when it is far larger) and letterbox: the
+        """Decode (reduced, before any float tensor, when it is far larger) and letterbox: the
         (3, input_h, input_w) float32 tensor on the device."""
         picture = as_picture(accepted.source, long_side=self.info.input_size)
         if picture.size != (accepted.geometry.height, accepted.geometry.width):
@@ -251,10 +255,12 @@ class Pipeline:
             )
         return self._batcher
 
-    async def submit(self, image: Any, options: PostprocessOptions | None = None, *,
-                     timeout_s: float | None = None, deadline: float | None = None) -> Detections:
-        """Asynchronous: one image through the shared dynamic batcher. Its header is read in
-        a worker thread (never on the event loop); decoding happens in the batch.
+    async def submit(self, images: Sequence[Any], options: PostprocessOptions | None = None, *,
+                     timeout_s: float | None = None, deadline: float | None = None) -> list[Detections]:
+        """Asynchronous: one request's images through the shared dynamic batcher, results in
+        order. Every header is read first (in worker threads, never on the event loop), within
+        one pixel budget (``MAX_REQUEST_PIXELS``), so a request that cannot be taken whole
+        puts nothing in the queue; decoding happens in the batch.
 
         timeout_s: the request's own queue timeout (config.pbtxt's queue policy decides
         whether it may override the default). deadline: the caller's absolute monotonic
@@ -262,9 +268,12 @@ class Pipeline:
         DeadlineError and never run.
         """
         arrived = time.monotonic()
-        accepted = await asyncio.to_thread(self.accept, image, options)
-        return await self.batcher.submit(accepted, arrived=arrived, timeout_s=timeout_s,
-                                         deadline=deadline)
+        pixels = PixelBudget()
+        accepted = await asyncio.gather(*(asyncio.to_thread(self.accept, image, options, pixels)
+                                          for image in images))
+        return list(await asyncio.gather(*(
+            self.batcher.submit(item, arrived=arrived, timeout_s=timeout_s, deadline=deadline)
+            for item in accepted)))
 
     async def close(self, drain: bool = True) -> None:
         if self._batcher is not None:

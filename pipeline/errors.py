@@ -40,7 +40,7 @@ class ConfigError(PipelineError):
 
 
 class OverloadedError(PipelineError):
-    """A queue or a per-connection limit is full; the client should back off and retry."""
+    """A queue, a per-client limit or the bytes budget is full; the client should back off and retry."""
 
 
 class UnauthenticatedError(PipelineError):
@@ -76,7 +76,7 @@ STATUS: dict[type[PipelineError], Status] = {
     DeadlineError: Status("DEADLINE_EXCEEDED", 504),
     UnauthenticatedError: Status("UNAUTHENTICATED", 401),
     TooLargeError: Status("RESOURCE_EXHAUSTED", 413),
-    ConfigError: Status("FAILED_PRECONDITION", 500),
+    ConfigError: Status("FAILED_PRECONDITION", 400),  # at run time: a load the repository cannot serve
     ModelError: Status("INTERNAL", 500),
 }
 INTERNAL = Status("INTERNAL", 500)

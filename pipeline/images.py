@@ -1,10 +1,12 @@
 """Pre-processing: image bytes -> RGB pixels -> letterboxed network input.
 
-Decoding is Pillow on the host (EXIF orientation applied, as photo apps show it). A JPEG far
-larger than the network input is decoded at a reduced DCT scale (1/2, 1/4, 1/8): the network
-sees at most the letterbox's inner size anyway, and only the original size is needed
-afterwards (boxes and masks are in original-image pixels). Letterboxing is torch, so it runs
-on whichever device the network uses.
+Decoding is Pillow on the host (EXIF orientation applied, as photo apps show it), for the
+formats in ``ALLOWED_FORMATS`` only. An image far larger than the network input is reduced
+before any float tensor exists: a JPEG is decoded at a reduced DCT scale (1/2, 1/4, 1/8), any
+other format is box-averaged by an integer factor on its 8-bit pixels. The network sees at
+most the letterbox's inner size anyway, and only the original size is needed afterwards
+(boxes and masks are in original-image pixels). 16-bit and float images are scaled to 8 bits,
+not clipped. Letterboxing is torch, so it runs on whichever device the network uses.
 
 Letterbox shapes: a network exported for any size (``stride`` given) gets the smallest
 rectangle of multiples of the stride that holds the image at the network's scale (640 x 384
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,9 +27,19 @@ from .errors import BadInputError
 # Larger images are refused before decoding: 8K x 8K is plenty for a camera; more is
 # almost always a mistake or a decompression bomb.
 MAX_IMAGE_PIXELS = 8192 * 8192
+# A request's images together (eight 4K frames fit; two 8K x 8K images do not): the decoding
+# one request may ask of the server, whatever its batch size.
+MAX_REQUEST_PIXELS = 8192 * 8192
+# The formats a client may send (Pillow's names). Pillow opens some thirty more (PCX, PPM, ICO,
+# EPS, PSD, ...): rarely sent on purpose, and each extra parser is attack surface. "JPEG"
+# covers camera MPO files too (Pillow opens them through the JPEG plugin).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+_UNDECODABLE = ("image bytes are not a decodable image in an accepted format "
+                "(JPEG, PNG, WebP, BMP, TIFF or GIF)")
 PAD_VALUE = 114 / 255  # YOLO's grey letterbox padding
 # EXIF orientations that swap width and height (transposed, rotated 90 or 270 degrees).
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+_ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)  # those that move pixels (1 is as stored)
 
 
 @dataclass(frozen=True)
@@ -76,30 +89,71 @@ class Picture:
 def decode_image(data: bytes, long_side: int | None = None) -> Picture:
     """Decode encoded JPEG/PNG/... bytes; BadInputError if unusable.
 
-    long_side: the caller will scale the image so its long side is this; a JPEG may then be
-    decoded at a reduced DCT scale, never below that size. Without it, at full size.
+    long_side: the caller will scale the image so its long side is this; an image at least
+    twice that size is then decoded reduced (JPEG: DCT scale; others: an integer box
+    average), never below that size. Without it, at full size.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise BadInputError("image is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
             w, h = img.size
             check_image_size(h, w)
-            swapped = img.getexif().get(0x0112, 1) in _SWAPPING_ORIENTATIONS
-            size = (w, h) if swapped else (h, w)
+            orientation = img.getexif().get(0x0112, 1)
+            size = (w, h) if orientation in _SWAPPING_ORIENTATIONS else (h, w)
             if long_side is not None and long_side < max(w, h):
                 gain = long_side / max(w, h)
                 img.draft("RGB", (math.ceil(w * gain), math.ceil(h * gain)))
-            img = ImageOps.exif_transpose(img)
+            if orientation in _ORIENTATIONS:  # else exif_transpose still copies it, full size
+                img = ImageOps.exif_transpose(img)
+            img = _eight_bit(img)
+            if img.mode not in ("L", "RGB"):
+                # Palette, alpha, CMYK, 1-bit: to RGB first, as always (alpha dropped), since
+                # averaging palette indices or premultiplied alpha would change the colours.
+                img = img.convert("RGB")
+            if long_side is not None:
+                img = _reduced(img, size, long_side)
             return Picture(np.array(img.convert("RGB")), size)
     except BadInputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        raise BadInputError(_UNDECODABLE) from None
+    except Image.DecompressionBombError as exc:
         raise BadInputError(f"image bytes are not a decodable image ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
         raise BadInputError(f"image is corrupt or truncated ({exc})") from None
+
+
+def _eight_bit(img):
+    """16-bit and float images as 8-bit "L", scaled: ``convert("RGB")`` clips them (a 16-bit
+    photo becomes black and white). 16-bit keeps its high byte; float is read as [0, 1].
+    Other modes are returned as they are."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img)
+        if img.mode == "I":  # 32-bit ints (older Pillows open 16-bit PNGs so): 16-bit range
+            values = np.clip(values, 0, 65535)
+        return Image.fromarray((values >> 8).astype(np.uint8))
+    if img.mode == "F":
+        values = np.clip(np.nan_to_num(np.asarray(img), nan=0.0), 0.0, 1.0)
+        return Image.fromarray(np.rint(values * 255).astype(np.uint8))
+    return img
+
+
+def _reduced(img, size: tuple[int, int], long_side: int):
+    """img ("L" or "RGB") box-averaged by the largest integer factor that keeps it at least
+    the size the letterbox needs: the full ``size`` (height, width) scaled so its long side is
+    ``long_side``. Unchanged when it is under twice that, so ordinary photos decode exactly
+    as they always did; a 196 KB 8192 x 8192 PNG no longer becomes a 0.8 GB float tensor."""
+    gain = min(1.0, long_side / max(size))
+    need_h, need_w = max(1, math.ceil(size[0] * gain)), max(1, math.ceil(size[1] * gain))
+    factor = min(img.height // need_h, img.width // need_w)
+    # Pillow rounds a reduced size up (the last box averages what is left), so the result is
+    # at least (current / factor) >= the needed size: the letterbox still only shrinks it.
+    return img.reduce(factor) if factor >= 2 else img
 
 
 def probe(image: object) -> tuple[object, tuple[int, int]]:
@@ -117,19 +171,41 @@ def probe(image: object) -> tuple[object, tuple[int, int]]:
         if not data:
             raise BadInputError("image is empty (0 bytes)")
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
                 w, h = img.size
+                check_image_size(h, w)  # on the header, before reading any further
                 swapped = img.getexif().get(0x0112, 1) in _SWAPPING_ORIENTATIONS
-        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        except BadInputError:
+            raise
+        except UnidentifiedImageError:
+            raise BadInputError(_UNDECODABLE) from None
+        except Image.DecompressionBombError as exc:
             raise BadInputError(f"image bytes are not a decodable image ({exc})") from None
         except (OSError, ValueError, SyntaxError) as exc:
             raise BadInputError(f"image is corrupt or truncated ({exc})") from None
-        check_image_size(h, w)
         return data, ((w, h) if swapped else (h, w))
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
         return image, (image.size[1], image.size[0])
     picture = as_picture(image)  # arrays: validated here, nothing to decode later
     return picture, picture.size
+
+
+class PixelBudget:
+    """The pixels one request's images may hold together (``MAX_REQUEST_PIXELS``), taken
+    as each header is read (from several worker threads); BadInputError past it."""
+
+    def __init__(self, limit: int = MAX_REQUEST_PIXELS):
+        self.limit = limit
+        self.taken = 0
+        self._lock = threading.Lock()
+
+    def take(self, height: int, width: int) -> None:
+        with self._lock:
+            self.taken += height * width
+            over = self.taken > self.limit
+        if over:
+            raise BadInputError(f"the request's images hold more than {self.limit} pixels together "
+                                "(the limit per request); send fewer or smaller images per request")
 
 
 def check_image_size(height: int, width: int) -> None:
@@ -158,7 +234,7 @@ def as_picture(image: object, long_side: int | None = None) -> Picture:
         with open(image, "rb") as f:
             return decode_image(f.read(), long_side)
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
-        rgb = np.array(image.convert("RGB"))
+        rgb = np.array(_eight_bit(image).convert("RGB"))
         return Picture(rgb, rgb.shape[:2])
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:

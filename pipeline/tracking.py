@@ -2,10 +2,13 @@
 the same while the object stays in view (Roboflow's ``trackers`` package, ByteTrack: its
 Kalman filter and matching, not ours).
 
-State lives per key (a video stream's id, a KServe sequence id) in ``Tracks``, a bounded
-registry: at most ``max_tracks`` live trackers (beyond that, OverloadedError); a key unused
-for ``idle_s`` is freed, as is one whose stream or sequence ends. Per frame the work is
-bounded by its detections, never by the stream's length.
+State lives per key in ``Tracks``, a bounded registry. The frontends make keys no other
+client can name (a KServe sequence id within its client's address, a video stream id within
+its call). At most ``max_tracks`` live trackers, and ``max_per_client`` of one client's
+(beyond that, OverloadedError); a tracker is made on a request's first update, after its
+image was read, so requests that fail never hold a place. A key unused for ``idle_s`` is
+freed, as is one whose stream or sequence ends. Per frame the work is bounded by its
+detections, never by the stream's length.
 
 Order: requests of one key may be detected concurrently (a stream's window), but a tracker
 must see frames in order. Each request takes a ticket when it starts (in arrival order, so
@@ -19,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -70,7 +75,9 @@ class TrackerOptions:
             try:
                 number = float(params[key])
             except (TypeError, ValueError):
-                raise InvalidOptionError(key, f"parameter {key!r} must be a number, got {params[key]!r}") from None
+                number = math.nan
+            if not math.isfinite(number):
+                raise InvalidOptionError(key, f"parameter {key!r} must be a finite number, got {params[key]!r}")
             values[name] = int(number) if name == "confirm_frames" else number
         return cls(**values)
 
@@ -105,99 +112,147 @@ class _ClassAware:
 
 @dataclass
 class _Track:
-    tracker: _ClassAware
+    """One key's tracker and its order of tickets. The tracker itself is made on the first
+    update, so a request whose image is refused never holds a place in the table."""
+
+    key: Hashable
+    client: str
     options: TrackerOptions
+    tracker: _ClassAware | None = None
     last_used: float = field(default_factory=time.monotonic)
     tickets_taken: int = 0
     turn: int = 0  # the ticket whose turn it is
     skipped: set[int] = field(default_factory=set)  # tickets that will not update
     waiting: dict[int, asyncio.Future] = field(default_factory=dict)
+    ended: bool = False  # freed (ended, restarted or idle): its tickets get no ids
 
-    def done(self) -> None:
-        """The current turn's update finished."""
-        self.last_used = time.monotonic()
-        self.advance()
 
-    def advance(self) -> None:
-        """The current turn is over: move to the next ticket that will update, and wake it."""
-        self.turn += 1
-        while self.turn in self.skipped:
-            self.skipped.discard(self.turn)
-            self.turn += 1
-        waiter = self.waiting.pop(self.turn, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+@dataclass(frozen=True)
+class Ticket:
+    """A request's place in one tracker's order. It holds the tracker it was issued on, not
+    the key: when a key is restarted or ended, tickets of the old tracker are answered
+    without ids at once, never left waiting for a turn on the tracker that replaced it."""
+
+    track: _Track
+    number: int
 
 
 class Tracks:
-    """Live trackers by key, bounded in number and idle time."""
+    """Live trackers by key, bounded in number (in all, and per client) and idle time."""
 
-    def __init__(self, max_tracks: int = 256, idle_s: float = 60.0):
+    def __init__(self, max_tracks: int = 256, idle_s: float = 60.0,
+                 max_per_client: int | None = None):
         _library()  # imported at start-up (~0.6 s, more from a cold disk), never in a request
         self.max_tracks = max_tracks
+        self.max_per_client = min(max_per_client or max_tracks, max_tracks)
         self.idle_s = idle_s
-        self._tracks: dict[str, _Track] = {}
+        self._tracks: dict[Hashable, _Track] = {}
 
     def __len__(self) -> int:
-        return len(self._tracks)
+        """Live trackers (keys whose requests only wait or failed hold none)."""
+        return sum(track.tracker is not None for track in self._tracks.values())
 
-    def ticket(self, key: str, options: TrackerOptions) -> int:
+    def ticket(self, key: Hashable, options: TrackerOptions, client: str = "") -> Ticket:
         """A place in ``key``'s order (call when the request starts, in arrival order).
-        Creates the key's tracker on first use; OverloadedError when ``max_tracks`` live."""
+        ``options`` and ``client`` are used when the key is new; the tracker is made, and
+        the limits checked, on the first update."""
         track = self._tracks.get(key)
         if track is None:
-            self.sweep()
-            if len(self._tracks) >= self.max_tracks:
-                raise OverloadedError(f"{len(self._tracks)} tracked streams are live (the limit is "
-                                      f"{self.max_tracks}); end a stream or sequence, or retry later")
-            track = self._tracks[key] = _Track(_ClassAware(options), options)
+            track = self._tracks[key] = _Track(key, client, options)
         track.last_used = time.monotonic()
         track.tickets_taken += 1
-        return track.tickets_taken - 1
+        return Ticket(track, track.tickets_taken - 1)
 
-    async def assign(self, key: str, ticket: int, det: Detections,
-                     timestamp: float | None) -> Detections:
+    async def assign(self, ticket: Ticket, det: Detections, timestamp: float | None) -> Detections:
         """On ``ticket``'s turn: ``det`` with ``tracker_ids`` (K,) int64, -1 where a track is
-        not yet confirmed. Every ticket must end in ``assign`` or ``skip``."""
-        track = self._tracks.get(key)
-        if track is None:  # ended or swept while this request ran
-            return det
-        if track.turn != ticket:
-            waiter = track.waiting[ticket] = asyncio.get_running_loop().create_future()
+        not yet confirmed; ``det`` unchanged if its tracker was freed meanwhile.
+        OverloadedError when a new tracker would pass a limit. Every ticket must end in
+        ``assign`` or ``skip``."""
+        track = ticket.track
+        if track.turn != ticket.number and not track.ended:
+            waiter = track.waiting[ticket.number] = asyncio.get_running_loop().create_future()
             try:
                 await waiter
             except asyncio.CancelledError:
-                track.waiting.pop(ticket, None)
-                self.skip(key, ticket)
+                track.waiting.pop(ticket.number, None)
+                self.skip(ticket)
                 raise
+        if track.ended:
+            return det
+        if track.tracker is None:
+            try:
+                self._admit(track)
+            except OverloadedError:
+                self._advance(track)
+                raise
+            track.tracker = _ClassAware(track.options)
         # The update (~3 ms at 100 detections) runs in a worker thread, off the event loop.
         # The turn passes when it is done, not before, even if this request is cancelled
         # meanwhile: a tracker is never updated by two threads at once.
         update = asyncio.get_running_loop().run_in_executor(None, track.tracker.update, det, timestamp)
-        update.add_done_callback(lambda _: track.done())
+        update.add_done_callback(lambda _: self._advance(track))
         return replace(det, tracker_ids=await asyncio.shield(update))
 
-    def skip(self, key: str, ticket: int) -> None:
+    def skip(self, ticket: Ticket) -> None:
         """``ticket``'s request will not update the tracker (it failed): its turn passes."""
-        track = self._tracks.get(key)
-        if track is None:
+        track = ticket.track
+        if track.ended:
             return
-        if track.turn == ticket:
-            track.advance()
+        if track.turn == ticket.number:
+            self._advance(track)
         else:
-            track.skipped.add(ticket)
+            track.skipped.add(ticket.number)
 
-    def end(self, key: str) -> None:
-        """Free a key's tracker (its stream or sequence ended)."""
-        self._tracks.pop(key, None)
+    def end(self, key: Hashable) -> None:
+        """Free a key's tracker (its stream or sequence ended, or restarts)."""
+        track = self._tracks.pop(key, None)
+        if track is not None:
+            self._retire(track)
 
     def sweep(self, now: float | None = None) -> int:
         """Free trackers idle for ``idle_s``; returns how many."""
         now = time.monotonic() if now is None else now
         idle = [k for k, t in self._tracks.items() if now - t.last_used > self.idle_s]
         for key in idle:
-            del self._tracks[key]
+            self.end(key)
         return len(idle)
+
+    def _admit(self, track: _Track) -> None:
+        """OverloadedError unless a new tracker fits in the table and in its client's share."""
+        self.sweep()
+        live = [t for t in self._tracks.values() if t.tracker is not None]
+        if len(live) >= self.max_tracks:
+            raise OverloadedError(f"{len(live)} tracked streams are live (the limit is "
+                                  f"{self.max_tracks}); end a stream or sequence, or retry later")
+        mine = sum(t.client == track.client for t in live)
+        if mine >= self.max_per_client:
+            raise OverloadedError(f"this client has {mine} tracked streams live (the limit per client "
+                                  f"is {self.max_per_client}); end a stream or sequence first")
+
+    def _advance(self, track: _Track) -> None:
+        """The current turn is over: move to the next ticket that will update and wake it.
+        A key that never made a tracker is forgotten once all its tickets are settled."""
+        track.last_used = time.monotonic()
+        track.turn += 1
+        while track.turn in track.skipped:
+            track.skipped.discard(track.turn)
+            track.turn += 1
+        waiter = track.waiting.pop(track.turn, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if (track.tracker is None and track.turn >= track.tickets_taken
+                and self._tracks.get(track.key) is track):
+            del self._tracks[track.key]
+
+    @staticmethod
+    def _retire(track: _Track) -> None:
+        """Its waiting tickets are answered (without ids) now; an update already running
+        finishes on the old tracker, which nothing uses afterwards."""
+        track.ended = True
+        for waiter in track.waiting.values():
+            if not waiter.done():
+                waiter.set_result(None)
+        track.waiting.clear()
 
 
 @functools.cache

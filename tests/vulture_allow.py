@@ -10,6 +10,8 @@ _.intercept_service
 _.TritonPythonModel, _.initialize, _.execute
 # prometheus_client calls collectors' collect(); torch calls modules' forward().
 _.collect, _.forward
+# The standard library's socketserver / http.server call these on the metrics server.
+_.log_message, _.handle_error, _.address_family
 # The import system calls these on the converter's placeholder modules (tools/convert.py).
 _.create_module, _.exec_module, _.__mro_entries__
 # Fields of messages and library objects, written for their owners to read.

@@ -31,11 +31,18 @@ class ServerConfig:
     token: str | None = None
     network_threads: int | None = None
     worker_threads: int = 2
-    max_streams_per_connection: int = 32
-    max_in_flight_per_connection: int = 256
+    max_streams_per_client: int = 32
+    max_in_flight_per_client: int = 256
+    max_bytes_in_flight_mb: int = 1024
     http_port: int = 8000
+    http_header_timeout_s: float = 10.0
+    http_idle_timeout_s: float = 30.0
+    max_http_connections: int = 1000
+    metrics_token_required: bool = False
     allow_image_urls: bool = False
+    image_url_allow: tuple[str, ...] = ()
     max_tracked_streams: int = 256
+    max_tracked_streams_per_client: int = 64
     tracker_idle_s: float = 60.0
     model_control_mode: str = "none"
     load_model: tuple[str, ...] = ()
@@ -58,10 +65,14 @@ class ServerConfig:
             raise ConfigError(f"network threads must be >= 1, got {self.network_threads}")
         if self.worker_threads < 1:
             raise ConfigError(f"worker threads must be >= 1, got {self.worker_threads}")
-        if self.max_streams_per_connection < 1 or self.max_in_flight_per_connection < 1:
-            raise ConfigError("per-connection limits must be >= 1")
-        if self.max_tracked_streams < 1 or self.tracker_idle_s <= 0:
-            raise ConfigError("max tracked streams must be >= 1 and the tracker idle time > 0")
+        if self.max_streams_per_client < 1 or self.max_in_flight_per_client < 1:
+            raise ConfigError("per-client limits must be >= 1")
+        if self.max_bytes_in_flight_mb < self.max_message_mb:
+            raise ConfigError(f"max bytes in flight ({self.max_bytes_in_flight_mb} MB) must hold at least "
+                              f"one largest message ({self.max_message_mb} MB)")
+        if self.max_tracked_streams < 1 or self.max_tracked_streams_per_client < 1 or self.tracker_idle_s <= 0:
+            raise ConfigError("max tracked streams (in all and per client) must be >= 1 and the "
+                              "tracker idle time > 0")
         if self.model_control_mode not in ("none", "explicit"):
             raise ConfigError(f"model control mode must be none or explicit, got {self.model_control_mode!r}")
         if self.load_model and self.model_control_mode != "explicit":
@@ -69,6 +80,20 @@ class ServerConfig:
                               "pipeline model is loaded)")
         if self.http_port < -1:
             raise ConfigError(f"http port must be a port, 0 (any free one) or -1 (off), got {self.http_port}")
+        if not (self.http_header_timeout_s > 0 and self.http_idle_timeout_s > 0):  # NaN fails too
+            raise ConfigError("--http-header-timeout-s and --http-idle-timeout-s must be > 0 seconds")
+        if self.max_http_connections < 1:
+            raise ConfigError(f"max HTTP connections must be >= 1, got {self.max_http_connections}")
+        if self.metrics_token_required and not self.token:
+            raise ConfigError("--metrics-token-required needs --token (the token /metrics asks for)")
+        object.__setattr__(self, "image_url_allow", tuple(self.image_url_allow))  # the flag's list
+        if self.image_url_allow:
+            from .fetching import AllowList  # only when set: the settings stay light
+
+            try:
+                AllowList.parse(self.image_url_allow)
+            except ValueError as exc:
+                raise ConfigError(f"--image-url-allow: {exc}") from None
 
     @classmethod
     def env_defaults(cls, environ: Mapping[str, str] = os.environ) -> dict:

@@ -17,11 +17,11 @@ from typing import Any
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from ..errors import PipelineError
+from ..errors import BadInputError, PipelineError
 from . import kserve
 from .control import ModelControl
 from .grpc_calls import grpc_status, serve_stream
-from .inference import VERSION, Answer, InferRequest, ServingState, describe, run
+from .inference import VERSION, Answer, InferRequest, ServingState, client_of, describe, run
 
 
 def parameters_of(request: pb.ModelInferRequest) -> dict[str, Any]:
@@ -34,7 +34,12 @@ def parameters_of(request: pb.ModelInferRequest) -> dict[str, Any]:
 
 
 def inputs_of(request: pb.ModelInferRequest) -> list[kserve.InputTensor]:
+    """The message's inputs; raw_input_contents, when given, holds one entry per input (as
+    Triton requires), else an extra entry would be ignored or an input read from the wrong one."""
     raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise BadInputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
+                            "send one per input, in the inputs' order, or none")
     return [kserve.InputTensor(
         t.name, t.datatype, list(t.shape), raw=raw[i] if i < len(raw) else None,
         values=list(t.contents.bytes_contents) if t.datatype == "BYTES" else list(t.contents.uint_contents))
@@ -118,32 +123,33 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # Inference ---------------------------------------------------------------------
 
-    async def infer(self, message: pb.ModelInferRequest, deadline: float | None = None):
+    async def infer(self, message: pb.ModelInferRequest, client: str, deadline: float | None = None):
         """One message through the shared request life; raises PipelineError on bad input.
 
-        deadline: the caller's absolute monotonic deadline (a gRPC deadline): a request
-        still queued then is answered DEADLINE_EXCEEDED, never run."""
+        client: ``client_of`` its peer. deadline: the caller's absolute monotonic deadline (a
+        gRPC deadline): a request still queued then is answered DEADLINE_EXCEEDED, never run."""
         def read() -> InferRequest:
             return read_request(message, deadline)
 
         def respond(answer: Answer) -> pb.ModelInferResponse:
             return response_of(message, answer)
 
-        return await run(self.state, message.model_name, read, respond)
+        return await run(self.state, message.model_name, read, respond, client)
 
     async def ModelInfer(self, request, context):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
+        client = client_of(context.peer())
         with self.state.in_progress():
             try:
-                with self.state.limits.request(context.peer()):
-                    return await self.infer(request, deadline)
+                with self.state.limits.request(client):
+                    return await self.infer(request, client, deadline)
             except Exception as exc:  # noqa: BLE001 - the server keeps serving
                 await context.abort(grpc_status(exc), describe(exc))
 
-    async def _stream_answer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+    async def _stream_answer(self, request: pb.ModelInferRequest, client: str) -> pb.ModelStreamInferResponse:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self.infer(request))
+            return pb.ModelStreamInferResponse(infer_response=await self.infer(request, client))
         except Exception as exc:  # noqa: BLE001 - reported in-stream; the stream goes on
             return self._stream_error(request, exc)
 
@@ -163,7 +169,12 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         """Bidirectional: one response per request, in order, each as soon as it is ready.
         At most ``stream_window`` requests of a stream run at once; beyond that the stream
         stops reading, and gRPC flow control slows the client down (policy ``wait``)."""
-        async for response in serve_stream(self.state, "kserve", self._stream_answer,
+        client = client_of(context.peer())
+
+        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            return await self._stream_answer(request, client)
+
+        async for response in serve_stream(self.state, "kserve", answer,
                                            self._stream_error, request_iterator, context,
                                            lambda request: request.model_name, policy="wait"):
             yield response

@@ -10,6 +10,7 @@ run by ``inference.run``; its ``Answer`` becomes a typed ``FrameResult``: detect
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 
@@ -22,7 +23,7 @@ from ..proto import video_pb2_grpc
 from ..schema import rows
 from ..tracking import TrackerOptions
 from .grpc_calls import grpc_status, serve_stream
-from .inference import Answer, InferRequest, ServingState, Tracking, describe, run
+from .inference import Answer, InferRequest, ServingState, Tracking, client_of, describe, run
 
 DEFAULT_MODEL = "instance_segmentation"
 
@@ -31,10 +32,11 @@ def model_of(frame: vpb.Frame) -> str:
     return frame.model or DEFAULT_MODEL
 
 
-def request_of(frame: vpb.Frame) -> InferRequest:
+def request_of(frame: vpb.Frame, call: int = 0) -> InferRequest:
     """The frame as the one typed request (BadInputError if unusable). A tracked stream's
     frame carries its time (the client's timestamp, else its index over the frame rate), so
-    dropped frames are gaps."""
+    dropped frames are gaps. call: the stream call it came in; a stream id names a tracker
+    within its call only, so two calls that use one id never share (or end) a tracker."""
     o = frame.options
     keys = ("confidence", "iou_threshold", "max_detections", *TrackerOptions.KEYS)
     params = {key: getattr(o, key) for key in keys if o.HasField(key)}
@@ -42,7 +44,7 @@ def request_of(frame: vpb.Frame) -> InferRequest:
     if o.track:
         options = TrackerOptions.from_params(params)
         timestamp = frame.timestamp or frame.frame_index / options.frame_rate
-        tracking = Tracking(f"video/{model_of(frame)}/{frame.stream_id}", options, timestamp)
+        tracking = Tracking(f"video/{call}/{model_of(frame)}/{frame.stream_id}", options, timestamp)
     return InferRequest.read(model_of(frame), "", [frame_image(frame)], params, tracking=tracking)
 
 
@@ -88,19 +90,21 @@ async def _stamped(frames) -> AsyncIterator[tuple[float, vpb.Frame]]:
 class VideoService(video_pb2_grpc.VideoSegmentationServicer):
     def __init__(self, state: ServingState):
         self.state = state
+        self._calls = itertools.count(1)
 
-    async def _process(self, arrival: tuple[float, vpb.Frame], tracked: set[str]) -> vpb.FrameResult:
+    async def _process(self, arrival: tuple[float, vpb.Frame], call: int, client: str,
+                       tracked: set[tuple[str, str]]) -> vpb.FrameResult:
         arrived, frame = arrival
 
         def read() -> InferRequest:
-            request = request_of(frame)
+            request = request_of(frame, call)
             if request.tracking is not None:
-                tracked.add(request.tracking.key)
+                tracked.add(request.tracking.slot(client))
             return request
 
         try:
             return await run(self.state, model_of(frame), read,
-                             lambda answer: result_of(frame, answer, arrived))
+                             lambda answer: result_of(frame, answer, arrived), client)
         except Exception as exc:  # noqa: BLE001 - one bad frame must not end the stream
             return self._failed(arrival, exc)
 
@@ -111,10 +115,11 @@ class VideoService(video_pb2_grpc.VideoSegmentationServicer):
         return _answer(arrival[1], error=f"{grpc_status(exc).name}: {describe(exc)}")
 
     async def StreamFrames(self, request_iterator, context):
-        tracked: set[str] = set()  # this stream's trackers, freed when it ends
+        call, client = next(self._calls), client_of(context.peer())
+        tracked: set[tuple[str, str]] = set()  # this call's trackers, freed when it ends
 
         async def process(arrival):
-            return await self._process(arrival, tracked)
+            return await self._process(arrival, call, client, tracked)
 
         try:
             async for result in serve_stream(

@@ -7,26 +7,41 @@ sub-app at ``/v2``). What they share is here, written once:
 - ``middlewares``: every failure as JSON in the matched app's own error format
   (``ERROR_FIELD``), with its status from the one table in ``pipeline.errors``; the body-size
   cap; the bearer token (``auth.Token``; routes an app lists in ``BODY_KEY_PATHS`` may carry
-  it in the body instead, as Roboflow's SDK does); the connection's share of the server;
-- ``json_body``; ``HTTPServer``, which starts and stops the site.
+  it in the body instead, as Roboflow's SDK does, read from a small prefix before the rest
+  of the body is); the client's share of the server;
+- ``json_body``; ``HTTPServer``, which listens: a cap on open connections, a deadline for a
+  new connection's first headers, an idle timeout, and client garbage and accept() failures
+  logged at most once per interval.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import re
+import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..errors import BadInputError, TooLargeError, UnauthenticatedError, status_of
 from .auth import OPEN_HTTP_PATHS, Token
-from .inference import ServingState, describe
+from .inference import ServingState, client_of, describe
+
+LOG = logging.getLogger(__name__)
 
 ERROR_FIELD = web.AppKey("error_field", str)  # the app's error document: {field: message}
 BODY_KEY_PATHS = web.AppKey("body_key_paths", frozenset)  # may carry the token in the body
 AUTHORIZED = web.RequestKey("authorized", bool)  # the header or query carried the token
+BODY_PREFIX = web.RequestKey("body_prefix", bytes)  # the body's first bytes, read by `guard`
 NO_TOKEN = ("missing or wrong token (header 'Authorization: Bearer <token>', or the api_key "
             "parameter)")
+# A body's api_key must come within its first bytes (Roboflow's SDK writes it first): a
+# request without the token is refused before the rest, up to 64 MB, is read and parsed.
+KEY_PREFIX_BYTES = 64 * 1024
+_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 def setting(request: web.Request, key: web.AppKey, default: Any = None) -> Any:
@@ -38,18 +53,71 @@ def setting(request: web.Request, key: web.AppKey, default: Any = None) -> Any:
     return default
 
 
-async def json_body(request: web.Request) -> Any:
+def parse_json(data: bytes | str, what: str = "the body") -> Any:
+    """JSON as the standard has it: BadInputError (400) for text that is not JSON, for NaN
+    and Infinity (Python's extension; no number parameter means them), and for nesting too
+    deep to parse (RecursionError: ``[`` * 50000)."""
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
     try:
-        return json.loads(await request.read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"the body is not valid JSON ({exc})") from None
+        return json.loads(data, parse_constant=no_constant)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise BadInputError(f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BadInputError(f"{what} nests too deeply to be read") from None
+
+
+async def json_body(request: web.Request) -> Any:
+    return parse_json(request.get(BODY_PREFIX, b"") + await request.read())
 
 
 def body_key_ok(request: web.Request, token: Token | None, body: dict) -> None:
     """For BODY_KEY_PATHS: the token as ``api_key`` in the body, unless the header or the
-    query carried it already."""
+    query carried it already. (``guard`` refused bodies whose first bytes lack it; this is
+    the check of the body as parsed.)"""
     if token is not None and not request.get(AUTHORIZED) and not token.accepts(api_key=body.get("api_key")):
         raise UnauthenticatedError(NO_TOKEN.replace("parameter", "in the body"))
+
+
+def leading_api_key(prefix: bytes) -> Any:
+    """The top-level ``api_key`` of a JSON object that starts with ``prefix``, or None when
+    it is not among the members that ``prefix`` holds whole (members are read in order; a
+    member cut off by the prefix's end, or anything that is not JSON, ends the search)."""
+    text, decoder = prefix.decode("utf-8", "replace"), json.JSONDecoder()
+    i = _SPACE.match(text).end()
+    if not text.startswith("{", i):
+        return None
+    i += 1
+    try:
+        while True:
+            key, i = decoder.raw_decode(text, _SPACE.match(text, i).end())
+            i = _SPACE.match(text, i).end()
+            if not text.startswith(":", i):
+                return None
+            value, i = decoder.raw_decode(text, _SPACE.match(text, i + 1).end())
+            if key == "api_key":
+                return value
+            i = _SPACE.match(text, i).end()
+            if not text.startswith(",", i):
+                return None
+            i += 1
+    except (ValueError, RecursionError):
+        return None
+
+
+async def _read_prefix(request: web.Request, limit: int) -> bytes:
+    """Up to ``limit`` bytes of the body (fewer if it is shorter); ``json_body`` reads them
+    back first."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = await request.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    request[BODY_PREFIX] = prefix = b"".join(chunks)
+    return prefix
 
 
 def middlewares(state: ServingState, *, max_body: int, token: Token | None) -> list:
@@ -80,30 +148,189 @@ def middlewares(state: ServingState, *, max_body: int, token: Token | None) -> l
         if token is not None and not request.path.startswith(OPEN_HTTP_PATHS):
             request[AUTHORIZED] = token.accepts(request.headers.get("Authorization", ""),
                                                 request.query.get("api_key"))
-            if not request[AUTHORIZED] and request.path not in setting(request, BODY_KEY_PATHS, ()):
-                raise UnauthenticatedError(NO_TOKEN)
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        with state.limits.request(str(peer)):
+            if not request[AUTHORIZED]:
+                if request.path not in setting(request, BODY_KEY_PATHS, ()):
+                    raise UnauthenticatedError(NO_TOKEN)
+                prefix = await _read_prefix(request, KEY_PREFIX_BYTES)
+                if not token.accepts(api_key=leading_api_key(prefix)):
+                    raise UnauthenticatedError(NO_TOKEN.replace(
+                        "parameter", f"in the body, before the image: within its first "
+                        f"{KEY_PREFIX_BYTES // 1024} KiB"))
+        with state.limits.request(client_of(request.remote or "")):
             return await handler(request)
 
     return [errors, guard]
 
 
-class HTTPServer:
-    """An aiohttp application served on the running loop: ``start`` then ``stop``."""
+ACCEPT_ERROR = "socket.accept() out of system resource"  # asyncio's words for EMFILE and kin
+FD_RESERVE = 256  # open files kept for gRPC, the model, metrics and logs when HTTP is full
+LOG_INTERVAL_S = 10.0
 
-    def __init__(self, app: web.Application):
+
+class Throttled:
+    """One kind of log line at most once per ``interval_s``, with a count of those held back:
+    a flood (a client's garbage, a full file table) costs a line per interval, not per event."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = LOG_INTERVAL_S):
+        self.logger, self.interval_s = logger, interval_s
+        self._next, self._held = 0.0, 0
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        if self._held:
+            message, args = message + " (and %d more in the last %.0f s)", (*args, self._held, self.interval_s)
+        self._next, self._held = now + self.interval_s, 0
+        self.logger.log(level, message, *args)
+
+
+class _ServerLog(logging.LoggerAdapter):
+    """aiohttp's server logger, which logs every malformed request (a bad request line or
+    header) with its traceback: those, the client's fault, become one short throttled line."""
+
+    def __init__(self):
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self._bad_requests = Throttled(LOG)
+
+    def log(self, level, msg, *args, exc_info=None, **kwargs):
+        if isinstance(exc_info, HttpProcessingError):
+            first = (exc_info.message or type(exc_info).__name__).splitlines()[0][:120]
+            peer = args[0] if args else "?"
+            if level < logging.INFO:  # aiohttp's choice for non-HTTP bytes (TLS to a plain port)
+                self.logger.debug("malformed HTTP request from %s: %r", peer, first)
+            else:
+                self._bad_requests.log(logging.INFO, "malformed HTTP request from %s: %r", peer, first)
+            return
+        super().log(level, msg, *args, exc_info=exc_info, **kwargs)
+
+
+def open_file_budget() -> int:
+    """The HTTP connections the open-file limit leaves room for, once its soft value is raised
+    to the hard one (the usual soft 1,024 is what a crowd of silent sockets exhausts)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX: no limit we can read
+        return 1 << 20
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            LOG.info("open-file limit raised from %d to %d", soft, hard)
+            soft = hard
+        except (ValueError, OSError) as exc:  # an infinite hard limit the kernel caps lower
+            LOG.info("open-file limit stays %d (could not raise it to %d: %s)", soft, hard, exc)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(soft // 2, soft - FD_RESERVE)
+
+
+class HTTPServer:
+    """An aiohttp application served on the running loop: ``start`` then ``stop``.
+
+    Its own listener hands connections to aiohttp (``_Connection``) so that a client cannot
+    hold the server's sockets: at most ``max_connections`` open (lowered to fit the open-file
+    limit; beyond it a new connection is closed at once), a new connection's first request
+    headers due within ``header_timeout_s`` (aiohttp itself would wait for the idle timeout),
+    keep-alive connections closed after ``idle_timeout_s`` idle, and accept() failures
+    (a full file table) logged once per interval instead of once per attempt."""
+
+    def __init__(self, app: web.Application, *, header_timeout_s: float = 10.0,
+                 idle_timeout_s: float = 30.0, max_connections: int = 1000):
         self.app = app
+        self.header_timeout_s, self.idle_timeout_s = header_timeout_s, idle_timeout_s
+        self.max_connections = max_connections
+        self.open = 0  # connections admitted and not yet closed
         self.runner: web.AppRunner | None = None
+        self.refused = Throttled(LOG)
+        self._accept_errors = Throttled(LOG)
+        self._listener: asyncio.AbstractServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous_handler = None
 
     async def start(self, host: str, port: int, ssl_context=None) -> int:
         """Listen; returns the port (``port`` 0 picks a free one). OSError if it cannot."""
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self.max_connections = min(self.max_connections, open_file_budget())
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                    keepalive_timeout=self.idle_timeout_s, logger=_ServerLog())
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, ssl_context=ssl_context, reuse_port=False)
-        await site.start()
-        return site._server.sockets[0].getsockname()[1]
+        loop = self._loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            lambda: _Connection(self), host, port, ssl=ssl_context, reuse_port=False,
+            ssl_handshake_timeout=self.header_timeout_s if ssl_context else None)
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_error)
+        LOG.info("HTTP: at most %d connections; headers due in %.1f s; idle ones closed after %.0f s",
+                 self.max_connections, self.header_timeout_s, self.idle_timeout_s)
+        return self._listener.sockets[0].getsockname()[1]
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if context.get("message") == ACCEPT_ERROR:  # retried every second: logged once per interval
+            self._accept_errors.log(logging.WARNING, "cannot accept connections: %s (%d HTTP "
+                                    "connections open; the open-file limit?)",
+                                    context.get("exception"), self.open)
+        elif self._previous_handler is not None:
+            self._previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         if self.runner is not None:
             await self.runner.cleanup()
+        if self._loop is not None and self._loop.get_exception_handler() == self._loop_error:
+            self._loop.set_exception_handler(self._previous_handler)
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP connection in front of aiohttp's handler: admitted under the server's cap,
+    and closed if its first request's headers are not all in within the header timeout."""
+
+    def __init__(self, server: HTTPServer):
+        self.server = server
+        self.handler = None  # aiohttp's RequestHandler, once admitted
+        self.timer: asyncio.TimerHandle | None = None
+        self.tail = b""  # the last bytes read, for a header end split across reads
+
+    def connection_made(self, transport) -> None:
+        server = self.server
+        if server.open >= server.max_connections:
+            server.refused.log(logging.WARNING, "refusing new HTTP connections: %d open, the "
+                               "cap (--max-http-connections, and the open-file limit)", server.open)
+            transport.abort()
+            return
+        server.open += 1
+        self.handler = server.runner.server()
+        self.handler.connection_made(transport)
+        self.timer = asyncio.get_running_loop().call_later(server.header_timeout_s,
+                                                           self.handler.force_close)
+
+    def data_received(self, data: bytes) -> None:
+        if self.timer is not None:
+            seen = self.tail + data
+            if b"\n\r\n" in seen or b"\n\n" in seen:  # a blank line: the headers are in
+                self.timer.cancel()
+                self.timer = None
+            self.tail = seen[-2:]
+        self.handler.data_received(data)
+
+    def eof_received(self):
+        return self.handler.eof_received() if self.handler is not None else None
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.resume_writing()
+
+    def connection_lost(self, exc) -> None:
+        if self.handler is None:  # refused: never counted
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.server.open -= 1
+        self.handler.connection_lost(exc)

@@ -20,8 +20,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from ..errors import BadInputError
 from . import kserve
 from .control import ModelControl
-from .http import ERROR_FIELD, json_body
-from .inference import VERSION, Answer, InferRequest, ServingState, run
+from .http import ERROR_FIELD, json_body, parse_json
+from .inference import VERSION, Answer, InferRequest, ServingState, client_of, run
 
 JSON_HEADER = "Inference-Header-Content-Length"
 
@@ -76,13 +76,13 @@ class _Handlers:
         return web.json_response(message_json(kserve.model_statistics(self.state, name, version)))
 
     async def repository_index(self, request):
-        body = await json_body(request) if request.can_read_body else {}
-        index = kserve.repository_index(self.state, bool((body or {}).get("ready")))
+        body = await _object_body(request, '{"ready": true}')
+        index = kserve.repository_index(self.state, bool(body.get("ready")))
         return web.json_response([message_json(m) for m in index.models])
 
     async def load(self, request):
-        body = await json_body(request) if request.can_read_body else {}
-        kserve.no_overrides((body or {}).get("parameters") or {} if isinstance(body, dict) else {})
+        body = await _object_body(request, '{"parameters": {}}')
+        kserve.no_overrides(body.get("parameters") or {})
         await self.models.load(request.match_info["model"])
         return web.Response(status=200)
 
@@ -93,7 +93,7 @@ class _Handlers:
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)
         call = _InferCall(name, version, await request.read(), request.headers.get(JSON_HEADER))
-        head, binary = await run(self.state, name, call.read, call.respond)
+        head, binary = await run(self.state, name, call.read, call.respond, client_of(request.remote or ""))
         payload = json.dumps(head).encode()
         if not binary:
             return web.Response(body=payload, content_type="application/json")
@@ -103,6 +103,14 @@ class _Handlers:
 
 def _model(request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
+
+
+async def _object_body(request, example: str) -> dict:
+    """A body that is a JSON object, or none at all ({})."""
+    body = await json_body(request) if request.can_read_body else {}
+    if not isinstance(body, dict):
+        raise BadInputError(f"the body must be a JSON object, e.g. {example}, or empty")
+    return body
 
 
 # ----------------------------------------------------------------------------- one call
@@ -126,10 +134,7 @@ class _InferCall:
         except ValueError:
             raise BadInputError(f"{JSON_HEADER} {header_length!r} does not fit the body of "
                                 f"{len(body)} bytes") from None
-        try:
-            document = json.loads(body[:split])
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadInputError(f"the inference request is not valid JSON ({exc})") from None
+        document = parse_json(body[:split], "the inference request")
         if not isinstance(document, dict):
             raise BadInputError("the inference request must be a JSON object")
         params = document.get("parameters") or {}
@@ -163,9 +168,16 @@ class _InferCall:
 
 
 def _flat(values) -> list:
-    out = []
-    for v in values if isinstance(values, list) else [values]:
-        out.extend(_flat(v) if isinstance(v, list) else [v])
+    """Nested lists' items in order, without recursion: the client chooses the depth."""
+    out, pending = [], [iter(values if isinstance(values, list) else [values])]
+    while pending:
+        for v in pending[-1]:
+            if isinstance(v, list):
+                pending.append(iter(v))
+                break
+            out.append(v)
+        else:
+            pending.pop()
     return out
 
 

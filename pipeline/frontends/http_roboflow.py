@@ -19,15 +19,18 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import time
 import uuid
 from typing import Any
 
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import schema
-from ..errors import BadInputError, TooLargeError
+from ..errors import BadInputError
 from .auth import Token
+from .fetching import AllowList, fetch_image
 from .http import BODY_KEY_PATHS, ERROR_FIELD, body_key_ok, json_body
 from .inference import VERSION, Answer, InferRequest, ServingState, run
 
@@ -35,11 +38,11 @@ TASK = "instance-segmentation"
 
 
 def add_routes(app: web.Application, state: ServingState, *, token: Token | None,
-               max_body: int, allow_image_urls: bool) -> None:
+               max_body: int, allow_image_urls: bool, image_url_allow: tuple[str, ...] = ()) -> None:
     """Roboflow's routes and error format on ``app`` (the root app)."""
     app[ERROR_FIELD] = "message"
     app[BODY_KEY_PATHS] = frozenset({"/model/add", "/infer/instance_segmentation"})
-    api = _Handlers(state, token, max_body, allow_image_urls)
+    api = _Handlers(state, token, max_body, allow_image_urls, AllowList.parse(image_url_allow))
     r = app.router
     r.add_get("/model/registry", api.registry)
     r.add_post("/model/add", api.add_model)
@@ -50,11 +53,12 @@ def add_routes(app: web.Application, state: ServingState, *, token: Token | None
 
 class _Handlers:
     def __init__(self, state: ServingState, token: Token | None, max_body: int,
-                 allow_image_urls: bool):
+                 allow_image_urls: bool, image_url_allow: AllowList = AllowList()):
         self.state = state
         self.token = token
         self.max_body = max_body
         self.allow_image_urls = allow_image_urls
+        self.image_url_allow = image_url_allow
 
     def _registered(self) -> dict:
         return {"models": [{"model_id": f"{name}/{VERSION}", "task_type": TASK,
@@ -128,10 +132,13 @@ class _Handlers:
         if request.query.get("image_type", "base64") != "base64":
             raise BadInputError("image_type must be 'base64' (numpy arrays are not accepted)")
         if (request.content_type or "").startswith("multipart/form-data"):
-            reader = await request.multipart()
-            async for part in reader:
-                if part.name == "file":
-                    return bytes(await part.read())
+            try:
+                async for part in await request.multipart():
+                    if part.name == "file":
+                        return bytes(await part.read())
+            except (ValueError, TypeError, RuntimeError, HttpProcessingError) as exc:
+                # aiohttp's words for a missing boundary or a broken part: the client's fault
+                raise BadInputError(f"the multipart body is malformed ({exc})") from None
             raise BadInputError("the multipart body has no 'file' part")
         body = await request.read()
         if not body:
@@ -156,25 +163,7 @@ class _Handlers:
             raise BadInputError("images by URL are refused: this server does not fetch from the "
                                 "network (start it with --allow-image-urls to allow it); send the "
                                 "image itself as base64")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise BadInputError(f"image URL must be http(s)://..., got {url!r}")
-        try:
-            async with ClientSession(timeout=ClientTimeout(total=10)) as session:
-                async with session.get(url) as response:
-                    if response.status != 200:
-                        raise BadInputError(f"fetching {url} answered HTTP {response.status}")
-                    chunks, size = [], 0
-                    async for chunk in response.content.iter_chunked(1 << 16):
-                        chunks.append(chunk)
-                        size += len(chunk)
-                        if size > self.max_body:
-                            break
-                    data = b"".join(chunks)
-        except (OSError, TimeoutError) as exc:
-            raise BadInputError(f"fetching {url} failed ({exc})") from None
-        if len(data) > self.max_body:
-            raise TooLargeError(f"the image at {url} exceeds the {self.max_body}-byte limit")
-        return data
+        return await fetch_image(url, max_body=self.max_body, allow=self.image_url_allow)
 
 
 def _base64(text: bytes, what: str) -> bytes:
@@ -204,6 +193,8 @@ def _parameters(source, legacy: bool) -> dict:
 def _percent(value: Any, key: str) -> float:
     try:
         number = float(value)
+        if not math.isfinite(number):
+            raise ValueError
     except (TypeError, ValueError):
         raise BadInputError(f"parameter {key!r} must be a number, got {value!r}") from None
     return number / 100 if number >= 1 else number

@@ -5,7 +5,7 @@ options, its place in a tracked stream, its deadline, the outputs it wants); ``r
 takes it through the shared batcher and the tracker, accounts for it once in the telemetry
 ledger (unreadable requests too), and hands an ``Answer`` to the frontend's ``respond`` to
 encode. ``ServingState`` is what the
-frontends share: the loaded pipelines, the per-connection limits, the live trackers and the
+frontends share: the loaded pipelines, the per-client limits, the live trackers and the
 drain.
 
 This module knows nothing of gRPC or HTTP.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -63,6 +64,15 @@ class Tracking:
     timestamp: float | None = None
     restart: bool = False
     end: bool = False
+
+    def __post_init__(self):
+        if self.timestamp is not None and not math.isfinite(self.timestamp):
+            raise InvalidOptionError("timestamp", f"the frame's timestamp must be finite seconds, got {self.timestamp}")
+
+    def slot(self, client: str) -> tuple[str, str]:
+        """The tracker's key in the server's table: ids are the client's own, so no client
+        can restart or end another's tracker."""
+        return (client, self.key)
 
 
 @dataclass(frozen=True)
@@ -143,35 +153,67 @@ class Answer:
 # ----------------------------------------------------------------------------- shared state
 
 
-class ConnectionLimits:
-    """Per client connection (gRPC peer, HTTP remote address): streams open and requests in
-    flight, each capped so one client cannot take the whole server; beyond a cap,
-    OverloadedError (RESOURCE_EXHAUSTED / 503)."""
+def client_of(peer: str) -> str:
+    """The client a gRPC peer (``ipv4:10.0.0.7:52114``, ``ipv6:[::1]:52114``) or an HTTP
+    remote address stands for: its address without the port, so a client that opens more
+    connections gets no larger share. Behind a proxy every client is the proxy's address."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return address.rsplit(":", 1)[0].strip("[]")
+    return peer
 
-    def __init__(self, max_streams: int = 32, max_in_flight: int = 256):
+
+def payload_bytes(images: Sequence[Any]) -> int:
+    """What a request's images hold in memory until it is answered (encoded bytes, raw
+    pixels); a PIL image or a path counts as nothing (in-process callers only)."""
+    return sum(len(i) if isinstance(i, (bytes, bytearray, memoryview)) else getattr(i, "nbytes", 0)
+               for i in images)
+
+
+class ClientLimits:
+    """Per client (``client_of``): streams open and requests in flight; server-wide: the bytes
+    of the requests in flight (``payload_bytes``), so memory is bounded in bytes, not only
+    in requests. Beyond a cap, OverloadedError (RESOURCE_EXHAUSTED / 503)."""
+
+    def __init__(self, max_streams: int = 32, max_in_flight: int = 256, max_bytes: int = 1 << 30):
         self.limits = {"streams": max_streams, "requests in flight": max_in_flight}
         self.held: dict[str, Counter] = {kind: Counter() for kind in self.limits}
+        self.max_bytes = max_bytes
+        self.bytes_held = 0
 
-    def acquire(self, kind: str, peer: str) -> None:
+    def acquire(self, kind: str, client: str) -> None:
         held, limit = self.held[kind], self.limits[kind]
-        if held[peer] >= limit:
-            raise OverloadedError(f"this connection already has {held[peer]} {kind} (the limit is "
-                                  f"{limit}); wait for answers or open another connection")
-        held[peer] += 1
+        if held[client] >= limit:
+            raise OverloadedError(f"this client already has {held[client]} {kind} (the limit per client "
+                                  f"is {limit}); wait for answers, then send more")
+        held[client] += 1
 
-    def release(self, kind: str, peer: str) -> None:
+    def release(self, kind: str, client: str) -> None:
         held = self.held[kind]
-        held[peer] -= 1
-        if held[peer] <= 0:
-            del held[peer]
+        held[client] -= 1
+        if held[client] <= 0:
+            del held[client]
 
     @contextlib.contextmanager
-    def request(self, peer: str):
-        self.acquire("requests in flight", peer)
+    def request(self, client: str):
+        self.acquire("requests in flight", client)
         try:
             yield
         finally:
-            self.release("requests in flight", peer)
+            self.release("requests in flight", client)
+
+    @contextlib.contextmanager
+    def holding(self, nbytes: int):
+        """Counts a request's bytes while it is in flight; refuses it if they do not fit."""
+        if self.bytes_held + nbytes > self.max_bytes:
+            raise OverloadedError(
+                f"the server holds {self.bytes_held / 2**20:.0f} MB of requests in flight and this one "
+                f"brings {nbytes / 2**20:.1f} MB (the limit is {self.max_bytes / 2**20:.0f} MB); retry later")
+        self.bytes_held += nbytes
+        try:
+            yield
+        finally:
+            self.bytes_held -= nbytes
 
 
 @dataclass
@@ -187,7 +229,7 @@ class ServingState:
     draining: bool = False
     active: int = 0  # requests and streams in progress, every frontend's, for the drain
     streams: set = field(default_factory=set)  # open StreamWindows, stopped by the drain
-    limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
+    limits: ClientLimits = field(default_factory=lambda: ClientLimits())
     tracks: Tracks = field(default_factory=Tracks)  # live trackers of tracked streams
     model_streams: Counter = field(default_factory=Counter)  # model -> open streams using it
 
@@ -221,21 +263,24 @@ class ServingState:
 
 
 async def run(state: ServingState, model: str, read: Callable[[], InferRequest],
-              respond: Callable[[Answer], Response]) -> Response:
+              respond: Callable[[Answer], Response], client: str = "") -> Response:
     """One request through the shared batcher (and its stream's tracker), whatever its protocol.
 
     model: the model the message names, for the books even when it cannot be read.
     read(): the request, read from its protocol's message (BadInputError if unusable).
     respond(answer): the protocol's response, built in a worker thread (JSON, polygons and
-    tensors are CPU work). A tracked request takes its place in its stream's order before
-    this first awaits, so call ``run`` when the request arrives. Every outcome, a request
-    that cannot be read included, is recorded in the ledger once; PipelineErrors propagate
-    for the frontend to map.
+    tensors are CPU work). client: who sent it (``client_of``), whose trackers it may use.
+    A tracked request takes its place in its stream's order before this first awaits, so
+    call ``run`` when the request arrives. Its bytes count against the server's budget
+    until it is answered; its images' pixels together against ``MAX_REQUEST_PIXELS``.
+    Every outcome, a request that cannot be read included, is recorded in the ledger once;
+    PipelineErrors propagate for the frontend to map.
     """
     started = time.monotonic()
     ledger, tracks = state.ledger, state.tracks
     images: Sequence[Any] = ()
-    tracking: Tracking | None = None
+    slot: tuple[str, str] | None = None
+    ending = False
     held: Pipeline | None = None
     try:
         state.pipeline(model)  # an unknown model, or a draining server, is refused before reading
@@ -248,28 +293,29 @@ async def run(state: ServingState, model: str, read: Callable[[], InferRequest],
             raise BadInputError(f"batch of {len(images)} exceeds the model's max_batch_size "
                                 f"{pipe.max_batch_size}")
         options = replace(pipe.defaults, **request.options)
-        ticket = None
-        if tracking is not None:
-            if len(images) != 1:
-                raise InvalidOptionError("sequence_id", f"a tracked request carries one image, got {len(images)}")
-            if tracking.restart:
-                tracks.end(tracking.key)
-            ticket = tracks.ticket(tracking.key, tracking.options)
-        ledger.add_pending(model, len(images))
-        try:
-            found = await asyncio.gather(*(
-                pipe.submit(image, options, timeout_s=request.timeout_s, deadline=request.deadline)
-                for image in images))
-        except BaseException:
+        with state.limits.holding(payload_bytes(images)):
+            ticket = None
+            if tracking is not None:
+                if len(images) != 1:
+                    raise InvalidOptionError("sequence_id", f"a tracked request carries one image, got {len(images)}")
+                slot, ending = tracking.slot(client), tracking.end
+                if tracking.restart:
+                    tracks.end(slot)
+                ticket = tracks.ticket(slot, tracking.options, client)
+            ledger.add_pending(model, len(images))
+            try:
+                found = await pipe.submit(images, options, timeout_s=request.timeout_s,
+                                          deadline=request.deadline)
+            except BaseException:
+                if ticket is not None:
+                    tracks.skip(ticket)
+                raise
+            finally:
+                ledger.add_pending(model, -len(images))
             if ticket is not None:
-                tracks.skip(tracking.key, ticket)
-            raise
-        finally:
-            ledger.add_pending(model, -len(images))
-        if ticket is not None:
-            found = [await tracks.assign(tracking.key, ticket, found[0], tracking.timestamp)]
-        built = time.monotonic()
-        response = await asyncio.to_thread(respond, Answer(pipe, list(found), options))
+                found = [await tracks.assign(ticket, found[0], tracking.timestamp)]
+            built = time.monotonic()
+            response = await asyncio.to_thread(respond, Answer(pipe, list(found), options))
     except BaseException as exc:
         if model in state.pipelines:
             reason = status_of(exc).grpc.lower() if isinstance(exc, Exception) else "cancelled"
@@ -277,8 +323,8 @@ async def run(state: ServingState, model: str, read: Callable[[], InferRequest],
                                   failure=reason)
         raise
     finally:
-        if tracking is not None and tracking.end:
-            tracks.end(tracking.key)
+        if ending:
+            tracks.end(slot)
         if held is not None:
             held.held -= 1
     done = time.monotonic()

@@ -17,6 +17,7 @@ protobuf messages ``tritonclient`` ships; the HTTP transport renders them as JSO
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,6 +91,8 @@ def images_of(inputs: Sequence[InputTensor]) -> list[Any]:
     tensor = inputs[names.index(INPUT)]
     shape = list(tensor.shape)
     if tensor.datatype == "BYTES":
+        if shape[:1] == [0]:
+            raise BadInputError(f"{INPUT} shape {shape} is a batch of 0 images; send at least one")
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 1:
             raise BadInputError(f"{INPUT} as BYTES must have shape [B, 1], got {shape}")
         items = decode_bytes_tensor(tensor.raw) if tensor.raw is not None else list(tensor.values or [])
@@ -101,16 +104,24 @@ def images_of(inputs: Sequence[InputTensor]) -> list[Any]:
             shape = [1, *shape]
         if len(shape) != 4 or shape[3] != 3 or min(shape) < 0:
             raise BadInputError(f"{INPUT} as UINT8 must have shape [B, H, W, 3], got {list(tensor.shape)}")
+        if shape[0] == 0:
+            raise BadInputError(f"{INPUT} shape {shape} is a batch of 0 images; send at least one")
         check_image_size(shape[1], shape[2])
         if tensor.raw is not None:
             data = tensor.raw
         else:
             try:
-                data = bytes(np.asarray(tensor.values or [], dtype=np.int64).astype(np.uint8))
+                values = np.asarray(tensor.values or [], dtype=np.int64)
             except (TypeError, ValueError, OverflowError):
                 raise BadInputError(f"{INPUT} as UINT8 must hold integers 0..255") from None
-        if len(data) != int(np.prod(shape)):
-            raise BadInputError(f"{INPUT} shape {shape} needs {int(np.prod(shape))} bytes, got {len(data)}")
+            if values.size and (values.min() < 0 or values.max() > 255):  # else wrapped silently
+                raise BadInputError(f"{INPUT} as UINT8 must hold integers 0..255, got "
+                                    f"{values.min()}..{values.max()}")
+            data = values.astype(np.uint8).tobytes()
+        # Python ints: np.prod is int64 and wraps (shape [2**62, 1, 1, 3] "needs" negative bytes)
+        needed = math.prod(shape)
+        if len(data) != needed:
+            raise BadInputError(f"{INPUT} shape {shape} needs {needed} bytes, got {len(data)}")
         pixels = np.frombuffer(data, np.uint8).reshape(shape)
         images = [pixels[i] for i in range(shape[0])]
     else:

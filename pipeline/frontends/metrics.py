@@ -7,19 +7,33 @@ cumulative, as Triton's are, but exposed as gauges: a Prometheus counter must be
 query. Ours follow Prometheus conventions (counters end in ``_total``).
 
 There is no second book here: every value is read from ``pipeline.telemetry.Ledger``.
+
+The port is open by default (Prometheus scrapes without a token); with TLS configured it is
+served over TLS with the server's certificate, and ``--metrics-token-required`` asks for the
+server's bearer token too.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, start_http_server
+import logging
+import socket
+import ssl
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from ..telemetry import STAGES, Ledger
+from .auth import MISSING, Token
+
+LOG = logging.getLogger(__name__)
 
 VERSION = "1"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -107,10 +121,59 @@ class LedgerCollector(Collector):
         yield open_streams
 
 
-def serve(ledger: Ledger, port: int, address: str = "0.0.0.0"):
+CONNECTION_TIMEOUT_S = 10.0  # a scrape's TLS handshake and request are due within this
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = CONNECTION_TIMEOUT_S  # a silent connection frees its thread
+
+    def log_message(self, format, *args):  # no access log on stderr
+        pass
+
+
+class _MetricsServer(ThreadingWSGIServer):
+    """prometheus_client's threaded WSGI server, with TLS done in each connection's thread:
+    wrapping the listening socket (as its ``start_http_server`` does) runs every handshake
+    in the accept loop, where one silent client stalls every scrape."""
+
+    ssl_context: ssl.SSLContext | None = None
+
+    def finish_request(self, request, client_address):
+        if self.ssl_context is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(CONNECTION_TIMEOUT_S)
+        with self.ssl_context.wrap_socket(request, server_side=True) as secure:
+            super().finish_request(secure, client_address)
+
+    def handle_error(self, request, client_address):  # a failed handshake, a client gone
+        LOG.debug("metrics: connection from %s failed", client_address, exc_info=True)
+
+
+def serve(ledger: Ledger, port: int, address: str = "0.0.0.0", *,
+          tls: tuple[str, str] | None = None, token: Token | None = None):
     """Expose /metrics over HTTP on ``port`` (0: pick a free one), in a thread of its own;
-    returns (the HTTP server, to ``shutdown()``; its port)."""
+    over TLS with ``tls`` (certificate, key: PEM files); only to requests with the bearer
+    ``token`` when one is given (401 otherwise). Returns (the HTTP server, to
+    ``shutdown()``; its port)."""
     registry = CollectorRegistry()
     registry.register(LedgerCollector(ledger))
-    server, _ = start_http_server(port, addr=address, registry=registry)
+    app = make_wsgi_app(registry)
+    if token is not None:
+        scrape = app
+
+        def app(environ, start_response):
+            if not token.accepts(environ.get("HTTP_AUTHORIZATION", "")):
+                start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                                    ("WWW-Authenticate", "Bearer")])
+                return [f"{MISSING} (header 'Authorization: Bearer <token>')\n".encode()]
+            return scrape(environ, start_response)
+
+    class Server(_MetricsServer):
+        address_family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+
+    if tls is not None:
+        Server.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        Server.ssl_context.load_cert_chain(*tls)
+    server = make_server(address, port, app, Server, handler_class=_Handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server, server.server_port

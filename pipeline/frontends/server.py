@@ -39,10 +39,11 @@ from . import http_kserve, http_roboflow, metrics
 from .auth import Token, TokenInterceptor
 from .config import ServerConfig
 from .control import ModelControl
+from .grpc_calls import MessageGuard
 from .grpc_kserve import InferenceService
 from .grpc_video import VideoService
 from .http import HTTPServer, middlewares
-from .inference import ConnectionLimits, ServingState
+from .inference import ClientLimits, ServingState
 
 LOG = logging.getLogger(__name__)
 INFERENCE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -109,8 +110,10 @@ class PipelineServer:
         self.threads = apply_thread_budget(cfg, loop)
         self.state = ServingState(
             {}, {}, self.ledger, stream_window=cfg.stream_window, stream_policy=cfg.stream_policy,
-            limits=ConnectionLimits(cfg.max_streams_per_connection, cfg.max_in_flight_per_connection),
-            tracks=Tracks(cfg.max_tracked_streams, cfg.tracker_idle_s))
+            limits=ClientLimits(cfg.max_streams_per_client, cfg.max_in_flight_per_client,
+                                cfg.max_bytes_in_flight_mb * 2**20),
+            tracks=Tracks(cfg.max_tracked_streams, cfg.tracker_idle_s,
+                          cfg.max_tracked_streams_per_client))
         self.models = ModelControl(self.state, cfg.model_repository, mode=cfg.model_control_mode,
                                    device=cfg.device, ledger=self.ledger)
         await loop.run_in_executor(None, self.models.load_at_start, cfg.load_model)
@@ -119,7 +122,10 @@ class PipelineServer:
         if cfg.http_port >= 0:
             await self._serve_http(token)
         if serve_metrics:
-            self._metrics, self.metrics_port = metrics.serve(self.ledger, cfg.metrics_port, cfg.host)
+            self._metrics, self.metrics_port = metrics.serve(
+                self.ledger, cfg.metrics_port, cfg.host,
+                tls=(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None,
+                token=token if cfg.metrics_token_required else None)
         for service in ("", INFERENCE_SERVICE, VIDEO_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         LOG.info("listening for gRPC on %s:%d%s; metrics on :%s", cfg.host, self.grpc_port,
@@ -136,7 +142,7 @@ class PipelineServer:
                    ("grpc.max_send_message_length", limit),
                    ("grpc.so_reuseport", 0)]
         server = grpc.aio.server(options=options,
-                                 interceptors=[TokenInterceptor(token)] if token else [])
+                                 interceptors=[*([TokenInterceptor(token)] if token else []), MessageGuard()])
         self._server = server
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.state, self.models), server)
@@ -165,13 +171,16 @@ class PipelineServer:
         app = web.Application(client_max_size=max_body,
                               middlewares=middlewares(self.state, max_body=max_body, token=token))
         http_roboflow.add_routes(app, self.state, token=token, max_body=max_body,
-                                 allow_image_urls=cfg.allow_image_urls)
+                                 allow_image_urls=cfg.allow_image_urls,
+                                 image_url_allow=cfg.image_url_allow)
         app.add_subapp("/v2", http_kserve.app(self.state, self.models))
         ssl_context = None
         if cfg.tls_cert:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-        self._http = HTTPServer(app)
+        self._http = HTTPServer(app, header_timeout_s=cfg.http_header_timeout_s,
+                                idle_timeout_s=cfg.http_idle_timeout_s,
+                                max_connections=cfg.max_http_connections)
         try:
             self.http_port = await self._http.start(cfg.host, cfg.http_port, ssl_context)
         except OSError as exc:

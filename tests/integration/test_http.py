@@ -279,11 +279,12 @@ def test_image_urls_are_fetched_only_when_allowed(tmp_path, fake_root):
     url = f"http://127.0.0.1:{files.server_address[1]}"
     body = json.dumps({"model_id": f"{MODEL}/1", "image": {"type": "url", "value": f"{url}/coffee.jpg"}}).encode()
     try:
-        with running_server(model_repository=str(fake_root), allow_image_urls=True) as allowed:
+        with running_server(model_repository=str(fake_root), allow_image_urls=True,
+                            image_url_allow=("127.0.0.1",)) as allowed:  # a loopback image server
             got, doc = post(http_url(allowed, "/infer/instance_segmentation"), body)
             assert got == 200 and [p["class"] for p in doc["predictions"]] == ["green"]
             missing = body.replace(b"coffee.jpg", b"missing.jpg")
             got, doc = post(http_url(allowed, "/infer/instance_segmentation"), missing)
-            assert got == 400 and "answered HTTP 404" in doc["message"]
+            assert got == 400 and "could not be fetched" in doc["message"] and "404" not in doc["message"]
     finally:
         files.shutdown()

@@ -164,11 +164,11 @@ def test_a_failing_batch_fails_only_its_requests_and_the_next_batch_runs(fails_o
     client.close()
 
 
-# ------------------------------------------------------------------ one connection's share
+# ------------------------------------------------------------------ one client's share
 
 
-def test_requests_in_flight_per_connection_are_capped(slow_root):
-    with running_server(model_repository=str(slow_root), max_in_flight_per_connection=1) as server:
+def test_requests_in_flight_per_client_are_capped(slow_root):
+    with running_server(model_repository=str(slow_root), max_in_flight_per_client=1) as server:
         answers: queue.Queue = queue.Queue()
         client = triton.InferenceServerClient(server.address)
         client.start_stream(callback=lambda result, error: answers.put(error))
@@ -178,14 +178,54 @@ def test_requests_in_flight_per_connection_are_capped(slow_root):
         client.stop_stream()
         refused = [e for e in errors if e is not None]
         assert errors[0] is None and len(refused) == 2
-        assert all(e.message().startswith("RESOURCE_EXHAUSTED: this connection already has 1 "
+        assert all(e.message().startswith("RESOURCE_EXHAUSTED: this client already has 1 "
                                           "requests in flight") for e in refused)
         assert client.infer(MODEL, [image_input(sample_bytes("coffee"))]).as_numpy("DETECTIONS") is not None
         client.close()
 
 
-def test_streams_per_connection_are_capped(fake_root):
-    with running_server(model_repository=str(fake_root), max_streams_per_connection=1) as server:
+def test_a_second_connection_gives_a_client_no_larger_share(slow_root):
+    """The cap is per client address, not per TCP connection: a request held on one
+    connection counts against the same client's request on another."""
+    with running_server(model_repository=str(slow_root), max_in_flight_per_client=1) as server:
+        first, second = (triton.InferenceServerClient(server.address) for _ in range(2))
+        answers: queue.Queue = queue.Queue()
+        first.async_infer(MODEL, [image_input(*[sample_bytes("coffee")] * 8)],
+                          callback=lambda result, error: answers.put(error))
+        time.sleep(0.2)  # the first connection's request is in flight (0.8 s of network)
+        with pytest.raises(InferenceServerException, match="this client already has 1 requests"):
+            second.infer(MODEL, [image_input(sample_bytes("coffee"))])
+        assert answers.get(timeout=60) is None
+        assert second.infer(MODEL, [image_input(sample_bytes("coffee"))]).as_numpy("DETECTIONS") is not None
+        first.close()
+        second.close()
+
+
+def test_the_bytes_in_flight_are_bounded_server_wide(slow_root):
+    """Memory is bounded in bytes: a raw frame that would take the requests in flight past
+    --max-bytes-in-flight-mb is refused at once, and served once the others are answered."""
+    with running_server(model_repository=str(slow_root), max_bytes_in_flight_mb=1,
+                        max_message_mb=1) as server:
+        frame = np.zeros((1, 360, 480, 3), np.uint8)  # 0.5 MB
+        raw = triton.InferInput("IMAGE", list(frame.shape), "UINT8")
+        raw.set_data_from_numpy(frame)
+        clients = [triton.InferenceServerClient(server.address) for _ in range(2)]
+        answers: queue.Queue = queue.Queue()
+        busy_frame = triton.InferInput("IMAGE", [4, 240, 360, 3], "UINT8")
+        busy_frame.set_data_from_numpy(np.zeros((4, 240, 360, 3), np.uint8))  # 1.0 MB, 0.4 s
+        clients[0].async_infer(MODEL, [busy_frame], callback=lambda result, error: answers.put(error))
+        time.sleep(0.15)
+        with pytest.raises(InferenceServerException, match="MB of requests in flight") as info:
+            clients[1].infer(MODEL, [raw])
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert answers.get(timeout=60) is None
+        assert clients[1].infer(MODEL, [raw]).as_numpy("DETECTIONS") is not None
+        for client in clients:
+            client.close()
+
+
+def test_streams_per_client_are_capped(fake_root):
+    with running_server(model_repository=str(fake_root), max_streams_per_client=1) as server:
         release = threading.Event()
 
         def slow_frames():

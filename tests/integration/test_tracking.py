@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 
 import grpc
 import numpy as np
@@ -168,3 +169,77 @@ def test_too_many_tracked_streams_is_a_clear_error(fake_root):
         client.infer(MODEL, [bytes_input(rgb)], sequence_id=1, sequence_end=True)  # frees it
         client.infer(MODEL, [bytes_input(rgb)], sequence_id=2, sequence_start=True)
         client.close()
+
+
+# ------------------------------------------------------------------ no hang, no lock-out
+
+
+@pytest.fixture(scope="module")
+def slow_server(slow_root):
+    """The fake network at ~100 ms per image, so requests overlap."""
+    with running_server(model_repository=str(slow_root), max_tracked_streams=4,
+                        max_tracked_streams_per_client=3) as running:
+        yield running
+
+
+def test_a_sequence_restarted_while_its_request_runs_answers_both(slow_server):
+    """sequence_start with the id of a sequence whose request is still in flight: the old
+    request is answered (without ids: its tracker is gone), never left waiting."""
+    rgb = panned_clip()[0]
+    client = triton.InferenceServerClient(slow_server.address)
+    answers: queue.Queue = queue.Queue()
+    for i in range(3):  # three sequences start with one id while the first still runs
+        client.async_infer(MODEL, [bytes_input(rgb)], request_id=str(i), sequence_id=5,
+                           sequence_start=True, callback=lambda result, error: answers.put((result, error)))
+    got = [answers.get(timeout=20) for _ in range(3)]
+    assert all(error is None for _, error in got), [str(e) for _, e in got]
+    result = client.infer(MODEL, [bytes_input(rgb)], sequence_id=5, sequence_end=True, client_timeout=20)
+    assert result.as_numpy("TRACKER_IDS") is not None
+    assert len(slow_server.server.state.tracks) == 0
+    client.close()
+
+
+def test_two_video_streams_with_one_stream_id_do_not_stall_each_other(slow_server):
+    """Stream ids are the stream call's own: one call ending frees its tracker, not the one
+    another call (same id) is using mid-stream."""
+    clip = panned_clip(frames=12)
+    results: dict[str, list] = {}
+
+    def watch(name: str, frames: int):
+        with grpc.insecure_channel(slow_server.address) as channel:
+            stub = video_pb2_grpc.VideoSegmentationStub(channel)
+            results[name] = list(stub.StreamFrames(frames_for(clip[:frames], stream_id="cam"), timeout=30))
+
+    threads = [threading.Thread(target=watch, args=("long", 12)), threading.Thread(target=watch, args=("short", 3))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(40)
+    assert [len(results.get(name, ())) for name in ("long", "short")] == [12, 3]
+    assert not any(r.error for name in results for r in results[name])
+    reds = {d.tracker_id for r in results["long"][1:] for d in r.detections if d.class_name == "red"}
+    assert len(reds) == 1 and min(reds) >= 0  # its tracker was never restarted by the other
+
+
+def test_garbage_with_fresh_sequence_ids_does_not_lock_tracking_out(slow_server):
+    """Unreadable images under distinct sequence ids hold no tracker; a client's share of the
+    table is capped (3 of 4 here: another address keeps a place, see the unit tests)."""
+    rgb = panned_clip()[0]
+    client = triton.InferenceServerClient(slow_server.address)
+    garbage = triton.InferInput("IMAGE", [1, 1], "BYTES")
+    garbage.set_data_from_numpy(np.array([[b"not an image"]], dtype=object))
+    for sequence in range(1000, 1040):
+        with pytest.raises(triton.InferenceServerException) as info:
+            client.infer(MODEL, [garbage], sequence_id=sequence, sequence_start=True, client_timeout=20)
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert len(slow_server.server.state.tracks) == 0
+    for sequence in (1, 2, 3):
+        client.infer(MODEL, [bytes_input(rgb)], sequence_id=sequence, sequence_start=True, client_timeout=20)
+    with pytest.raises(triton.InferenceServerException) as info:
+        client.infer(MODEL, [bytes_input(rgb)], sequence_id=4, sequence_start=True, client_timeout=20)
+    assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "this client has 3 tracked streams live (the limit per client is 3)" in info.value.message()
+    for sequence in (1, 2, 3):
+        client.infer(MODEL, [bytes_input(rgb)], sequence_id=sequence, sequence_end=True, client_timeout=20)
+    assert len(slow_server.server.state.tracks) == 0
+    client.close()

@@ -312,3 +312,57 @@ def test_on_idle_runs_once_after_the_queue_stays_empty_never_between_close_reque
         return during, after, len(idle)
 
     assert run(main()) == (0, 1, 2)
+
+
+def test_a_request_that_cannot_start_before_its_deadline_is_refused_on_arrival():
+    """0.1 s per item, one at a time, 0.35 s to start: once the pace is measured, a request
+    with more than ~3 items ahead is refused at once (not after its 0.35 s), and the ones
+    that were let in all start in time."""
+    model = Recorder(delay=0.1)
+    timeouts = []
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0,
+                           policy=QueuePolicy(timeout_s=0.35), on_timeout=lambda: timeouts.append(1))
+        assert b.expected_wait_s() == 0.0  # nothing measured yet: nothing refused early
+        await b.submit(0)
+        await b.submit(0)  # the pace: ~0.1 s per item
+
+        async def timed(i):
+            start = time.monotonic()
+            try:
+                return await b.submit(i), time.monotonic() - start
+            except DeadlineError as exc:
+                return exc, time.monotonic() - start
+
+        outcomes = await asyncio.gather(*(timed(i) for i in range(1, 9)))
+        await b.close()
+        return outcomes
+
+    outcomes = run(main())
+    served = [after for result, after in outcomes if not isinstance(result, Exception)]
+    refused = [(result, after) for result, after in outcomes if isinstance(result, Exception)]
+    assert 2 <= len(served) <= 5 and len(refused) == 8 - len(served)
+    assert all(after < 0.05 for _, after in refused)  # refused on arrival
+    assert all("requests are queued ahead" in str(result) for result, _ in refused)
+    assert len(timeouts) == len(refused)
+    assert max(served) < 0.35 + 0.1 + 0.1  # every request let in started within its deadline
+
+
+def test_delay_policies_are_never_refused_early_but_a_callers_deadline_is():
+    model = Recorder(delay=0.05)
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0,
+                           policy=QueuePolicy(timeout_s=0.01, action="delay"))
+        await b.submit(0)
+        delayed = await asyncio.gather(*(b.submit(i) for i in range(6)))  # all run, late
+        tasks = [asyncio.create_task(b.submit(i)) for i in range(6)]
+        await asyncio.sleep(0)
+        with pytest.raises(DeadlineError, match="refused at once"):
+            await b.submit(9, deadline=time.monotonic() + 0.05)
+        await asyncio.gather(*tasks)
+        await b.close()
+        return delayed
+
+    assert run(main()) == [i * 2 for i in range(6)]

@@ -172,7 +172,7 @@ def test_a_frame_is_read_with_its_options_and_its_place_in_a_tracked_stream():
                       options=vpb.InferOptions(confidence=0.5, track=True, frame_rate=10))
     request = grpc_video.request_of(frame)
     assert np.array_equal(request.images[0], rgb) and request.options == {"confidence": 0.5}
-    assert request.tracking.key == "video/other/cam"
+    assert request.tracking.key == "video/0/other/cam"
     assert request.tracking.timestamp == 2.0  # no timestamp: its index over the frame rate
     plain = grpc_video.request_of(vpb.Frame(encoded=b"jpeg", timestamp=3.0))
     assert plain.images == (b"jpeg",) and plain.tracking is None and plain.options == {}
@@ -210,3 +210,47 @@ def test_base64_images_and_data_uris_decode_and_garbage_is_refused():
     assert http_roboflow._base64(b"data:image/png;base64,aGVsbG8=", "the body") == b"hello"
     with pytest.raises(BadInputError, match="image 2 is not base64"):
         http_roboflow._base64(b"%%%", "image 2")
+
+
+# ------------------------------------------------------------------ KServe tensor shapes (issue 25)
+
+
+@pytest.mark.parametrize("tensor, words", [
+    (kserve.InputTensor("IMAGE", "UINT8", [0, 10, 10, 3], raw=b""), "batch of 0 images"),
+    (kserve.InputTensor("IMAGE", "UINT8", [0, 10, 10, 3], values=[]), "batch of 0 images"),
+    (kserve.InputTensor("IMAGE", "UINT8", [1, 10, 0, 3], raw=b""), "no pixels"),
+    (kserve.InputTensor("IMAGE", "UINT8", [10, 0, 3], raw=b""), "no pixels"),
+    (kserve.InputTensor("IMAGE", "UINT8", [1, 10, 10, 0], raw=b""), "[B, H, W, 3]"),
+    (kserve.InputTensor("IMAGE", "BYTES", [0, 1], values=[]), "batch of 0 images"),
+    (kserve.InputTensor("IMAGE", "BYTES", [0], raw=b""), "batch of 0 images"),
+    (kserve.InputTensor("IMAGE", "UINT8", [1, 1, 2, 3], values=[0, 1, 2, 3, 255, 256]), "got 0..256"),
+    (kserve.InputTensor("IMAGE", "UINT8", [1, 1, 2, 3], values=[-1, 1, 2, 3, 4, 5]), "got -1..5"),
+])
+def test_empty_batches_and_out_of_range_pixels_are_refused(tensor, words):
+    with pytest.raises(BadInputError) as info:
+        kserve.images_of([tensor])
+    assert words in str(info.value)
+
+
+def test_a_huge_uint8_shape_names_its_true_byte_count_never_an_overflowed_one():
+    tensor = kserve.InputTensor("IMAGE", "UINT8", [2**62, 1, 1, 3], raw=bytes(3))
+    with pytest.raises(BadInputError) as info:
+        kserve.images_of([tensor])
+    assert f"needs {3 * 2**62} bytes, got 3" in str(info.value)  # np.prod wrapped to negative
+    # the same through the gRPC message (int64 shape dims)
+    message = pb.ModelInferRequest(model_name="m")
+    message.inputs.add(name="IMAGE", datatype="UINT8", shape=[2**62, 1, 1, 3])
+    message.raw_input_contents.append(bytes(3))
+    with pytest.raises(BadInputError, match=f"needs {3 * 2**62} bytes"):
+        grpc_kserve.read_request(message)
+
+
+def test_raw_input_contents_must_be_one_per_input():
+    message = pb.ModelInferRequest(model_name="m")
+    message.inputs.add(name="IMAGE", datatype="BYTES", shape=[1, 1])
+    message.raw_input_contents.append(kserve.encode_bytes_tensor([b"one"]))
+    message.raw_input_contents.append(kserve.encode_bytes_tensor([b"ignored today"]))
+    with pytest.raises(BadInputError, match="2 raw_input_contents for 1 inputs"):
+        grpc_kserve.read_request(message)
+    del message.raw_input_contents[1]
+    assert [t.raw for t in grpc_kserve.inputs_of(message)] == [kserve.encode_bytes_tensor([b"one"])]

@@ -47,21 +47,30 @@ def test_bad_settings_are_refused_at_start_up(settings, words):
         ServerConfig(**settings)
 
 
-def test_connection_limits_count_per_peer_and_refuse_beyond_the_cap():
+def test_client_limits_count_per_client_and_refuse_beyond_the_cap():
     from pipeline.errors import OverloadedError
-    from pipeline.frontends.inference import ConnectionLimits
+    from pipeline.frontends.inference import ClientLimits, client_of
 
-    limits = ConnectionLimits(max_streams=1, max_in_flight=2)
-    limits.acquire("streams", "ipv4:1.2.3.4:5")
-    with pytest.raises(OverloadedError, match="1 streams.*limit is 1"):
-        limits.acquire("streams", "ipv4:1.2.3.4:5")
-    limits.acquire("streams", "ipv4:1.2.3.4:6")  # another connection has its own budget
+    assert client_of("ipv4:1.2.3.4:5") == client_of("ipv4:1.2.3.4:6") == "1.2.3.4"
+    assert client_of("ipv6:[::1]:443") == "::1" and client_of("unix:/tmp/s") == "unix:/tmp/s"
+    limits = ClientLimits(max_streams=1, max_in_flight=2, max_bytes=100)
+    limits.acquire("streams", "1.2.3.4")
+    with pytest.raises(OverloadedError, match="1 streams.*limit per client is 1"):
+        limits.acquire("streams", "1.2.3.4")
+    limits.acquire("streams", "1.2.3.5")  # another client has its own budget
     with limits.request("p"), limits.request("p"):
         with pytest.raises(OverloadedError, match="2 requests in flight"):
             with limits.request("p"):
                 pass
     with limits.request("p"):  # released again
         pass
-    limits.release("streams", "ipv4:1.2.3.4:5")
-    limits.release("streams", "ipv4:1.2.3.4:6")
+    limits.release("streams", "1.2.3.4")
+    limits.release("streams", "1.2.3.5")
     assert not any(limits.held.values())
+    with limits.holding(60):
+        with pytest.raises(OverloadedError, match="the limit is 0 MB"):
+            with limits.holding(41):
+                pass
+        with limits.holding(40):
+            assert limits.bytes_held == 100
+    assert limits.bytes_held == 0

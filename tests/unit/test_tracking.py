@@ -32,7 +32,7 @@ def follow(frames, options=TrackerOptions(), fps=30.0, key="cam"):
         out = []
         for index, boxes, classes in frames:
             ticket = tracks.ticket(key, options)
-            tracked = await tracks.assign(key, ticket, detections(boxes, classes), index / fps)
+            tracked = await tracks.assign(ticket, detections(boxes, classes), index / fps)
             out.append(tracked.tracker_ids.tolist())
         return out, tracks
 
@@ -91,8 +91,8 @@ def test_requests_update_in_ticket_order_whatever_order_they_finish():
 
         async def frame(ticket, delay, x):
             await asyncio.sleep(delay)  # detection finishing out of order
-            tracked = await tracks.assign("cam", ticket, detections([[x, 10, x + 50, 90]]), ticket / 30)
-            order.append(ticket)
+            tracked = await tracks.assign(ticket, detections([[x, 10, x + 50, 90]]), ticket.number / 30)
+            order.append(ticket.number)
             return tracked.tracker_ids[0]
 
         results = await asyncio.gather(frame(t0, 0.05, 10), frame(t1, 0.0, 13), frame(t2, 0.02, 16))
@@ -106,25 +106,74 @@ def test_a_failed_request_passes_its_turn():
     async def main():
         tracks = Tracks()
         t0, t1, t2 = (tracks.ticket("cam", TrackerOptions()) for _ in range(3))
-        later = asyncio.create_task(tracks.assign("cam", t2, detections([[10, 10, 60, 90]]), 2 / 30))
+        later = asyncio.create_task(tracks.assign(t2, detections([[10, 10, 60, 90]]), 2 / 30))
         await asyncio.sleep(0.01)
-        tracks.skip("cam", t1)  # e.g. its image failed to decode
-        await tracks.assign("cam", t0, detections([[10, 10, 60, 90]]), 0.0)
+        tracks.skip(t1)  # e.g. its image failed to decode
+        await tracks.assign(t0, detections([[10, 10, 60, 90]]), 0.0)
         return await asyncio.wait_for(later, 2)
 
     assert asyncio.run(main()).tracker_ids.tolist() in ([0], [-1])
 
 
+def update(tracks, key, client=""):
+    """One frame of ``key`` through its tracker (made on this first update)."""
+    ticket = tracks.ticket(key, TrackerOptions(), client)
+    return asyncio.run(tracks.assign(ticket, detections([[10, 10, 60, 90]]), 0.0))
+
+
 def test_trackers_are_bounded_freed_at_the_end_and_when_idle():
     tracks = Tracks(max_tracks=2, idle_s=10)
-    tracks.ticket("a", TrackerOptions())
-    tracks.ticket("b", TrackerOptions())
+    update(tracks, "a")
+    update(tracks, "b")
     with pytest.raises(OverloadedError, match="2 tracked streams are live"):
-        tracks.ticket("c", TrackerOptions())
+        update(tracks, "c")
+    assert "c" not in tracks._tracks  # the refused request left nothing behind
     tracks.end("a")
-    tracks.ticket("c", TrackerOptions())
+    update(tracks, "c")
     assert len(tracks) == 2
     assert tracks.sweep(now=float("inf")) == 2 and len(tracks) == 0
+
+
+def test_one_client_cannot_fill_the_table():
+    tracks = Tracks(max_tracks=4, max_per_client=2)
+    update(tracks, ("10.0.0.1", "s1"), "10.0.0.1")
+    update(tracks, ("10.0.0.1", "s2"), "10.0.0.1")
+    with pytest.raises(OverloadedError, match="this client has 2 tracked streams live"):
+        update(tracks, ("10.0.0.1", "s3"), "10.0.0.1")
+    update(tracks, ("10.0.0.2", "s1"), "10.0.0.2")  # others still get theirs
+    assert len(tracks) == 3
+
+
+def test_requests_that_fail_before_their_update_hold_no_tracker():
+    """Garbage images with distinct sequence ids: tickets are taken, every request fails
+    and skips, and the table is as empty as before (no lock-out of other clients)."""
+    tracks = Tracks(max_tracks=2)
+    for i in range(300):
+        tracks.skip(tracks.ticket(f"garbage-{i}", TrackerOptions()))
+    assert len(tracks) == 0 and not tracks._tracks
+    update(tracks, "real")
+    assert len(tracks) == 1
+
+
+def test_a_restarted_key_answers_the_old_tickets_instead_of_leaving_them_waiting():
+    """A sequence restarted (or a stream ended) while frames of the old tracker wait for
+    their turn: they are answered without ids at once, and the new tracker's frames do not
+    wait for them."""
+    async def main():
+        tracks = Tracks()
+        old0, old1 = (tracks.ticket("seq", TrackerOptions()) for _ in range(2))
+        waiting = asyncio.create_task(tracks.assign(old1, detections([[10, 10, 60, 90]]), 0.1))
+        await asyncio.sleep(0.01)  # old1 waits for old0's turn, which never comes
+        tracks.end("seq")  # sequence_start of a new sequence with the same id
+        new0 = tracks.ticket("seq", TrackerOptions())
+        fresh = await asyncio.wait_for(tracks.assign(new0, detections([[10, 10, 60, 90]]), 0.0), 2)
+        stale = await asyncio.wait_for(waiting, 2)
+        late = await asyncio.wait_for(tracks.assign(old0, detections([[10, 10, 60, 90]]), 0.0), 2)
+        return fresh, stale, late
+
+    fresh, stale, late = asyncio.run(main())
+    assert fresh.tracker_ids is not None
+    assert stale.tracker_ids is None and late.tracker_ids is None
 
 
 def test_per_frame_work_follows_the_objects_in_view_not_the_stream_length():
@@ -140,6 +189,9 @@ def test_per_frame_work_follows_the_objects_in_view_not_the_stream_length():
     ({"lost_track_seconds": "soon"}, "lost_track_seconds"),
     ({"minimum_consecutive_frames": 0}, "minimum_consecutive_frames"),
     ({"frame_rate": 0}, "frame_rate"),
+    ({"minimum_consecutive_frames": float("nan")}, "minimum_consecutive_frames"),
+    ({"minimum_consecutive_frames": "inf"}, "minimum_consecutive_frames"),
+    ({"lost_track_seconds": float("-inf")}, "lost_track_seconds"),
 ])
 def test_bad_tracker_knobs_name_the_key(params, key):
     with pytest.raises(InvalidOptionError) as info:
@@ -173,11 +225,12 @@ def test_updates_run_off_the_event_loop_one_at_a_time_even_when_a_request_is_can
     async def main():
         tracks = Tracks()
         t0, t1 = (tracks.ticket("cam", TrackerOptions()) for _ in range(2))
-        tracker = tracks._tracks["cam"].tracker
-        first = asyncio.create_task(tracks.assign("cam", t0, detections([[10, 10, 60, 90]]), 0.0))
+        first = asyncio.create_task(tracks.assign(t0, detections([[10, 10, 60, 90]]), 0.0))
+        await asyncio.sleep(0.01)
+        tracker = tracks._tracks["cam"].tracker  # made on the first update
         await asyncio.to_thread(tracker.entered.wait, 10)  # the first update is running
         first.cancel()  # its caller leaves mid-update ...
-        second = asyncio.create_task(tracks.assign("cam", t1, detections([[12, 10, 62, 90]]), 0.1))
+        second = asyncio.create_task(tracks.assign(t1, detections([[12, 10, 62, 90]]), 0.1))
         await asyncio.sleep(0)  # ... the second waits for the turn, not for the caller
         assert len(tracker.threads) == 1
         tracker.release.set()
