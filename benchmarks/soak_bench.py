@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import queue
 import sys
 import threading
@@ -45,6 +46,12 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    """A process's CPU seconds so far (user + system, /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def settled_rss_mb(pid: int, seconds: float = 5.0, field: str = "VmRSS") -> float:
@@ -121,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# soak: {args.streams} streams x window {args.window}, {args.rounds} rounds of "
               f"{args.seconds:.0f} s, {args.workload}; server flags: {args.server_args or '(defaults)'}")
         print("| round | RSS MB at rest | vs round 2 | anonymous MB | frames served | served/s | "
-              "refused | refusal p50 ms | served p99 ms | errors by status | lost |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "refused | refusal p50 ms | served p99 ms | errors by status | lost | "
+              "server CPU cores | clients' CPU cores |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         print(f"| start | {settled_rss_mb(server.pid):.0f} | | {rss_mb(server.pid, 'RssAnon'):.0f} "
-              "| | | | | | | |", flush=True)
+              "| | | | | | | | | |", flush=True)
         readings, lost = [], 0
         for r in range(1, args.rounds + 1):
             tally = {"sent": 0, "answered": 0, "errors": collections.Counter(), "served_s": [],
@@ -134,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
             threads = [threading.Thread(target=one_stream, args=(target, images, args.window,
                                                                   stop_at, tally, lock))
                        for _ in range(args.streams)]
-            start = time.monotonic()
+            start, server_cpu, own_cpu = time.monotonic(), cpu_s(server.pid), cpu_s(os.getpid())
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             elapsed = time.monotonic() - start
+            server_cores = (cpu_s(server.pid) - server_cpu) / elapsed
+            client_cores = (cpu_s(os.getpid()) - own_cpu) / elapsed
             now = settled_rss_mb(server.pid)
             anonymous = rss_mb(server.pid, "RssAnon")
             ok = tally["answered"] - sum(tally["errors"].values())
@@ -149,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             refused = tally["refused_s"]
             print(f"| {r} | {now:.0f} | {versus} | {anonymous:.0f} | {ok} | {ok / elapsed:.2f} | "
                   f"{len(refused)} | {ms(refused, 50)} | {ms(tally['served_s'], 99)} | {errors} | "
-                  f"{tally['sent'] - tally['answered']} |", flush=True)
+                  f"{tally['sent'] - tally['answered']} | {server_cores:.2f} | {client_cores:.2f} |",
+                  flush=True)
             lost += tally["sent"] - tally["answered"]
         if len(readings) > 2:
             spread = max(abs(x / readings[1] - 1) for x in readings[2:])

@@ -38,6 +38,9 @@ IDLE_S = 1.0
 # Weight of the newest batch in the measured seconds per item (an exponential average:
 # follows a changing load within a few batches, ignores one slow batch).
 PACE_WEIGHT = 0.2
+# Bounds of a refusal's retry-after: long enough that a client (or a paused stream) does not
+# come back before anything changed, short enough to catch the queue draining.
+RETRY_AFTER_S = (0.05, 1.0)
 
 
 @dataclass(frozen=True)
@@ -174,17 +177,10 @@ class DynamicBatcher(Generic[Item, Result]):
             raise ShuttingDownError(f"{self.name} is shutting down; no new requests")
         if not self._tasks:
             self.start()
-        live = self.queued
-        if live >= self.max_queue_size:
-            raise OverloadedError(
-                f"{self.name} is overloaded: {live} requests already queued "
-                f"(max_queue_size {self.max_queue_size}); retry with back-off"
-            )
         loop = asyncio.get_running_loop()
         arrived = time.monotonic() if arrived is None else arrived
         request = _Request(next(self._ids), item, loop.create_future(), arrived,
-                           self.policy.deadline(arrived, timeout_s), deadline)
-        self._refuse_if_late(request, live)
+                           self.admit(arrived, timeout_s, deadline), deadline)
         self._queue.append(request)
         self._arm_timer(request)
         self._wakeup.set()
@@ -202,25 +198,38 @@ class DynamicBatcher(Generic[Item, Result]):
             request.timer = loop.call_at(loop.time() + max(0.0, min(due) - time.monotonic()),
                                          self._expire, request)
 
-    def _refuse_if_late(self, request: _Request, queued: int) -> None:
-        """DeadlineError now if the work ahead cannot be done before the request's deadline
-        (the caller's, or the policy's where it rejects): waiting it out would only delay
-        the same answer and hold the request's memory meanwhile."""
-        policy = request.deadline if self.policy.action == "reject" else None
-        deadlines = [(d, why) for d, why in ((request.hard_deadline, "the caller's deadline"),
-                                             (policy, f"{self.name}'s queue timeout")) if d is not None]
+    def admit(self, arrived: float, timeout_s: float | None = None,
+              deadline: float | None = None) -> float | None:
+        """Whether a request that arrived at ``arrived`` may queue now; returns its queue
+        policy's deadline. OverloadedError when the queue is full; DeadlineError when the work
+        ahead cannot be done before its deadline (the caller's, or the policy's where it
+        rejects): waiting it out would only delay the same answer and hold the request's
+        memory meanwhile. Cheap, so callers ask before reading a request further."""
+        queued = self.queued
+        if queued >= self.max_queue_size:
+            raise OverloadedError(
+                f"{self.name} is overloaded: {queued} requests already queued "
+                f"(max_queue_size {self.max_queue_size}); retry with back-off"
+            )
+        policy = self.policy.deadline(arrived, timeout_s)
+        rejecting = policy if self.policy.action == "reject" else None
+        deadlines = [(d, why) for d, why in ((deadline, "the caller's deadline"),
+                                             (rejecting, f"{self.name}'s queue timeout")) if d is not None]
         if not deadlines:
-            return
-        now, wait = time.monotonic(), self.expected_wait_s(queued)
-        deadline, why = min(deadlines)
-        if now + wait <= deadline:
-            return
+            return policy
+        wait, now = self.expected_wait_s(queued), time.monotonic()
+        due, why = min(deadlines)
+        if now + wait <= due:
+            return policy
         if self.on_timeout is not None:
             self.on_timeout()
+        low, high = RETRY_AFTER_S
+        retry_after = min(high, max(low, now + wait - due))
         raise DeadlineError(
             f"{self.name}: {queued} requests are queued ahead, about {wait:.2f} s of work at the "
-            f"measured pace, past {why} of {deadline - request.enqueued:.2f} s; refused at once, "
-            "not run (the server is behind: lower the frame rate or add replicas)")
+            f"measured pace, past {why} of {due - arrived:.2f} s; refused at once, not run (the "
+            f"server is behind: retry in {retry_after:.2f} s, lower the frame rate or add replicas)",
+            retry_after)
 
     def _expire(self, request: _Request) -> None:
         """A queued request reached a deadline: answer it now, or move it behind the rest."""

@@ -268,6 +268,7 @@ class Pipeline:
         DeadlineError and never run.
         """
         arrived = time.monotonic()
+        self.batcher.admit(arrived, timeout_s, deadline)  # before any header is read
         pixels = PixelBudget()
         accepted = await asyncio.gather(*(asyncio.to_thread(self.accept, image, options, pixels)
                                           for image in images))

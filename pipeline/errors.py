@@ -64,7 +64,13 @@ class ShuttingDownError(PipelineError):
 
 
 class DeadlineError(PipelineError):
-    """A request waited past its queue timeout or its caller's deadline; it was not run."""
+    """A request waited past its queue timeout or its caller's deadline, or could not start
+    within it; it was not run. retry_after_s: for one refused on arrival, about when a new
+    request could start in time (streams are paused that long: see ``StreamWindow.hold``)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 STATUS: dict[type[PipelineError], Status] = {

@@ -8,7 +8,7 @@ import inspect
 
 import grpc
 
-from ..errors import OverloadedError, status_of
+from ..errors import DeadlineError, OverloadedError, status_of
 from .inference import ServingState, client_of
 from .stream_window import StreamWindow
 
@@ -23,8 +23,11 @@ async def serve_stream(state: ServingState, api: str, process, failed, requests,
     """One streaming RPC through a StreamWindow (``process``/``failed`` per request; see
     ``stream_window``): refused while draining, within the client's limits, counted, and
     registered so the drain can stop it; the models its requests name (``model_of``) count
-    as in use until it ends. A drained stream gets every request it read answered, then
-    ends with UNAVAILABLE, so the client knows to reconnect and re-send."""
+    as in use until it ends. A request refused because the server is behind answers at
+    once and pauses the stream's reading for its retry-after, so a client that sends again
+    the moment it hears cannot turn refusals into a flood that starves the network. A
+    drained stream gets every request it read answered, then ends with UNAVAILABLE, so the
+    client knows to reconnect and re-send."""
     if state.draining:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
     client = client_of(context.peer())
@@ -36,7 +39,12 @@ async def serve_stream(state: ServingState, api: str, process, failed, requests,
             models.add(model)
             state.model_streams[model] += 1
         with state.limits.request(client):
-            return await process(request)
+            try:
+                return await process(request)
+            except DeadlineError as exc:
+                if exc.retry_after_s:
+                    window.hold(exc.retry_after_s)
+                raise
 
     window = StreamWindow(within_limits, failed, window=state.stream_window, **window_options)
     try:

@@ -148,10 +148,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 await context.abort(grpc_status(exc), describe(exc))
 
     async def _stream_answer(self, request: pb.ModelInferRequest, client: str) -> pb.ModelStreamInferResponse:
-        try:
-            return pb.ModelStreamInferResponse(infer_response=await self.infer(request, client))
-        except Exception as exc:  # noqa: BLE001 - reported in-stream; the stream goes on
-            return self._stream_error(request, exc)
+        """Its errors are answered in-stream by the stream's window (``_stream_error``)."""
+        return pb.ModelStreamInferResponse(infer_response=await self.infer(request, client))
 
     @staticmethod
     def _stream_error(request: pb.ModelInferRequest, exc: BaseException) -> pb.ModelStreamInferResponse:

@@ -102,11 +102,9 @@ class VideoService(video_pb2_grpc.VideoSegmentationServicer):
                 tracked.add(request.tracking.slot(client))
             return request
 
-        try:
-            return await run(self.state, model_of(frame), read,
-                             lambda answer: result_of(frame, answer, arrived), client)
-        except Exception as exc:  # noqa: BLE001 - one bad frame must not end the stream
-            return self._failed(arrival, exc)
+        # A bad frame does not end the stream: its error is answered by the window (``_failed``).
+        return await run(self.state, model_of(frame), read,
+                         lambda answer: result_of(frame, answer, arrived), client)
 
     @staticmethod
     def _failed(arrival: tuple[float, vpb.Frame], exc: BaseException) -> vpb.FrameResult:

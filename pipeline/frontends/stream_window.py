@@ -9,7 +9,9 @@ most ``window`` more wait behind them. When a client sends faster than the model
 - policy ``drop_oldest``: the oldest request still waiting (never one running) is answered
   with ``dropped(request)`` to make room. Live video prefers fresh frames to late ones.
 
-Either way unanswered results never pile up: a client that stops reading its results is slowed
+``hold(seconds)`` pauses reading (the adapter's answer to a refusal that says when to retry),
+so flow control slows the sender down whatever the policy. Either way unanswered results
+never pile up: a client that stops reading its results is slowed
 down once ``4 * window`` are unanswered, whatever the policy. When the consumer goes away,
 nothing more is started and requests still running are cancelled (the batcher drops them if
 they have not reached the model yet).
@@ -79,6 +81,7 @@ class StreamWindow(Generic[Request, Result]):
         self._running = 0
         self._changed = asyncio.Event()
         self._reader: asyncio.Task | None = None
+        self._held_until = 0.0  # loop time before which nothing more is read
         self.stopped = False
 
     @property
@@ -111,6 +114,13 @@ class StreamWindow(Generic[Request, Result]):
                 if slot.task is not None:
                     slot.task.cancel()
 
+    def hold(self, seconds: float) -> None:
+        """Start and read nothing more for ``seconds`` (requests running go on)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() + seconds > self._held_until:
+            self._held_until = loop.time() + seconds
+            loop.call_at(self._held_until, self._start_waiting)
+
     def stop(self, reason: BaseException) -> None:
         """Drain: read nothing more; answer waiting requests ``failed(request, reason)``;
         let running ones finish. ``run()`` ends when every request read is answered."""
@@ -137,6 +147,8 @@ class StreamWindow(Generic[Request, Result]):
                 self._order.append(slot)
                 self._waiting.append(slot)
                 self._start_waiting()
+                while (pause := self._held_until - asyncio.get_running_loop().time()) > 0:
+                    await asyncio.sleep(pause)
         finally:
             self._changed.set()
 
@@ -146,6 +158,8 @@ class StreamWindow(Generic[Request, Result]):
         return self.policy == "wait" and len(self._waiting) >= self.window
 
     def _start_waiting(self) -> None:
+        if asyncio.get_running_loop().time() < self._held_until:
+            return  # ``hold`` calls again when it ends
         while self._waiting and self._running < self.window:
             slot = self._waiting.popleft()
             self._running += 1

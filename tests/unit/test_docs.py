@@ -44,3 +44,15 @@ def test_every_name_the_page_cites_is_defined():
         else:
             classes = [getattr(m, owner) for m in modules.values() if hasattr(m, owner)]
             assert classes and any(hasattr(c, name) for c in classes), f"{owner}.{name}"
+
+
+def test_the_security_page_names_only_real_settings():
+    """docs/security.md promises behaviour by flag: each one it names is a server setting."""
+    import dataclasses
+
+    from pipeline.frontends.config import ServerConfig
+
+    page = (ROOT / "docs/security.md").read_text()
+    settings = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(ServerConfig)}
+    named = set(re.findall(r"`(--[a-z][a-z-]*)", page))
+    assert len(named) > 15 and named <= settings, named - settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -233,3 +234,40 @@ def test_stop_answers_what_was_read_and_ends_the_stream():
     results, started, stopped = run(main())
     assert stopped and started == [0, 1]  # nothing started after the stop
     assert results == ["done 0", "done 1", "failed 2: RuntimeError", "failed 3: RuntimeError"]
+
+
+def test_hold_pauses_starting_and_reading_then_resumes_and_a_drain_answers_what_was_held():
+    started: list[tuple[int, float]] = []
+
+    async def main():
+        window = None
+
+        async def process(i):
+            started.append((i, time.monotonic()))
+            if i == 0:
+                window.hold(0.3)  # e.g. refused: the server is behind
+            return i
+
+        window = StreamWindow(process, lambda r, e: ("failed", r), window=1)
+        t0 = time.monotonic()
+        results = [r async for r in window.run(source(range(3)))]
+        return results, t0
+
+    results, t0 = asyncio.run(main())
+    assert results == [0, 1, 2]
+    assert started[1][1] - t0 >= 0.28  # the next one waited out the hold
+    assert started[2][1] - started[1][1] < 0.1  # then the stream went on at once
+
+    async def drained():
+        window = None
+
+        async def process(i):
+            if i == 0:
+                window.hold(30)
+                asyncio.get_running_loop().call_later(0.1, window.stop, RuntimeError("draining"))
+            return i
+
+        window = StreamWindow(process, lambda r, e: ("failed", r), window=1)
+        return [r async for r in window.run(source(range(2)))]
+
+    assert asyncio.run(asyncio.wait_for(drained(), 5)) == [0, ("failed", 1)]
