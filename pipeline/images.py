@@ -224,10 +224,11 @@ def as_rgb_array(image: object) -> np.ndarray:
 
 def as_picture(image: object, long_side: int | None = None) -> Picture:
     """Encoded bytes, a path-like, a PIL image, an (H, W, 3) uint8 array or a Picture, as a
-    Picture. long_side: see ``decode_image`` (only encoded images are decoded reduced).
+    Picture. long_side: see ``decode_image``; raw pixels are reduced the same way, so a
+    raw frame far larger than the network input never becomes a full-size float tensor.
     """
     if isinstance(image, Picture):
-        return image
+        return _reduced_picture(image, long_side)
     if isinstance(image, (bytes, bytearray, memoryview)):
         return decode_image(bytes(image), long_side)
     if isinstance(image, str) or hasattr(image, "__fspath__"):
@@ -235,15 +236,29 @@ def as_picture(image: object, long_side: int | None = None) -> Picture:
             return decode_image(f.read(), long_side)
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
         rgb = np.array(_eight_bit(image).convert("RGB"))
-        return Picture(rgb, rgb.shape[:2])
+        return _reduced_picture(Picture(rgb, rgb.shape[:2]), long_side)
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise BadInputError(
             f"raw images must be uint8 [H, W, 3] RGB, got {arr.dtype} {list(arr.shape)}"
         )
     check_image_size(arr.shape[0], arr.shape[1])
-    rgb = arr if arr.flags.c_contiguous and arr.flags.writeable else np.array(arr)
-    return Picture(rgb, rgb.shape[:2])
+    return _reduced_picture(Picture(arr, arr.shape[:2]), long_side)
+
+
+def _reduced_picture(picture: Picture, long_side: int | None) -> Picture:
+    """``_reduced`` for pixels already in memory; the pixels made C-contiguous and writable
+    (as torch wants them), copied only when they are not."""
+    from PIL import Image
+
+    if long_side is not None:
+        img = Image.fromarray(picture.rgb)
+        smaller = _reduced(img, picture.size, long_side)
+        if smaller is not img:
+            return Picture(np.array(smaller), picture.size)
+    if picture.rgb.flags.c_contiguous and picture.rgb.flags.writeable:
+        return picture
+    return Picture(np.array(picture.rgb), picture.size)
 
 
 def letterbox(image: np.ndarray | Picture, size: int, device: object = "cpu",

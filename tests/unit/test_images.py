@@ -167,3 +167,23 @@ def test_a_requests_images_share_one_pixel_budget():
     budget.take(6, 6)  # 100 in all: at the limit
     with pytest.raises(BadInputError, match="more than 100 pixels together"):
         budget.take(1, 1)
+
+
+def test_a_raw_frame_far_larger_than_the_input_is_reduced_before_any_float_tensor():
+    """A raw 4K frame (a read-only view of the message, as KServe's raw tensors are) is
+    box-averaged on its 8-bit pixels like a decoded one, not made a full-size float tensor;
+    a frame under twice the input is used as it is."""
+    from pipeline.images import as_picture, letterbox
+
+    ys, xs = np.mgrid[0:2160, 0:3840]
+    frame = np.stack([xs * 255 // 3839, ys * 255 // 2159, (xs + ys) % 256], axis=-1).astype(np.uint8)
+    frame[500:1500, 1000:2500] = (200, 40, 40)  # an object with edges
+    view = np.frombuffer(frame.tobytes(), np.uint8).reshape(frame.shape)  # read-only
+    picture = as_picture(view, long_side=640)
+    assert picture.size == (2160, 3840) and max(picture.rgb.shape[:2]) < 2 * 640
+    assert picture.rgb.flags.writeable
+    reduced, _ = letterbox(picture, 640)
+    full, _ = letterbox(frame, 640)
+    assert float((reduced - full).abs().mean()) < 2 / 255
+    small = np.zeros((600, 1000, 3), np.uint8)
+    assert as_picture(small, long_side=640).rgb is small
