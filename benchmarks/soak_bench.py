@@ -75,16 +75,24 @@ def one_stream(target: str, images: list[bytes], window: int, stop_at: float, ta
     errors: collections.Counter = collections.Counter()
     sent_at: deque[float] = deque()  # a stream is answered in order: the oldest is answered next
     served_s, refused_s = [], []
+    ended = False  # by the server: its unanswered requests count as lost
     try:
-        while time.monotonic() < stop_at or in_flight:
+        while not ended and (time.monotonic() < stop_at or in_flight):
             while in_flight < window and time.monotonic() < stop_at:
                 tensor = triton.InferInput("IMAGE", [1, 1], "BYTES")
                 tensor.set_data_from_numpy(np.array([[images[k % len(images)]]], dtype=object))
+                try:
+                    client.async_stream_infer("instance_segmentation", [tensor], request_id=str(k))
+                except triton.InferenceServerException:
+                    errors["STREAM ENDED"] += 1
+                    ended = True
+                    break
                 sent_at.append(time.monotonic())
-                client.async_stream_infer("instance_segmentation", [tensor], request_id=str(k))
                 k += 1
                 sent += 1
                 in_flight += 1
+            if ended:
+                break
             try:
                 error = answers.get(timeout=120)
             except queue.Empty:

@@ -145,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--worker-threads", type=int,
                        help="threads for decoding images and building responses (default 2)")
     serve.add_argument("--max-streams-per-client", type=int,
-                       help="streams one client (one address, however many connections) may keep "
-                       "open (default 32)")
+                       help="streams one client (one address, however many connections: a camera "
+                       "gateway's streams share it) may keep open (default 128)")
     serve.add_argument("--max-in-flight-per-client", type=int,
-                       help="requests one client (one address) may have in flight (default 256)")
+                       help="requests one client (one address) may have in flight (default 512)")
     serve.add_argument("--max-bytes-in-flight-mb", type=int,
                        help="the server's budget for the images of requests in flight, MB; beyond "
                        "it requests are refused with RESOURCE_EXHAUSTED / 503 (default 1024)")

@@ -31,8 +31,8 @@ class ServerConfig:
     token: str | None = None
     network_threads: int | None = None
     worker_threads: int = 2
-    max_streams_per_client: int = 32
-    max_in_flight_per_client: int = 256
+    max_streams_per_client: int = 128  # a camera gateway's streams come from one address
+    max_in_flight_per_client: int = 512
     max_bytes_in_flight_mb: int = 1024
     http_port: int = 8000
     http_header_timeout_s: float = 10.0

@@ -175,7 +175,7 @@ class ClientLimits:
     of the requests in flight (``payload_bytes``), so memory is bounded in bytes, not only
     in requests. Beyond a cap, OverloadedError (RESOURCE_EXHAUSTED / 503)."""
 
-    def __init__(self, max_streams: int = 32, max_in_flight: int = 256, max_bytes: int = 1 << 30):
+    def __init__(self, max_streams: int = 128, max_in_flight: int = 512, max_bytes: int = 1 << 30):
         self.limits = {"streams": max_streams, "requests in flight": max_in_flight}
         self.held: dict[str, Counter] = {kind: Counter() for kind in self.limits}
         self.max_bytes = max_bytes
