@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -35,7 +36,7 @@ Result = TypeVar("Result")
 DEFAULT_MAX_QUEUE = 1024
 # How long the queue must stay empty before ``on_idle`` runs.
 IDLE_S = 1.0
-# Weight of the newest batch in the measured seconds per item (an exponential average:
+# Weight of the newest batch in the measured seconds per batch (an exponential average:
 # follows a changing load within a few batches, ignores one slow batch).
 PACE_WEIGHT = 0.2
 # Bounds of a refusal's retry-after, which also pauses a refused stream. The floor trades
@@ -140,7 +141,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._ids = itertools.count(1)
         self._closing = False
         self._in_flight = 0
-        self._item_s: float | None = None  # measured compute seconds per item (PACE_WEIGHT)
+        self._batch_s: float | None = None  # measured seconds per batch (PACE_WEIGHT)
 
     @property
     def queued(self) -> int:
@@ -148,13 +149,16 @@ class DynamicBatcher(Generic[Item, Result]):
         return sum(1 for r in self._queue if not r.future.done())
 
     def expected_wait_s(self, queued: int | None = None) -> float:
-        """How long a request queued now would wait to start: the items queued ahead, and
-        half of those running (on average half done), at the measured pace; 0 until a batch
-        has been measured."""
-        if self._item_s is None:
+        """How long a request queued now would wait to start: the full batches the items
+        queued ahead make, and half a batch if one is running, at the measured seconds per
+        batch; 0 until a batch has been measured. Light load measures small batches, which
+        take less time than the full ones a burst makes: the estimate errs short, so a
+        request is never refused for a wait it would not have had."""
+        if self._batch_s is None:
             return 0.0
-        ahead = (self.queued if queued is None else queued) + self._in_flight / 2
-        return ahead * self._item_s / self.workers
+        queued = self.queued if queued is None else queued
+        batches = math.ceil(queued / self.max_batch_size) / self.workers + (0.5 if self._in_flight else 0)
+        return batches * self._batch_s
 
     def start(self) -> None:
         if self._tasks:
@@ -175,22 +179,37 @@ class DynamicBatcher(Generic[Item, Result]):
         the policy allows overrides. deadline: the caller's absolute monotonic deadline (a
         gRPC deadline): a request still queued then is rejected whatever the policy.
         """
+        (result,) = await self.submit_all([item], arrived=arrived, timeout_s=timeout_s,
+                                          deadline=deadline)
+        return result
+
+    async def submit_all(self, items: Sequence[Item], *, arrived: float | None = None,
+                         timeout_s: float | None = None, deadline: float | None = None) -> list[Result]:
+        """``submit`` for one request's items: admitted together (all queued, or none), and
+        when one fails the rest are withdrawn (dropped if they have not started)."""
         if self._closing:
             raise ShuttingDownError(f"{self.name} is shutting down; no new requests")
         if not self._tasks:
             self.start()
         loop = asyncio.get_running_loop()
         arrived = time.monotonic() if arrived is None else arrived
-        request = _Request(next(self._ids), item, loop.create_future(), arrived,
-                           self.admit(arrived, timeout_s, deadline), deadline)
-        self._queue.append(request)
-        self._arm_timer(request)
+        policy = self.admit(arrived, timeout_s, deadline, count=len(items))
+        requests = [_Request(next(self._ids), item, loop.create_future(), arrived, policy, deadline)
+                    for item in items]
+        for request in requests:
+            self._queue.append(request)
+            self._arm_timer(request)
         self._wakeup.set()
         try:
-            return await request.future
+            return list(await asyncio.gather(*(r.future for r in requests)))
+        except BaseException:
+            for request in requests:
+                request.future.cancel()
+            raise
         finally:
-            if request.timer is not None:
-                request.timer.cancel()
+            for request in requests:
+                if request.timer is not None:
+                    request.timer.cancel()
 
     def _arm_timer(self, request: _Request) -> None:
         due = [d for d in (request.hard_deadline, None if request.delayed else request.deadline)
@@ -201,13 +220,14 @@ class DynamicBatcher(Generic[Item, Result]):
                                          self._expire, request)
 
     def admit(self, arrived: float, timeout_s: float | None = None,
-              deadline: float | None = None) -> float | None:
-        """Whether a request that arrived at ``arrived`` may queue now; returns its queue
-        policy's deadline. OverloadedError when the queue is full; DeadlineError when the work
-        ahead cannot be done before its deadline (the caller's, or the policy's where it
-        rejects): waiting it out would only delay the same answer and hold the request's
-        memory meanwhile. Cheap, so callers ask before reading a request further."""
-        queued = self.queued
+              deadline: float | None = None, count: int = 1) -> float | None:
+        """Whether a request of ``count`` items that arrived at ``arrived`` may queue now;
+        returns its queue policy's deadline. OverloadedError when the queue is full;
+        DeadlineError when the work ahead of its last item cannot be done before its deadline
+        (the caller's, or the policy's where it rejects): waiting it out would only delay the
+        same answer and hold the request's memory meanwhile. Cheap, so callers ask before
+        reading a request further."""
+        queued = self.queued + count - 1
         if queued >= self.max_queue_size:
             raise OverloadedError(
                 f"{self.name} is overloaded: {queued} requests already queued "
@@ -360,9 +380,9 @@ class DynamicBatcher(Generic[Item, Result]):
             finally:
                 self._in_flight -= len(batch)
                 if not failed:
-                    pace = (time.monotonic() - started) / len(batch)
-                    self._item_s = pace if self._item_s is None else (
-                        PACE_WEIGHT * pace + (1 - PACE_WEIGHT) * self._item_s)
+                    took = time.monotonic() - started
+                    self._batch_s = took if self._batch_s is None else (
+                        PACE_WEIGHT * took + (1 - PACE_WEIGHT) * self._batch_s)
                 if self.report is not None:
                     self.report(BatchReport(
                         size=len(batch), waits_s=tuple(started - r.enqueued for r in batch),

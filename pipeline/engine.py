@@ -268,13 +268,12 @@ class Pipeline:
         DeadlineError and never run.
         """
         arrived = time.monotonic()
-        self.batcher.admit(arrived, timeout_s, deadline)  # before any header is read
+        self.batcher.admit(arrived, timeout_s, deadline, count=len(images))  # before any header
         pixels = PixelBudget()
         accepted = await asyncio.gather(*(asyncio.to_thread(self.accept, image, options, pixels)
                                           for image in images))
-        return list(await asyncio.gather(*(
-            self.batcher.submit(item, arrived=arrived, timeout_s=timeout_s, deadline=deadline)
-            for item in accepted)))
+        return await self.batcher.submit_all(accepted, arrived=arrived, timeout_s=timeout_s,
+                                             deadline=deadline)
 
     async def close(self, drain: bool = True) -> None:
         if self._batcher is not None:

@@ -134,26 +134,33 @@ def _eight_bit(img):
 
     if img.mode.startswith("I;16") or img.mode == "I":
         values = np.asarray(img)
-        if img.mode == "I":  # 32-bit ints (older Pillows open 16-bit PNGs so): 16-bit range
-            values = np.clip(values, 0, 65535)
-        return Image.fromarray((values >> 8).astype(np.uint8))
+        if img.mode == "I" and values.max(initial=0) <= 255:  # 32-bit ints holding 8-bit values
+            return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+        return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
     if img.mode == "F":
-        values = np.clip(np.nan_to_num(np.asarray(img), nan=0.0), 0.0, 1.0)
-        return Image.fromarray(np.rint(values * 255).astype(np.uint8))
+        values = np.nan_to_num(np.asarray(img), nan=0.0, posinf=0.0, neginf=0.0)
+        # [0, 1] (some overshoot allowed); values well past it are already 0..255
+        scale = 255 if values.max(initial=0) <= 2 else 1
+        return Image.fromarray(np.rint(np.clip(values * scale, 0, 255)).astype(np.uint8))
     return img
 
 
 def _reduced(img, size: tuple[int, int], long_side: int):
-    """img ("L" or "RGB") box-averaged by the largest integer factor that keeps it at least
-    the size the letterbox needs: the full ``size`` (height, width) scaled so its long side is
-    ``long_side``. Unchanged when it is under twice that, so ordinary photos decode exactly
-    as they always did; a 196 KB 8192 x 8192 PNG no longer becomes a 0.8 GB float tensor."""
-    gain = min(1.0, long_side / max(size))
-    need_h, need_w = max(1, math.ceil(size[0] * gain)), max(1, math.ceil(size[1] * gain))
-    factor = min(img.height // need_h, img.width // need_w)
+    """img ("L" or "RGB") box-averaged by ``_reduction``'s factor. Unchanged when it is under
+    twice the size needed, so ordinary photos decode exactly as they always did; a 196 KB
+    8192 x 8192 PNG no longer becomes a 0.8 GB float tensor."""
+    factor = _reduction((img.height, img.width), size, long_side)
     # Pillow rounds a reduced size up (the last box averages what is left), so the result is
     # at least (current / factor) >= the needed size: the letterbox still only shrinks it.
     return img.reduce(factor) if factor >= 2 else img
+
+
+def _reduction(pixels: tuple[int, int], size: tuple[int, int], long_side: int) -> int:
+    """The largest integer factor that keeps ``pixels`` (height, width) at least the size
+    the letterbox needs: the full ``size`` scaled so its long side is ``long_side``."""
+    gain = min(1.0, long_side / max(size))
+    need_h, need_w = max(1, math.ceil(size[0] * gain)), max(1, math.ceil(size[1] * gain))
+    return min(pixels[0] // need_h, pixels[1] // need_w)
 
 
 def probe(image: object) -> tuple[object, tuple[int, int]]:
@@ -251,11 +258,9 @@ def _reduced_picture(picture: Picture, long_side: int | None) -> Picture:
     (as torch wants them), copied only when they are not."""
     from PIL import Image
 
-    if long_side is not None:
-        img = Image.fromarray(picture.rgb)
-        smaller = _reduced(img, picture.size, long_side)
-        if smaller is not img:
-            return Picture(np.array(smaller), picture.size)
+    if long_side is not None and _reduction(picture.rgb.shape[:2], picture.size, long_side) >= 2:
+        smaller = _reduced(Image.fromarray(picture.rgb), picture.size, long_side)
+        return Picture(np.array(smaller), picture.size)
     if picture.rgb.flags.c_contiguous and picture.rgb.flags.writeable:
         return picture
     return Picture(np.array(picture.rgb), picture.size)

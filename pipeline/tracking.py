@@ -125,6 +125,7 @@ class _Track:
     skipped: set[int] = field(default_factory=set)  # tickets that will not update
     waiting: dict[int, asyncio.Future] = field(default_factory=dict)
     ended: bool = False  # freed (ended, restarted or idle): its tickets get no ids
+    last_ticket: int | None = None  # freed once the turn passes this one (``end_after``)
 
 
 @dataclass(frozen=True)
@@ -179,17 +180,17 @@ class Tracks:
                 raise
         if track.ended:
             return det
-        if track.tracker is None:
-            try:
+        try:
+            if track.tracker is None:
                 self._admit(track)
-            except OverloadedError:
-                self._advance(track)
-                raise
-            track.tracker = _ClassAware(track.options)
-        # The update (~3 ms at 100 detections) runs in a worker thread, off the event loop.
-        # The turn passes when it is done, not before, even if this request is cancelled
-        # meanwhile: a tracker is never updated by two threads at once.
-        update = asyncio.get_running_loop().run_in_executor(None, track.tracker.update, det, timestamp)
+                track.tracker = _ClassAware(track.options)
+            # The update (~3 ms at 100 detections) runs in a worker thread, off the event
+            # loop. The turn passes when it is done, not before, even if this request is
+            # cancelled meanwhile: a tracker is never updated by two threads at once.
+            update = asyncio.get_running_loop().run_in_executor(None, track.tracker.update, det, timestamp)
+        except BaseException:  # refused (a limit), or the tracker could not start: turn over
+            self._advance(track)
+            raise
         update.add_done_callback(lambda _: self._advance(track))
         return replace(det, tracker_ids=await asyncio.shield(update))
 
@@ -204,10 +205,19 @@ class Tracks:
             track.skipped.add(ticket.number)
 
     def end(self, key: Hashable) -> None:
-        """Free a key's tracker (its stream or sequence ended, or restarts)."""
+        """Free a key's tracker now (its stream ended, or its sequence restarts)."""
         track = self._tracks.pop(key, None)
         if track is not None:
             self._retire(track)
+
+    def end_after(self, ticket: Ticket) -> None:
+        """Free ``ticket``'s tracker once its turn has passed (a sequence's last request):
+        frames before it still get their ids, even if this one failed early."""
+        track = ticket.track
+        if track.turn > ticket.number:
+            self._forget(track)
+        elif track.last_ticket is None or ticket.number < track.last_ticket:
+            track.last_ticket = ticket.number
 
     def sweep(self, now: float | None = None) -> int:
         """Free trackers idle for ``idle_s``; returns how many."""
@@ -240,9 +250,15 @@ class Tracks:
         waiter = track.waiting.pop(track.turn, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if (track.tracker is None and track.turn >= track.tickets_taken
-                and self._tracks.get(track.key) is track):
+        if track.last_ticket is not None and track.turn > track.last_ticket:
+            self._forget(track)
+        elif track.tracker is None and track.turn >= track.tickets_taken:
+            self._forget(track)
+
+    def _forget(self, track: _Track) -> None:
+        if self._tracks.get(track.key) is track:
             del self._tracks[track.key]
+        self._retire(track)
 
     @staticmethod
     def _retire(track: _Track) -> None:

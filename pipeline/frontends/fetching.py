@@ -20,18 +20,25 @@ import logging
 import re
 import socket
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from ..errors import BadInputError
+from ..errors import BadInputError, OverloadedError
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 10.0  # the whole fetch: every lookup, connection, redirect and the body
 MAX_REDIRECTS = 3
+# Fetches at once; beyond, OverloadedError. Lookups run on threads of their own: a name
+# server that never answers holds those, not the workers that decode and build responses
+# (a timed-out lookup's thread stays busy until the resolver gives up).
+MAX_FETCHES = 8
+_LOOKUPS = ThreadPoolExecutor(4, thread_name_prefix="image-url-lookup")
+_fetching = 0  # fetches in progress (the event loop's only)
 NOT_HTTP = "the image URL must be an http:// or https:// URL"
 NOT_ALLOWED = ("the image URL's host is not allowed (private, loopback or link-local address); "
                "see --image-url-allow")
@@ -58,8 +65,8 @@ def not_public(address: Address) -> str | None:
         if embedded is not None and not_public(embedded):
             return f"{not_public(embedded)} (embedded {embedded})"
     # Narrowest first, for the log: 169.254.169.254 is "private" too, but "link-local" says more.
-    for kind in ("unspecified", "loopback", "link_local", "multicast", "private", "reserved"):
-        if getattr(address, f"is_{kind}"):
+    for kind in ("unspecified", "loopback", "link_local", "site_local", "multicast", "private", "reserved"):
+        if getattr(address, f"is_{kind}", False):  # site-local: IPv6's deprecated fec0::/10
             return kind.replace("_", "-")
     if not address.is_global:  # e.g. 100.64.0.0/10, carrier-grade NAT
         return "not global"
@@ -106,7 +113,12 @@ async def fetch_image(url: object, *, max_body: int, allow: AllowList) -> bytes:
     Raises BadInputError: NOT_HTTP, NOT_ALLOWED, or ``not_fetched`` for anything else."""
     if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
         raise BadInputError(NOT_HTTP)
+    global _fetching
+    if _fetching >= MAX_FETCHES:
+        raise OverloadedError(f"the server is fetching {MAX_FETCHES} image URLs already; retry later "
+                              "or send the image itself")
     where = ["?"]  # the host being fetched, for the log line
+    _fetching += 1
     try:
         return await asyncio.wait_for(_fetch(url, max_body, allow, where), TIMEOUT_S)
     except _Refused as exc:
@@ -115,6 +127,8 @@ async def fetch_image(url: object, *, max_body: int, allow: AllowList) -> bytes:
     except (_Failed, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, UnicodeError) as exc:
         log.info("image URL not fetched: host %r: %s: %.200s", where[0], type(exc).__name__, exc)
         raise BadInputError(not_fetched(max_body)) from None
+    finally:
+        _fetching -= 1
 
 
 class _Refused(Exception):
@@ -152,7 +166,7 @@ async def _fetch(url: str, max_body: int, allow: AllowList, where: list[str]) ->
 
 async def _vetted(host: str, port: int | None, allow: AllowList) -> list[ResolveResult]:
     """``host``'s addresses, every one checked; raises _Refused when one may not be fetched."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await asyncio.get_running_loop().run_in_executor(_LOOKUPS, lookup, host, port)
     vetted: list[ResolveResult] = []
     for family, _, proto, _, sockaddr in infos:
         address = ipaddress.ip_address(sockaddr[0])
@@ -161,6 +175,11 @@ async def _vetted(host: str, port: int | None, allow: AllowList) -> list[Resolve
         vetted.append({"hostname": host, "host": sockaddr[0], "port": port or 0, "family": family,
                        "proto": proto, "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV})
     return vetted
+
+
+def lookup(host: str, port: int | None) -> list:
+    """The name server's answer for ``host`` (blocking: run on ``_LOOKUPS``)."""
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
 async def _read(response: aiohttp.ClientResponse, max_body: int) -> bytes:

@@ -123,9 +123,14 @@ class MessageGuard(grpc.aio.ServerInterceptor):
             request = requests_of(request, context) if streaming_in else await checked(request, context)
             try:
                 answers = behavior(request, context)
-                if inspect.isasyncgen(answers):
-                    async for answer in answers:
-                        yield answer
+                if inspect.isawaitable(answers):  # writes its answers itself (health's Watch)
+                    await answers
+                elif inspect.isasyncgen(answers):
+                    try:
+                        async for answer in answers:
+                            yield answer
+                    finally:
+                        await answers.aclose()  # its own clean-up (limits, trackers) at once
                 else:
                     for answer in answers:
                         yield answer

@@ -296,13 +296,17 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         server = self.server
+        make_handler = server.runner.server if server.runner is not None else None
+        if make_handler is None:  # stopping: the site is being torn down
+            transport.abort()
+            return
         if server.open >= server.max_connections:
             server.refused.log(logging.WARNING, "refusing new HTTP connections: %d open, the "
                                "cap (--max-http-connections, and the open-file limit)", server.open)
             transport.abort()
             return
+        self.handler = make_handler()
         server.open += 1
-        self.handler = server.runner.server()
         self.handler.connection_made(transport)
         self.timer = asyncio.get_running_loop().call_later(server.header_timeout_s,
                                                            self.handler.force_close)
@@ -314,7 +318,8 @@ class _Connection(asyncio.Protocol):
                 self.timer.cancel()
                 self.timer = None
             self.tail = seen[-2:]
-        self.handler.data_received(data)
+        if self.handler is not None:  # refused connections are aborted: bytes may still come
+            self.handler.data_received(data)
 
     def eof_received(self):
         return self.handler.eof_received() if self.handler is not None else None

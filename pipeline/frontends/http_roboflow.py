@@ -107,6 +107,9 @@ class _Handlers:
         given = body.get("image") if many else [body.get("image")]
         if not given or given == [None]:
             raise BadInputError("'image' is required: {\"type\": \"base64\", \"value\": ...} or a list")
+        pipe = self.state.pipeline(name)  # draining or a batch too large: refused before any fetch
+        if len(given) > pipe.max_batch_size:
+            raise BadInputError(f"batch of {len(given)} exceeds the model's max_batch_size {pipe.max_batch_size}")
         images = [await self._v1_image(item, i) for i, item in enumerate(given)]
         documents = await self._infer(name, _parameters(body, legacy=False), images)
         return web.json_response(documents if many else documents[0])

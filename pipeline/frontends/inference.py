@@ -35,7 +35,7 @@ from ..errors import (
 )
 from ..postprocess import Detections, PostprocessOptions
 from ..telemetry import Ledger
-from ..tracking import TrackerOptions, Tracks
+from ..tracking import Ticket, TrackerOptions, Tracks
 
 LOG = logging.getLogger(__name__)
 VERSION = "1"  # every model is served at version 1
@@ -279,7 +279,7 @@ async def run(state: ServingState, model: str, read: Callable[[], InferRequest],
     started = time.monotonic()
     ledger, tracks = state.ledger, state.tracks
     images: Sequence[Any] = ()
-    slot: tuple[str, str] | None = None
+    ticket: Ticket | None = None
     ending = False
     held: Pipeline | None = None
     try:
@@ -294,7 +294,6 @@ async def run(state: ServingState, model: str, read: Callable[[], InferRequest],
                                 f"{pipe.max_batch_size}")
         options = replace(pipe.defaults, **request.options)
         with state.limits.holding(payload_bytes(images)):
-            ticket = None
             if tracking is not None:
                 if len(images) != 1:
                     raise InvalidOptionError("sequence_id", f"a tracked request carries one image, got {len(images)}")
@@ -323,8 +322,8 @@ async def run(state: ServingState, model: str, read: Callable[[], InferRequest],
                                   failure=reason)
         raise
     finally:
-        if ending:
-            tracks.end(slot)
+        if ending and ticket is not None:
+            tracks.end_after(ticket)  # frames before it keep their ids, even if it failed
         if held is not None:
             held.held -= 1
     done = time.monotonic()

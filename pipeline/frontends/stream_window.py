@@ -81,7 +81,7 @@ class StreamWindow(Generic[Request, Result]):
         self._running = 0
         self._changed = asyncio.Event()
         self._reader: asyncio.Task | None = None
-        self._held_until = 0.0  # loop time before which nothing more is read
+        self._hold: asyncio.TimerHandle | None = None  # while set, nothing is started or read
         self.stopped = False
 
     @property
@@ -117,9 +117,16 @@ class StreamWindow(Generic[Request, Result]):
     def hold(self, seconds: float) -> None:
         """Start and read nothing more for ``seconds`` (requests running go on)."""
         loop = asyncio.get_running_loop()
-        if loop.time() + seconds > self._held_until:
-            self._held_until = loop.time() + seconds
-            loop.call_at(self._held_until, self._start_waiting)
+        until = loop.time() + seconds
+        if self._hold is not None:
+            if self._hold.when() >= until:
+                return
+            self._hold.cancel()
+        self._hold = loop.call_at(until, self._resume)
+
+    def _resume(self) -> None:
+        self._hold = None
+        self._start_waiting()
 
     def stop(self, reason: BaseException) -> None:
         """Drain: read nothing more; answer waiting requests ``failed(request, reason)``;
@@ -133,11 +140,18 @@ class StreamWindow(Generic[Request, Result]):
         self._changed.set()
 
     async def _read(self, requests: AsyncIterator[Request]) -> None:
+        iterator = aiter(requests)
         try:
-            async for request in requests:
-                while self._full():
+            while True:
+                # Room first, then read: a request is never held in hand where a stop() or
+                # a consumer leaving could cancel the reader with it unanswered.
+                while self._full() or self._hold is not None:
                     self._changed.clear()
                     await self._changed.wait()
+                try:
+                    request = await anext(iterator)
+                except StopAsyncIteration:
+                    break
                 if self.policy == "drop_oldest" and len(self._waiting) >= self.window:
                     victim = self._waiting.popleft()
                     victim.result.set_result(self.dropped(victim.request))
@@ -147,8 +161,6 @@ class StreamWindow(Generic[Request, Result]):
                 self._order.append(slot)
                 self._waiting.append(slot)
                 self._start_waiting()
-                while (pause := self._held_until - asyncio.get_running_loop().time()) > 0:
-                    await asyncio.sleep(pause)
         finally:
             self._changed.set()
 
@@ -158,8 +170,8 @@ class StreamWindow(Generic[Request, Result]):
         return self.policy == "wait" and len(self._waiting) >= self.window
 
     def _start_waiting(self) -> None:
-        if asyncio.get_running_loop().time() < self._held_until:
-            return  # ``hold`` calls again when it ends
+        if self._hold is not None:
+            return  # ``_resume`` calls again when the hold ends
         while self._waiting and self._running < self.window:
             slot = self._waiting.popleft()
             self._running += 1

@@ -89,12 +89,12 @@ def test_the_connection_goes_to_the_checked_address(upstream, monkeypatch):
     port = int(upstream.rsplit(":", 1)[1])
     lookups = []
 
-    async def rebinding(self, host, port, *, type=0, **_):
+    def rebinding(host, port):
         lookups.append(host)
         address = "127.0.0.1" if len(lookups) == 1 else "10.255.255.1"
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
 
-    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", rebinding)
+    monkeypatch.setattr(fetching, "lookup", rebinding)
     _Upstream.hosts.clear()
     data = asyncio.run(fetch_image(f"http://rebind.test:{port}/coffee.jpg", max_body=1 << 20,
                                    allow=AllowList.parse(["127.0.0.1"])))

@@ -322,3 +322,23 @@ def test_a_request_past_its_pixel_budget_is_refused_before_decoding(hostile):
         service_pb2_grpc.GRPCInferenceServiceStub(hostile.channel).ModelInfer(request, metadata=AUTH, timeout=TIMEOUT_S)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "pixels together" in info.value.details()
+
+
+def test_the_guard_keeps_every_kind_of_call_working(hostile):
+    """The MessageGuard wraps every method: health's Check (unary) and Watch (a server stream
+    whose handler writes its answers itself) and reflection (a bidirectional stream) still
+    answer, without the token, as probes need."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(hostile.channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S).status == serving
+    watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+    assert next(watch).status == serving
+    watch.cancel()
+    reflection = reflection_pb2_grpc.ServerReflectionStub(hostile.channel)
+    (answer,) = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=TIMEOUT_S)
+    names = {s.name for s in answer.list_services_response.service}
+    assert "inference.GRPCInferenceService" in names

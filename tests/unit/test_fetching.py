@@ -22,7 +22,7 @@ NOBODY = AllowList()
     ("127.0.0.1", "loopback"), ("10.1.2.3", "private"), ("172.16.0.1", "private"),
     ("192.168.1.1", "private"), ("169.254.169.254", "link-local"), ("::1", "loopback"),
     ("fe80::1", "link-local"), ("::ffff:127.0.0.1", "loopback"), ("0.0.0.0", "unspecified"),
-    ("::", "unspecified"), ("224.0.0.1", "multicast"), ("fd00::1", "private"),
+    ("::", "unspecified"), ("224.0.0.1", "multicast"), ("fd00::1", "private"), ("fec0::1", "site-local"),
     ("100.64.0.1", "not global"),  # carrier-grade NAT
     ("2002:7f00:1::", "loopback (embedded 127.0.0.1)"),  # 6to4 around 127.0.0.1
     ("::ffff:169.254.169.254", "link-local"),
@@ -76,7 +76,7 @@ def dns(monkeypatch):
     """Fake lookups: host -> addresses; every call recorded."""
     answers, calls = {}, []
 
-    async def getaddrinfo(self, host, port, *, type=0, **_):
+    def getaddrinfo(host, port):
         calls.append(host)
         try:  # an IP literal is itself, as the real one answers
             answers.setdefault(host, [str(ipaddress.ip_address(host))])
@@ -87,7 +87,7 @@ def dns(monkeypatch):
         return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
                  (a, port)) for a in answers[host]]
 
-    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(fetching, "lookup", getaddrinfo)
     return answers, calls
 
 
@@ -146,3 +146,14 @@ def test_the_pinned_resolver_answers_only_for_checked_hosts():
     assert asyncio.run(resolver.resolve("a.example", 80, family=socket.AF_INET)) == [checked]
     with pytest.raises(OSError, match="not checked"):  # fails closed, never looks up again
         asyncio.run(resolver.resolve("b.example", 80))
+
+
+def test_fetches_at_once_are_bounded(monkeypatch):
+    """Beyond MAX_FETCHES in progress a fetch is refused at once (RESOURCE_EXHAUSTED), not
+    queued behind name servers that may never answer."""
+    from pipeline.errors import OverloadedError
+
+    monkeypatch.setattr(fetching, "_fetching", fetching.MAX_FETCHES)
+    with pytest.raises(OverloadedError, match="image URLs already"):
+        fetch("http://93.184.216.34/cat.jpg")
+    assert fetching._fetching == fetching.MAX_FETCHES  # a refused fetch takes no slot

@@ -135,6 +135,15 @@ def test_a_float_tiff_is_read_as_0_to_1_and_clipped_outside():
     assert np.array_equal(rgb[..., 0], rgb[..., 2])  # grey: the same in every channel
 
 
+def test_float_and_32_bit_images_already_in_8_bit_range_stay_as_they_are():
+    """What ``convert("RGB")`` always read right is not rescaled: a float image of 0..255 and
+    a 32-bit integer image holding 8-bit values."""
+    floats = np.array([[0.0, 64.0, 128.0, 255.0]], np.float32)
+    assert decode_image(encoded(Image.fromarray(floats, "F"), "TIFF")).rgb[0, :, 0].tolist() == [0, 64, 128, 255]
+    ints = np.array([[0, 64, 128, 255]], np.int32)
+    assert decode_image(encoded(Image.fromarray(ints, "I"), "TIFF")).rgb[0, :, 0].tolist() == [0, 64, 128, 255]
+
+
 def sixteen_bit_rgb_png(px: np.ndarray) -> bytes:
     """A 16-bit RGB PNG written by hand (Pillow cannot save one): px (h, w, 3) uint16."""
     def chunk(kind: bytes, body: bytes) -> bytes:

@@ -240,3 +240,21 @@ def test_updates_run_off_the_event_loop_one_at_a_time_even_when_a_request_is_can
     tracker, loop_thread = asyncio.run(main())
     assert len(tracker.threads) == 2 and loop_thread not in tracker.threads
     assert not tracker.overlapped
+
+
+def test_a_sequences_last_request_failing_early_leaves_the_frames_before_it_their_ids():
+    """sequence_end on a request that fails before its turn (refused, a bad image): the
+    tracker is freed once the turn passes it, not at once, so earlier frames still get ids."""
+    async def main():
+        tracks = Tracks()
+        await tracks.assign(tracks.ticket("seq", TrackerOptions()), detections([[10, 10, 60, 90]]), 0.0)
+        t0, last = (tracks.ticket("seq", TrackerOptions()) for _ in range(2))
+        tracks.skip(last)  # the last request failed early ...
+        tracks.end_after(last)  # ... and ends the sequence after its turn
+        assert "seq" in tracks._tracks
+        earlier = await asyncio.wait_for(tracks.assign(t0, detections([[12, 10, 62, 90]]), 0.1), 2)
+        return earlier, tracks
+
+    earlier, tracks = asyncio.run(main())
+    assert earlier.tracker_ids is not None
+    assert "seq" not in tracks._tracks and len(tracks) == 0
