@@ -102,6 +102,7 @@ def one_stream(target: str, images: list[bytes], window: int, stop_at: float, ta
             answered += 1
             if error is not None:
                 errors[error.message().split(":", 1)[0]] += 1  # "STATUS: message"
+                errors["of which refused at once"] += "refused at once" in error.message()
                 refused_s.append(waited)
             else:
                 served_s.append(waited)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             client_cores = (cpu_s(os.getpid()) - own_cpu) / elapsed
             now = settled_rss_mb(server.pid)
             anonymous = rss_mb(server.pid, "RssAnon")
-            ok = tally["answered"] - sum(tally["errors"].values())
+            ok = tally["answered"] - sum(n for k, n in tally["errors"].items() if k.isupper())
             errors = ", ".join(f"{k} {v}" for k, v in sorted(tally["errors"].items())) or "none"
             readings.append(now)
             versus = f"{100 * (now / readings[1] - 1):+.1f}%" if len(readings) > 2 else ""

