@@ -254,16 +254,14 @@ def as_picture(image: object, long_side: int | None = None) -> Picture:
 
 
 def _reduced_picture(picture: Picture, long_side: int | None) -> Picture:
-    """``_reduced`` for pixels already in memory; the pixels made C-contiguous and writable
-    (as torch wants them), copied only when they are not."""
+    """``_reduced`` for pixels already in memory. Never a copy otherwise: a raw frame waits
+    in the queue as a view of its message (``letterbox`` copies what torch cannot take)."""
     from PIL import Image
 
     if long_side is not None and _reduction(picture.rgb.shape[:2], picture.size, long_side) >= 2:
         smaller = _reduced(Image.fromarray(picture.rgb), picture.size, long_side)
         return Picture(np.array(smaller), picture.size)
-    if picture.rgb.flags.c_contiguous and picture.rgb.flags.writeable:
-        return picture
-    return Picture(np.array(picture.rgb), picture.size)
+    return picture
 
 
 def letterbox(image: np.ndarray | Picture, size: int, device: object = "cpu",
@@ -278,7 +276,9 @@ def letterbox(image: np.ndarray | Picture, size: int, device: object = "cpu",
 
     picture = image if isinstance(image, Picture) else Picture(image, image.shape[:2])
     geo = geometry or letterbox_geometry(*picture.size, size, stride)
-    pixels = torch.from_numpy(picture.rgb).to(device, non_blocking=True)
+    rgb = picture.rgb  # torch wants writable, C-ordered memory: a message's view is neither
+    rgb = rgb if rgb.flags.c_contiguous and rgb.flags.writeable else np.array(rgb, order="C")
+    pixels = torch.from_numpy(rgb).to(device, non_blocking=True)
     chw = pixels.permute(2, 0, 1).unsqueeze(0).float().div_(255)
     if picture.rgb.shape[:2] != geo.inner:
         chw = F.interpolate(chw, size=geo.inner, mode="bilinear", align_corners=False)

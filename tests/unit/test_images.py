@@ -196,3 +196,17 @@ def test_a_raw_frame_far_larger_than_the_input_is_reduced_before_any_float_tenso
     assert float((reduced - full).abs().mean()) < 2 / 255
     small = np.zeros((600, 1000, 3), np.uint8)
     assert as_picture(small, long_side=640).rgb is small
+
+
+def test_a_raw_frame_waits_in_the_queue_as_a_view_of_its_message():
+    """The header check keeps a read-only raw frame as it came (no copy held while it is
+    queued); letterboxing copies only what torch needs, and gives the same tensor."""
+    from pipeline.images import letterbox, probe
+
+    frame = np.arange(240 * 320 * 3, dtype=np.uint32).astype(np.uint8).reshape(240, 320, 3)
+    view = np.frombuffer(frame.tobytes(), np.uint8).reshape(frame.shape)  # read-only
+    source, size = probe(view)
+    assert size == (240, 320) and np.shares_memory(source.rgb, view)
+    from_view, _ = letterbox(source, 640)
+    from_copy, _ = letterbox(frame, 640)
+    assert bool((from_view == from_copy).all())
