@@ -25,6 +25,17 @@ async def requests(n):
         yield i
 
 
+def serve(process, n: int) -> list:
+    """``n`` requests through ``serve_stream`` (window 1); refusals answered ("refused", i)."""
+    async def main():
+        state = ServingState({}, {}, Ledger(), stream_window=1)
+        return [answer async for answer in serve_stream(
+            state, "kserve", process, lambda r, e: ("refused", r), requests(n), FakeContext(),
+            lambda r: "model")]
+
+    return asyncio.run(asyncio.wait_for(main(), 10))
+
+
 def test_a_refusal_with_a_retry_after_pauses_the_stream_then_it_goes_on():
     started: list[float] = []
 
@@ -34,14 +45,7 @@ def test_a_refusal_with_a_retry_after_pauses_the_stream_then_it_goes_on():
             raise DeadlineError("refused at once: the server is behind", retry_after_s=0.3)
         return i
 
-    async def main():
-        state = ServingState({}, {}, Ledger(), stream_window=1)
-        return [answer async for answer in serve_stream(
-            state, "kserve", process, lambda r, e: ("refused", r), requests(3), FakeContext(),
-            lambda r: "model")]
-
-    answers = asyncio.run(asyncio.wait_for(main(), 10))
-    assert answers == [("refused", 0), 1, 2]  # every request answered, in order
+    assert serve(process, 3) == [("refused", 0), 1, 2]  # every request answered, in order
     assert started[1] - started[0] >= 0.28  # the stream waited out the retry-after
     assert started[2] - started[1] < 0.1  # and then went on
 
@@ -55,11 +59,5 @@ def test_other_errors_do_not_pause_the_stream():
             raise DeadlineError("waited 2.0 s in the queue")  # no retry-after: nothing to wait for
         return i
 
-    async def main():
-        state = ServingState({}, {}, Ledger(), stream_window=1)
-        return [answer async for answer in serve_stream(
-            state, "kserve", process, lambda r, e: ("refused", r), requests(2), FakeContext(),
-            lambda r: "model")]
-
-    assert asyncio.run(asyncio.wait_for(main(), 10)) == [("refused", 0), 1]
+    assert serve(process, 2) == [("refused", 0), 1]
     assert started[1] - started[0] < 0.1
