@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +82,20 @@ class Result:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
 
-def one_stream(target: str, model: str, images: list[bytes], window: int, stop_at: float,
-               out: list, offset: int = 0, max_frames: int | None = None) -> None:
+def encoded(images: list[bytes], offset: int = 0) -> Callable[[int], list]:
+    """Request k's inputs: image ``offset + k`` (cycling) as a BYTES tensor."""
+    def inputs(k: int) -> list:
+        tensor = triton.InferInput("IMAGE", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[images[(offset + k) % len(images)]]], dtype=object))
+        return [tensor]
+    return inputs
+
+
+def one_stream(target: str, model: str, inputs: Callable[[int], list], window: int, stop_at: float,
+               out: list, max_frames: int | None = None) -> None:
     """A video client: at most ``window`` frames in flight on one ModelStreamInfer stream,
-    sending until ``stop_at`` (time.monotonic) or ``max_frames``."""
+    sending ``inputs(k)`` for k = 0, 1, ... until ``stop_at`` (time.monotonic) or ``max_frames``.
+    Answers come in order, so when frame k goes out, frame k - window has been answered."""
     client = triton.InferenceServerClient(target)
     answers: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((time.perf_counter(), result, error)))
@@ -96,10 +107,9 @@ def one_stream(target: str, model: str, images: list[bytes], window: int, stop_a
 
         while sending() or in_flight:
             while in_flight < window and sending():
-                tensor = triton.InferInput("IMAGE", [1, 1], "BYTES")
-                tensor.set_data_from_numpy(np.array([[images[(offset + k) % len(images)]]], dtype=object))
+                request = inputs(k)
                 sent[str(k)] = time.perf_counter()
-                client.async_stream_infer(model, [tensor], request_id=str(k),
+                client.async_stream_infer(model, request, request_id=str(k),
                                           parameters={"response_mask_format": "rle"})
                 k += 1
                 in_flight += 1
@@ -119,14 +129,16 @@ def one_stream(target: str, model: str, images: list[bytes], window: int, stop_a
     out.append((latencies, errors))
 
 
-def drive(target: str, model: str, images: list[bytes], streams: int, window: int,
-          seconds: float) -> Result:
-    one_stream(target, model, images, 1, time.monotonic() + 300, [], max_frames=len(images))  # warm-up
+def drive(target: str, model: str, stream_inputs: Callable[[int], Callable[[int], list]], streams: int,
+          window: int, seconds: float, warm_up: int = 5) -> Result:
+    """``streams`` streams at once for ``seconds``, stream s sending ``stream_inputs(s)(k)``,
+    after ``warm_up`` frames of stream 0's alone."""
+    one_stream(target, model, stream_inputs(0), 1, time.monotonic() + 300, [], max_frames=warm_up)
     out: list = []
     start = time.perf_counter()
     stop_at = time.monotonic() + seconds
-    threads = [threading.Thread(target=one_stream, args=(target, model, images, window, stop_at,
-                                                         out, s * 3)) for s in range(streams)]
+    threads = [threading.Thread(target=one_stream, args=(target, model, stream_inputs(s), window,
+                                                         stop_at, out)) for s in range(streams)]
     for t in threads:
         t.start()
     for t in threads:
@@ -197,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows = {}
                 for label, target, model in targets:
                     before = scrape(metrics_port) if label.startswith("ours") else None
-                    result = drive(target, model, images, streams, window, args.seconds)
+                    result = drive(target, model, lambda s: encoded(images, 3 * s), streams, window,
+                                   args.seconds, warm_up=len(images))
                     extra = our_breakdown(before, scrape(metrics_port), model) if before else None
                     rows[label] = (result, extra)
                 for label, (result, extra) in rows.items():

@@ -48,13 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--server", default="localhost:8001",
-                   help="host:port, or dns:///service:8001 to spread over pods (default localhost:8001)")
+                   help="host:port; several replicas as host1:8001,host2:8001; or "
+                   "dns:///service:8001 to spread over the pods a DNS name lists (default "
+                   "localhost:8001)")
     p.add_argument("--jsonl", type=Path, default=Path("results.jsonl"),
                    help="per-frame results, one JSON document per line (default results.jsonl)")
     p.add_argument("--annotate", type=Path, default=None,
                    help="draw masks: a .mp4/.mkv/.mov file, or a folder for one PNG per frame")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     p.add_argument("--confidence", type=float, default=None, help="minimum score (server default 0.25)")
+    p.add_argument("--shared-memory", action="store_true",
+                   help="send raw frames through shared memory instead of JPEGs in the messages "
+                   "(a server on this host started with --allow-shared-memory; no encoding, "
+                   "no network bytes)")
     p.add_argument("--track", action="store_true",
                    help="follow objects from frame to frame: each gets a tracker_id (JSONL, "
                    "overlay) and the summary counts unique objects per class")
@@ -69,12 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     """Stream the source; returns a summary dict (also for ``make run``)."""
     check(args.source)
+    # A bad --server (no port, a name that does not resolve) fails here, before any output.
+    client = SegmentationClient(args.server, model=args.model, timeout_s=args.timeout,
+                                tls_root_cert=args.tls_root_cert, token=args.token)
     images: dict[int, object] = {}
 
     def send():
         for f in frames(args.source, args.max_frames):
             images[f.index] = f.rgb
-            yield jpeg(f.rgb)
+            yield f.rgb if args.shared_memory else jpeg(f.rgb)
 
     writer = None
     png_folder = None
@@ -91,9 +100,8 @@ def run(args: argparse.Namespace) -> dict:
                "detections": 0, "rle_bytes": 0, "dense_bytes": 0, "interrupted": False}
     progress = Progress(not args.quiet)
     start = time.perf_counter()
-    client = SegmentationClient(args.server, model=args.model, timeout_s=args.timeout,
-                                tls_root_cert=args.tls_root_cert, token=args.token)
-    results = client.stream(send(), confidence=args.confidence, track=args.track)
+    results = client.stream(send(), confidence=args.confidence, track=args.track,
+                            shared_memory=args.shared_memory)
     try:
         with args.jsonl.open("w") as out:
             for result in results:

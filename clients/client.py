@@ -6,20 +6,24 @@
   server goes away mid-stream (a pod restarts), it reconnects with back-off and re-sends the
   frames that had no answer yet.
 
-Targets: ``host:port``, or ``dns:///my-service.namespace.svc:8001`` for a Kubernetes headless
-Service: the channel uses round-robin load balancing, so each new call or stream goes to the
-next pod that DNS lists. Deadlines, TLS and a bearer token are options.
+Targets: ``host:port``; several replicas as a list or ``"host1:8001,host2:8001"``; or
+``dns:///my-service.namespace.svc:8001`` for a Kubernetes headless Service. The channel uses
+round-robin load balancing, so each new call or stream goes to the next replica. Deadlines,
+TLS and a bearer token are options.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import logging
+import socket
+import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +35,17 @@ from pipeline.proto import video_pb2 as vpb
 from pipeline.proto import video_pb2_grpc
 from pipeline.schema import record
 
+from .frame_ring import FrameRing
+
 LOG = logging.getLogger(__name__)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Targets gRPC reads itself; any other text is host:port, or several of them comma-separated.
+SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds")
+# A listed replica that is down, or not up yet, is tried again at least this often (gRPC's
+# default backs off to 120 s), so one that joins late gets work soon after it serves.
+MAX_RECONNECT_BACKOFF_S = 5
+# Raw frames a shared-memory stream keeps in flight (the server's --stream-window is 8).
+SHARED_MEMORY_SLOTS = 8
 
 
 class ClientError(Exception):
@@ -59,8 +72,10 @@ class Backoff:
             delay = min(delay * 2, self.max_s)
 
 
-def to_frame(item: Any, stream_id: str, index: int, options: vpb.InferOptions | None) -> vpb.Frame:
-    """Frame from encoded bytes, an (H, W, 3) uint8 RGB array, or a ready Frame."""
+def to_frame(item: Any, stream_id: str, index: int, options: vpb.InferOptions | None,
+             ring: FrameRing | None = None) -> vpb.Frame:
+    """Frame from encoded bytes, an (H, W, 3) uint8 RGB array, or a ready Frame; a raw frame
+    goes through ``ring`` (shared memory) when one is given and it fits."""
     if isinstance(item, vpb.Frame):
         return item
     frame = vpb.Frame(stream_id=stream_id, frame_index=index, timestamp=time.time())
@@ -72,8 +87,12 @@ def to_frame(item: Any, stream_id: str, index: int, options: vpb.InferOptions | 
         rgb = np.ascontiguousarray(item, dtype=np.uint8)
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"raw frames must be (H, W, 3) uint8 RGB, got {rgb.shape}")
-        frame.raw.height, frame.raw.width = rgb.shape[:2]
-        frame.raw.rgb = rgb.tobytes()
+        shared = ring.place(rgb, index) if ring is not None else None
+        if shared is not None:
+            frame.shared.CopyFrom(shared)
+        else:
+            frame.raw.height, frame.raw.width = rgb.shape[:2]
+            frame.raw.rgb = rgb.tobytes()
     return frame
 
 
@@ -95,10 +114,76 @@ def result_document(result: vpb.FrameResult) -> dict:
     }
 
 
+def _split(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError without a port."""
+    host, colon, port = address.strip().rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise ValueError(f"server address {address!r} is not host:port (the server's gRPC port "
+                         "is 8001 by default)")
+    return host.strip("[]"), int(port)
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` has; ValueError naming it if it has none."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"server name {host!r} does not resolve ({exc.strerror})") from None
+    return list(dict.fromkeys(info[4][0] for info in found))  # in order, once each
+
+
+def channel_target(target: str | Sequence[str]) -> tuple[str, str | None]:
+    """The gRPC target for one server or several replicas, checked now rather than mid-stream,
+    and the authority the channel names (None: gRPC's own, from the target).
+
+    - one ``host:port``: used as given (gRPC balances over every address the name has);
+    - several, as a list or ``"a:8001,b:8001"``: each name resolved once, here, into one
+      ``ipv4:``/``ipv6:`` target of every address, so calls round-robin over all of them. The
+      list is fixed: a fleet whose members change is named by DNS instead. The authority is
+      the first name, so with TLS every replica's certificate must be valid for it;
+    - a gRPC target (``dns:///name:port``, ``ipv4:...``, ``unix:...``): used as given; a
+      ``dns:`` name is re-resolved by gRPC whenever a connection is re-made (the server's
+      max connection age), so replicas that join are found.
+
+    Raises ValueError for no address, an address without a port, or a name that does not
+    resolve (no replica behind a DNS name either)."""
+    entries = [target] if isinstance(target, str) else list(target)
+    scheme, _, path = entries[0].strip().partition(":") if len(entries) == 1 else ("", "", "")
+    if scheme in SCHEMES:
+        if scheme == "dns" and (path.startswith("///") or not path.startswith("//")):
+            _resolve(*_split(path.lstrip("/")))  # dns://server/name asks a DNS server of its own
+        return entries[0].strip(), None
+    addresses = [a.strip() for entry in entries for a in entry.split(",") if a.strip()]
+    if not addresses:
+        raise ValueError("no server address given")
+    if len(addresses) == 1:
+        _resolve(*_split(addresses[0]))
+        return addresses[0], None
+    found = [_resolve(*_split(a)) for a in addresses]
+    ports = [_split(a)[1] for a in addresses]
+    for family, version in (("ipv4", 4), ("ipv6", 6)):
+        if all(any(ipaddress.ip_address(ip).version == version for ip in ips) for ips in found):
+            bracket = "[{}]:{}" if version == 6 else "{}:{}"
+            listed = (bracket.format(ip, port) for ips, port in zip(found, ports)
+                      for ip in ips if ipaddress.ip_address(ip).version == version)
+            return f"{family}:{','.join(dict.fromkeys(listed))}", addresses[0]
+    raise ValueError(f"servers {addresses} mix IPv4-only and IPv6-only names: one channel "
+                     "needs one family (list them by address, or use one dns:/// name)")
+
+
 class SegmentationClient:
+    """Both APIs over one channel. target: one server, several replicas or a DNS name (see
+    channel_target; a bad one is a ValueError here, not an error mid-stream).
+
+    keepalive_s: ping the server after this long without news and give up on a connection
+    whose ping is not answered within as long again, so a replica that hangs or vanishes
+    without closing its connections (a node lost) costs its streams about twice this, not
+    TCP's 15 minutes: they fail UNAVAILABLE and move on. Servers accept pings every half
+    their --grpc-keepalive-s (default 20 s) or slower."""
+
     def __init__(
         self,
-        target: str = "localhost:8001",
+        target: str | Sequence[str] = "localhost:8001",
         *,
         model: str = "instance_segmentation",
         timeout_s: float = 60.0,
@@ -106,18 +191,27 @@ class SegmentationClient:
         token: str | None = None,
         backoff: Backoff = Backoff(),
         max_message_mb: int = 64,
+        keepalive_s: float = 20.0,
     ):
-        self.target = target
+        self.target, authority = channel_target(target)
         self.model = model
         self.timeout_s = timeout_s
         self.backoff = backoff
         self.token = token
         self._tls_root = Path(tls_root_cert) if tls_root_cert else None
         limit = max_message_mb * 1024 * 1024
+        keepalive_ms = round(keepalive_s * 1000)
         self._options = [
-            ("grpc.lb_policy_name", "round_robin"),  # one call per pod in turn (dns:/// targets)
+            ("grpc.lb_policy_name", "round_robin"),  # one call per replica in turn
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            # gRPC gives up on a ping after ping_timeout (default 60 s), not keepalive_timeout.
+            ("grpc.keepalive_timeout_ms", keepalive_ms),
+            ("grpc.http2.ping_timeout_ms", keepalive_ms),
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging while a stream waits
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_S * 1000),
+            *([("grpc.default_authority", authority)] if authority else []),
         ]
         self._channel = self._open_channel()
         self._kserve = None
@@ -204,6 +298,7 @@ class SegmentationClient:
         iou_threshold: float | None = None,
         max_detections: int | None = None,
         track: bool = False,
+        shared_memory: bool = False,
         **tracker_options: float,
     ) -> Iterator[vpb.FrameResult]:
         """Yield one FrameResult per frame, in order. Reconnects on UNAVAILABLE (server
@@ -214,7 +309,13 @@ class SegmentationClient:
         stays in view (-1 until confirmed). tracker_options: the tracker's knobs
         (``track_activation_threshold``, ``lost_track_seconds``, ``minimum_iou``,
         ``minimum_consecutive_frames``, ``frame_rate``; see pipeline/proto/video.proto).
-        A reconnected stream starts a new tracker."""
+        A reconnected stream starts a new tracker.
+
+        shared_memory: raw frames reach the server through shared memory (``FrameRing``:
+        ``SHARED_MEMORY_SLOTS`` frames in flight), not in the messages; for one server on this
+        host started with --allow-shared-memory (else ClientError from the first frame)."""
+        if shared_memory and ("," in self.target or self.target.startswith("dns:")):
+            raise ValueError("shared memory needs one server on this host, not several replicas")
         stream_id = stream_id or uuid.uuid4().hex[:12]
         options = vpb.InferOptions(**tracker_options)  # unknown knobs: ValueError here
         if confidence is not None:
@@ -225,16 +326,22 @@ class SegmentationClient:
             options.max_detections = max_detections
         if track:
             options.track = True
-        source = (to_frame(item, stream_id, i, options) for i, item in zip(itertools.count(), frames))
+        ring = FrameRing(SHARED_MEMORY_SLOTS, self._register_region,
+                         self._unregister_region) if shared_memory else None
+        source = (to_frame(item, stream_id, i, options, ring) for i, item in zip(itertools.count(), frames))
         unanswered: deque[vpb.Frame] = deque()
         delays = self.backoff.delays()
         source_failure: list[Exception] = []
+        pulled = answered = 0  # frames taken from the source, and answered, so far
 
-        def requests(replay: list[vpb.Frame]):
+        def requests(replay: list[vpb.Frame], call_over: threading.Event):
             # gRPC pulls this in its own thread and hides what it raises, so a failing source
             # ends the stream here and its exception is raised to the caller below.
+            nonlocal pulled
             yield from replay
             while not source_failure:
+                if ring is not None and not ring.wait_turn(pulled, call_over):
+                    return
                 try:
                     frame = next(source)
                 except StopIteration:
@@ -242,34 +349,59 @@ class SegmentationClient:
                 except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
                     source_failure.append(exc)
                     return
+                pulled += 1
                 unanswered.append(frame)
                 yield frame
 
-        while True:
-            replay = list(unanswered)
-            stub = video_pb2_grpc.VideoSegmentationStub(self._channel)
-            unavailable = False
-            try:
-                for result in stub.StreamFrames(requests(replay), metadata=self._metadata):
-                    if unavailable or result.error.startswith("UNAVAILABLE"):
-                        # A draining server answers what it cannot run UNAVAILABLE; those frames
-                        # (and any after them) stay unanswered and are re-sent on reconnecting.
-                        unavailable = True
-                        continue
-                    if unanswered and unanswered[0].frame_index == result.frame_index:
-                        unanswered.popleft()
-                    delays = self.backoff.delays()  # healthy again: fresh back-off
-                    yield result
-                if source_failure:
-                    raise source_failure[0]
-                if not unavailable:
-                    return
-                code, details = grpc.StatusCode.UNAVAILABLE, "the server drained the stream"
-            except grpc.RpcError as exc:
-                code, details = exc.code(), exc.details() or ""
-            delay = next(delays, None) if code in RETRYABLE else None
-            if delay is None:
-                raise ClientError(code.name, details) from None
-            LOG.warning("stream %s: %s; reconnecting in %.1f s with %d unanswered frames",
-                        stream_id, code.name, delay, len(unanswered))
-            time.sleep(delay)
+        try:
+            while True:
+                replay, call_over = list(unanswered), threading.Event()
+                stub = video_pb2_grpc.VideoSegmentationStub(self._channel)
+                unavailable = False
+                try:
+                    for result in stub.StreamFrames(requests(replay, call_over), metadata=self._metadata):
+                        if unavailable or result.error.startswith("UNAVAILABLE"):
+                            # A draining server answers what it cannot run UNAVAILABLE; those frames
+                            # (and any after them) stay unanswered and are re-sent on reconnecting.
+                            unavailable = True
+                            continue
+                        if unanswered and unanswered[0].frame_index == result.frame_index:
+                            unanswered.popleft()
+                            answered += 1
+                            if ring is not None:
+                                ring.answered(answered)
+                        delays = self.backoff.delays()  # healthy again: fresh back-off
+                        yield result
+                    if source_failure:
+                        raise source_failure[0]
+                    if not unavailable:
+                        return
+                    code, details = grpc.StatusCode.UNAVAILABLE, "the server drained the stream"
+                except grpc.RpcError as exc:
+                    code, details = exc.code(), exc.details() or ""
+                finally:
+                    call_over.set()
+                delay = next(delays, None) if code in RETRYABLE else None
+                if delay is None:
+                    raise ClientError(code.name, details) from None
+                LOG.warning("stream %s: %s; reconnecting in %.1f s with %d unanswered frames",
+                            stream_id, code.name, delay, len(unanswered))
+                time.sleep(delay)
+        finally:
+            if ring is not None:
+                ring.close()
+
+    def _register_region(self, name: str, key: str, byte_size: int) -> None:
+        self._kserve_call("register_system_shared_memory", name, key, byte_size)
+
+    def _unregister_region(self, name: str) -> None:
+        self._kserve_call("unregister_system_shared_memory", name)
+
+    def _kserve_call(self, method: str, *args) -> None:
+        """A tritonclient call; its refusal as a ClientError naming the gRPC status."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            getattr(self._triton(), method)(*args, headers=dict(self._metadata))
+        except InferenceServerException as exc:
+            raise ClientError((exc.status() or "UNKNOWN").replace("StatusCode.", ""), exc.message()) from None

@@ -136,6 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-message-mb", type=int, help="largest gRPC message, MB (default 64)")
     serve.add_argument("--grace-period-s", type=float,
                        help="on SIGTERM, how long in-flight work may finish (default 30)")
+    serve.add_argument("--grpc-keepalive-s", type=float,
+                       help="ping a gRPC connection idle this long, drop it if the ping is not "
+                       "answered within as long again; clients may ping every half of it "
+                       "(default 20)")
+    serve.add_argument("--grpc-max-connection-age-s", type=float,
+                       help="after this (+-10%%) a gRPC connection is asked to go (GOAWAY): clients "
+                       "reconnect and re-resolve, so replicas that joined get their share "
+                       "(default 300)")
+    serve.add_argument("--grpc-max-connection-age-grace-s", type=float,
+                       help="how long calls on a connection past its age may still run before it "
+                       "is closed; the client library re-sends a cut stream's unanswered frames "
+                       "(default 30)")
     serve.add_argument("--tls-cert", help="server certificate (PEM); enables TLS with --tls-key")
     serve.add_argument("--tls-key", help="server private key (PEM)")
     serve.add_argument("--token", help="require 'authorization: Bearer <token>' metadata "
@@ -180,6 +192,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="with --allow-image-urls, a network (10.0.0.0/8, 127.0.0.1) or host "
                        "name whose loopback, private or link-local addresses may be fetched all "
                        "the same (repeat for more; refused by default)")
+    serve.add_argument("--allow-shared-memory", action="store_true", default=None,
+                       help="offer Triton's system shared-memory extension to clients on this "
+                       "host: a frame is read from memory the client names, not sent (off by "
+                       "default: a client names memory on the server's host)")
+    serve.add_argument("--max-shared-memory-regions", type=int,
+                       help="shared memory regions registered at once (default 64)")
+    serve.add_argument("--shared-memory-key-prefix",
+                       help="with --allow-shared-memory, the prefix every shared memory key must "
+                       "have (e.g. rle_), so clients can name only objects made for this server "
+                       "(default: any key)")
     serve.add_argument("--model-control-mode", choices=["none", "explicit"],
                        help="none (default): every pipeline model is loaded at start, for good; "
                        "explicit: the --load-model ones, and the rest loaded and unloaded at run "

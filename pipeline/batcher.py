@@ -77,6 +77,7 @@ class _Request(Generic[Item]):
     hard_deadline: float | None = None  # the caller's own (e.g. gRPC): past it, always rejected
     delayed: bool = False
     timer: asyncio.TimerHandle | None = None
+    waiting: bool = True  # not yet started, answered from the queue or withdrawn (``on_load``)
 
 
 # (pairs, stages) -> results: ``[(id, item), ...]`` in, ``[(id, result), ...]`` out in any
@@ -101,6 +102,9 @@ class DynamicBatcher(Generic[Item, Result]):
     answered with DeadlineError (metrics). on_idle: run in the batch thread once the queue
     has stayed empty for ``IDLE_S`` after a batch (e.g. giving freed memory back to the OS):
     never under sustained load, never between the frames of a steady stream.
+    on_load: called on the event loop with (change in items waiting, change in items
+    executing) whenever either moves (live gauges). Waiting counts an item from its queueing
+    to its batch starting, the time gathering a batch included; each item leaves it once.
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class DynamicBatcher(Generic[Item, Result]):
         policy: QueuePolicy = QueuePolicy(),
         on_timeout: Callable[[], None] | None = None,
         on_idle: Callable[[], object] | None = None,
+        on_load: Callable[[int, int], None] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -133,6 +138,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self.policy = policy
         self.on_timeout = on_timeout
         self.on_idle = on_idle
+        self.on_load = on_load
         self._queue: deque[_Request] = deque()
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
@@ -200,16 +206,32 @@ class DynamicBatcher(Generic[Item, Result]):
             self._queue.append(request)
             self._arm_timer(request)
         self._wakeup.set()
+        self._load(len(requests), 0)
         try:
             return list(await asyncio.gather(*(r.future for r in requests)))
         except BaseException:
             for request in requests:
                 request.future.cancel()
+            self._load(-self._leave(requests), 0)
             raise
         finally:
             for request in requests:
                 if request.timer is not None:
                     request.timer.cancel()
+
+    def _load(self, waiting: int, executing: int) -> None:
+        if self.on_load is not None and (waiting or executing):
+            self.on_load(waiting, executing)
+
+    @staticmethod
+    def _leave(requests: Sequence[_Request]) -> int:
+        """Marks requests as no longer waiting; how many were (each leaves once: a request
+        withdrawn while its batch gathers must not leave again when the batch starts)."""
+        left = 0
+        for request in requests:
+            left += request.waiting
+            request.waiting = False
+        return left
 
     def _arm_timer(self, request: _Request) -> None:
         due = [d for d in (request.hard_deadline, None if request.delayed else request.deadline)
@@ -270,6 +292,7 @@ class DynamicBatcher(Generic[Item, Result]):
         request.future.set_exception(DeadlineError(
             f"{self.name}: waited {waited:.2f} s in the queue, past {why} of {limit:.2f} s; "
             "it was not run (the server is behind: lower the frame rate or add replicas)"))
+        self._load(-self._leave([request]), 0)
         if self.on_timeout is not None:
             self.on_timeout()
 
@@ -289,6 +312,7 @@ class DynamicBatcher(Generic[Item, Result]):
         for request in self._queue:
             if not request.future.done():
                 request.future.set_exception(ShuttingDownError(f"{self.name} stopped"))
+        self._load(-self._leave(self._queue), 0)
         self._queue.clear()
 
     def _take_live(self, key: Hashable = None) -> _Request | None:
@@ -347,6 +371,7 @@ class DynamicBatcher(Generic[Item, Result]):
             if not batch:
                 continue
             self._in_flight += len(batch)
+            self._load(-self._leave(batch), len(batch))
             started = time.monotonic()
             failed = False
             stages: dict[str, float] = {}
@@ -379,6 +404,7 @@ class DynamicBatcher(Generic[Item, Result]):
                     raise
             finally:
                 self._in_flight -= len(batch)
+                self._load(0, -len(batch))
                 if not failed:
                     pace = (time.monotonic() - started) / len(batch)
                     self._item_s = pace if self._item_s is None else (

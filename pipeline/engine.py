@@ -31,7 +31,7 @@ from .batcher import DynamicBatcher, QueuePolicy
 from .errors import BadInputError, ConfigError, PipelineError
 from .images import Letterbox, PixelBudget, as_picture, letterbox, letterbox_geometry, probe
 from .postprocess import Detections, PostprocessOptions, postprocess
-from .repository import ModelEntry, ModelRepository, instance_count
+from .repository import ModelEntry, ModelRepository, instance_count, pinned_batch_limit
 from .runners import load_runner, resolve_device
 from .telemetry import BatchReport, Ledger
 
@@ -82,7 +82,8 @@ class Pipeline:
         # config.pbtxt was validated at load, so its parameters are known to be good here.
         self.defaults = PostprocessOptions.from_params(entry.parameters)
         # max_batch_size bounds what a request may carry; batch_limit is what the network is
-        # given at once: the fastest per frame, measured here, never above the bound.
+        # given at once: pinned in config.pbtxt, or the fastest per frame measured here,
+        # never above the bound.
         self.max_batch_size = max(1, entry.config.max_batch_size)
         self.batch_limit = self._batch_limit()
         self.ledger.set_batch_limit(self.name, self.batch_limit)
@@ -99,11 +100,16 @@ class Pipeline:
                  else "square", self.batch_limit, self.max_batch_size)
 
     def _batch_limit(self) -> int:
-        if self.entry.parameter("calibrate_batch_size", "true").lower() in ("false", "0", "no"):
-            return self.max_batch_size
+        """Pinned in config.pbtxt, else measured now (``runners.choose_batch_size``)."""
+        pinned = pinned_batch_limit(self.entry.config, self.entry.config_path)
+        if pinned is not None:
+            return pinned
+        started = time.perf_counter()
         best, measured = self.runner.best_batch_size(self.max_batch_size)
-        LOG.info("%s: per-frame network time by batch size: %s -> batches of up to %d",
-                 self.name, ", ".join(f"{b}: {1e3 * s:.1f} ms" for b, s in measured.items()), best)
+        LOG.info("%s: per-frame network time by batch size (fastest of interleaved runs): %s "
+                 "-> batches of up to %d (measured in %.1f s)", self.name,
+                 ", ".join(f"{b}: {1e3 * s:.1f} ms" for b, s in measured.items()), best,
+                 time.perf_counter() - started)
         return best
 
     @classmethod
@@ -251,6 +257,7 @@ class Pipeline:
                 key=batch_key,
                 policy=queue_policy(self.entry),
                 on_timeout=lambda: self.ledger.queue_timeout(self.name),
+                on_load=lambda waiting, running: self.ledger.add_load(self.name, waiting, running),
                 on_idle=memory.trim,
             )
         return self._batcher

@@ -35,6 +35,10 @@ class NotFoundError(PipelineError, LookupError):
     """An unknown model, version or stream."""
 
 
+class AlreadyExistsError(PipelineError):
+    """A name that is taken (a shared memory region registered twice)."""
+
+
 class ConfigError(PipelineError):
     """A model repository or server setting is invalid; raised at start-up, never later."""
 
@@ -76,6 +80,7 @@ class DeadlineError(PipelineError):
 STATUS: dict[type[PipelineError], Status] = {
     BadInputError: Status("INVALID_ARGUMENT", 400),
     NotFoundError: Status("NOT_FOUND", 404),
+    AlreadyExistsError: Status("ALREADY_EXISTS", 409),
     OverloadedError: Status("RESOURCE_EXHAUSTED", 503),
     ShuttingDownError: Status("UNAVAILABLE", 503),
     UnavailableError: Status("UNAVAILABLE", 503),

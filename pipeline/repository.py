@@ -26,6 +26,7 @@ RUNTIMES = {"pytorch_libtorch": "torchscript", "pytorch": "torchscript",
 DEFAULT_FILENAMES = {"torchscript": "model.pt", "onnx": "model.onnx", "openvino": "model.xml",
                      "python": "model.py"}
 SUPPORTED = tuple(RUNTIMES)
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ def validate(config: mc.ModelConfig, folder_name: str, path: Path) -> None:
             if not tensor.dims or any(d == 0 or d < -1 for d in tensor.dims):
                 raise _fail(path, f"{kind}[{i}].dims",
                             f"{list(tensor.dims)} must be non-empty, each > 0 or -1")
+    pinned_batch_limit(config, path)
     for i, group in enumerate(config.instance_group):
         if group.count < 0:
             raise _fail(path, f"instance_group[{i}].count", f"must be >= 1, got {group.count}")
@@ -199,6 +201,27 @@ def validate(config: mc.ModelConfig, folder_name: str, path: Path) -> None:
             PostprocessOptions.from_params(parameters_of(config))
         except InvalidOptionError as exc:
             raise _fail(path, f"parameters.{exc.key}", str(exc)) from None
+
+
+def pinned_batch_limit(config: mc.ModelConfig, path: Path) -> int | None:
+    """The most images the network is given at once, where config.pbtxt decides it; None
+    where it is measured at load (``engine.Pipeline``). Parameter ``batch_limit`` pins it
+    (1..max_batch_size); ``calibrate_batch_size: "false"`` takes max_batch_size; a bound of
+    1 leaves nothing to measure. ConfigError naming the parameter if unusable."""
+    params, bound = parameters_of(config), max(1, config.max_batch_size)
+    calibrate = params.get("calibrate_batch_size", "true").lower()
+    if calibrate not in TRUE + FALSE:
+        raise _fail(path, "parameters.calibrate_batch_size", f"must be true or false, got {calibrate!r}")
+    if "batch_limit" in params:
+        limit = params["batch_limit"]
+        if not limit.isdecimal() or not 1 <= int(limit) <= bound:
+            raise _fail(path, "parameters.batch_limit",
+                        f"must be a whole number in 1..max_batch_size ({bound}), got {limit!r}")
+        if "calibrate_batch_size" in params and calibrate in TRUE:
+            raise _fail(path, "parameters.batch_limit", "pins the batch size, and "
+                        "calibrate_batch_size asks to measure it: keep one of the two")
+        return int(limit)
+    return bound if calibrate in FALSE or bound == 1 else None
 
 
 def instance_count(entry: ModelEntry) -> int:

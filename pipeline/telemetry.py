@@ -1,9 +1,12 @@
 """The one book of what the server did: every batch, every request, a few live gauges.
 
 Writers report facts once: the batcher (or the synchronous API) hands in one ``BatchReport``
-per executed batch; the frontends record one outcome per request. Readers take snapshots: the
-Prometheus exporter (``pipeline.frontends.metrics``), KServe's ModelStatistics and the benchmarks. A
-lock makes it safe to write from the event loop and read from the exporter's thread.
+per executed batch and moves its live queued/executing counts; the frontends record one outcome
+per request. Readers take snapshots: the Prometheus exporter (``pipeline.frontends.metrics``),
+KServe's ModelStatistics and the benchmarks. A lock makes it safe to write from the event loop
+and read from the exporter's thread. Latencies also land in fixed-bucket histograms (one bisect
+per observation, under the same lock), so quantiles can be summed across replicas: a mean from
+cumulative counters hides the tail an SLO and an autoscaler care about.
 """
 
 from __future__ import annotations
@@ -11,12 +14,19 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # Stages of a batch, in data-path order; "preprocess" is decode + letterbox of its images.
 STAGES = ("preprocess", "network", "postprocess", "rle")
+# The latency histograms, by what they time (see ``Ledger.record_batch``/``record_request``).
+LATENCIES = ("request", "queue", "compute_input", "compute_infer", "compute_output", "rle")
+# Their upper bounds in seconds: 1 ms .. 10 s in 1-2-5 steps, so histogram_quantile's linear
+# interpolation inside a bucket errs by at most one step; the same for every replica and model,
+# so buckets sum across a fleet. Slower observations fall in the +Inf bucket.
+LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,20 @@ class BatchReport:
 
 
 @dataclass
+class Histogram:
+    """Observations counted per bucket of ``LATENCY_BUCKETS_S`` (not cumulative; the last slot
+    is above the largest bound), and their sum in seconds."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    sum_s: float = 0.0
+
+    def observe(self, seconds: float, weight: int = 1) -> None:
+        """``weight`` observations of ``seconds`` (e.g. every image of a batch at once)."""
+        self.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += weight  # le: bound >= seconds
+        self.sum_s += seconds * weight
+
+
+@dataclass
 class ModelTotals:
     """Running totals for one model (times in nanoseconds). ``images`` counts batch items."""
 
@@ -53,9 +77,13 @@ class ModelTotals:
     requests_failed_ns: int = 0
     answered_images: int = 0
     output_ns: int = 0
-    pending: int = 0
+    queued: int = 0  # live: images waiting in the batcher for a batch to start
+    executing: int = 0  # live: images in batches being computed
+    streams_open: int = 0  # live: open streams that sent this model a request (read-only copy)
     batch_limit: int = 0  # the most images the network is given at once (measured at load)
     queue_timeouts: int = 0  # requests answered DEADLINE_EXCEEDED from the queue, never run
+    latency: dict[str, Histogram] = field(
+        default_factory=lambda: {name: Histogram() for name in LATENCIES})
 
 
 class Ledger:
@@ -65,12 +93,17 @@ class Ledger:
         self._lock = threading.Lock()
         self._models: dict[str, ModelTotals] = {}
         self._streams_open: Counter = Counter()
+        # Open streams per model name as the streams named it: kept apart from the totals so
+        # a stream naming no loaded model adds no series (it leaves when the stream ends).
+        self._model_streams: Counter = Counter()
         self._frames_dropped = 0
 
     def _model(self, model: str) -> ModelTotals:
         return self._models.setdefault(model, ModelTotals())
 
     def record_batch(self, model: str, report: BatchReport) -> None:
+        """One batch. Its histograms count images (a batch of 4 observes 4 times): each image
+        waited its own time and saw the whole batch's compute, input and RLE time."""
         with self._lock:
             t = self._model(model)
             t.batches += 1
@@ -81,10 +114,19 @@ class Ledger:
             for stage, seconds in report.stages.items():
                 t.stage_ns[stage] += int(seconds * 1e9)
             t.last_inference_ms = int(report.finished * 1000)
+            latency = t.latency
+            for wait in report.waits_s:
+                latency["queue"].observe(wait)
+            latency["compute_infer"].observe(report.compute_s, report.size)
+            for name, stage in (("compute_input", "preprocess"), ("rle", "rle")):
+                if stage in report.stages:  # a batch that failed early never reached it
+                    latency[name].observe(report.stages[stage], report.size)
 
     def record_request(self, model: str, *, images: int, duration_s: float, output_s: float = 0.0,
                        failure: str | None = None) -> None:
-        """One request's outcome: ``failure`` is None or its status name (lower case)."""
+        """One request's outcome: ``failure`` is None or its status name (lower case). The
+        request and output histograms count answered requests only: failures (fast refusals
+        among them) would flatter the latency; they are counted by reason instead."""
         with self._lock:
             t = self._model(model)
             if failure is None:
@@ -92,6 +134,8 @@ class Ledger:
                 t.requests_ok_ns += int(duration_s * 1e9)
                 t.answered_images += images
                 t.output_ns += int(output_s * 1e9)
+                t.latency["request"].observe(duration_s)
+                t.latency["compute_output"].observe(output_s)
             else:
                 t.requests_failed[failure] += 1
                 t.requests_failed_ns += int(duration_s * 1e9)
@@ -104,9 +148,23 @@ class Ledger:
         with self._lock:
             self._model(model).queue_timeouts += 1
 
-    def add_pending(self, model: str, count: int) -> None:
+    def add_load(self, model: str, queued: int, executing: int) -> None:
+        """Move the live gauges by these many images (the batcher's ``on_load``)."""
         with self._lock:
-            self._model(model).pending += count
+            t = self._model(model)
+            t.queued += queued
+            t.executing += executing
+
+    def model_stream_opened(self, model: str, delta: int = 1) -> None:
+        with self._lock:
+            self._model_streams[model] += delta
+            if not self._model_streams[model]:
+                del self._model_streams[model]
+
+    def _copy(self, model: str, totals: ModelTotals) -> ModelTotals:
+        out = copy.deepcopy(totals)
+        out.streams_open = self._model_streams[model]
+        return out
 
     def stream_opened(self, api: str, delta: int = 1) -> None:
         with self._lock:
@@ -119,9 +177,10 @@ class Ledger:
     def totals(self, model: str) -> ModelTotals:
         """A copy of one model's totals (zeros if it has done nothing yet)."""
         with self._lock:
-            return copy.deepcopy(self._models.get(model, ModelTotals()))
+            return self._copy(model, self._models.get(model, ModelTotals()))
 
     def snapshot(self) -> tuple[dict[str, ModelTotals], dict[str, int], int]:
         """(totals per model, open streams per API, frames dropped): copies, for exporters."""
         with self._lock:
-            return (copy.deepcopy(self._models), dict(self._streams_open), self._frames_dropped)
+            return ({name: self._copy(name, t) for name, t in self._models.items()},
+                    dict(self._streams_open), self._frames_dropped)

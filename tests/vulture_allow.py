@@ -5,6 +5,8 @@ a caller vulture cannot see. Listed as attribute reads, grouped by who calls the
 _.ServerLive, _.ServerReady, _.ModelReady, _.ServerMetadata, _.ModelMetadata, _.ModelConfig
 _.ModelStatistics, _.RepositoryIndex, _.ModelInfer, _.ModelStreamInfer, _.StreamFrames
 _.RepositoryModelLoad, _.RepositoryModelUnload
+_.SystemSharedMemoryRegister, _.SystemSharedMemoryUnregister, _.SystemSharedMemoryStatus
+_.CudaSharedMemoryRegister, _.CudaSharedMemoryUnregister, _.CudaSharedMemoryStatus
 _.intercept_service
 # NVIDIA Triton's Python backend calls the pipeline model's entry points.
 _.TritonPythonModel, _.initialize, _.execute

@@ -44,8 +44,16 @@ class ServerConfig:
     max_tracked_streams: int = 256
     max_tracked_streams_per_client: int = 64
     tracker_idle_s: float = 60.0
+    allow_shared_memory: bool = False
+    max_shared_memory_regions: int = 64
+    shared_memory_key_prefix: str = ""
     model_control_mode: str = "none"
     load_model: tuple[str, ...] = ()
+    # Spread over a fleet: connections are re-made every max age, so clients re-resolve and
+    # new replicas get their share (see _serve_grpc).
+    grpc_keepalive_s: float = 20.0
+    grpc_max_connection_age_s: float = 300.0
+    grpc_max_connection_age_grace_s: float = 30.0
 
     def __post_init__(self):
         if self.stream_window < 1:
@@ -73,6 +81,10 @@ class ServerConfig:
         if self.max_tracked_streams < 1 or self.max_tracked_streams_per_client < 1 or self.tracker_idle_s <= 0:
             raise ConfigError("max tracked streams (in all and per client) must be >= 1 and the "
                               "tracker idle time > 0")
+        if self.max_shared_memory_regions < 1:
+            raise ConfigError(f"max shared memory regions must be >= 1, got {self.max_shared_memory_regions}")
+        if self.shared_memory_key_prefix and not self.allow_shared_memory:
+            raise ConfigError("--shared-memory-key-prefix needs --allow-shared-memory")
         if self.model_control_mode not in ("none", "explicit"):
             raise ConfigError(f"model control mode must be none or explicit, got {self.model_control_mode!r}")
         if self.load_model and self.model_control_mode != "explicit":
@@ -82,6 +94,13 @@ class ServerConfig:
             raise ConfigError(f"http port must be a port, 0 (any free one) or -1 (off), got {self.http_port}")
         if not (self.http_header_timeout_s > 0 and self.http_idle_timeout_s > 0):  # NaN fails too
             raise ConfigError("--http-header-timeout-s and --http-idle-timeout-s must be > 0 seconds")
+        for flag, seconds in (("--grpc-keepalive-s", self.grpc_keepalive_s),
+                              ("--grpc-max-connection-age-s", self.grpc_max_connection_age_s)):
+            if not seconds >= 0.001:  # NaN fails too; gRPC counts whole milliseconds
+                raise ConfigError(f"{flag} must be at least 0.001 seconds, got {seconds}")
+        if not self.grpc_max_connection_age_grace_s >= 0:
+            raise ConfigError("--grpc-max-connection-age-grace-s must be >= 0 seconds, got "
+                              f"{self.grpc_max_connection_age_grace_s}")
         if self.max_http_connections < 1:
             raise ConfigError(f"max HTTP connections must be >= 1, got {self.max_http_connections}")
         if self.metrics_token_required and not self.token:

@@ -53,19 +53,30 @@ class ModelControl:
 
     # At start ---------------------------------------------------------------------------
 
-    def load_at_start(self, names: tuple[str, ...] = ()) -> None:
-        """Every pipeline (mode none) or the named models (explicit). Blocking: run it in a
-        worker thread. ConfigError if a model cannot be served, or (mode none) none can."""
-        repository = ModelRepository.load(self.root)
-        if self.mode == "none":
-            names = tuple(n for n, entry in repository.models.items() if is_pipeline(entry))
-            if not names:
-                raise ConfigError(f"{self.root}: no pipeline model to serve "
-                                  "(a Python-backend model with a 'network' parameter)")
-        for name in names:
-            for pipeline in self._pipelines_of(repository, name):
-                self.state.pipelines[pipeline] = self._build(repository, pipeline)
-        self._describe_the_rest(repository)
+    async def load_at_start(self, names: tuple[str, ...] = ()) -> None:
+        """Every pipeline (mode none) or the named models (explicit), built in worker threads
+        while the server already answers: a request for one meanwhile is told it is loading.
+        They start serving together, once the last is built and warmed, so a server that
+        says ready has every model. ConfigError if a model cannot be served, or (mode none)
+        none can."""
+        async with self._changing:  # a RepositoryModelLoad meanwhile waits for these
+            repository = await asyncio.to_thread(ModelRepository.load, self.root)
+            if self.mode == "none":
+                names = tuple(n for n, entry in repository.models.items() if is_pipeline(entry))
+                if not names:
+                    raise ConfigError(f"{self.root}: no pipeline model to serve "
+                                      "(a Python-backend model with a 'network' parameter)")
+            pipelines = list(dict.fromkeys(p for name in names for p in self._pipelines_of(repository, name)))
+            for pipeline in pipelines:
+                self.state.unavailable[pipeline] = UnavailableError(
+                    f"model {pipeline!r} is loading (the server is starting); retry shortly")
+            built = {}
+            for pipeline in pipelines:
+                built[pipeline] = await asyncio.to_thread(self._build, repository, pipeline)
+            for pipeline, pipe in built.items():
+                self.state.pipelines[pipeline] = pipe
+                del self.state.unavailable[pipeline]
+            self._describe_the_rest(repository)
 
     # At run time -------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ async def serve_stream(state: ServingState, api: str, process, failed, requests,
         if model not in models:
             models.add(model)
             state.model_streams[model] += 1
+            state.ledger.model_stream_opened(model)
         with state.limits.request(client):
             try:
                 return await process(request)
@@ -67,6 +68,7 @@ async def serve_stream(state: ServingState, api: str, process, failed, requests,
         state.ledger.stream_opened(api, -1)
         for model in models:
             state.model_streams[model] -= 1
+            state.ledger.model_stream_opened(model, -1)
 
 
 class _Unreadable:

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -22,45 +23,64 @@ from . import kserve
 from .control import ModelControl
 from .grpc_calls import grpc_status, serve_stream
 from .inference import VERSION, Answer, InferRequest, ServingState, client_of, describe, run
+from .shared_memory import NO_CUDA, SharedMemory
 
 
-def parameters_of(request: pb.ModelInferRequest) -> dict[str, Any]:
-    """The request's parameters as plain Python values (str, int, float, bool)."""
+def parameters_of(parameters) -> dict[str, Any]:
+    """A message's (or a tensor's) parameters as plain Python values (str, int, float, bool)."""
     out = {}
-    for key, p in request.parameters.items():
+    for key, p in parameters.items():
         kind = p.WhichOneof("parameter_choice")
         out[key] = getattr(p, kind) if kind else None
     return out
 
 
-def inputs_of(request: pb.ModelInferRequest) -> list[kserve.InputTensor]:
-    """The message's inputs; raw_input_contents, when given, holds one entry per input (as
-    Triton requires), else an extra entry would be ignored or an input read from the wrong one."""
+def inputs_of(request: pb.ModelInferRequest, regions: SharedMemory) -> list[kserve.InputTensor]:
+    """The message's inputs; raw_input_contents, when given, holds one entry per input not in
+    shared memory (as Triton requires), else an extra entry would be ignored or an input read
+    from the wrong one."""
+    params = [parameters_of(t.parameters) for t in request.inputs]
+    in_message = [i for i, p in enumerate(params) if "shared_memory_region" not in p]
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise BadInputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
-                            "send one per input, in the inputs' order, or none")
-    return [kserve.InputTensor(
-        t.name, t.datatype, list(t.shape), raw=raw[i] if i < len(raw) else None,
+    if raw and len(raw) != len(in_message):
+        raise BadInputError(f"{len(raw)} raw_input_contents for {len(in_message)} inputs not in shared "
+                            "memory; send one per such input, in the inputs' order, or none")
+    raw_of = dict(zip(in_message, raw))
+    return [kserve.input_tensor(
+        t.name, t.datatype, list(t.shape), params[i], regions, raw=raw_of.get(i),
         values=list(t.contents.bytes_contents) if t.datatype == "BYTES" else list(t.contents.uint_contents))
         for i, t in enumerate(request.inputs)]
 
 
-def read_request(message: pb.ModelInferRequest, deadline: float | None = None) -> InferRequest:
+def shared_outputs_of(message: pb.ModelInferRequest, regions: SharedMemory) -> kserve.SharedOutputs:
+    return kserve.SharedOutputs([(o.name, parameters_of(o.parameters)) for o in message.outputs], regions)
+
+
+def read_request(message: pb.ModelInferRequest, regions: SharedMemory,
+                 deadline: float | None = None) -> InferRequest:
     """The message as the one typed request (BadInputError if unusable)."""
-    params, inputs = parameters_of(message), inputs_of(message)
+    params, inputs = parameters_of(message.parameters), inputs_of(message, regions)
     outputs = [o.name for o in message.outputs]
     return kserve.request_of(message.model_name, message.model_version, params, inputs, outputs,
                              deadline)
 
 
-def response_of(message: pb.ModelInferRequest, answer: Answer) -> pb.ModelInferResponse:
-    """The response message (JSON, polygons, tensors): CPU work, run off the event loop."""
+def response_of(message: pb.ModelInferRequest, answer: Answer,
+                shared: kserve.SharedOutputs | None = None) -> pb.ModelInferResponse:
+    """The response message (JSON, polygons, tensors): CPU work, run off the event loop.
+    Outputs written to shared memory come last, with no contents, so each other output's
+    index still finds its raw_output_contents (tritonclient pairs them by position)."""
     response = pb.ModelInferResponse(model_name=answer.pipe.name, model_version=VERSION,
                                      id=message.id)
+    placed = []
     for name, datatype, array in kserve.output_tensors(answer, [o.name for o in message.outputs]):
+        if shared is not None and shared.place(name, array):
+            placed.append((name, datatype, array.shape))
+            continue
         response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
         response.raw_output_contents.append(kserve.raw_contents(array))
+    for name, datatype, shape in placed:
+        response.outputs.add(name=name, datatype=datatype, shape=list(shape))
     return response
 
 
@@ -87,7 +107,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=kserve.model_ready(self.state, request.name, request.version))
 
     async def ServerMetadata(self, request, context):
-        return kserve.server_metadata()
+        return kserve.server_metadata(self.state)
 
     async def ModelMetadata(self, request, context):
         return await self._answer(context, lambda: kserve.model_metadata(
@@ -121,6 +141,36 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:  # noqa: BLE001 - the server keeps serving what it served
             await context.abort(grpc_status(exc), describe(exc))
 
+    # Shared memory (Triton's extension; CUDA regions are not offered) ---------------------
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        await self._answer(context, lambda: self.state.shared_memory.register(
+            client_of(context.peer()), request.name, request.key, request.offset, request.byte_size))
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        await self._answer(context, lambda: self.state.shared_memory.unregister(request.name))
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        regions = await self._answer(context, lambda: self.state.shared_memory.status(request.name))
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in regions:
+            response.regions[region["name"]].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return response
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, NO_CUDA)
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        return pb.CudaSharedMemoryUnregisterResponse()  # nothing is registered
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        if request.name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no CUDA shared memory region {request.name!r}")
+        return pb.CudaSharedMemoryStatusResponse()
+
     # Inference ---------------------------------------------------------------------
 
     async def infer(self, message: pb.ModelInferRequest, client: str, deadline: float | None = None):
@@ -128,11 +178,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         client: ``client_of`` its peer. deadline: the caller's absolute monotonic deadline (a
         gRPC deadline): a request still queued then is answered DEADLINE_EXCEEDED, never run."""
+        shared: list[kserve.SharedOutputs] = []
+
         def read() -> InferRequest:
-            return read_request(message, deadline)
+            request = read_request(message, self.state.shared_memory, deadline)
+            shared.append(shared_outputs_of(message, self.state.shared_memory))
+            return request
 
         def respond(answer: Answer) -> pb.ModelInferResponse:
-            return response_of(message, answer)
+            return response_of(message, answer, shared[0])
 
         return await run(self.state, message.model_name, read, respond, client)
 

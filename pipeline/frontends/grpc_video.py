@@ -24,6 +24,7 @@ from ..schema import rows
 from ..tracking import TrackerOptions
 from .grpc_calls import grpc_status, serve_stream
 from .inference import Answer, InferRequest, ServingState, Tracking, client_of, describe, run
+from .shared_memory import Reference, SharedMemory
 
 DEFAULT_MODEL = "instance_segmentation"
 
@@ -32,11 +33,12 @@ def model_of(frame: vpb.Frame) -> str:
     return frame.model or DEFAULT_MODEL
 
 
-def request_of(frame: vpb.Frame, call: int = 0) -> InferRequest:
+def request_of(frame: vpb.Frame, regions: SharedMemory, call: int = 0) -> InferRequest:
     """The frame as the one typed request (BadInputError if unusable). A tracked stream's
     frame carries its time (the client's timestamp, else its index over the frame rate), so
     dropped frames are gaps. call: the stream call it came in; a stream id names a tracker
-    within its call only, so two calls that use one id never share (or end) a tracker."""
+    within its call only, so two calls that use one id never share (or end) a tracker.
+    regions: the server's shared memory, for a frame that names a region."""
     o = frame.options
     keys = ("confidence", "iou_threshold", "max_detections", *TrackerOptions.KEYS)
     params = {key: getattr(o, key) for key in keys if o.HasField(key)}
@@ -45,10 +47,10 @@ def request_of(frame: vpb.Frame, call: int = 0) -> InferRequest:
         options = TrackerOptions.from_params(params)
         timestamp = frame.timestamp or frame.frame_index / options.frame_rate
         tracking = Tracking(f"video/{call}/{model_of(frame)}/{frame.stream_id}", options, timestamp)
-    return InferRequest.read(model_of(frame), "", [frame_image(frame)], params, tracking=tracking)
+    return InferRequest.read(model_of(frame), "", [frame_image(frame, regions)], params, tracking=tracking)
 
 
-def frame_image(frame: vpb.Frame):
+def frame_image(frame: vpb.Frame, regions: SharedMemory):
     kind = frame.WhichOneof("image")
     if kind == "encoded":
         return frame.encoded
@@ -58,7 +60,12 @@ def frame_image(frame: vpb.Frame):
         if len(frame.raw.rgb) != h * w * 3:
             raise BadInputError(f"raw frame of {w}x{h} needs {h * w * 3} bytes, got {len(frame.raw.rgb)}")
         return np.frombuffer(frame.raw.rgb, np.uint8).reshape(h, w, 3)
-    raise BadInputError("frame carries no image (set 'encoded' or 'raw')")
+    if kind == "shared":
+        h, w = frame.shared.height, frame.shared.width
+        check_image_size(h, w)
+        ref = Reference(frame.shared.region, h * w * 3, frame.shared.offset)
+        return np.frombuffer(regions.read(ref, "shared frame"), np.uint8).reshape(h, w, 3)
+    raise BadInputError("frame carries no image (set 'encoded', 'raw' or 'shared')")
 
 
 def _answer(frame: vpb.Frame, **fields) -> vpb.FrameResult:
@@ -97,7 +104,7 @@ class VideoService(video_pb2_grpc.VideoSegmentationServicer):
         arrived, frame = arrival
 
         def read() -> InferRequest:
-            request = request_of(frame, call)
+            request = request_of(frame, self.state.shared_memory, call)
             if request.tracking is not None:
                 tracked.add(request.tracking.slot(client))
             return request

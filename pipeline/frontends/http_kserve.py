@@ -17,11 +17,12 @@ import numpy as np
 from aiohttp import web
 from google.protobuf.descriptor import FieldDescriptor
 
-from ..errors import BadInputError
+from ..errors import BadInputError, NotFoundError, UnavailableError
 from . import kserve
 from .control import ModelControl
 from .http import ERROR_FIELD, json_body, parse_json
 from .inference import VERSION, Answer, InferRequest, ServingState, client_of, run
+from .shared_memory import NO_CUDA, SharedMemory
 
 JSON_HEADER = "Inference-Header-Content-Length"
 
@@ -39,6 +40,13 @@ def app(state: ServingState, models: ModelControl) -> web.Application:
     r.add_post("/repository/index", handlers.repository_index)
     r.add_post("/repository/models/{model}/load", handlers.load)
     r.add_post("/repository/models/{model}/unload", handlers.unload)
+    for region in ("", "/region/{region}"):  # Triton's shared memory extension
+        r.add_get(f"/systemsharedmemory{region}/status", handlers.shared_memory_status)
+        r.add_post(f"/systemsharedmemory{region}/unregister", handlers.shared_memory_unregister)
+        r.add_get(f"/cudasharedmemory{region}/status", handlers.cuda_status)
+        r.add_post(f"/cudasharedmemory{region}/unregister", handlers.cuda_unregister)
+    r.add_post("/systemsharedmemory/region/{region}/register", handlers.shared_memory_register)
+    r.add_post("/cudasharedmemory/region/{region}/register", handlers.cuda_register)
     for prefix in ("/models/{model}", "/models/{model}/versions/{version}"):
         r.add_get(prefix, handlers.model_metadata)
         r.add_get(prefix + "/ready", handlers.model_ready)
@@ -60,7 +68,7 @@ class _Handlers:
         return web.Response(status=200 if kserve.server_ready(self.state) else 400)
 
     async def server_metadata(self, request):
-        return web.json_response(message_json(kserve.server_metadata()))
+        return web.json_response(message_json(kserve.server_metadata(self.state)))
 
     async def model_metadata(self, request):
         return web.json_response(message_json(kserve.model_metadata(self.state, *_model(request))))
@@ -90,9 +98,38 @@ class _Handlers:
         await self.models.unload(request.match_info["model"])
         return web.Response(status=200)
 
+    async def shared_memory_register(self, request):
+        body = await _object_body(request, '{"key": "/frames", "offset": 0, "byte_size": 6220800}')
+        missing = [f for f in ("key", "byte_size") if f not in body]
+        if missing:
+            raise BadInputError(f"registering a region needs {missing}")
+        self.state.shared_memory.register(client_of(request.remote or ""), request.match_info["region"],
+                                          str(body["key"]), body.get("offset", 0), body["byte_size"])
+        return web.Response(status=200)
+
+    async def shared_memory_unregister(self, request):
+        self.state.shared_memory.unregister(request.match_info.get("region", ""))
+        return web.Response(status=200)
+
+    async def shared_memory_status(self, request):
+        return web.json_response(self.state.shared_memory.status(request.match_info.get("region", "")))
+
+    async def cuda_register(self, request):
+        raise UnavailableError(NO_CUDA)
+
+    async def cuda_unregister(self, request):
+        return web.Response(status=200)  # nothing is registered
+
+    async def cuda_status(self, request):
+        name = request.match_info.get("region", "")
+        if name:
+            raise NotFoundError(f"no CUDA shared memory region {name!r}")
+        return web.json_response([])
+
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)
-        call = _InferCall(name, version, await request.read(), request.headers.get(JSON_HEADER))
+        call = _InferCall(name, version, await request.read(), request.headers.get(JSON_HEADER),
+                          self.state.shared_memory)
         head, binary = await run(self.state, name, call.read, call.respond, client_of(request.remote or ""))
         payload = json.dumps(head).encode()
         if not binary:
@@ -120,10 +157,13 @@ class _InferCall:
     """One REST inference call: ``read`` reads its body once (the JSON document, then the
     binary inputs after it); ``respond`` answers with what the document asked for."""
 
-    def __init__(self, model: str, version: str, body: bytes, header_length: str | None):
+    def __init__(self, model: str, version: str, body: bytes, header_length: str | None,
+                 regions: SharedMemory):
         self.model, self.version, self.body, self.header_length = model, version, body, header_length
+        self.regions = regions
         self.document: dict = {}
         self.binary_of: dict[str, bool | None] = {}  # output -> binary? (None: not said)
+        self.shared: kserve.SharedOutputs | None = None
 
     def read(self) -> InferRequest:
         body, header_length = self.body, self.header_length
@@ -140,9 +180,11 @@ class _InferCall:
         params = document.get("parameters") or {}
         if not isinstance(params, dict):
             raise BadInputError("'parameters' must be an object")
-        self.document, self.binary_of = document, dict(_requested(document))
-        return kserve.request_of(self.model, self.version, params, _inputs(document, body[split:]),
-                                 list(self.binary_of))
+        requested = _requested(document)
+        self.document, self.binary_of = document, {name: binary for name, binary, _ in requested}
+        inputs = _inputs(document, body[split:], self.regions)
+        self.shared = kserve.SharedOutputs([(name, p) for name, _, p in requested], self.regions)
+        return kserve.request_of(self.model, self.version, params, inputs, list(self.binary_of))
 
     def respond(self, answer: Answer) -> tuple[dict, bytes]:
         """(JSON header, binary section) of the response."""
@@ -155,7 +197,9 @@ class _InferCall:
         for name, datatype, array in kserve.output_tensors(answer, list(self.binary_of)):
             entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
             binary = self.binary_of.get(name)
-            if binary if binary is not None else binary_default:
+            if self.shared.place(name, array):
+                pass  # written to the region the request named: no data here
+            elif binary if binary is not None else binary_default:
                 raw = kserve.raw_contents(array)
                 entry["parameters"] = {"binary_data_size": len(raw)}
                 blobs.append(raw)
@@ -181,8 +225,9 @@ def _flat(values) -> list:
     return out
 
 
-def _inputs(document: dict, binary: bytes) -> list[kserve.InputTensor]:
-    """The request's inputs, binary parts taken in order from after the JSON header."""
+def _inputs(document: dict, binary: bytes, regions: SharedMemory) -> list[kserve.InputTensor]:
+    """The request's inputs, binary parts taken in order from after the JSON header; an
+    input with ``shared_memory_*`` parameters is read from its region."""
     items = document.get("inputs")
     if not isinstance(items, list):
         raise BadInputError("'inputs' must be a list of tensors")
@@ -195,8 +240,14 @@ def _inputs(document: dict, binary: bytes) -> list[kserve.InputTensor]:
             shape = [int(d) for d in item["shape"]]
         except (KeyError, TypeError, ValueError):
             raise BadInputError(f"inputs[{i}] needs a name, a datatype and an integer shape") from None
-        size = (item.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
+        parameters = item.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise BadInputError(f"inputs[{i}] parameters must be an object")
+        size = parameters.get("binary_data_size")
+        if "shared_memory_region" in parameters:
+            out.append(kserve.input_tensor(name, datatype, shape, parameters, regions,
+                                           values=item.get("data")))
+        elif size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise BadInputError(f"inputs[{i}] binary_data_size {size!r} does not fit the "
                                     f"{len(binary) - offset} binary bytes left")
@@ -216,8 +267,8 @@ def _inputs(document: dict, binary: bytes) -> list[kserve.InputTensor]:
     return out
 
 
-def _requested(document: dict) -> list[tuple[str, bool | None]]:
-    """(output name, binary?) of each output the request names (binary None: not said)."""
+def _requested(document: dict) -> list[tuple[str, bool | None, dict]]:
+    """(output name, binary? (None: not said), parameters) of each output the request names."""
     items = document.get("outputs") or []
     if not isinstance(items, list):
         raise BadInputError("'outputs' must be a list")
@@ -225,7 +276,10 @@ def _requested(document: dict) -> list[tuple[str, bool | None]]:
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadInputError(f"outputs[{i}] must be an object with a name")
-        out.append((item["name"], (item.get("parameters") or {}).get("binary_data")))
+        parameters = item.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise BadInputError(f"outputs[{i}] parameters must be an object")
+        out.append((item["name"], parameters.get("binary_data"), parameters))
     return out
 
 

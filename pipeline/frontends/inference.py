@@ -36,6 +36,7 @@ from ..errors import (
 from ..postprocess import Detections, PostprocessOptions
 from ..telemetry import Ledger
 from ..tracking import Ticket, TrackerOptions, Tracks
+from .shared_memory import SharedMemory
 
 LOG = logging.getLogger(__name__)
 VERSION = "1"  # every model is served at version 1
@@ -219,7 +220,7 @@ class ClientLimits:
 @dataclass
 class ServingState:
     """The loaded pipelines, the telemetry ledger, stream settings, limits, the live trackers,
-    and whether we are draining."""
+    the registered shared memory regions, and whether we are draining."""
 
     pipelines: dict[str, Pipeline]
     unavailable: dict[str, PipelineError]  # model name -> what a request for it is answered
@@ -232,6 +233,7 @@ class ServingState:
     limits: ClientLimits = field(default_factory=lambda: ClientLimits())
     tracks: Tracks = field(default_factory=Tracks)  # live trackers of tracked streams
     model_streams: Counter = field(default_factory=Counter)  # model -> open streams using it
+    shared_memory: SharedMemory = field(default_factory=SharedMemory)  # off unless configured
 
     def pipeline(self, name: str, version: str = "") -> Pipeline:
         """The pipeline that takes new work for ``name``; refuses while draining."""
@@ -301,7 +303,6 @@ async def run(state: ServingState, model: str, read: Callable[[], InferRequest],
                 if tracking.restart:
                     tracks.end(slot)
                 ticket = tracks.ticket(slot, tracking.options, client)
-            ledger.add_pending(model, len(images))
             try:
                 found = await pipe.submit(images, options, timeout_s=request.timeout_s,
                                           deadline=request.deadline)
@@ -309,8 +310,6 @@ async def run(state: ServingState, model: str, read: Callable[[], InferRequest],
                 if ticket is not None:
                     tracks.skip(ticket)
                 raise
-            finally:
-                ledger.add_pending(model, -len(images))
             if ticket is not None:
                 found = [await tracks.assign(ticket, found[0], tracking.timestamp)]
             built = time.monotonic()

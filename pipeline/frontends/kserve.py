@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +31,13 @@ from ..errors import BadInputError
 from ..images import check_image_size
 from ..schema import DEFAULT_OUTPUTS, OUTPUTS, output_arrays
 from .inference import VERSION, Answer, InferRequest, ServingState
+from .shared_memory import Reference, Region, SharedMemory
 
 SERVER_NAME = "rle-serving"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data", "parameters",
               "schedule_policy", "model_repository"]
+SHARED_MEMORY_EXTENSION = "system_shared_memory"  # listed when --allow-shared-memory
 INPUT = "IMAGE"
 
 
@@ -70,6 +72,40 @@ class InputTensor:
     shape: list[int]
     raw: bytes | None = None
     values: Sequence[Any] | None = None
+
+
+def input_tensor(name: str, datatype: str, shape: list[int], parameters: Mapping[str, Any],
+                 regions: SharedMemory, raw: bytes | None = None,
+                 values: Sequence[Any] | None = None) -> InputTensor:
+    """An input as a transport delivered it; one that names a shared memory region
+    (``shared_memory_*`` parameters) is read from there now, so it carries raw bytes like any."""
+    ref = Reference.of(parameters, f"input {name!r}")
+    if ref is None:
+        return InputTensor(name, datatype, shape, raw=raw, values=values)
+    if raw is not None or values:
+        raise BadInputError(f"input {name!r} names shared memory region {ref.region!r} and carries "
+                            "data too; send one or the other")
+    return InputTensor(name, datatype, shape, raw=regions.read(ref, f"input {name!r}"))
+
+
+class SharedOutputs:
+    """The outputs a request asked to have written to shared memory, their regions held from
+    its arrival (an unregister meanwhile does not pull the memory from under it)."""
+
+    def __init__(self, requested: Sequence[tuple[str, Mapping[str, Any]]], regions: SharedMemory):
+        self.targets: dict[str, tuple[Region, Reference]] = {}
+        for name, parameters in requested:
+            ref = Reference.of(parameters, f"output {name!r}")
+            if ref is not None:
+                self.targets[name] = (regions.region(ref.region), ref)
+
+    def place(self, name: str, array: np.ndarray) -> bool:
+        """Write the output to its region if it has one (True); BadInputError if it does not fit."""
+        if name not in self.targets:
+            return False
+        region, ref = self.targets[name]
+        region.write(ref, raw_contents(array), f"output {name!r}")
+        return True
 
 
 def request_of(model: str, version: str, params: dict[str, Any], inputs: Sequence[InputTensor],
@@ -166,8 +202,9 @@ def model_ready(state: ServingState, name: str, version: str) -> bool:
     return name in state.pipelines and version in ("", VERSION) and not state.draining
 
 
-def server_metadata() -> pb.ServerMetadataResponse:
-    return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+def server_metadata(state: ServingState) -> pb.ServerMetadataResponse:
+    extensions = EXTENSIONS + ([SHARED_MEMORY_EXTENSION] if state.shared_memory.enabled else [])
+    return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=extensions)
 
 
 def model_metadata(state: ServingState, name: str, version: str) -> pb.ModelMetadataResponse:

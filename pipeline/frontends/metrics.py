@@ -6,6 +6,11 @@ cumulative, as Triton's are, but exposed as gauges: a Prometheus counter must be
 ``<name>_total``, which would not match the series names Triton dashboards and adapter rules
 query. Ours follow Prometheus conventions (counters end in ``_total``).
 
+For an autoscaler and an SRE: live gauges per model (images waiting in the batcher under
+Triton's ``nv_inference_pending_request_count``, images executing, streams open), and latency
+histograms ``rle_serving_<what>_duration_seconds`` (``LATENCIES``) on fixed buckets, so a
+fleet's quantile is ``histogram_quantile(0.99, sum by (le) (rate(..._bucket[1m])))``.
+
 There is no second book here: every value is read from ``pipeline.telemetry.Ledger``.
 
 The port is open by default (Prometheus scrapes without a token); with TLS configured it is
@@ -30,7 +35,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from ..telemetry import STAGES, Ledger
+from ..telemetry import LATENCY_BUCKETS_S, STAGES, Histogram, Ledger
 from .auth import MISSING, Token
 
 LOG = logging.getLogger(__name__)
@@ -56,7 +61,24 @@ _CUMULATIVE = {
     "nv_inference_compute_output_duration_us": (
         "Cumulative response building time (packing, JSON), microseconds",
         lambda t: t.output_ns / 1e3),
-    "nv_inference_pending_request_count": ("Requests queued or running", lambda t: t.pending),
+}
+# name -> (help, value from ModelTotals): live gauges per model, labelled as Triton's are
+_LIVE = {
+    "nv_inference_pending_request_count": (
+        "Images waiting in the dynamic batcher for their batch to start (Triton: requests "
+        "awaiting execution; a request of n images counts n)", lambda t: t.queued),
+    "rle_serving_images_executing": ("Images in batches being computed", lambda t: t.executing),
+    "rle_serving_model_streams_open": ("Open streams that sent this model a request",
+                                       lambda t: t.streams_open),
+}
+# what (``telemetry.LATENCIES``) -> help of the histogram rle_serving_<what>_duration_seconds
+_LATENCY_HELP = {
+    "request": "End-to-end time of answered requests, arrival to response built",
+    "queue": "Time each image waited in the dynamic batcher",
+    "compute_input": "Pre-processing time (decode, letterbox) of each image's batch",
+    "compute_infer": "Compute time (network + masks + RLE) of each image's batch",
+    "compute_output": "Response building time (packing, JSON) of answered requests",
+    "rle": "Run-length encoding time of each image's batch",
 }
 # name (without _total) -> (help, value from ModelTotals): our counters per model
 _COUNTERS = {
@@ -65,6 +87,16 @@ _COUNTERS = {
     "rle_serving_rle_seconds": ("Cumulative seconds computing run lengths",
                                 lambda t: t.stage_ns["rle"] / 1e9),
 }
+
+
+def _buckets(histogram: Histogram) -> list[tuple[str, int]]:
+    """Prometheus' cumulative ``le`` buckets from the ledger's per-bucket counts."""
+    out, seen = [], 0
+    for bound, count in zip(LATENCY_BUCKETS_S, histogram.counts):
+        seen += count
+        out.append((str(bound), seen))
+    out.append(("+Inf", seen + histogram.counts[-1]))
+    return out
 
 
 class LedgerCollector(Collector):
@@ -76,7 +108,7 @@ class LedgerCollector(Collector):
     def collect(self):
         models, streams, dropped = self.ledger.snapshot()
         labels = ["model", "version"]
-        for name, (help_text, value) in _CUMULATIVE.items():
+        for name, (help_text, value) in {**_CUMULATIVE, **_LIVE}.items():
             family = GaugeMetricFamily(name, help_text, labels=labels)
             for model, totals in models.items():
                 family.add_metric([model, VERSION], value(totals))
@@ -94,6 +126,9 @@ class LedgerCollector(Collector):
                                             labels=["model", "stage"])
         counters = {name: CounterMetricFamily(name, help_text, labels=["model"])
                     for name, (help_text, _) in _COUNTERS.items()}
+        latencies = {what: HistogramMetricFamily(f"rle_serving_{what}_duration_seconds",
+                                                 f"{help_text}, seconds", labels=["model"])
+                     for what, help_text in _LATENCY_HELP.items()}
         for model, totals in models.items():
             for reason, count in totals.requests_failed.items():
                 failures.add_metric([model, VERSION, reason], count)
@@ -106,11 +141,14 @@ class LedgerCollector(Collector):
             limits.add_metric([model], totals.batch_limit)
             for stage in STAGES:
                 stage_seconds.add_metric([model, stage], totals.stage_ns[stage] / 1e9)
+            for what, histogram in totals.latency.items():
+                latencies[what].add_metric([model], _buckets(histogram), sum_value=histogram.sum_s)
         yield failures
         yield batch_size
         yield limits
         yield stage_seconds
         yield from counters.values()
+        yield from latencies.values()
         yield CounterMetricFamily("rle_serving_frames_dropped",
                                   "Video frames dropped by the drop_oldest flow-control policy",
                                   value=dropped)

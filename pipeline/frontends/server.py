@@ -44,10 +44,15 @@ from .grpc_kserve import InferenceService
 from .grpc_video import VideoService
 from .http import HTTPServer, middlewares
 from .inference import ClientLimits, ServingState
+from .shared_memory import SharedMemory
 
 LOG = logging.getLogger(__name__)
 INFERENCE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 VIDEO_SERVICE = video_pb2.DESCRIPTOR.services_by_name["VideoSegmentation"].full_name
+# The health service name for liveness probes: SERVING from the moment the port opens, models
+# loaded or not, draining or not. The readiness ones: the server ("") and its services.
+LIVENESS_SERVICE = "liveness"
+READINESS_SERVICES = ("", INFERENCE_SERVICE, VIDEO_SERVICE)
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,13 @@ class PipelineServer:
         self._health = health.aio.HealthServicer()
 
     async def start(self, serve_metrics: bool = True) -> PipelineServer:
-        """Load, listen and report SERVING; on any failure undo what was started and raise."""
+        """Listen, load, then report SERVING; on any failure undo what was started and raise.
+
+        While the models load (minutes, for a large one) the ports answer: health says
+        NOT_SERVING for the server and its services, SERVING for ``LIVENESS_SERVICE``; HTTP
+        ``/v2/health/live`` 200, ``/v2/health/ready`` 400; KServe ServerLive true,
+        ServerReady false. A probe that found the port closed could not tell a loading
+        server from a dead one."""
         try:
             await self._start(serve_metrics)
         except BaseException:
@@ -113,10 +124,14 @@ class PipelineServer:
             limits=ClientLimits(cfg.max_streams_per_client, cfg.max_in_flight_per_client,
                                 cfg.max_bytes_in_flight_mb * 2**20),
             tracks=Tracks(cfg.max_tracked_streams, cfg.tracker_idle_s,
-                          cfg.max_tracked_streams_per_client))
+                          cfg.max_tracked_streams_per_client),
+            shared_memory=SharedMemory(cfg.allow_shared_memory, cfg.max_shared_memory_regions,
+                                       cfg.shared_memory_key_prefix))
         self.models = ModelControl(self.state, cfg.model_repository, mode=cfg.model_control_mode,
                                    device=cfg.device, ledger=self.ledger)
-        await loop.run_in_executor(None, self.models.load_at_start, cfg.load_model)
+        for service in READINESS_SERVICES:  # "" is SERVING by default
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         token = Token(cfg.token) if cfg.token else None
         await self._serve_grpc(token)
         if cfg.http_port >= 0:
@@ -126,10 +141,11 @@ class PipelineServer:
                 self.ledger, cfg.metrics_port, cfg.host,
                 tls=(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None,
                 token=token if cfg.metrics_token_required else None)
-        for service in ("", INFERENCE_SERVICE, VIDEO_SERVICE):
+        LOG.info("listening for gRPC on %s:%d%s; metrics on :%s; loading the models",
+                 cfg.host, self.grpc_port, " (TLS)" if cfg.tls_cert else "", self.metrics_port)
+        await self.models.load_at_start(cfg.load_model)
+        for service in READINESS_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        LOG.info("listening for gRPC on %s:%d%s; metrics on :%s", cfg.host, self.grpc_port,
-                 " (TLS)" if cfg.tls_cert else "", self.metrics_port)
         for name in self.state.pipelines:
             LOG.info("model %s is READY", name)
         for name, why in self.state.unavailable.items():
@@ -138,9 +154,28 @@ class PipelineServer:
     async def _serve_grpc(self, token: Token | None) -> None:
         cfg = self.config
         limit = cfg.max_message_mb * 1024 * 1024
+
+        def ms(seconds: float) -> int:  # gRPC takes a C int: a longer time means "never"
+            return min(round(seconds * 1000), 2**31 - 1)
+
+        keepalive_ms = ms(cfg.grpc_keepalive_s)
         options = [("grpc.max_receive_message_length", limit),
                    ("grpc.max_send_message_length", limit),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 0),
+                   # A peer that stops answering pings is dropped (its streams and limits freed);
+                   # gRPC arms its ping_timeout (default 60 s), not keepalive_timeout, so set both.
+                   ("grpc.keepalive_time_ms", keepalive_ms),
+                   ("grpc.keepalive_timeout_ms", keepalive_ms),
+                   ("grpc.http2.ping_timeout_ms", keepalive_ms),
+                   ("grpc.keepalive_permit_without_calls", 1),
+                   # Clients may ping as often as every keepalive/2 (timer jitter) even when idle:
+                   # gRPC's default refuses pings under 5 min apart with GOAWAY too_many_pings.
+                   ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms // 2),
+                   # GOAWAY after the (jittered) age: clients reconnect and re-resolve, so load
+                   # spreads onto replicas that joined; streams still open after the grace are
+                   # cut UNAVAILABLE and the client library re-sends their unanswered frames.
+                   ("grpc.max_connection_age_ms", ms(cfg.grpc_max_connection_age_s)),
+                   ("grpc.max_connection_age_grace_ms", ms(cfg.grpc_max_connection_age_grace_s))]
         server = grpc.aio.server(options=options,
                                  interceptors=[*([TokenInterceptor(token)] if token else []), MessageGuard()])
         self._server = server
@@ -194,7 +229,8 @@ class PipelineServer:
         if self.state is None or self._server is None:
             return
         self.state.draining = True
-        await self._health.enter_graceful_shutdown()  # every service -> NOT_SERVING
+        for service in READINESS_SERVICES:  # liveness stays SERVING: the pod is not hung
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         for window in list(self.state.streams):  # answer what they read, then end them
             window.stop(ShuttingDownError("server is shutting down; reconnect to another replica"))
         deadline = time.monotonic() + grace

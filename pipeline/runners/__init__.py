@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,42 +211,54 @@ class Runner:
 
     # Batch size ------------------------------------------------------------------------
 
-    def per_frame_seconds(self, batch: int, shape: tuple[int, int], repeats: int = 2) -> float:
-        """Best wall time per frame of ``repeats`` runs at this batch size (after a warm-up)."""
-        images = torch.rand(batch, 3, *shape, device=self.device)
+    def seconds_per_batch(self, batch: int) -> float:
+        """Wall seconds of one run of ``batch`` random frames at the network's scale (a GPU's
+        work waited for)."""
+        images = torch.rand(batch, 3, self.info.input_size, self.info.input_size, device=self.device)
+        start = time.perf_counter()
         self(images)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self(images)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            best = min(best, time.perf_counter() - start)
-        return best / batch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     def best_batch_size(self, max_batch_size: int) -> tuple[int, dict[int, float]]:
-        """The batch size (a power of two up to ``max_batch_size``) with the least time per
-        frame, measured now on this device, and the per-frame seconds measured.
-
-        Doubling stops once it no longer saves 5% per frame: on a small CPU, batching makes
-        every frame slower; on a GPU it keeps paying up to large batches. Measured once per
-        process for a model file, device, bound and thread count.
-        """
+        """``choose_batch_size`` for this network on this device, measured now; once per
+        process for a model file, device, bound and thread count."""
         key = (str(self.path), str(self.device), max_batch_size, torch.get_num_threads())
         if key not in _MEASURED_BATCHES:
-            _MEASURED_BATCHES[key] = self._measure_batches(max_batch_size)
+            _MEASURED_BATCHES[key] = choose_batch_size(self.seconds_per_batch, max_batch_size)
         return _MEASURED_BATCHES[key]
 
-    def _measure_batches(self, max_batch_size: int) -> tuple[int, dict[int, float]]:
-        shape = (self.info.input_size, self.info.input_size)
-        measured = {1: self.per_frame_seconds(1, shape)}
-        batch = 1
-        while batch * 2 <= max_batch_size:
-            measured[batch * 2] = self.per_frame_seconds(batch * 2, shape)
-            if measured[batch * 2] > 0.95 * measured[batch]:
-                break
-            batch *= 2
-        return batch, measured
+
+def choose_batch_size(run: Callable[[int], float], max_batch_size: int) -> tuple[int, dict[int, float]]:
+    """The batch size (a power of two up to ``max_batch_size``) with the least time per frame,
+    and the best seconds per frame seen at each size tried. ``run(b)``: the wall seconds of
+    one batch of b frames (batch 1 already warm: the load check ran it).
+
+    Doubling stops once it no longer saves 5% per frame: on a small CPU, batching makes every
+    frame slower; on a GPU it keeps paying up to large batches. Each step compares the size
+    so far (A) with its double (B) side by side: one untimed run of B (a size's first run pays
+    for allocation and kernel choice), then four turns, A B, B A, A B, B A, each size
+    keeping its fastest run per frame. Replicas started together on one machine measure while
+    the others load and measure: that interference only adds time, comes in bursts and
+    fades, so the fastest of runs spread over the same stretch of time compare what the sizes
+    cost, not who else was busy when each was timed; and A's runs come first and last, so a
+    load that rises or fades through the step never favours the larger batch.
+    """
+    best, seen = 1, {}
+    while best * 2 <= max_batch_size:
+        pair = (best, best * 2)
+        run(pair[1])
+        fastest = dict.fromkeys(pair, float("inf"))
+        for turn in range(4):
+            for batch in pair if turn % 2 == 0 else pair[::-1]:
+                fastest[batch] = min(fastest[batch], run(batch) / batch)
+        for batch, seconds in fastest.items():
+            seen[batch] = min(seen.get(batch, seconds), seconds)
+        if fastest[pair[1]] > 0.95 * fastest[pair[0]]:
+            break
+        best = pair[1]
+    return best, seen
 
 
 def last_line(exc: BaseException) -> str:
@@ -312,4 +325,5 @@ def load_runner(entry: ModelEntry, device: str) -> Runner:
     return module.RUNNER(entry, device)
 
 
-__all__ = ["NetworkInfo", "Runner", "Tensor", "cores", "load_runner", "resolve_device"]
+__all__ = ["NetworkInfo", "Runner", "Tensor", "choose_batch_size", "cores", "load_runner",
+           "resolve_device"]

@@ -15,7 +15,7 @@ import tritonclient.grpc as triton
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from clients import Backoff, ClientError, SegmentationClient, area, bbox
+from clients import Backoff, ClientError, SegmentationClient, area, bbox, result_document
 from clients.cli import build_parser, run
 from clients.sources import VideoWriter
 from pipeline.tools.launch import free_port
@@ -77,6 +77,40 @@ def test_stream_in_order_from_raw_and_encoded_frames(server, photos, rgb):
     assert all(r.stream_id == "mixed" and not r.error for r in results)
 
 
+def test_stream_through_shared_memory_answers_as_raw_frames(server, rgb):
+    """More frames than the ring has slots (each slot is rewritten once its frame is
+    answered), and one too large for a slot (sent in the message): the results equal those
+    of the same frames sent raw; the region is registered while the stream runs and
+    unregistered and freed after it."""
+    small = np.asarray(Image.fromarray(rgb["bus"]).resize((320, 400)))
+    frames = [rgb["coffee"] if i % 3 else small for i in range(11)] + [rgb["astronaut"]]
+    frames[0] = small  # the first frame sets the slot size: coffee (600x400) is larger
+    frames[5] = rgb["coffee"][::-1].copy()
+    watcher = triton.InferenceServerClient(server.address)
+    with SegmentationClient(server.address) as client:
+        shared, regions = [], []
+        for result in client.stream(frames, stream_id="shm", shared_memory=True):
+            shared.append(result)
+            regions.append(dict(watcher.get_system_shared_memory_status().regions))
+        raw = list(client.stream(frames, stream_id="raw"))
+    (region,) = regions[0].values()
+    assert region.name.startswith("rle_frames_") and region.byte_size == 8 * small.nbytes
+    assert not watcher.get_system_shared_memory_status().regions
+    assert not Path(f"/dev/shm/{region.name}").exists()
+    watcher.close()
+    assert [r.frame_index for r in shared] == list(range(12)) and not any(r.error for r in shared)
+    for a, b in zip(shared, raw, strict=True):
+        assert (a.width, a.height) == (b.width, b.height)
+        assert [(d.class_name, d.rle.counts) for d in a.detections] == [
+            (d.class_name, d.rle.counts) for d in b.detections]
+
+
+def test_shared_memory_needs_one_server():
+    with SegmentationClient("127.0.0.1:1,127.0.0.1:2") as client:
+        with pytest.raises(ValueError, match="one server on this host"):
+            next(client.stream([], shared_memory=True))
+
+
 def test_deadline(server, rgb):
     with SegmentationClient(server.address, timeout_s=0.001) as client:
         with pytest.raises(ClientError) as info:
@@ -103,8 +137,9 @@ def test_stream_reconnects_after_the_server_restarts(tmp_path, rgb):
 
 def test_round_robin_over_two_servers(tmp_path, rgb):
     with server_process(tmp_path) as a, server_process(tmp_path) as b:
-        target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
-        with SegmentationClient(target) as client:
+        # Names, resolved by the client into one ipv4: target of both.
+        with SegmentationClient([f"localhost:{a.port}", f"localhost:{b.port}"]) as client:
+            assert client.target == f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
             for _ in range(4):
                 client.infer(rgb["coffee"])
         served = []
@@ -122,6 +157,14 @@ def test_token_and_tls_options(tmp_path, tls_files, rgb):
         target = f"localhost:{running.port}"
         with SegmentationClient(target, tls_root_cert=cert, token="s3cret") as client:
             assert client.infer(rgb["coffee"])["predictions"]
+            # This server has no --allow-shared-memory: the stream says so on its first frame.
+            with pytest.raises(ClientError, match="--allow-shared-memory") as off:
+                list(client.stream([rgb["coffee"]], shared_memory=True))
+            assert off.value.code == "UNAVAILABLE"
+        # A list becomes addresses; the certificate is still checked against the first name.
+        with SegmentationClient(f"{target},127.0.0.1:{running.port}", tls_root_cert=cert,
+                                token="s3cret") as client:
+            assert [r.error for r in client.stream([rgb["coffee"]])] == [""]
         with SegmentationClient(target, tls_root_cert=cert, token="nope") as client:
             with pytest.raises(ClientError) as info:
                 client.infer(rgb["coffee"])
@@ -182,6 +225,19 @@ def test_cli_writes_jsonl_and_draws_masks_where_they_are(server, clip, tmp_path)
         assert not changed[~near].any()  # untouched away from the detections
 
 
+def test_cli_shared_memory_sends_the_decoded_frames_themselves(server, clip, tmp_path):
+    """--shared-memory: the decoded frames reach the server as they are (no JPEG), so the
+    masks equal those of the raw frames sent in messages."""
+    args = build_parser().parse_args([str(clip), "--server", server.address, "--quiet",
+                                      "--jsonl", str(tmp_path / "r.jsonl"), "--shared-memory"])
+    summary = run(args)
+    assert summary["frames"] == 6 and summary["errors"] == 0
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    with SegmentationClient(server.address) as client:
+        raw = [result_document(r) for r in client.stream(decoded_frames(clip))]
+    assert [without_ids(d) for d in lines] == [without_ids(d) for d in raw]
+
+
 def test_cli_ctrl_c_keeps_what_was_done(server, clip, tmp_path, monkeypatch):
     import clients.cli as cli
 
@@ -200,6 +256,30 @@ def test_cli_ctrl_c_keeps_what_was_done(server, clip, tmp_path, monkeypatch):
     assert summary["interrupted"] is True and summary["frames"] == 2
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
     assert len(decoded_frames(tmp_path / "out.mp4")) == 2  # the video was finalised
+
+
+@pytest.mark.parametrize("target, words", [
+    ([], "no server address given"),
+    (" , ", "no server address given"),
+    ("localhost", "'localhost' is not host:port"),
+    (["localhost:8001", "replica.invalid:8001"], "'replica.invalid' does not resolve"),
+    ("dns:///fleet.invalid:8001", "'fleet.invalid' does not resolve"),
+    (["127.0.0.1:8001", "[::1]:8001"], "mix IPv4-only and IPv6-only"),
+])
+def test_a_bad_target_is_refused_when_the_client_is_made(target, words):
+    with pytest.raises(ValueError, match=words):
+        SegmentationClient(target)
+
+
+def test_cli_reports_a_server_name_that_does_not_resolve(tmp_path, capsys):
+    from clients.cli import main
+
+    (tmp_path / "frames").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "frames" / "a.png")
+    code = main([str(tmp_path / "frames"), "--server", "a.invalid:8001", "--quiet",
+                 "--jsonl", str(tmp_path / "r.jsonl")])
+    assert code == 2 and "'a.invalid' does not resolve" in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()  # refused before any output
 
 
 def test_cli_reports_a_missing_source(tmp_path, capsys):

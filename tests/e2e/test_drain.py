@@ -97,6 +97,9 @@ def test_sigterm_under_load_answers_everything_read_and_exits_zero(tmp_path):
                 time.sleep(0.05)
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
             assert time.monotonic() - signalled < 1.0
+            # The pod is draining, not hung: a liveness probe must not restart it meanwhile.
+            alive = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=1).status
+            assert alive == health_pb2.HealthCheckResponse.SERVING
 
         for s in streams:
             s.join(GRACE_S + 30)

@@ -2,7 +2,9 @@
 
 Manifests are checked against the Kubernetes schemas (kubernetes-validate, strict) and
 against the server: ports, probes, drain timings and environment names must agree with
-pipeline.frontends.server's defaults. Dockerfiles are parsed and held to a few hadolint-style rules.
+pipeline.frontends.server's defaults. Custom resources (KEDA, KServe) have their Kubernetes
+parts (containers, HPA behavior) validated the same way, and every PromQL a scaling recipe
+runs must name series a real render of the exporter has. Dockerfiles are parsed and held to a few hadolint-style rules.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from pipeline.frontends.config import ServerConfig
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "docker/k8s"
 KUBERNETES = "1.33"  # the oldest minor we promise (native gRPC probes, preStop sleep: 1.30+)
+# Custom resources we ship, by (apiVersion, kind): no Kubernetes schema; checked below.
+CUSTOM = {("keda.sh/v1alpha1", "ScaledObject"), ("serving.kserve.io/v1alpha1", "ServingRuntime"),
+          ("serving.kserve.io/v1beta1", "InferenceService")}
 DEFAULTS = ServerConfig()
 SETTINGS = {f"RLE_SERVING_{f.name.upper()}" for f in dataclasses.fields(ServerConfig)}
 
@@ -41,19 +46,50 @@ def find(kind, name):
     raise AssertionError(f"no {kind} {name}")
 
 
-@pytest.mark.parametrize("path, doc", list(documents()),
+def is_custom(doc) -> bool:
+    return (doc["apiVersion"], doc["kind"]) in CUSTOM
+
+
+@pytest.mark.parametrize("path, doc", [(p, d) for p, d in documents() if not is_custom(d)],
                          ids=lambda x: x.name if isinstance(x, Path) else x.get("kind", "?"))
 def test_manifest_is_valid_kubernetes(path, doc):
     kubernetes_validate.validate(doc, KUBERNETES, strict=True)
 
 
-@pytest.mark.parametrize("folder", ["base", "triton"])
+def kustomization(folder: Path) -> dict:
+    return yaml.safe_load((folder / "kustomization.yaml").read_text())
+
+
+def built(folder: Path) -> list[dict]:
+    """The documents ``kubectl apply -k folder`` would apply, before its patches."""
+    out = []
+    for resource in kustomization(folder)["resources"]:
+        path = folder / resource
+        if path.is_dir():
+            out += built(path)
+        else:
+            out += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return out
+
+
+@pytest.mark.parametrize("folder", ["base", "triton", "keda", "kserve"])
 def test_kustomizations_list_existing_files(folder):
-    kustomization = yaml.safe_load((K8S / folder / "kustomization.yaml").read_text())
-    for resource in kustomization["resources"]:
-        assert (K8S / folder / resource).is_file(), resource
-    listed = {K8S / folder / r for r in kustomization["resources"]}
-    assert set((K8S / folder).glob("*.yaml")) - {K8S / folder / "kustomization.yaml"} == listed
+    here = K8S / folder
+    resources = kustomization(here)["resources"]
+    for resource in resources:
+        assert (here / resource).is_file() or (here / resource / "kustomization.yaml").is_file(), resource
+    listed = {here / r for r in resources if (here / r).is_file()}
+    assert set(here.glob("*.yaml")) - {here / "kustomization.yaml"} == listed
+    docs = built(here)
+    for patch in kustomization(here).get("patches", []):
+        (target,) = [d for d in docs if d["kind"] == patch["target"]["kind"]
+                     and d["metadata"]["name"] == patch["target"]["name"]]
+        for op in yaml.safe_load(patch["patch"]):
+            *parents, leaf = op["path"].strip("/").split("/")
+            node = target
+            for key in parents:
+                node = node[key]
+            assert op["op"] != "replace" or leaf in node, f"{folder}: {op['path']} is not there to replace"
 
 
 def server_container():
@@ -75,6 +111,12 @@ def test_ports_and_probes_match_the_server():
     assert ports == {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == grpc_port, probe  # native gRPC health probes
+    # Liveness and start-up ask the service that is SERVING through a long load; readiness
+    # the default one, NOT_SERVING until the models are loaded.
+    from pipeline.frontends.server import LIVENESS_SERVICE
+
+    assert c["startupProbe"]["grpc"]["service"] == c["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
+    assert c["readinessProbe"]["grpc"].get("service", "") == ""
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == metrics_port
@@ -120,21 +162,119 @@ def test_services_pdb_and_hpa_point_at_the_deployment():
     assert any(r["name"]["as"] == metric for r in rules)
 
 
-def test_hpa_metric_exists_on_the_server():
-    """The adapter rule reads series the server really exposes, under Triton's names."""
+def exposed_series() -> set[str]:
+    """Names of the samples the exporter renders from a ledger that has seen some work."""
     from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
     from pipeline.frontends.metrics import LedgerCollector
     from pipeline.telemetry import BatchReport, Ledger
 
     ledger = Ledger()
-    ledger.record_batch("m", BatchReport(1, (5e-6,), 0.1, {}, failed=False))
+    ledger.record_batch("m", BatchReport(2, (5e-3, 0.2), 0.1, {"preprocess": 0.01, "rle": 0.002},
+                                         failed=False))
+    ledger.record_request("m", images=2, duration_s=0.3, output_s=0.01)
+    ledger.add_load("m", 3, 2)
+    ledger.model_stream_opened("m")
     registry = CollectorRegistry()
     registry.register(LedgerCollector(ledger))
     text = generate_latest(registry).decode()
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def scaling_queries() -> list[str]:
+    """Every PromQL the scaling recipes run: the adapter rule's and KEDA's triggers'."""
     rules = yaml.safe_load(find("ConfigMap", "rle-serving-adapter-rules")["data"]["rules"])
-    for series in set(re.findall(r"(nv_inference_\w+)\{", " ".join(r["metricsQuery"] + r["seriesQuery"] for r in rules))):
-        assert re.search(rf"^{series}{{", text, re.M), series
+    keda = find("ScaledObject", "rle-serving")["spec"]["triggers"]
+    return ([q for r in rules for q in (r["seriesQuery"], r["metricsQuery"])]
+            + [t["metadata"]["query"] for t in keda if t["type"] == "prometheus"])
+
+
+def test_scaling_queries_read_series_the_server_exposes():
+    exposed = exposed_series()
+    queries = scaling_queries()
+    named = {n for q in queries for n in re.findall(r"\b((?:nv_inference|rle_serving)_\w+)\s*[{\[]", q)}
+    assert {"nv_inference_pending_request_count", "rle_serving_queue_duration_seconds_bucket"} <= named
+    assert named <= exposed, named - exposed
+    for query in queries:
+        assert query.count("(") == query.count(")"), query
+        if "histogram_quantile" in query:  # quantiles of summed buckets: by le, over a rate
+            assert re.search(r"sum by \(le\) \(rate\(\w+_bucket\{", query), query
+
+
+def test_the_readme_promql_reads_series_the_server_exposes():
+    readme = (ROOT / "README.md").read_text()
+    queries = re.findall(r"```promql\n(.*?)```", readme, re.S)
+    named = {n for q in queries for n in re.findall(r"\b((?:nv_inference|rle_serving)_\w+)\b", q)}
+    assert "rle_serving_request_duration_seconds_bucket" in named
+    assert named <= exposed_series(), named - exposed_series()
+
+
+def test_keda_agrees_with_the_hpa_and_its_behavior_is_valid_kubernetes():
+    scaled, hpa = find("ScaledObject", "rle-serving"), find("HorizontalPodAutoscaler", "rle-serving")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"] == hpa["spec"]["scaleTargetRef"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (hpa["spec"]["minReplicas"],
+                                                                  hpa["spec"]["maxReplicas"])
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior == hpa["spec"]["behavior"]
+    kubernetes_validate.validate({**hpa, "spec": {**hpa["spec"], "behavior": behavior}},
+                                 KUBERNETES, strict=True)
+    triggers = {t["name"]: t for t in spec["triggers"]}
+    for trigger in triggers.values():
+        assert trigger["type"] == "prometheus" and trigger["metricType"] in ("AverageValue", "Value")
+        assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata are strings"
+        assert float(trigger["metadata"]["threshold"]) > 0
+    # one backlog target for both recipes: images waiting per replica
+    target = hpa["spec"]["metrics"][0]["pods"]["target"]
+    assert triggers["backlog"]["metricType"] == target["type"] == "AverageValue"
+    assert float(triggers["backlog"]["metadata"]["threshold"]) == float(target["averageValue"])
+    # a quantile does not add up over replicas: compared as a value, never averaged per pod
+    assert triggers["queue-p99"]["metricType"] == "Value"
+
+
+def test_kserve_runtime_runs_this_image_on_its_ports():
+    runtime = find("ServingRuntime", "rle-serving")
+    spec = runtime["spec"]
+    (c,) = spec["containers"]
+    _, base = server_container()
+    assert c["name"] == "kserve-container" and c["image"] == base["image"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "rle-serving"},
+           "spec": {k: spec[k] for k in ("containers", "volumes", "tolerations")}}
+    kubernetes_validate.validate(pod, KUBERNETES, strict=True)
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert set(env) - {"HOME"} <= SETTINGS, "unknown RLE_SERVING_* setting"
+    grpc_port = int(env.get("RLE_SERVING_GRPC_PORT", DEFAULTS.grpc_port))
+    metrics_port = int(env.get("RLE_SERVING_METRICS_PORT", DEFAULTS.metrics_port))
+    # KServe routes gRPC (HTTP/2 cleartext) to the one port named h2c
+    assert c["ports"] == [{"name": "h2c", "containerPort": grpc_port, "protocol": "TCP"}]
+    assert c["readinessProbe"]["grpc"]["port"] == grpc_port
+    assert int(runtime["metadata"]["annotations"]["prometheus.kserve.io/port"]) == metrics_port
+    assert {"v2", "grpc-v2"} <= set(spec["protocolVersions"])
+    assert {m["name"] for m in c["volumeMounts"]} <= {v["name"] for v in spec["volumes"]}
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_kserve_inference_service_uses_the_runtime_and_is_scaled_by_keda():
+    service, runtime = find("InferenceService", "rle-serving"), find("ServingRuntime", "rle-serving")
+    model = service["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert {k: model["modelFormat"][k] for k in ("name", "version")} in [
+        {k: f[k] for k in ("name", "version")} for f in runtime["spec"]["supportedModelFormats"]]
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    annotations = service["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert annotations["serving.kserve.io/autoscalerClass"] == "external"  # KEDA scales it:
+    docs = built(K8S / "kserve")
+    assert any(d["kind"] == "ScaledObject" for d in docs)
+    (patch,) = kustomization(K8S / "kserve")["patches"]
+    (op,) = yaml.safe_load(patch["patch"])
+    assert (op["path"], op["value"]) == ("/spec/scaleTargetRef/name",
+                                         f"{service['metadata']['name']}-predictor")
+    for trigger in find("ScaledObject", "rle-serving")["spec"]["triggers"]:
+        pods = re.search(r'pod=~"([^"]+)"', trigger["metadata"]["query"]).group(1)
+        assert re.fullmatch(pods, "rle-serving-predictor-7d9f8b6c5-x2x4q")  # KServe's pods count
+        assert re.fullmatch(pods, "rle-serving-5c7b9d8f6-abcde")  # and base's
 
 
 # -------------------------------------------------------------------------- Dockerfiles

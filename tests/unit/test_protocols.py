@@ -13,6 +13,7 @@ from tritonclient.grpc import service_pb2 as pb
 from pipeline.errors import BadInputError, InvalidOptionError
 from pipeline.frontends import grpc_kserve, grpc_video, http_kserve, http_roboflow, kserve
 from pipeline.frontends.inference import InferRequest
+from pipeline.frontends.shared_memory import SharedMemory
 from pipeline.proto import video_pb2 as vpb
 
 # ------------------------------------------------------------------ KServe's BYTES tensors
@@ -102,7 +103,7 @@ def test_a_grpc_message_is_read_with_its_parameters_inputs_and_outputs():
     message.inputs.add(name="IMAGE", datatype="BYTES", shape=[2, 1])
     message.raw_input_contents.append(kserve.encode_bytes_tensor([b"one", b"two"]))
     message.outputs.add(name="BOXES")
-    request = grpc_kserve.read_request(message, deadline=123.0)
+    request = grpc_kserve.read_request(message, SharedMemory(), deadline=123.0)
     assert request.images == (b"one", b"two") and request.version == "1"
     assert request.options == {"confidence": pytest.approx(0.4), "mask_format": "polygon"}
     assert request.tracking.key == "sequence/m/5" and request.tracking.end
@@ -114,7 +115,7 @@ def test_a_grpc_message_asking_for_an_unknown_output_is_refused():
     message.inputs.add(name="IMAGE", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(b"x")
     message.outputs.add(name="MASKS")
     with pytest.raises(BadInputError, match="unknown output"):
-        grpc_kserve.read_request(message)
+        grpc_kserve.read_request(message, SharedMemory())
 
 
 # ------------------------------------------------------------------ KServe over REST
@@ -122,7 +123,7 @@ def test_a_grpc_message_asking_for_an_unknown_output_is_refused():
 
 def rest_call(document: bytes, binary: bytes = b"", split: bool = False):
     header = str(len(document)) if split else None
-    return http_kserve._InferCall("m", "", document + binary, header)
+    return http_kserve._InferCall("m", "", document + binary, header, SharedMemory())
 
 
 def test_a_rest_body_with_binary_inputs_is_read():
@@ -152,7 +153,7 @@ def test_a_rest_body_with_binary_inputs_is_read():
 ])
 def test_an_unusable_rest_body_names_the_problem(body, header, words):
     with pytest.raises(BadInputError) as info:
-        http_kserve._InferCall("m", "", body, header).read()
+        http_kserve._InferCall("m", "", body, header, SharedMemory()).read()
     assert words in str(info.value)
 
 
@@ -170,11 +171,11 @@ def test_a_frame_is_read_with_its_options_and_its_place_in_a_tracked_stream():
     frame = vpb.Frame(stream_id="cam", frame_index=20, model="other",
                       raw=vpb.RawImage(height=2, width=3, rgb=rgb.tobytes()),
                       options=vpb.InferOptions(confidence=0.5, track=True, frame_rate=10))
-    request = grpc_video.request_of(frame)
+    request = grpc_video.request_of(frame, SharedMemory())
     assert np.array_equal(request.images[0], rgb) and request.options == {"confidence": 0.5}
     assert request.tracking.key == "video/0/other/cam"
     assert request.tracking.timestamp == 2.0  # no timestamp: its index over the frame rate
-    plain = grpc_video.request_of(vpb.Frame(encoded=b"jpeg", timestamp=3.0))
+    plain = grpc_video.request_of(vpb.Frame(encoded=b"jpeg", timestamp=3.0), SharedMemory())
     assert plain.images == (b"jpeg",) and plain.tracking is None and plain.options == {}
 
 
@@ -186,7 +187,7 @@ def test_a_frame_is_read_with_its_options_and_its_place_in_a_tracked_stream():
 ])
 def test_an_unusable_frame_names_the_problem(frame, words):
     with pytest.raises(BadInputError) as info:
-        grpc_video.request_of(frame)
+        grpc_video.request_of(frame, SharedMemory())
     assert words in str(info.value)
 
 
@@ -242,7 +243,7 @@ def test_a_huge_uint8_shape_names_its_true_byte_count_never_an_overflowed_one():
     message.inputs.add(name="IMAGE", datatype="UINT8", shape=[2**62, 1, 1, 3])
     message.raw_input_contents.append(bytes(3))
     with pytest.raises(BadInputError, match=f"needs {3 * 2**62} bytes"):
-        grpc_kserve.read_request(message)
+        grpc_kserve.read_request(message, SharedMemory())
 
 
 def test_raw_input_contents_must_be_one_per_input():
@@ -251,6 +252,6 @@ def test_raw_input_contents_must_be_one_per_input():
     message.raw_input_contents.append(kserve.encode_bytes_tensor([b"one"]))
     message.raw_input_contents.append(kserve.encode_bytes_tensor([b"ignored today"]))
     with pytest.raises(BadInputError, match="2 raw_input_contents for 1 inputs"):
-        grpc_kserve.read_request(message)
+        grpc_kserve.read_request(message, SharedMemory())
     del message.raw_input_contents[1]
-    assert [t.raw for t in grpc_kserve.inputs_of(message)] == [kserve.encode_bytes_tensor([b"one"])]
+    assert [t.raw for t in grpc_kserve.inputs_of(message, SharedMemory())] == [kserve.encode_bytes_tensor([b"one"])]

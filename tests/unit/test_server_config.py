@@ -41,6 +41,10 @@ def test_serve_reports_a_bad_variable_without_a_traceback():
     ({"stream_policy": "fifo"}, "stream policy"),
     ({"tls_cert": "a.pem"}, "both --tls-cert and --tls-key"),
     ({"max_message_mb": 0}, "max message size"),
+    ({"grpc_keepalive_s": 0}, "--grpc-keepalive-s must be at least 0.001 seconds, got 0"),
+    ({"grpc_max_connection_age_s": -1}, "--grpc-max-connection-age-s must be at least 0.001 seconds"),
+    ({"grpc_max_connection_age_s": float("nan")}, "--grpc-max-connection-age-s must be at least"),
+    ({"grpc_max_connection_age_grace_s": -0.5}, "--grpc-max-connection-age-grace-s must be >= 0 seconds"),
 ])
 def test_bad_settings_are_refused_at_start_up(settings, words):
     with pytest.raises(ConfigError, match=words):

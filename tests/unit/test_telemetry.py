@@ -28,7 +28,7 @@ def test_batches_and_requests_reach_the_exposition_under_tritons_names():
     ledger.record_batch("m", BatchReport(1, (0.0,), 0.2, {"network": 0.15}, True))
     ledger.record_request("m", images=3, duration_s=0.6, output_s=0.02)
     ledger.record_request("m", images=1, duration_s=0.3, failure="internal")
-    ledger.add_pending("m", 2)
+    ledger.add_load("m", 2, 1)
     ledger.stream_opened("video")
     ledger.frames_dropped(4)
     m = exposition(ledger)

@@ -1,0 +1,98 @@
+"""The batch size chosen at load must not depend on who else is starting: a fake network whose
+timings neighbours disturb (they only ever add time: fading, rising, in bursts) must be given
+the batch size it is given alone. And config.pbtxt can pin it instead, with clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.engine import Pipeline
+from pipeline.errors import ConfigError
+from pipeline.repository import ModelRepository
+from pipeline.runners import choose_batch_size
+
+from ..fakes import PIPELINE, fake_repository, png, scene
+
+
+class Network:
+    """A fake network's ``run(b)``: its own seconds for a batch of b, times how much the
+    neighbours slow it down at its k-th run (``load(k)`` >= 1)."""
+
+    def __init__(self, seconds, load=lambda k: 1.0):
+        self.seconds, self.load, self.runs = seconds, load, []
+
+    def __call__(self, batch: int) -> float:
+        self.runs.append(batch)
+        return self.seconds(batch) * self.load(len(self.runs) - 1)
+
+
+def cpu(batch: int) -> float:  # a small CPU: every frame of a batch costs a little more
+    return batch * 0.100 * (1 + 0.04 * math.log2(batch))
+
+
+def gpu(batch: int) -> float:  # a GPU: a fixed cost per run, shared by the batch
+    return 0.020 + 0.010 * batch
+
+
+# How neighbours load the machine over the ~20 runs of a calibration.
+NEIGHBOURS = {
+    # they were importing and loading when we began, and finish while we measure
+    "fading": lambda k: max(1.0, 3.0 - 0.3 * k),
+    "slowly fading": lambda k: max(1.0, 3.0 - 0.15 * k),
+    # they begin measuring while we do
+    "rising": lambda k: min(3.0, 1.0 + 0.3 * k),
+    # one of them compiles something for three runs, twice
+    "bursts": lambda k: 2.5 if k % 8 in (1, 2, 3) else 1.0,
+}
+
+
+@pytest.mark.parametrize("neighbours", NEIGHBOURS)
+@pytest.mark.parametrize("device, alone", [(cpu, 1), (gpu, 8)])
+def test_the_choice_is_the_one_made_alone_whatever_the_neighbours_do(device, alone, neighbours):
+    assert choose_batch_size(Network(device), 8)[0] == alone
+    assert choose_batch_size(Network(device, NEIGHBOURS[neighbours]), 8)[0] == alone
+
+
+def test_sizes_take_turns_after_an_untimed_first_run_and_report_their_fastest():
+    network = Network(cpu)
+    best, seen = choose_batch_size(network, 8)
+    # batch 1 is warm (the load check ran it); 2's first run is not timed; then A B B A A B B A
+    assert network.runs == [2, 1, 2, 2, 1, 1, 2, 2, 1]
+    assert best == 1 and seen == pytest.approx({1: cpu(1), 2: cpu(2) / 2})
+
+
+def test_doubling_stops_at_the_bound():
+    assert choose_batch_size(Network(gpu), 4)[0] == 4
+    assert choose_batch_size(Network(gpu), 1) == (1, {})
+
+
+def with_parameters(root, **params):
+    repository = fake_repository(root)
+    config = repository / PIPELINE / "config.pbtxt"
+    text = config.read_text().replace(
+        'parameters { key: "calibrate_batch_size" value: { string_value: "false" } }\n', "")
+    config.write_text(text + "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n'
+                                     for k, v in params.items()))
+    return repository
+
+
+def test_batch_limit_in_config_pins_the_batch_size(tmp_path):
+    pipe = Pipeline.from_repository(with_parameters(tmp_path, batch_limit="3"), PIPELINE, "cpu")
+    assert pipe.batch_limit == 3 and pipe.max_batch_size == 8  # 3: never a measured size
+    assert pipe.ledger.totals(PIPELINE).batch_limit == 3
+    assert [len(batch) for batch in pipe.batches([pipe.accept(png(scene()))] * 7)] == [3, 3, 1]
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"batch_limit": "0"}, "parameters.batch_limit': must be a whole number in 1..max_batch_size (8), got '0'"),
+    ({"batch_limit": "9"}, "got '9'"),
+    ({"batch_limit": "four"}, "got 'four'"),
+    ({"batch_limit": "2", "calibrate_batch_size": "true"}, "keep one of the two"),
+    ({"calibrate_batch_size": "sometimes"}, "parameters.calibrate_batch_size': must be true or false"),
+])
+def test_an_unusable_batch_setting_is_refused_at_load_naming_the_parameter(tmp_path, params, words):
+    with pytest.raises(ConfigError, match="config.pbtxt: field '") as info:
+        ModelRepository.load(with_parameters(tmp_path, **params))
+    assert words in str(info.value)
