@@ -329,44 +329,68 @@ class SegmentationClient:
         ring = FrameRing(SHARED_MEMORY_SLOTS, self._register_region,
                          self._unregister_region) if shared_memory else None
         source = (to_frame(item, stream_id, i, options, ring) for i, item in zip(itertools.count(), frames))
-        unanswered: deque[vpb.Frame] = deque()
+        # (number, frame) of each frame sent and not yet answered, in order: a reconnected
+        # stream sends these first. The results loop pops; the calls' request threads append.
+        unanswered: deque[tuple[int, vpb.Frame]] = deque()
+        books = threading.Lock()  # guards unanswered
+        # One reader of the source at a time: a call that ended may still be inside next()
+        # (a live camera waits there for its next frame) when the next call wants a frame.
+        reading = threading.Lock()
         delays = self.backoff.delays()
         source_failure: list[Exception] = []
         pulled = answered = 0  # frames taken from the source, and answered, so far
 
-        def requests(replay: list[vpb.Frame], call_over: threading.Event):
+        def unsent(after: int) -> tuple[int, vpb.Frame] | None:
+            with books:
+                return next(((n, f) for n, f in unanswered if n >= after), None)
+
+        def requests(call_over: threading.Event):
             # gRPC pulls this in its own thread and hides what it raises, so a failing source
-            # ends the stream here and its exception is raised to the caller below.
+            # ends the stream here and its exception is raised to the caller below. A frame
+            # read after this call ended stays in ``unanswered``: the next call sends it.
             nonlocal pulled
-            yield from replay
+            after = 0  # every unanswered frame numbered below this went out on this call
             while not source_failure:
-                if ring is not None and not ring.wait_turn(pulled, call_over):
+                entry = unsent(after)  # before waiting to read: the reader may wait on these
+                if entry is None:
+                    with reading:
+                        entry = unsent(after)  # what an ended call's reader got meanwhile
+                        if entry is None:
+                            if ring is not None and not ring.wait_turn(pulled, call_over):
+                                return
+                            try:
+                                frame = next(source)
+                            except StopIteration:
+                                return
+                            except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                                source_failure.append(exc)
+                                return
+                            entry = (pulled, frame)
+                            pulled += 1
+                            with books:
+                                unanswered.append(entry)
+                if call_over.is_set():
                     return
-                try:
-                    frame = next(source)
-                except StopIteration:
-                    return
-                except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                    source_failure.append(exc)
-                    return
-                pulled += 1
-                unanswered.append(frame)
-                yield frame
+                after = entry[0] + 1
+                yield entry[1]
 
         try:
             while True:
-                replay, call_over = list(unanswered), threading.Event()
+                call_over = threading.Event()
                 stub = video_pb2_grpc.VideoSegmentationStub(self._channel)
                 unavailable = False
                 try:
-                    for result in stub.StreamFrames(requests(replay, call_over), metadata=self._metadata):
+                    for result in stub.StreamFrames(requests(call_over), metadata=self._metadata):
                         if unavailable or result.error.startswith("UNAVAILABLE"):
                             # A draining server answers what it cannot run UNAVAILABLE; those frames
                             # (and any after them) stay unanswered and are re-sent on reconnecting.
                             unavailable = True
                             continue
-                        if unanswered and unanswered[0].frame_index == result.frame_index:
-                            unanswered.popleft()
+                        with books:
+                            done = bool(unanswered) and unanswered[0][1].frame_index == result.frame_index
+                            if done:
+                                unanswered.popleft()
+                        if done:
                             answered += 1
                             if ring is not None:
                                 ring.answered(answered)

@@ -135,6 +135,33 @@ def test_stream_reconnects_after_the_server_restarts(tmp_path, rgb):
     assert all(not r.error for r in got)
 
 
+def test_stream_survives_connections_aged_out_under_a_blocking_source(tmp_path, rgb):
+    """A live camera's source blocks until its next frame; here until the last one is
+    answered. Connections live 1 s, so calls end while the source is blocked inside next():
+    the next call must neither read the source at the same time (ValueError: generator
+    already executing) nor lose the frame the old call read: every frame is answered once,
+    in order."""
+    import threading
+
+    small = np.asarray(Image.fromarray(rgb["zidane"]).resize((320, 180)))
+    answered = threading.Semaphore(0)
+
+    def camera():
+        for _ in range(16):
+            yield small
+            answered.acquire()  # the next frame once this one is answered
+
+    with server_process(tmp_path, "--grpc-max-connection-age-s", "1",
+                        "--grpc-max-connection-age-grace-s", "0.5") as running:
+        with SegmentationClient(running.address, backoff=Backoff(first_s=0.05)) as client:
+            indices = []
+            for result in client.stream(camera(), stream_id="aged"):
+                assert not result.error
+                indices.append(result.frame_index)
+                answered.release()
+    assert indices == list(range(16))
+
+
 def test_round_robin_over_two_servers(tmp_path, rgb):
     with server_process(tmp_path) as a, server_process(tmp_path) as b:
         # Names, resolved by the client into one ipv4: target of both.
