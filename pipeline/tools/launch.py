@@ -52,7 +52,8 @@ def wait_until_serving(address: str, server: subprocess.Popen | None = None, tim
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)  # NOT_SERVING while it loads: ask again later, not in a busy loop
     raise RuntimeError(f"the server did not become SERVING within {timeout_s:.0f} s")
 
 

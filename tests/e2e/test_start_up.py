@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -114,6 +115,7 @@ def test_while_a_slow_model_loads_the_server_is_live_and_not_ready_then_ready(tm
             history = [observe(health)]
             while history[-1]["health"] != SERVING:
                 assert process.poll() is None, log.read_text()
+                time.sleep(0.1)  # a probe's pace, not a busy loop beside the load it watches
                 history.append(observe(health))
             ready = observe(health)
         loading = history[0]

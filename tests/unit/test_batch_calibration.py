@@ -11,21 +11,36 @@ import pytest
 from pipeline.engine import Pipeline
 from pipeline.errors import ConfigError
 from pipeline.repository import ModelRepository
-from pipeline.runners import choose_batch_size
+from pipeline.runners import Run, choose_batch_size
 
 from ..fakes import PIPELINE, fake_repository, png, scene
 
 
 class Network:
-    """A fake network's ``run(b)``: its own seconds for a batch of b, times how much the
-    neighbours slow it down at its k-th run (``load(k)`` >= 1)."""
+    """A fake network's ``run(b)``: its own seconds for a batch of b, slowed at its k-th run by
+    neighbours (``load(k)`` >= 1). ``penalty``: what sharing cores adds per batch (threads
+    waiting on one another), the same for any size, so it weighs most on small batches.
+    ``tells``: whether a run slowed by neighbours says so (a CPU run does; on a GPU there is
+    nothing to tell them by). Its clock moves a second per run."""
 
-    def __init__(self, seconds, load=lambda k: 1.0):
-        self.seconds, self.load, self.runs = seconds, load, []
+    def __init__(self, seconds, load=lambda k: 1.0, penalty: float = 0.0, tells: bool = True):
+        self.seconds, self.load, self.penalty, self.tells = seconds, load, penalty, tells
+        self.runs: list[int] = []
+        self.pauses: list[float] = []
 
-    def __call__(self, batch: int) -> float:
+    def __call__(self, batch: int) -> Run:
         self.runs.append(batch)
-        return self.seconds(batch) * self.load(len(self.runs) - 1)
+        load = self.load(len(self.runs) - 1)
+        busy = load > 1.0
+        return Run(self.seconds(batch) * load + self.penalty * busy, alone=not (busy and self.tells))
+
+    def clock(self) -> float:
+        return float(len(self.runs))
+
+
+def choose(network: Network, bound: int, patience_s: float = 60.0):
+    return choose_batch_size(network, bound, patience_s=patience_s, clock=network.clock,
+                             pause=network.pauses.append)
 
 
 def cpu(batch: int) -> float:  # a small CPU: every frame of a batch costs a little more
@@ -45,27 +60,58 @@ NEIGHBOURS = {
     "rising": lambda k: min(3.0, 1.0 + 0.3 * k),
     # one of them compiles something for three runs, twice
     "bursts": lambda k: 2.5 if k % 8 in (1, 2, 3) else 1.0,
+    # two of them measure as we do, and pause when their runs are not alone: turns
+    "taking turns": lambda k: 3.0 if k % 3 else 1.0,
 }
 
 
 @pytest.mark.parametrize("neighbours", NEIGHBOURS)
-@pytest.mark.parametrize("device, alone", [(cpu, 1), (gpu, 8)])
-def test_the_choice_is_the_one_made_alone_whatever_the_neighbours_do(device, alone, neighbours):
-    assert choose_batch_size(Network(device), 8)[0] == alone
-    assert choose_batch_size(Network(device, NEIGHBOURS[neighbours]), 8)[0] == alone
+def test_on_the_cpu_the_choice_is_the_one_made_alone_whatever_the_neighbours_do(neighbours):
+    """Neighbours that share our cores slow small batches most (``penalty``); only runs
+    without them are compared. Where the machine is never quiet again ("rising"), batches
+    stay at the size the evidence allowed: 1 here, as alone."""
+    assert choose(Network(cpu), 8)[0] == 1
+    assert choose(Network(cpu, NEIGHBOURS[neighbours], penalty=0.3), 8)[0] == 1
+
+
+@pytest.mark.parametrize("neighbours", NEIGHBOURS)
+def test_on_a_gpu_the_interleaving_cancels_a_load_that_comes_and_goes(neighbours):
+    assert choose(Network(gpu, tells=False), 8)[0] == 8
+    assert choose(Network(gpu, NEIGHBOURS[neighbours], tells=False), 8)[0] == 8
+
+
+def test_runs_with_neighbours_are_run_again_after_growing_pauses():
+    """Taking runs as they came, sharing cores makes batching look good: 8 chosen where the
+    network alone takes 1. Runs that had neighbours are run again after random pauses (so
+    replicas measuring at once take turns) and never compared."""
+    turns = NEIGHBOURS["taking turns"]
+    assert choose(Network(cpu, turns, penalty=0.3, tells=False), 8)[0] == 8
+    network = Network(cpu, turns, penalty=0.3)
+    assert choose(network, 8)[0] == 1
+    assert network.pauses and max(network.pauses) <= 3.0  # random, growing, at most 2 s x 1.5
+
+
+def test_patience_bounds_the_wait_and_keeps_the_size_it_could_trust(caplog):
+    """Neighbours that never stop, on a network that batching would help: after the patience,
+    no doubling is chosen on runs that had neighbours, and the log says how to choose."""
+    network = Network(gpu, lambda k: 2.0 if k > 17 else 1.0)  # quiet for 1 -> 2 -> 4, then busy
+    assert choose(network, 8, patience_s=40)[0] == 4
+    assert len(network.runs) <= 42
+    assert "pin batch_limit" in caplog.text
 
 
 def test_sizes_take_turns_after_an_untimed_first_run_and_report_their_fastest():
     network = Network(cpu)
-    best, seen = choose_batch_size(network, 8)
+    best, seen = choose(network, 8)
     # batch 1 is warm (the load check ran it); 2's first run is not timed; then A B B A A B B A
     assert network.runs == [2, 1, 2, 2, 1, 1, 2, 2, 1]
     assert best == 1 and seen == pytest.approx({1: cpu(1), 2: cpu(2) / 2})
+    assert network.pauses == []
 
 
 def test_doubling_stops_at_the_bound():
-    assert choose_batch_size(Network(gpu), 4)[0] == 4
-    assert choose_batch_size(Network(gpu), 1) == (1, {})
+    assert choose(Network(gpu), 4)[0] == 4
+    assert choose(Network(gpu), 1) == (1, {})
 
 
 def with_parameters(root, **params):
