@@ -202,7 +202,10 @@ class SegmentationClient:
         limit = max_message_mb * 1024 * 1024
         keepalive_ms = round(keepalive_s * 1000)
         self._options = [
-            ("grpc.lb_policy_name", "round_robin"),  # one call per replica in turn
+            # One call per replica in turn, among those whose health says SERVING (watched on
+            # each connection): a replica that listens while it loads, or drains, gets none.
+            ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                                                "healthCheckConfig": {"serviceName": ""}})),
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", keepalive_ms),

@@ -243,7 +243,7 @@ class Runner:
 # A CPU run counts when other processes used at most this share of our cores meanwhile.
 NEIGHBOURS_SHARE = 0.10
 # How long calibration waits for runs without neighbours before it takes runs as they come.
-PATIENCE_S = 60.0
+PATIENCE_S = 20.0
 
 
 @dataclass(frozen=True)

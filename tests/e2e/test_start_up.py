@@ -6,6 +6,7 @@ half-started gRPC server after the message."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -139,3 +140,39 @@ def test_while_a_slow_model_loads_the_server_is_live_and_not_ready_then_ready(tm
     # The port was open before the load began its measuring, which took the seconds.
     assert text.index("listening for gRPC") < text.index("per-frame network time by batch size"), text
     assert f"model {PIPELINE} is READY" in text
+
+
+def test_the_client_sends_nothing_to_a_replica_until_it_is_ready(tmp_path):
+    """A listed replica that listens while it loads: the client library's channel watches each
+    replica's health and sends calls only to SERVING ones (with retries off, a call sent to
+    the loading one would fail UNAVAILABLE "loading"); once it is ready, it gets its share."""
+    from clients import Backoff, SegmentationClient
+    from pipeline.tools.launch import local_server
+
+    frame = scene(120, 160, red=(10, 20, 60, 90))
+    ready_port, loading_port, loading_http = free_port(), free_port(), free_port()
+    with local_server("--model-repository", str(fake_repository(tmp_path / "fast")), "--device", "cpu",
+                      port=ready_port):
+        log = tmp_path / "loading.log"
+        loading = serve(slow_repository(tmp_path / "slow"), loading_port, loading_http, log.open("w"))
+        try:
+            with SegmentationClient([f"127.0.0.1:{ready_port}", f"127.0.0.1:{loading_port}"],
+                                    backoff=Backoff(attempts=0)) as client:
+                with grpc.insecure_channel(f"127.0.0.1:{loading_port}", PROMPT_RECONNECT) as channel:
+                    health = health_pb2_grpc.HealthStub(channel)
+                    grpc.channel_ready_future(channel).result(timeout=120)  # listening, loading
+                    assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == NOT_SERVING
+                    for _ in range(6):
+                        assert client.infer(frame)["predictions"]  # none went to the loading one
+                    while health.Check(health_pb2.HealthCheckRequest(), timeout=30).status != SERVING:
+                        assert loading.poll() is None, log.read_text()
+                        time.sleep(0.2)
+                for _ in range(20):
+                    assert client.infer(frame)["predictions"]
+            stats = f"http://127.0.0.1:{loading_http}/v2/models/{PIPELINE}/stats"
+            with urllib.request.urlopen(stats, timeout=30) as reply:
+                served = json.loads(reply.read())["model_stats"][0]["inference_stats"]["success"]["count"]
+            assert served > 0  # ready now: it gets its turn
+        finally:
+            loading.terminate()
+            loading.wait(60)
