@@ -106,7 +106,7 @@ class Pipeline:
             return pinned
         started = time.perf_counter()
         best, measured = self.runner.best_batch_size(self.max_batch_size)
-        LOG.info("%s: per-frame network time by batch size (fastest of interleaved runs): %s "
+        LOG.info("%s: per-frame network time by batch size (fastest uncontended run): %s "
                  "-> batches of up to %d (measured in %.1f s)", self.name,
                  ", ".join(f"{b}: {1e3 * s:.1f} ms" for b, s in measured.items()), best,
                  time.perf_counter() - started)

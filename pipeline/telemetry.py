@@ -161,6 +161,11 @@ class Ledger:
             if not self._model_streams[model]:
                 del self._model_streams[model]
 
+    def streams_using(self, model: str) -> int:
+        """Open streams that sent ``model`` a request (a model in use is not unloaded)."""
+        with self._lock:
+            return self._model_streams[model]
+
     def _copy(self, model: str, totals: ModelTotals) -> ModelTotals:
         out = copy.deepcopy(totals)
         out.streams_open = self._model_streams[model]

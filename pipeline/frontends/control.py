@@ -114,7 +114,7 @@ class ModelControl:
             repository = await asyncio.to_thread(ModelRepository.load, self.root)
             entry = repository.get(name)
             pipelines = [p for p in self._pipelines_of(repository, name) if p in self.state.pipelines]
-            busy = {p: self.state.model_streams[p] for p in pipelines if self.state.model_streams[p]}
+            busy = {p: n for p in pipelines if (n := self.state.ledger.streams_using(p))}
             if busy:
                 raise ConfigError("; ".join(f"model {p!r} is in use by {n} open stream(s)"
                                             for p, n in busy.items())

@@ -37,7 +37,6 @@ async def serve_stream(state: ServingState, api: str, process, failed, requests,
         model = model_of(request)
         if model not in models:
             models.add(model)
-            state.model_streams[model] += 1
             state.ledger.model_stream_opened(model)
         with state.limits.request(client):
             try:
@@ -67,7 +66,6 @@ async def serve_stream(state: ServingState, api: str, process, failed, requests,
         state.streams.discard(window)
         state.ledger.stream_opened(api, -1)
         for model in models:
-            state.model_streams[model] -= 1
             state.ledger.model_stream_opened(model, -1)
 
 

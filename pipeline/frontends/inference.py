@@ -232,7 +232,6 @@ class ServingState:
     streams: set = field(default_factory=set)  # open StreamWindows, stopped by the drain
     limits: ClientLimits = field(default_factory=lambda: ClientLimits())
     tracks: Tracks = field(default_factory=Tracks)  # live trackers of tracked streams
-    model_streams: Counter = field(default_factory=Counter)  # model -> open streams using it
     shared_memory: SharedMemory = field(default_factory=SharedMemory)  # off unless configured
 
     def pipeline(self, name: str, version: str = "") -> Pipeline:
