@@ -122,29 +122,38 @@ def main(argv: list[str] | None = None) -> int:
                       "--grpc-max-connection-age-grace-s", str(args.age_s / 2)]
         ports = [(free_port(), free_port()) for _ in range(total)]
         with ExitStack() as stack:
-            def start(i: int):
+            for i in range(count):
                 log = stack.enter_context(open(ROOT / "out" / f"fleet_bench_{count}_{i}.log", "w"))
                 grpc_port, metrics_port = ports[i]
-                return stack.enter_context(local_server("--metrics-port", str(metrics_port), *flags,
-                                                        port=grpc_port, log=log, cwd=ROOT))
-
-            for i in range(count):
-                start(i)
+                stack.enter_context(local_server("--metrics-port", str(metrics_port), *flags,
+                                                 port=grpc_port, log=log, cwd=ROOT))
             client = stack.enter_context(SegmentationClient([f"127.0.0.1:{g}" for g, _ in ports]))
             joined: dict[str, float] = {}
-            if args.join:
-                def join():
-                    time.sleep(args.join_after)
-                    start(count)
+            done = threading.Event()
+
+            def join():  # the joiner lives in this thread, and is stopped here once done is set
+                time.sleep(args.join_after)
+                grpc_port, metrics_port = ports[count]
+                with open(ROOT / "out" / f"fleet_bench_{count}_{count}.log", "w") as log, \
+                        local_server("--metrics-port", str(metrics_port), *flags, port=grpc_port,
+                                     log=log, cwd=ROOT):
                     joined["serving"] = time.monotonic()
-                    while time.monotonic() - joined["serving"] < args.seconds:
-                        if answered(ports[count][1]):
+                    while not done.is_set() and "first" not in joined:
+                        if answered(metrics_port):
                             joined["first"] = time.monotonic()
-                            return
                         time.sleep(0.05)
-                threading.Thread(target=join, daemon=True).start()
+                    done.wait()
+                    joined["answered"] = answered(metrics_port)
+
+            joiner = threading.Thread(target=join)
+            if args.join:
+                joiner.start()
             fps, latencies, errors = drive(client, args.streams, frames, args.seconds)
-            share = [answered(m) for _, m in ports[: count + bool(joined)]]
+            share = [answered(m) for _, m in ports[:count]]
+            done.set()
+            if args.join:
+                joiner.join()
+                share.append(int(joined.get("answered", 0)))
             print(f"| {count}{' + 1 joining' if args.join else ''} | {fps:.2f} | "
                   f"{np.percentile(latencies, 50):.0f} | {np.percentile(latencies, 99):.0f} | {errors} | "
                   f"{', '.join(map(str, share))} |", flush=True)
