@@ -146,6 +146,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._ids = itertools.count(1)
         self._closing = False
         self._in_flight = 0
+        self._gathering = 0  # workers gathering a batch (its requests out of the queue)
         self._item_s: float | None = None  # measured seconds per item (PACE_WEIGHT)
 
     @property
@@ -300,7 +301,7 @@ class DynamicBatcher(Generic[Item, Result]):
         """Stop taking requests; with drain, finish what is queued first."""
         self._closing = True
         if drain:
-            while self._tasks and (self._queue or self._in_flight):
+            while self._tasks and (self._queue or self._gathering or self._in_flight):
                 await asyncio.sleep(0.005)
         for task in self._tasks:
             task.cancel()
@@ -346,21 +347,28 @@ class DynamicBatcher(Generic[Item, Result]):
         batch = [first]
         key = self.key(first.item) if self.key is not None else None
         deadline = first.enqueued + self.max_delay_s
-        while len(batch) < self.max_batch_size:
-            if len(batch) in self.preferred_sizes and not self._queue:
-                break
-            request = self._take_live(key)
-            if request is not None:
-                batch.append(request)
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
-                break
+        self._gathering += 1  # out of the queue, not yet in flight: a drain waits for these too
+        try:
+            while len(batch) < self.max_batch_size:
+                if len(batch) in self.preferred_sizes and not self._queue:
+                    break
+                request = self._take_live(key)
+                if request is not None:
+                    batch.append(request)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+        except asyncio.CancelledError:
+            self._queue.extendleft(reversed(batch))  # back in line, where close() answers them
+            raise
+        finally:
+            self._gathering -= 1
         return batch
 
     async def _worker(self) -> None:

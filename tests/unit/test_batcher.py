@@ -202,6 +202,28 @@ def test_close_drains_then_refuses():
     assert run(main()) == [0, 2, 4, 6, 8]
 
 
+@pytest.mark.parametrize("drain", [True, False])
+def test_close_while_a_batch_gathers_answers_its_requests(drain):
+    """A lone request waits up to the delay for company, out of the queue and not yet in
+    flight: a drain serves it, a close without one answers it ShuttingDownError; never a
+    caller left waiting for good."""
+    model = Recorder()
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=4, max_delay_s=1.0)
+        pending = asyncio.create_task(b.submit(3))
+        await asyncio.sleep(0.05)  # the worker took it and waits for more
+        assert not b._queue and not b._in_flight
+        await asyncio.wait_for(b.close(drain=drain), 10)
+        return await asyncio.wait_for(pending, 1)
+
+    if drain:
+        assert run(main()) == 6
+    else:
+        with pytest.raises(ShuttingDownError):
+            run(main())
+
+
 # ------------------------------------------------------------------ queue policy (timeouts)
 
 
