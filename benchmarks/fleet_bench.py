@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import threading
 import time
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -36,16 +34,14 @@ from pipeline.tools.launch import free_port, local_server
 from pipeline.tools.samples import NAMES, sample_rgb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import sixteen_by_nine  # noqa: E402 - the same 720p frames
+from serve_bench import scrape, sixteen_by_nine  # noqa: E402 - the same 720p frames and scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def answered(metrics_port: int) -> int:
     """A replica's answered requests so far (every model)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return int(sum(float(v) for v in re.findall(r"^nv_inference_request_success\{.*\} (\S+)$", text, re.M)))
+    return int(sum(v for k, v in scrape(metrics_port).items() if k.startswith("nv_inference_request_success{")))
 
 
 class Camera(threading.Thread):

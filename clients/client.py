@@ -72,6 +72,11 @@ class Backoff:
             delay = min(delay * 2, self.max_s)
 
 
+def status_name(error) -> str:
+    """The gRPC status a tritonclient InferenceServerException carries ("UNAVAILABLE", ...)."""
+    return (error.status() or "UNKNOWN").replace("StatusCode.", "")
+
+
 def to_frame(item: Any, stream_id: str, index: int, options: vpb.InferOptions | None,
              ring: FrameRing | None = None) -> vpb.Frame:
     """Frame from encoded bytes, an (H, W, 3) uint8 RGB array, or a ready Frame; a raw frame
@@ -283,10 +288,10 @@ class SegmentationClient:
                 )
                 return json.loads(result.as_numpy("DETECTIONS")[0, 0])
             except InferenceServerException as exc:
-                code = (exc.status() or "").replace("StatusCode.", "")
+                code = status_name(exc)
                 delay = next(delays, None) if code in {c.name for c in RETRYABLE} else None
                 if delay is None:
-                    raise ClientError(code or "UNKNOWN", exc.message()) from None
+                    raise ClientError(code, exc.message()) from None
                 LOG.info("infer: %s, retrying in %.1f s", code, delay)
                 time.sleep(delay)
 
@@ -431,4 +436,4 @@ class SegmentationClient:
         try:
             getattr(self._triton(), method)(*args, headers=dict(self._metadata))
         except InferenceServerException as exc:
-            raise ClientError((exc.status() or "UNKNOWN").replace("StatusCode.", ""), exc.message()) from None
+            raise ClientError(status_name(exc), exc.message()) from None
