@@ -25,7 +25,7 @@ SDK_STAMP := $(SDK_VENV)/.installed-stamp
 CLIENT_VENV  := .venv-client
 CLIENT_STAMP := $(CLIENT_VENV)/.installed-stamp
 
-.PHONY: setup model model-int8 triton-env client-env sdk-env triton lint unit test test-client test-gpu image-test bench run proto lock clean help
+.PHONY: setup model model-int8 triton-env client-env sdk-env services triton lint unit test test-client test-gpu image-test bench run proto lock clean help
 
 help:
 	@echo "make run    set up, then run the main job on the embedded default"
@@ -96,6 +96,20 @@ $(ULTRA_STAMP): tests/requirements-ultralytics.txt
 $(YOLO11): $(ULTRA_STAMP) tests/export_yolo11.py
 	$(ULTRA_VENV)/bin/python tests/export_yolo11.py .cache/models
 
+# The real camera and broker servers the camera tests and benchmark start themselves (Debian's
+# packages): GStreamer's RTSP server (run by the system python3 with gi), ffmpeg (HLS
+# segments), mosquitto (MQTT) and redis-server (Redis Streams). Tests skip, saying why, only
+# where these cannot be installed.
+SERVICE_TOOLS := ffmpeg mosquitto redis-server python3-gi gir1.2-gst-rtsp-server-1.0 \
+	gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
+services:
+	@command -v ffmpeg >/dev/null && test -x /usr/sbin/mosquitto && command -v redis-server >/dev/null && \
+		/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null || \
+		apt-get install -y --no-install-recommends $(SERVICE_TOOLS) || \
+		(apt-get update && apt-get install -y --no-install-recommends $(SERVICE_TOOLS)) || \
+		echo "camera/broker servers not installed: their tests will skip, saying why"
+
 # The real NVIDIA Triton server (2.51, from the nvidia-pytriton wheel) on model_repository/:
 # gRPC :8101, HTTP :8100. Ctrl-C stops it.
 triton: setup $(MODEL) $(TRITON_STAMP)
@@ -115,7 +129,7 @@ unit: setup
 # Everything: lint, the client's suite in the light client env, then the server's suite with
 # its coverage floor (lines of pipeline/ and clients/ run in-process).
 COVERAGE_FLOOR := 80
-test: lint $(MODEL) $(INT8) $(SECOND_MODEL) $(YOLO11) $(TRITON_STAMP) $(SDK_STAMP) test-client
+test: lint services $(MODEL) $(INT8) $(SECOND_MODEL) $(YOLO11) $(TRITON_STAMP) $(SDK_STAMP) test-client
 	$(BIN)/python -m pytest --ignore=tests/client --cov=pipeline --cov=clients \
 		--cov-report=term:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)
 

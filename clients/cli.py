@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m clients",
         description="Stream frames through an rle-serving server and save the results.",
         epilog="SOURCE is a video file, a folder of images, an rtsp:// or http(s):// stream, or "
-        "a webcam index (0 = /dev/video0). Ctrl-C stops cleanly; what was done is saved.",
+        "a webcam index (0 = /dev/video0). Ctrl-C stops cleanly; what was done is saved. "
+        "`python -m clients streams --help`: cameras the server pulls itself.",
     )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--server", default="localhost:8001",
@@ -148,6 +149,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["streams"]:  # cameras on the server (a folder named so: ./streams)
+        from .camera_cli import main as streams_main
+
+        return streams_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

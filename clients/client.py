@@ -5,6 +5,9 @@
 - ``stream(frames)``: frames through the typed video API, yielding results in order; if the
   server goes away mid-stream (a pod restarts), it reconnects with back-off and re-sends the
   frames that had no answer yet.
+- cameras on the server: ``add_stream(source, ...)`` has the server pull a camera or file
+  itself; ``streams()``, ``get_stream``, ``pause_stream``, ``resume_stream``,
+  ``remove_stream``; ``subscribe()`` yields the results of one stream or of all.
 
 Targets: ``host:port``; several replicas as a list or ``"host1:8001,host2:8001"``; or
 ``dns:///my-service.namespace.svc:8001`` for a Kubernetes headless Service. The channel uses
@@ -30,6 +33,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 
 from pipeline.proto import video_pb2 as vpb
 from pipeline.proto import video_pb2_grpc
@@ -437,3 +441,68 @@ class SegmentationClient:
             getattr(self._triton(), method)(*args, headers=dict(self._metadata))
         except InferenceServerException as exc:
             raise ClientError(status_name(exc), exc.message()) from None
+
+    # ------------------------------------------------------------------ cameras on the server
+
+    def _camera_call(self, method: str, request, timeout_s: float | None = None):
+        try:
+            return getattr(video_pb2_grpc.CameraStreamsStub(self._channel), method)(
+                request, metadata=self._metadata, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as exc:
+            raise ClientError(exc.code().name, exc.details() or "") from None
+
+    def add_stream(self, source: str, *, max_fps: float | None = None, track: bool = False,
+                   sinks: Sequence[str] = (), realtime: bool | None = None, stream_id: str = "",
+                   model: str | None = None, **parameters: float) -> dict:
+        """Have the server pull ``source`` itself (rtsp://, rtsps://, http(s):// HLS, or a file
+        in its --stream-source-dir) and deliver each frame's document to ``sinks``
+        (http(s):// webhooks, mqtt://host/topic, redis://host/key) and to ``subscribe``.
+        parameters: confidence, iou_threshold, max_detections and the tracker's knobs.
+        Returns the stream's status (as HTTP's ``GET /v1/streams/{id}``); ClientError if
+        refused (INVALID_ARGUMENT, NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED, ...)."""
+        spec = vpb.StreamSpec(source=source, model=model or self.model, track=track,
+                              sinks=list(sinks), stream_id=stream_id)
+        if max_fps is not None:
+            spec.max_fps = max_fps
+        if realtime is not None:
+            spec.realtime = realtime
+        if parameters:
+            spec.parameters.update(parameters)
+        return stream_status(self._camera_call("AddStream", spec))
+
+    def streams(self) -> list[dict]:
+        """Every camera stream of the server, with its state and counts."""
+        return [stream_status(s) for s in self._camera_call("ListStreams", vpb.ListStreamsRequest()).streams]
+
+    def get_stream(self, stream_id: str) -> dict:
+        return stream_status(self._camera_call("GetStream", vpb.StreamRef(stream_id=stream_id)))
+
+    def pause_stream(self, stream_id: str) -> dict:
+        return stream_status(self._camera_call("PauseStream", vpb.StreamRef(stream_id=stream_id)))
+
+    def resume_stream(self, stream_id: str) -> dict:
+        return stream_status(self._camera_call("ResumeStream", vpb.StreamRef(stream_id=stream_id)))
+
+    def remove_stream(self, stream_id: str) -> dict:
+        """Stop and forget a stream; its last status."""
+        return stream_status(self._camera_call("RemoveStream", vpb.StreamRef(stream_id=stream_id)))
+
+    def subscribe(self, stream_id: str = "", *, frames: bool = False) -> Iterator[vpb.FrameResult]:
+        """Results of one camera stream ("" = every stream) as they come, until the stream is
+        removed or the server drains; ``frames``: each with its frame as JPEG
+        (``frame_jpeg``). Close the iterator to stop."""
+        call = video_pb2_grpc.CameraStreamsStub(self._channel).Subscribe(
+            vpb.SubscribeRequest(stream_id=stream_id, frames=frames), metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise ClientError(exc.code().name, exc.details() or "") from None
+        finally:
+            call.cancel()
+
+
+def stream_status(info: vpb.StreamInfo) -> dict:
+    """A camera stream's status as a dict, the same fields HTTP's /v1/streams gives."""
+    return json_format.MessageToDict(info, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)

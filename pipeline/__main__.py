@@ -202,6 +202,23 @@ def main(argv: list[str] | None = None) -> int:
                        help="with --allow-shared-memory, the prefix every shared memory key must "
                        "have (e.g. rle_), so clients can name only objects made for this server "
                        "(default: any key)")
+    serve.add_argument("--stream-source-dir", metavar="DIR",
+                       help="cameras on the server: let streams play video files from DIR (a "
+                       "relative source path is inside it; off by default)")
+    serve.add_argument("--allow-stream-urls", action="store_true", default=None,
+                       help="cameras on the server: let streams pull rtsp://, rtsps:// and http(s):// "
+                       "(HLS) sources (off by default: the server connects where a client says)")
+    serve.add_argument("--stream-url-allow", action="append", metavar="CIDR_OR_HOST",
+                       help="with --allow-stream-urls, a network (192.168.0.0/16) or host whose "
+                       "loopback, private or link-local addresses a stream may pull from (repeat "
+                       "for more; refused by default, as most cameras sit on private networks, "
+                       "list theirs)")
+    serve.add_argument("--max-ingest-streams", type=int,
+                       help="camera streams at once, stopped ones included until removed; beyond "
+                       "it adding one is refused RESOURCE_EXHAUSTED / 429 (default 16; 0: none)")
+    serve.add_argument("--sink-buffer", type=int,
+                       help="results each sink holds while its target is away; beyond it the "
+                       "oldest are dropped and counted (default 1000)")
     serve.add_argument("--model-control-mode", choices=["none", "explicit"],
                        help="none (default): every pipeline model is loaded at start, for good; "
                        "explicit: the --load-model ones, and the rest loaded and unloaded at run "

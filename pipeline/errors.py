@@ -47,6 +47,11 @@ class OverloadedError(PipelineError):
     """A queue, a per-client limit or the bytes budget is full; the client should back off and retry."""
 
 
+class LimitError(OverloadedError):
+    """A count the operator capped is reached (camera streams): not a passing load, so HTTP
+    says 429, not 503."""
+
+
 class UnauthenticatedError(PipelineError):
     """A request without the server's token (health checks excepted)."""
 
@@ -82,6 +87,7 @@ STATUS: dict[type[PipelineError], Status] = {
     NotFoundError: Status("NOT_FOUND", 404),
     AlreadyExistsError: Status("ALREADY_EXISTS", 409),
     OverloadedError: Status("RESOURCE_EXHAUSTED", 503),
+    LimitError: Status("RESOURCE_EXHAUSTED", 429),
     ShuttingDownError: Status("UNAVAILABLE", 503),
     UnavailableError: Status("UNAVAILABLE", 503),
     DeadlineError: Status("DEADLINE_EXCEEDED", 504),

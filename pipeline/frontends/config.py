@@ -47,6 +47,13 @@ class ServerConfig:
     allow_shared_memory: bool = False
     max_shared_memory_regions: int = 64
     shared_memory_key_prefix: str = ""
+    # Cameras on the server (frontends/cameras): file sources only from this directory, network
+    # sources only when allowed (and private addresses only where listed), as for image URLs.
+    stream_source_dir: str | None = None
+    allow_stream_urls: bool = False
+    stream_url_allow: tuple[str, ...] = ()
+    max_ingest_streams: int = 16
+    sink_buffer: int = 1000
     model_control_mode: str = "none"
     load_model: tuple[str, ...] = ()
     # Spread over a fleet: connections are re-made every max age, so clients re-resolve and
@@ -85,6 +92,14 @@ class ServerConfig:
             raise ConfigError(f"max shared memory regions must be >= 1, got {self.max_shared_memory_regions}")
         if self.shared_memory_key_prefix and not self.allow_shared_memory:
             raise ConfigError("--shared-memory-key-prefix needs --allow-shared-memory")
+        if self.stream_source_dir is not None and not Path(self.stream_source_dir).is_dir():
+            raise ConfigError(f"--stream-source-dir {self.stream_source_dir} is not a directory")
+        if self.max_ingest_streams < 0 or self.sink_buffer < 1:
+            raise ConfigError("--max-ingest-streams must be >= 0 (0: no camera streams) and "
+                              "--sink-buffer >= 1")
+        object.__setattr__(self, "stream_url_allow", tuple(self.stream_url_allow))
+        if self.stream_url_allow and not self.allow_stream_urls:
+            raise ConfigError("--stream-url-allow needs --allow-stream-urls")
         if self.model_control_mode not in ("none", "explicit"):
             raise ConfigError(f"model control mode must be none or explicit, got {self.model_control_mode!r}")
         if self.load_model and self.model_control_mode != "explicit":
@@ -106,13 +121,15 @@ class ServerConfig:
         if self.metrics_token_required and not self.token:
             raise ConfigError("--metrics-token-required needs --token (the token /metrics asks for)")
         object.__setattr__(self, "image_url_allow", tuple(self.image_url_allow))  # the flag's list
-        if self.image_url_allow:
-            from .fetching import AllowList  # only when set: the settings stay light
+        for flag, entries in (("--image-url-allow", self.image_url_allow),
+                              ("--stream-url-allow", self.stream_url_allow)):
+            if entries:
+                from .fetching import AllowList  # only when set: the settings stay light
 
-            try:
-                AllowList.parse(self.image_url_allow)
-            except ValueError as exc:
-                raise ConfigError(f"--image-url-allow: {exc}") from None
+                try:
+                    AllowList.parse(entries)
+                except ValueError as exc:
+                    raise ConfigError(f"{flag}: {exc}") from None
 
     @classmethod
     def env_defaults(cls, environ: Mapping[str, str] = os.environ) -> dict:

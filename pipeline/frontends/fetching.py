@@ -131,6 +131,21 @@ async def fetch_image(url: object, *, max_body: int, allow: AllowList) -> bytes:
         _fetching -= 1
 
 
+async def check_host(host: str, port: int | None, allow: AllowList, *, flag: str) -> None:
+    """For a source the server will connect to itself (a camera): BadInputError unless ``host``
+    resolves and every address of it is public or allowed by ``flag``'s list. The connection
+    made later looks the name up again (FFmpeg's own resolver), so a name server that changes
+    its answer in between is not caught: allow-list cameras by address where that matters."""
+    try:
+        await asyncio.wait_for(_vetted(host, port, allow), TIMEOUT_S)
+    except _Refused as exc:
+        log.warning("source refused: host %r: %s", host, exc)
+        raise BadInputError(f"the source's host is not allowed (private, loopback or link-local "
+                            f"address); see {flag}") from None
+    except (OSError, asyncio.TimeoutError, UnicodeError, ValueError):
+        raise BadInputError(f"the source's host {host!r} could not be resolved") from None
+
+
 class _Refused(Exception):
     """A host with an address that is neither public nor allow-listed."""
 

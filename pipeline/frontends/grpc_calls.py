@@ -8,14 +8,24 @@ import inspect
 
 import grpc
 
-from ..errors import DeadlineError, OverloadedError, status_of
-from .inference import ServingState, client_of
+from ..errors import DeadlineError, OverloadedError, PipelineError, status_of
+from .inference import ServingState, client_of, describe
 from .stream_window import StreamWindow
 
 
 def grpc_status(error: BaseException) -> grpc.StatusCode:
     """The gRPC code of any error, from the one table in ``pipeline.errors``."""
     return grpc.StatusCode[status_of(error).grpc]
+
+
+async def answer_or_abort(context: grpc.aio.ServicerContext, build):
+    """``build()``'s answer (awaited when it is a coroutine); a PipelineError ends the call
+    with its status and message."""
+    try:
+        answer = build()
+        return await answer if inspect.isawaitable(answer) else answer
+    except PipelineError as exc:
+        await context.abort(grpc_status(exc), describe(exc))
 
 
 async def serve_stream(state: ServingState, api: str, process, failed, requests,

@@ -18,10 +18,10 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from ..errors import BadInputError, PipelineError
+from ..errors import BadInputError
 from . import kserve
 from .control import ModelControl
-from .grpc_calls import grpc_status, serve_stream
+from .grpc_calls import answer_or_abort, grpc_status, serve_stream
 from .inference import VERSION, Answer, InferRequest, ServingState, client_of, describe, run
 from .shared_memory import NO_CUDA, SharedMemory
 
@@ -89,12 +89,6 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.state = state
         self.models = models
 
-    async def _answer(self, context, build):
-        try:
-            return build()
-        except PipelineError as exc:
-            await context.abort(grpc_status(exc), describe(exc))
-
     # Health and metadata ------------------------------------------------------------
 
     async def ServerLive(self, request, context):
@@ -110,15 +104,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return kserve.server_metadata(self.state)
 
     async def ModelMetadata(self, request, context):
-        return await self._answer(context, lambda: kserve.model_metadata(
+        return await answer_or_abort(context, lambda: kserve.model_metadata(
             self.state, request.name, request.version))
 
     async def ModelConfig(self, request, context):
-        return await self._answer(context, lambda: pb.ModelConfigResponse(
+        return await answer_or_abort(context, lambda: pb.ModelConfigResponse(
             config=kserve.model_config(self.state, request.name, request.version)))
 
     async def ModelStatistics(self, request, context):
-        return await self._answer(context, lambda: kserve.model_statistics(
+        return await answer_or_abort(context, lambda: kserve.model_statistics(
             self.state, request.name, request.version))
 
     async def RepositoryIndex(self, request, context):
@@ -144,16 +138,16 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     # Shared memory (Triton's extension; CUDA regions are not offered) ---------------------
 
     async def SystemSharedMemoryRegister(self, request, context):
-        await self._answer(context, lambda: self.state.shared_memory.register(
+        await answer_or_abort(context, lambda: self.state.shared_memory.register(
             client_of(context.peer()), request.name, request.key, request.offset, request.byte_size))
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request, context):
-        await self._answer(context, lambda: self.state.shared_memory.unregister(request.name))
+        await answer_or_abort(context, lambda: self.state.shared_memory.unregister(request.name))
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def SystemSharedMemoryStatus(self, request, context):
-        regions = await self._answer(context, lambda: self.state.shared_memory.status(request.name))
+        regions = await answer_or_abort(context, lambda: self.state.shared_memory.status(request.name))
         response = pb.SystemSharedMemoryStatusResponse()
         for region in regions:
             response.regions[region["name"]].CopyFrom(

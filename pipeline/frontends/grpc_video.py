@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import numpy as np
 
@@ -68,15 +69,23 @@ def frame_image(frame: vpb.Frame, regions: SharedMemory):
     raise BadInputError("frame carries no image (set 'encoded', 'raw' or 'shared')")
 
 
-def _answer(frame: vpb.Frame, **fields) -> vpb.FrameResult:
+class FramePlace(Protocol):
+    """Where a result belongs: a ``Frame``, or a camera's result."""
+
+    stream_id: str
+    frame_index: int
+    timestamp: float
+
+
+def answer_of(frame: FramePlace, **fields) -> vpb.FrameResult:
     return vpb.FrameResult(stream_id=frame.stream_id, frame_index=frame.frame_index,
                            timestamp=frame.timestamp, **fields)
 
 
-def result_of(frame: vpb.Frame, answer: Answer, arrived: float) -> vpb.FrameResult:
+def result_of(frame: FramePlace, answer: Answer, arrived: float) -> vpb.FrameResult:
     (det,) = answer.detections
     H, W = det.image_size
-    out = _answer(frame, height=H, width=W)
+    out = answer_of(frame, height=H, width=W)
     for row in rows(det, answer.pipe.class_names):
         x1, y1, x2, y2 = row.box
         out.detections.add(
@@ -116,8 +125,8 @@ class VideoService(video_pb2_grpc.VideoSegmentationServicer):
     @staticmethod
     def _failed(arrival: tuple[float, vpb.Frame], exc: BaseException) -> vpb.FrameResult:
         if isinstance(exc, asyncio.CancelledError):
-            return _answer(arrival[1], error="CANCELLED: stream closed")
-        return _answer(arrival[1], error=f"{grpc_status(exc).name}: {describe(exc)}")
+            return answer_of(arrival[1], error="CANCELLED: stream closed")
+        return answer_of(arrival[1], error=f"{grpc_status(exc).name}: {describe(exc)}")
 
     async def StreamFrames(self, request_iterator, context):
         call, client = next(self._calls), client_of(context.peer())
@@ -130,7 +139,7 @@ class VideoService(video_pb2_grpc.VideoSegmentationServicer):
             async for result in serve_stream(
                 self.state, "video", process, self._failed, _stamped(request_iterator),
                 context, lambda arrival: model_of(arrival[1]), policy=self.state.stream_policy,
-                dropped=lambda arrival: _answer(arrival[1], dropped=True),
+                dropped=lambda arrival: answer_of(arrival[1], dropped=True),
                 on_drop=self.state.ledger.frames_dropped,
             ):
                 yield result

@@ -35,11 +35,15 @@ from ..proto import video_pb2, video_pb2_grpc
 from ..runners import cores
 from ..telemetry import Ledger
 from ..tracking import Tracks
-from . import http_kserve, http_roboflow, metrics
+from . import http_cameras, http_kserve, http_roboflow, metrics
 from .auth import Token, TokenInterceptor
+from .cameras.spec import SourceRules
+from .cameras.streams import CameraStreams
 from .config import ServerConfig
 from .control import ModelControl
+from .fetching import AllowList
 from .grpc_calls import MessageGuard
+from .grpc_cameras import CameraService
 from .grpc_kserve import InferenceService
 from .grpc_video import VideoService
 from .http import HTTPServer, middlewares
@@ -49,10 +53,11 @@ from .shared_memory import SharedMemory
 LOG = logging.getLogger(__name__)
 INFERENCE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 VIDEO_SERVICE = video_pb2.DESCRIPTOR.services_by_name["VideoSegmentation"].full_name
+CAMERA_SERVICE = video_pb2.DESCRIPTOR.services_by_name["CameraStreams"].full_name
 # The health service name for liveness probes: SERVING from the moment the port opens, models
 # loaded or not, draining or not. The readiness ones: the server ("") and its services.
 LIVENESS_SERVICE = "liveness"
-READINESS_SERVICES = ("", INFERENCE_SERVICE, VIDEO_SERVICE)
+READINESS_SERVICES = ("", INFERENCE_SERVICE, VIDEO_SERVICE, CAMERA_SERVICE)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class PipelineServer:
         self.ledger = ledger or Ledger()
         self.state: ServingState | None = None
         self.models: ModelControl | None = None
+        self.cameras: CameraStreams | None = None
         self.threads: ThreadBudget | None = None
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
@@ -129,6 +135,10 @@ class PipelineServer:
                                        cfg.shared_memory_key_prefix))
         self.models = ModelControl(self.state, cfg.model_repository, mode=cfg.model_control_mode,
                                    device=cfg.device, ledger=self.ledger)
+        rules = SourceRules(Path(cfg.stream_source_dir) if cfg.stream_source_dir else None,
+                            cfg.allow_stream_urls, AllowList.parse(cfg.stream_url_allow))
+        self.cameras = CameraStreams(self.state, rules, max_streams=cfg.max_ingest_streams,
+                                     sink_buffer=cfg.sink_buffer)
         for service in READINESS_SERVICES:  # "" is SERVING by default
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -182,9 +192,11 @@ class PipelineServer:
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.state, self.models), server)
         video_pb2_grpc.add_VideoSegmentationServicer_to_server(VideoService(self.state), server)
+        video_pb2_grpc.add_CameraStreamsServicer_to_server(CameraService(self.cameras), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            [INFERENCE_SERVICE, VIDEO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+            [INFERENCE_SERVICE, VIDEO_SERVICE, CAMERA_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME],
+            server)
         address = f"{cfg.host}:{cfg.grpc_port}"
         try:
             if cfg.tls_cert:
@@ -205,6 +217,7 @@ class PipelineServer:
         max_body = cfg.max_message_mb * 1024 * 1024
         app = web.Application(client_max_size=max_body,
                               middlewares=middlewares(self.state, max_body=max_body, token=token))
+        app.add_subapp("/v1/streams", http_cameras.app(self.cameras))  # before Roboflow's catch-all
         http_roboflow.add_routes(app, self.state, token=token, max_body=max_body,
                                  allow_image_urls=cfg.allow_image_urls,
                                  image_url_allow=cfg.image_url_allow)
@@ -234,6 +247,8 @@ class PipelineServer:
         for window in list(self.state.streams):  # answer what they read, then end them
             window.stop(ShuttingDownError("server is shutting down; reconnect to another replica"))
         deadline = time.monotonic() + grace
+        if self.cameras is not None:  # sources stopped, frames read answered, sinks flushed
+            await self.cameras.close(flush_s=grace)
         while self.state.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.state.active:
@@ -242,7 +257,10 @@ class PipelineServer:
         LOG.info("stopped")
 
     async def _close(self, grace_s: float) -> None:
-        """Stop whatever was started: gRPC (within ``grace_s``), HTTP, metrics, the batchers."""
+        """Stop whatever was started: cameras, gRPC (within ``grace_s``), HTTP, metrics, the
+        batchers."""
+        if self.cameras is not None:
+            await self.cameras.close(flush_s=0)
         if self._server is not None:
             await self._server.stop(grace_s)
         if self._http is not None:

@@ -99,3 +99,347 @@ class VideoSegmentation:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class CameraStreamsStub:
+    """Cameras on the server: streams the server pulls itself (RTSP, HLS, files), batched with
+    every other request; results to subscribers and to each stream's sinks. The same operations
+    as HTTP's /v1/streams, with the same fields and errors (README "Cameras on the server").
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.AddStream = channel.unary_unary(
+                '/rleserving.v1.CameraStreams/AddStream',
+                request_serializer=video__pb2.StreamSpec.SerializeToString,
+                response_deserializer=video__pb2.StreamInfo.FromString,
+                _registered_method=True)
+        self.ListStreams = channel.unary_unary(
+                '/rleserving.v1.CameraStreams/ListStreams',
+                request_serializer=video__pb2.ListStreamsRequest.SerializeToString,
+                response_deserializer=video__pb2.StreamList.FromString,
+                _registered_method=True)
+        self.GetStream = channel.unary_unary(
+                '/rleserving.v1.CameraStreams/GetStream',
+                request_serializer=video__pb2.StreamRef.SerializeToString,
+                response_deserializer=video__pb2.StreamInfo.FromString,
+                _registered_method=True)
+        self.RemoveStream = channel.unary_unary(
+                '/rleserving.v1.CameraStreams/RemoveStream',
+                request_serializer=video__pb2.StreamRef.SerializeToString,
+                response_deserializer=video__pb2.StreamInfo.FromString,
+                _registered_method=True)
+        self.PauseStream = channel.unary_unary(
+                '/rleserving.v1.CameraStreams/PauseStream',
+                request_serializer=video__pb2.StreamRef.SerializeToString,
+                response_deserializer=video__pb2.StreamInfo.FromString,
+                _registered_method=True)
+        self.ResumeStream = channel.unary_unary(
+                '/rleserving.v1.CameraStreams/ResumeStream',
+                request_serializer=video__pb2.StreamRef.SerializeToString,
+                response_deserializer=video__pb2.StreamInfo.FromString,
+                _registered_method=True)
+        self.Subscribe = channel.unary_stream(
+                '/rleserving.v1.CameraStreams/Subscribe',
+                request_serializer=video__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=video__pb2.FrameResult.FromString,
+                _registered_method=True)
+
+
+class CameraStreamsServicer:
+    """Cameras on the server: streams the server pulls itself (RTSP, HLS, files), batched with
+    every other request; results to subscribers and to each stream's sinks. The same operations
+    as HTTP's /v1/streams, with the same fields and errors (README "Cameras on the server").
+    """
+
+    def AddStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStreams(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveStream(self, request, context):
+        """Stops the source, answers the frames already in the batcher, flushes the sinks briefly.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Subscribe(self, request, context):
+        """Results of one stream (or of every stream: stream_id ""), as they come, until the stream is
+        removed or the server drains. A subscriber that reads too slowly loses the oldest results
+        (counted in the stream's subscriber_dropped); frames dropped because the model was behind
+        come as results with `dropped` set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CameraStreamsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'AddStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddStream,
+                    request_deserializer=video__pb2.StreamSpec.FromString,
+                    response_serializer=video__pb2.StreamInfo.SerializeToString,
+            ),
+            'ListStreams': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStreams,
+                    request_deserializer=video__pb2.ListStreamsRequest.FromString,
+                    response_serializer=video__pb2.StreamList.SerializeToString,
+            ),
+            'GetStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStream,
+                    request_deserializer=video__pb2.StreamRef.FromString,
+                    response_serializer=video__pb2.StreamInfo.SerializeToString,
+            ),
+            'RemoveStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveStream,
+                    request_deserializer=video__pb2.StreamRef.FromString,
+                    response_serializer=video__pb2.StreamInfo.SerializeToString,
+            ),
+            'PauseStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseStream,
+                    request_deserializer=video__pb2.StreamRef.FromString,
+                    response_serializer=video__pb2.StreamInfo.SerializeToString,
+            ),
+            'ResumeStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeStream,
+                    request_deserializer=video__pb2.StreamRef.FromString,
+                    response_serializer=video__pb2.StreamInfo.SerializeToString,
+            ),
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=video__pb2.SubscribeRequest.FromString,
+                    response_serializer=video__pb2.FrameResult.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rleserving.v1.CameraStreams', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rleserving.v1.CameraStreams', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CameraStreams:
+    """Cameras on the server: streams the server pulls itself (RTSP, HLS, files), batched with
+    every other request; results to subscribers and to each stream's sinks. The same operations
+    as HTTP's /v1/streams, with the same fields and errors (README "Cameras on the server").
+    """
+
+    @staticmethod
+    def AddStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rleserving.v1.CameraStreams/AddStream',
+            video__pb2.StreamSpec.SerializeToString,
+            video__pb2.StreamInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStreams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rleserving.v1.CameraStreams/ListStreams',
+            video__pb2.ListStreamsRequest.SerializeToString,
+            video__pb2.StreamList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rleserving.v1.CameraStreams/GetStream',
+            video__pb2.StreamRef.SerializeToString,
+            video__pb2.StreamInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rleserving.v1.CameraStreams/RemoveStream',
+            video__pb2.StreamRef.SerializeToString,
+            video__pb2.StreamInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rleserving.v1.CameraStreams/PauseStream',
+            video__pb2.StreamRef.SerializeToString,
+            video__pb2.StreamInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rleserving.v1.CameraStreams/ResumeStream',
+            video__pb2.StreamRef.SerializeToString,
+            video__pb2.StreamInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rleserving.v1.CameraStreams/Subscribe',
+            video__pb2.SubscribeRequest.SerializeToString,
+            video__pb2.FrameResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -29,7 +29,7 @@ def modules_of(package: str) -> list[str]:
 CORE = [m for m in modules_of("pipeline") if m != "pipeline.convert"] + ["pipeline.rle", "pipeline.proto"]
 PARTS = {
     "core": CORE,
-    "frontends": modules_of("pipeline.frontends"),
+    "frontends": modules_of("pipeline.frontends") + modules_of("pipeline.frontends.cameras"),
     "tools": [*modules_of("pipeline.tools"), "pipeline.convert"],
     "clients": [m for m in modules_of("clients") if m != "clients.__main__"],
 }

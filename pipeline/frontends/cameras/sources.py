@@ -1,0 +1,436 @@
+"""Decoding a camera or a file in a thread of its own (PyAV, FFmpeg), sampled, into a small
+queue that the event loop reads.
+
+Vocabulary:
+
+- a **source** (``Source``): one location, opened and decoded by one daemon thread, so a
+  camera that hangs or fails touches no other. A **network** source is an RTSP camera (over
+  TCP) or an HTTP stream (HLS); otherwise a local **file**. Every open and every read has a
+  timeout (``timeout_s``, PyAV's ``av.open(timeout=(open_s, read_s))``);
+- **live** or **recording**: a network source without a duration (a camera, a live HLS
+  playlist) is live: its frame times are the monotonic clock when each is decoded (its own
+  timestamps restart on every reconnect), and its end is a lost connection. A file, or a
+  network source with a duration (an HLS VOD playlist, whose ``#EXT-X-ENDLIST`` gives it
+  one), is a recording: its frame times are its presentation times, and its end is the end;
+- **sampling** (``max_fps``): every frame is decoded (H.264 needs the ones between), but only
+  sampled frames are converted to RGB and queued: a frame is kept when its time reaches the
+  next due time, one ``1 / max_fps`` after the last, so 10 fps sampled at 2 gives 2 fps;
+- **realtime pacing**: a recording played ``realtime`` (and any network recording: a
+  network source stands for a camera) is delivered at its own frame rate, as a camera would;
+  a file not played in real time goes as fast as the queue takes its frames;
+- **reconnect / backoff**: a network source that cannot open, stops sending, errs or ends
+  is reopened after ``backoff_s[0]`` seconds, doubling up to ``backoff_s[1]``, forever; the
+  wait starts again from ``backoff_s[0]`` once an open gives a frame. A file gets no retry;
+- **states**, told through ``on_state(state, error)`` from the source's thread (``stop`` may
+  tell the last one from the caller's): ``starting`` (the first open), ``running`` (the
+  first frame after an open), ``reconnecting`` (a network source lost or never connected;
+  ``error`` says why, told again when the reason changes), ``failed`` (a file that cannot be
+  opened or decoded or has no video: final) and ``stopped`` (the end of a recording, or
+  ``stop()``: final). Nothing raises out of the thread: whatever goes wrong becomes a state;
+- **pause**: a file waits where it is and goes on from the same frame; a network source
+  closes its connection and reopens it on resume (a fresh live view, not a backlog);
+- **stop**: the source's waits (pacing, backoff, pause, a full queue) end at once. FFmpeg
+  cannot be interrupted from another thread, so an open or a read it is inside of (a camera
+  that accepts and then says nothing) ends within the source's ``timeout_s``; ``stop``
+  waits at most its own ``timeout_s``, then leaves the thread to end by itself, delivering
+  and telling nothing more.
+
+``frames_decoded`` and ``reconnects`` count for the stream's status; ``CapturedFrame.index``
+numbers every decoded frame from 0, sampled or not, across reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ...errors import BadInputError
+
+if TYPE_CHECKING:  # PyAV is imported where it decodes, in the sources' threads
+    from av.container import InputContainer
+
+LOG = logging.getLogger(__name__)
+# FFmpeg's own decoding threads per source: cameras run side by side, eight or more on a few
+# cores, so each gets few of its own; a second lets one large stream use a second core.
+DECODE_THREADS = 2
+# How much of a network stream FFmpeg reads to learn its parameters before the first frame
+# (microseconds). Its default (5 s) holds a camera's start for seconds; RTSP's SDP and HLS's
+# first segment say enough within one.
+ANALYZE_US = 1_000_000
+# A frame this close before its due time is taken as on time: times are floats, and 30 fps
+# sampled at 10 puts the third frame at 0.09999... of a 0.1 s period.
+SAMPLING_SLACK_S = 0.001
+FINAL_STATES = ("failed", "stopped")
+
+
+@dataclass(frozen=True)
+class CapturedFrame:
+    """One sampled frame of a source.
+
+    ``index``: the source's frame number, the frames it decoded before this one (0 first),
+    sampled or not, across reconnects. ``media_s``: seconds for tracking, rising: a
+    recording's presentation time, a live source's ``time.monotonic()`` when decoded.
+    ``captured``: ``time.time()`` when decoded (a paced recording: when its time came), epoch
+    seconds for capture-to-sink latency. ``rgb``: (H, W, 3) uint8."""
+
+    index: int
+    media_s: float
+    captured: float
+    rgb: np.ndarray
+
+
+class FrameQueue:
+    """Frames from a decoding thread to one consumer on an event loop, at most ``size`` waiting.
+
+    ``put`` (the thread): with ``drop_oldest`` it never blocks: when full, the oldest waiting
+    frame is dropped and ``on_drop()`` called (from the thread) for each; without, it blocks
+    while full. It returns False once the queue is closed. ``close()`` (any thread) wakes a
+    blocked ``put``; ``async for frame in queue`` ends after the frames already waiting."""
+
+    def __init__(self, size: int, *, drop_oldest: bool, on_drop: Callable[[], None]):
+        if size < 1:
+            raise BadInputError(f"a frame queue holds at least one frame, not {size}")
+        self._size = size
+        self._drop_oldest = drop_oldest
+        self._on_drop = on_drop
+        self._frames: deque[CapturedFrame] = deque()
+        self._changed = threading.Condition()
+        self._closed = False
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
+
+    def put(self, frame: CapturedFrame) -> bool:
+        dropped = 0
+        with self._changed:
+            while not self._closed and len(self._frames) >= self._size:
+                if self._drop_oldest:
+                    self._frames.popleft()
+                    dropped += 1
+                else:
+                    self._changed.wait()
+            if self._closed:
+                return False
+            self._frames.append(frame)
+            waiter, self._waiter = self._waiter, None
+        for _ in range(dropped):  # outside the lock: on_drop may do what it likes
+            self._on_drop()
+        _wake(waiter)
+        return True
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+            waiter, self._waiter = self._waiter, None
+        _wake(waiter)
+
+    def __aiter__(self) -> FrameQueue:
+        return self
+
+    async def __anext__(self) -> CapturedFrame:
+        while True:
+            with self._changed:
+                if self._frames:
+                    frame = self._frames.popleft()
+                    self._changed.notify_all()  # room for a blocked put
+                    return frame
+                if self._closed:
+                    raise StopAsyncIteration
+                loop = asyncio.get_running_loop()
+                waiter = loop.create_future()
+                self._waiter = (loop, waiter)
+            await waiter
+
+
+def _wake(waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None) -> None:
+    if waiter is None:
+        return
+    loop, future = waiter
+    try:
+        loop.call_soon_threadsafe(_resolve, future)
+    except RuntimeError:  # the loop is closed: nobody is left to wake
+        pass
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():  # a consumer cancelled while waiting has a cancelled future
+        future.set_result(None)
+
+
+class _Sampler:
+    """Keeps a frame when its time reaches the next due time (see the module's sampling)."""
+
+    def __init__(self, max_fps: float | None):
+        self.period = None if max_fps is None else 1.0 / max_fps
+        self.due: float | None = None
+
+    def keep(self, media_s: float) -> bool:
+        if self.period is None:
+            return True
+        if self.due is not None and media_s < self.due - SAMPLING_SLACK_S:
+            return False
+        # Due times advance by whole periods, so the rate holds whatever the source's own;
+        # after a gap (a reconnect, a pause) they start again from this frame.
+        on_time = self.due is not None and media_s < self.due + self.period
+        self.due = (self.due if on_time else media_s) + self.period
+        return True
+
+
+class _Timeline:
+    """``CapturedFrame.media_s`` across the opens of one source: rising, whatever restarts."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.step = 0.1  # a frame's duration, for frames without a timestamp
+        self.shift: float | None = None
+
+    def opened(self, frame_rate: float | None) -> None:
+        self.shift = None
+        if frame_rate:
+            self.step = 1.0 / frame_rate
+
+    def time_of(self, presentation_s: float | None, live: bool) -> float:
+        if live:
+            now = time.monotonic()
+        elif presentation_s is None:
+            now = 0.0 if self.last is None else self.last + self.step
+        else:
+            if self.shift is None:
+                # A recording opened again (a network one after an error) starts over: its
+                # times continue from where the last open left them.
+                behind = self.last is not None and presentation_s <= self.last
+                self.shift = self.last + self.step - presentation_s if behind else 0.0
+            now = presentation_s + self.shift
+        self.last = now
+        return now
+
+
+class Source:
+    """One camera or file decoded in its own daemon thread (see the module's vocabulary).
+
+    ``location``: a path or a URL (rtsp://, rtsps://, http(s):// for HLS). ``on_state`` is
+    called from the thread. ``timeout_s`` bounds every open and every read; ``backoff_s`` is
+    the first and the longest wait between reconnects."""
+
+    def __init__(self, location: str, *, network: bool, max_fps: float | None, realtime: bool, queue: FrameQueue,
+                 on_state: Callable[[str, str | None], None], name: str = "",
+                 backoff_s: tuple[float, float] = (0.5, 10.0), timeout_s: float = 5.0):
+        if max_fps is not None and not max_fps > 0:
+            raise BadInputError(f"max_fps must be above 0 (or none for every frame), not {max_fps}")
+        if not 0 < backoff_s[0] <= backoff_s[1]:
+            raise BadInputError(f"backoff_s must be (first, longest) with 0 < first <= longest, not {backoff_s}")
+        if not timeout_s > 0:
+            raise BadInputError(f"timeout_s must be above 0, not {timeout_s}")
+        self.location = location
+        self.network = network
+        self.realtime = realtime
+        self.name = name or ("camera" if network else location)
+        self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
+        self.frames_decoded = 0
+        self.reconnects = 0  # opens tried again after a network source failed or was lost
+        self._queue = queue
+        self._on_state = on_state
+        self._sampler = _Sampler(max_fps)
+        self._timeline = _Timeline()
+        self._changed = threading.Condition()  # stop, pause, resume
+        self._stopping = False
+        self._paused = False
+        self._pace_anchor: tuple[float, float] | None = None  # (monotonic, media_s) of a paced frame
+        self._backoff = backoff_s[0]
+        self._told = threading.Lock()
+        self._last_told: tuple[str, str | None] | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ control (any thread)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError(f"source {self.name} was started already")
+        self._thread = threading.Thread(target=self._run, name=f"source-{self.name}", daemon=True)
+        self._thread.start()
+
+    def pause(self) -> None:
+        with self._changed:
+            self._paused = True
+            self._changed.notify_all()
+
+    def resume(self) -> None:
+        with self._changed:
+            self._paused = False
+            self._changed.notify_all()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """End the thread and close the queue. Waits (sleeps, a full queue, a pause) end at
+        once; an open or a read inside FFmpeg ends within its own timeout (``timeout_s`` of
+        the constructor). If the thread has not ended after ``timeout_s`` here, it is left to
+        end by itself, told nothing more, and ``stopped`` is told from here."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._queue.close()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+            if thread.is_alive():
+                LOG.warning("source %s: still inside FFmpeg %.1f s after stop; left to end by itself",
+                            self.name, timeout_s)
+        self._tell("stopped", None)
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        final: tuple[str, str | None] = ("stopped", None)
+        try:
+            self._tell("starting", None)
+            final = self._play()
+        except Exception as exc:  # noqa: BLE001 - our own fault: this source fails, the server goes on
+            LOG.exception("source %s failed", self.name)
+            final = ("failed", f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._tell(*final)  # before the queue ends: its reader learns why it ended
+            self._queue.close()
+
+    def _play(self) -> tuple[str, str | None]:
+        """Open, decode, reopen as the module says, until a final state; returns it."""
+        while True:
+            if not self._wait_while_paused():
+                return ("stopped", None)
+            container, error = self._open()
+            if container is not None:
+                with container:
+                    how, error = self._decode(container)
+                if how == "stopped" or how == "ended":
+                    return ("stopped", None)
+                if how == "paused":
+                    continue
+            if self._stopping:  # an open or a read that stop() outlasted: no retry to tell of
+                return ("stopped", None)
+            if not self.network:
+                return ("failed", error)
+            self._tell("reconnecting", error)
+            if not self._sleep(self._backoff):
+                return ("stopped", None)
+            self._backoff = min(self._backoff * 2, self.backoff_s[1])
+            self.reconnects += 1
+
+    def _open(self) -> tuple[InputContainer | None, str | None]:
+        """(container, None), or (None, why it could not be opened)."""
+        import av
+
+        options = {}
+        if self.network:
+            options["analyzeduration"] = str(ANALYZE_US)
+        if self.location.lower().startswith(("rtsp://", "rtsps://")):
+            options["rtsp_transport"] = "tcp"  # UDP loses packets (grey smears) and passes few firewalls
+        started = time.monotonic()
+        try:
+            return av.open(self.location, options=options, timeout=(self.timeout_s, self.timeout_s)), None
+        except (av.FFmpegError, OSError) as exc:
+            if time.monotonic() - started >= self.timeout_s:
+                return None, f"cannot open: no answer within {self.timeout_s:g} s ({_reason(exc)})"
+            return None, f"cannot open: {_reason(exc)}"
+
+    def _decode(self, container: InputContainer) -> tuple[str, str | None]:
+        """Decode one open container: ("stopped" | "ended" | "paused" | "error", why)."""
+        import av
+
+        if not container.streams.video:
+            return "error", "no video stream"
+        if self._stopping:
+            return "stopped", None
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = DECODE_THREADS
+        live = self.network and container.duration is None
+        paced = not live and (self.realtime or self.network)
+        rate = stream.average_rate or stream.guessed_rate
+        self._timeline.opened(float(rate) if rate else None)
+        self._pace_anchor = None
+        frames = 0
+        try:
+            for frame in container.decode(stream):
+                if self._stopping:
+                    return "stopped", None
+                if self.network and self._paused:
+                    return "paused", None
+                index, self.frames_decoded = self.frames_decoded, self.frames_decoded + 1
+                frames += 1
+                if frames == 1:
+                    self._backoff = self.backoff_s[0]
+                    self._tell("running", None)
+                media_s = self._timeline.time_of(frame.time, live)
+                if not self._sampler.keep(media_s):
+                    continue
+                if not self._hold(media_s, paced):
+                    return "stopped", None
+                captured = CapturedFrame(index, media_s, time.time(), frame.to_ndarray(format="rgb24"))
+                if not self._queue.put(captured):
+                    return "stopped", None
+        except (av.FFmpegError, OSError) as exc:
+            if isinstance(exc, av.ExitError):  # PyAV's timeout interrupted a read
+                return "error", f"no frame within {self.timeout_s:g} s"
+            return "error", f"cannot decode: {_reason(exc)}"
+        if live:
+            return "error", "the stream ended"
+        return "ended", None
+
+    def _hold(self, media_s: float, paced: bool) -> bool:
+        """Wait while a file is paused and, when ``paced``, until the frame's time comes.
+        False when the source stops meanwhile."""
+        with self._changed:
+            while True:
+                if self._stopping:
+                    return False
+                if self._paused and not self.network:  # a network source closes instead (_decode)
+                    self._pace_anchor = None  # on resume the pace starts again: no rush to catch up
+                    self._changed.wait()
+                    continue
+                if not paced:
+                    return True
+                now = time.monotonic()
+                if self._pace_anchor is None:
+                    self._pace_anchor = (now, media_s)
+                due = self._pace_anchor[0] + (media_s - self._pace_anchor[1])
+                if due <= now:
+                    return True
+                self._changed.wait(due - now)
+
+    def _wait_while_paused(self) -> bool:
+        """False when the source stops meanwhile."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._stopping or not self._paused)
+            return not self._stopping
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep (a backoff) unless the source stops meanwhile: False then."""
+        with self._changed:
+            return not self._changed.wait_for(lambda: self._stopping, seconds)
+
+    def _tell(self, state: str, error: str | None) -> None:
+        """``on_state``, once per change, never after a final state; its errors are logged."""
+        with self._told:
+            last = self._last_told
+            if (state, error) == last or (last is not None and last[0] in FINAL_STATES):
+                return
+            self._last_told = (state, error)
+            if state == "reconnecting":
+                LOG.warning("source %s reconnecting: %s", self.name, error)
+            else:
+                LOG.info("source %s %s%s", self.name, state, f": {error}" if error else "")
+            try:
+                self._on_state(state, error)
+            except Exception:  # noqa: BLE001 - the listener's fault must not end the source
+                LOG.exception("source %s: on_state failed", self.name)
+
+
+def _reason(exc: BaseException) -> str:
+    """FFmpeg's words for an error, without the location (a camera URL may hold a password)."""
+    return getattr(exc, "strerror", None) or type(exc).__name__

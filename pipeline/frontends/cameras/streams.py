@@ -1,0 +1,349 @@
+"""The camera streams a server runs now, and where their results go.
+
+Vocabulary:
+
+- a **stream** (``CameraStream``): one source the server pulls (``StreamSpec``), decoded in
+  its own thread (``sources.Source``) into a small ``FrameQueue``; its frames go through a
+  ``StreamWindow`` (``WINDOW`` in the batcher at once, in order) and ``inference.run``, like
+  any request, so frames of every camera and every client share batches;
+- **live** streams (cameras, and files played in real time) drop the oldest waiting frame
+  when the model is behind: counted in ``frames_dropped`` and in Prometheus' dropped
+  frames, and told to subscribers as a ``dropped`` result, never skipped silently. A file
+  played with ``realtime: false`` waits instead: nothing is dropped;
+- a **result** (``CameraResult``): a frame's document (Roboflow's ``rle`` document plus
+  ``stream_id``, ``frame_index``: the source's frame number, ``timestamp``: epoch seconds
+  when it was decoded), or its error, or that it was dropped;
+- **sinks** (``sinks.Sink``, the stream's own) get each document as one JSON message;
+  **subscribers** (``Subscription``, gRPC ``Subscribe``) get every result of one stream or
+  of all, each through a bounded buffer whose overflow is counted.
+
+One stream's failure touches no other: each decodes in its own thread, and a source that
+fails or reconnects shows it in its ``state`` and ``last_error``. Removing a stream stops its
+source, lets frames already in the batcher finish and reach the sinks, flushes them
+briefly and frees its tracker; a drain (``close``) does the same for every stream within the
+grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ... import schema
+from ...errors import AlreadyExistsError, LimitError, NotFoundError, ShuttingDownError, status_of
+from ..inference import Answer, InferRequest, ServingState, Tracking, describe, run
+from ..stream_window import StreamWindow
+from .sinks import Sink
+from .sources import CapturedFrame, FrameQueue, Source
+from .spec import SourceRules, StreamSpec
+
+LOG = logging.getLogger(__name__)
+API = "camera"  # the streams_open gauge's label for these streams
+WINDOW = 2  # frames of one stream in the batcher at once: one running, one ready for the next batch
+QUEUE = 2  # decoded frames waiting for the window
+SUBSCRIBER_BUFFER = 64
+REMOVE_FLUSH_S = 2.0  # how long a removed stream's sinks may take to deliver what they hold
+RATE_SPAN_S = 5.0
+COUNTS = ("frames_sampled", "frames_out", "frames_dropped", "frame_errors", "subscriber_dropped")
+
+
+@dataclass(frozen=True)
+class CameraResult:
+    """What one sampled frame came to: its ``answer`` (None if it failed or was dropped), or
+    ``error``, or ``dropped``. ``message``: the document as JSON, made once for the sinks;
+    ``rgb``: the frame, for subscribers that asked for frames."""
+
+    stream_id: str
+    frame_index: int
+    timestamp: float
+    answer: Answer | None = None
+    message: bytes = b""
+    error: str = ""
+    dropped: bool = False
+    rgb: np.ndarray | None = None
+
+
+class RateMeter:
+    """Events per second over the last ``RATE_SPAN_S`` (or since the start, if shorter)."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self._events: deque[tuple[float, int]] = deque()
+
+    def add(self, count: int = 1) -> None:
+        self._events.append((time.monotonic(), count))
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        while self._events and self._events[0][0] < now - RATE_SPAN_S:
+            self._events.popleft()
+        elapsed = min(RATE_SPAN_S, now - self.started)
+        return round(sum(n for _, n in self._events) / elapsed, 2) if elapsed > 0 else 0.0
+
+
+class Subscription:
+    """One subscriber's results (one stream's, or every stream's for ``stream_id`` ""), at
+    most ``SUBSCRIBER_BUFFER`` waiting: a subscriber that reads too slowly loses the oldest,
+    counted in its streams' ``subscriber_dropped``."""
+
+    def __init__(self, stream_id: str, frames: bool):
+        self.stream_id = stream_id
+        self.frames = frames
+        self._queue: asyncio.Queue[CameraResult | None] = asyncio.Queue(SUBSCRIBER_BUFFER)
+
+    def offer(self, result: CameraResult) -> bool:
+        """False when an older result had to make room."""
+        kept = True
+        if self._queue.full():
+            self._queue.get_nowait()
+            kept = False
+        self._queue.put_nowait(result)
+        return kept
+
+    def end(self) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[CameraResult]:
+        while (result := await self._queue.get()) is not None:
+            yield result
+
+
+class CameraStream:
+    """One stream: its source, queue, window, sinks and counts (see the module's vocabulary)."""
+
+    def __init__(self, stream_id: str, spec: StreamSpec, owner: CameraStreams):
+        self.id = stream_id
+        self.spec = spec
+        self.owner = owner
+        self.created = time.time()
+        self.client = f"{API}/{stream_id}"  # its share of the server's limits and its tracker's owner
+        self.state = "starting"
+        self.last_error: str | None = None
+        self.paused = False
+        self.counts: Counter = Counter()
+        self.rate_in, self.rate_out = RateMeter(), RateMeter()
+        self._last_index = -1
+        live = spec.network or spec.realtime
+        loop = asyncio.get_running_loop()
+        self.queue = FrameQueue(QUEUE, drop_oldest=live,
+                                on_drop=lambda: loop.call_soon_threadsafe(self._dropped))
+        self.source = Source(spec.location, network=spec.network, max_fps=spec.max_fps,
+                             realtime=spec.realtime, queue=self.queue, name=stream_id,
+                             on_state=lambda state, error: loop.call_soon_threadsafe(
+                                 self._source_state, state, error))
+        self.sinks = [Sink(target, stream_id, buffer=owner.sink_buffer) for target in spec.sinks]
+        self.window: StreamWindow[CapturedFrame, CameraResult] = StreamWindow(
+            self._process, self._failed, window=WINDOW, policy="drop_oldest" if live else "wait",
+            dropped=self._dropped_result, on_drop=self._dropped)
+        self.tracking = (Tracking(f"{API}/{stream_id}", spec.tracker_options()) if spec.track else None)
+        self._task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ life
+
+    def start(self) -> None:
+        ledger = self.owner.state.ledger
+        ledger.stream_opened(API)
+        ledger.model_stream_opened(self.spec.model)
+        for sink in self.sinks:
+            sink.start()
+        self.source.start()
+        self._task = asyncio.create_task(self._run(), name=f"camera-{self.id}")
+
+    async def _run(self) -> None:
+        try:
+            async for result in self.window.run(self._sampled()):
+                self._deliver(result)
+        except Exception as exc:  # noqa: BLE001 - a stream's fault must not reach the others
+            LOG.exception("camera stream %s failed", self.id)
+            self.state, self.last_error = "failed", f"internal error: {exc}"
+
+    async def stop(self, flush_s: float) -> None:
+        """Stop the source, answer the frames already read, flush the sinks (``flush_s``),
+        free the tracker. Idempotent."""
+        self.window.stop(ShuttingDownError("the stream was stopped"))
+        await asyncio.to_thread(self.source.stop)
+        if self._task is not None:
+            await self._task
+        state = self.owner.state
+        if self.tracking is not None:
+            state.tracks.end(self.tracking.slot(self.client))
+        await asyncio.gather(*(sink.close(flush_s) for sink in self.sinks))
+        if self.state not in ("failed", "stopped"):
+            self.state = "stopped"
+        sinks = [sink.status() for sink in self.sinks]
+        LOG.info("camera stream %s stopped: %d results; sinks: %d delivered, %d dropped, %d left",
+                 self.id, self.counts["frames_out"], sum(s["delivered"] for s in sinks),
+                 sum(s["dropped"] for s in sinks), sum(s["buffered"] for s in sinks))
+        if self._task is not None:
+            state.ledger.stream_opened(API, -1)
+            state.ledger.model_stream_opened(self.spec.model, -1)
+            self._task = None
+
+    def pause(self) -> None:
+        self.paused = True
+        self.source.pause()
+
+    def resume(self) -> None:
+        self.paused = False
+        self.source.resume()
+
+    # ------------------------------------------------------------------ frames
+
+    async def _sampled(self) -> AsyncIterator[CapturedFrame]:
+        async for frame in self.queue:
+            self.counts["frames_sampled"] += 1
+            self.rate_in.add(frame.index - self._last_index if self._last_index >= 0 else 1)
+            self._last_index = frame.index
+            yield frame
+
+    async def _process(self, frame: CapturedFrame) -> CameraResult:
+        spec, tracking = self.spec, self.tracking
+
+        def read() -> InferRequest:
+            now = None if tracking is None else Tracking(tracking.key, tracking.options, frame.media_s)
+            return InferRequest.read(spec.model, "", [frame.rgb], spec.parameters, tracking=now)
+
+        def respond(answer: Answer) -> CameraResult:  # a worker thread
+            message = b""
+            if self.sinks:
+                (det,) = answer.detections
+                doc = {"stream_id": self.id, "frame_index": frame.index, "timestamp": frame.captured,
+                       **schema.document(det, answer.pipe.class_names, "rle")}
+                message = json.dumps(doc, separators=(",", ":")).encode()
+            return CameraResult(self.id, frame.index, frame.captured, answer, message, rgb=frame.rgb)
+
+        return await run(self.owner.state, spec.model, read, respond, self.client)
+
+    def _failed(self, frame: CapturedFrame, exc: BaseException) -> CameraResult:
+        if isinstance(exc, asyncio.CancelledError):
+            error = "CANCELLED: the stream was stopped"
+        else:
+            error = f"{status_of(exc).grpc}: {describe(exc)}"
+        return CameraResult(self.id, frame.index, frame.captured, error=error, rgb=frame.rgb)
+
+    def _dropped_result(self, frame: CapturedFrame) -> CameraResult:
+        return CameraResult(self.id, frame.index, frame.captured, dropped=True)
+
+    def _dropped(self) -> None:
+        self.counts["frames_dropped"] += 1
+        self.owner.state.ledger.frames_dropped()
+
+    def _deliver(self, result: CameraResult) -> None:
+        if result.answer is not None:
+            self.counts["frames_out"] += 1
+            self.rate_out.add()
+            for sink in self.sinks:
+                sink.offer(result.message)
+        elif result.error:
+            self.counts["frame_errors"] += 1
+            self.last_error = f"frame {result.frame_index}: {result.error}"
+        self.owner.publish(self, result)
+
+    def _source_state(self, state: str, error: str | None) -> None:
+        self.state = state
+        if error:
+            self.last_error = error
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        spec = self.spec
+        return {
+            "stream_id": self.id, "source": spec.display, "model": spec.model,
+            "state": "paused" if self.paused else self.state,
+            "last_error": self.last_error, "max_fps": spec.max_fps, "track": spec.track,
+            "realtime": spec.realtime, "parameters": dict(spec.parameters),
+            "sinks": [sink.status() for sink in self.sinks],
+            "frames_decoded": self.source.frames_decoded,
+            **{name: self.counts[name] for name in COUNTS},
+            "fps_in": self.rate_in.rate(), "fps_out": self.rate_out.rate(),
+            "reconnects": self.source.reconnects, "created": self.created,
+        }
+
+
+class CameraStreams:
+    """The streams a server runs, at most ``max_streams`` (stopped and failed ones count until
+    removed, so their state stays visible), and the subscribers to their results."""
+
+    def __init__(self, state: ServingState, rules: SourceRules, *, max_streams: int = 16,
+                 sink_buffer: int = 1000):
+        self.state = state
+        self.rules = rules
+        self.max_streams = max_streams
+        self.sink_buffer = sink_buffer
+        self._streams: dict[str, CameraStream] = {}
+        self._subscribers: set[Subscription] = set()
+
+    async def add(self, spec: StreamSpec) -> CameraStream:
+        stream_id = self._admit(spec)
+        if spec.network:
+            await self.rules.check(spec.location)
+            stream_id = self._admit(spec, stream_id)  # again: the server may have changed meanwhile
+        stream = self._streams[stream_id] = CameraStream(stream_id, spec, self)
+        stream.start()
+        LOG.info("camera stream %s: %s -> %s", stream_id, spec.display, spec.model)
+        return stream
+
+    def _admit(self, spec: StreamSpec, stream_id: str = "") -> str:
+        """The new stream's id, if it may start now."""
+        self.state.pipeline(spec.model)  # an unknown model, or a draining server
+        if len(self._streams) >= self.max_streams:
+            raise LimitError(f"this server runs {len(self._streams)} camera streams, its limit "
+                             "(--max-ingest-streams); remove one first")
+        stream_id = stream_id or spec.stream_id or uuid.uuid4().hex[:12]
+        if stream_id in self._streams:
+            raise AlreadyExistsError(f"a stream {stream_id!r} exists already")
+        return stream_id
+
+    def get(self, stream_id: str) -> CameraStream:
+        try:
+            return self._streams[stream_id]
+        except KeyError:
+            raise NotFoundError(f"no camera stream {stream_id!r}") from None
+
+    def all(self) -> list[CameraStream]:
+        return list(self._streams.values())
+
+    async def remove(self, stream_id: str) -> CameraStream:
+        stream = self.get(stream_id)
+        del self._streams[stream_id]
+        await stream.stop(REMOVE_FLUSH_S)
+        for subscription in [s for s in self._subscribers if s.stream_id == stream_id]:
+            subscription.end()
+        LOG.info("camera stream %s removed", stream_id)
+        return stream
+
+    def subscribe(self, stream_id: str = "", frames: bool = False) -> Subscription:
+        """A subscription to ``stream_id``'s results ("": every stream's); ``unsubscribe``
+        it when done."""
+        if stream_id:
+            self.get(stream_id)
+        subscription = Subscription(stream_id, frames)
+        self._subscribers.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
+
+    def publish(self, stream: CameraStream, result: CameraResult) -> None:
+        for subscription in self._subscribers:
+            if subscription.stream_id in ("", stream.id) and not subscription.offer(result):
+                stream.counts["subscriber_dropped"] += 1
+
+    async def close(self, flush_s: float) -> None:
+        """The drain: every stream stopped (frames in the batcher answered, sinks flushed
+        within ``flush_s``), every subscription ended."""
+        streams, self._streams = list(self._streams.values()), {}
+        await asyncio.gather(*(stream.stop(flush_s) for stream in streams))
+        for subscription in self._subscribers:
+            subscription.end()

@@ -1,0 +1,253 @@
+"""Real services for the sink tests, no mocks: a Mosquitto broker (``Mosquitto``, with
+``MqttSubscriber`` to read a topic), a Redis server (``RedisServer``) and a webhook receiver
+(``WebhookReceiver``). Each listens on 127.0.0.1 and a free port, and can ``stop()`` and
+``start()`` again on the same port: a target that goes away and comes back. ``unavailable``
+gives the skip reason where a server binary is missing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+MOSQUITTO = "/usr/sbin/mosquitto"  # Debian's package puts it outside a user's PATH
+REDIS_SERVER = "redis-server"
+
+
+def unavailable(binary: str) -> str | None:
+    """Why ``binary`` (a name on PATH or an absolute path) cannot be run; None when it can."""
+    if shutil.which(binary):
+        return None
+    return f"{binary} is not installed (`make setup` installs the Debian packages mosquitto and redis-server)"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS's choice, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_listening(port: int, timeout_s: float, alive=lambda: True) -> None:
+    """Return once 127.0.0.1:``port`` accepts connections; RuntimeError after ``timeout_s`` or
+    as soon as ``alive()`` says the server died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.01)
+    raise RuntimeError(f"nothing accepted connections on 127.0.0.1:{port} within {timeout_s} s")
+
+
+class _Server:
+    """A server process on one port, started and stopped as often as a test likes."""
+
+    name = "server"
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
+        self._process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Run the server and wait until it accepts connections."""
+        assert self._process is None, "already running"
+        log = (self.folder / "server.log").open("ab")
+        self._process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
+        log.close()
+        try:
+            wait_listening(self.port, timeout_s, alive=lambda: self._process.poll() is None)
+        except RuntimeError:
+            self.stop()
+            tail = (self.folder / "server.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{self.name} did not start on port {self.port}:\n{tail}") from None
+
+    def stop(self) -> None:
+        """End the server (SIGTERM, then SIGKILL after 5 s); its clients lose their connections."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open, nothing is answered (a hung server)."""
+        self._process.send_signal(signal.SIGSTOP)
+
+    def kill(self) -> None:
+        """SIGKILL: gone at once, nothing saved; its clients' connections are reset."""
+        process, self._process = self._process, None
+        process.kill()
+        process.wait(5)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Mosquitto(_Server):
+    """Mosquitto on 127.0.0.1, anonymous clients allowed. Sessions persist across ``stop()``
+    and ``start()`` (saved on SIGTERM), so a subscriber with a persistent session gets what
+    was published after the restart even before it has reconnected."""
+
+    name = "mosquitto"
+
+    def command(self) -> list[str]:
+        config = self.folder / "mosquitto.conf"
+        config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                          f"persistence true\npersistence_location {self.folder}/\n"
+                          "log_dest stderr\nlog_type error\nlog_type warning\n")
+        return [MOSQUITTO, "-c", str(config)]
+
+    def url(self, topic: str = "") -> str:
+        return f"mqtt://127.0.0.1:{self.port}/{topic}"
+
+
+class MqttSubscriber:
+    """Collects what is published on ``topic`` (QoS 1, a persistent session, paho's own
+    thread; it reconnects by itself after the broker comes back)."""
+
+    def __init__(self, port: int, topic: str, client_id: str = "sink-tests-subscriber"):
+        import paho.mqtt.client as mqtt
+
+        self.topic = topic
+        self.messages: list[tuple[str, bytes]] = []
+        self._subscribed = threading.Event()
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        self._client.reconnect_delay_set(0.05, 0.2)
+        self._client.on_connect = lambda client, *_: client.subscribe(topic, qos=1)
+        self._client.on_subscribe = lambda *_: self._subscribed.set()
+        self._client.on_message = lambda _client, _data, message: self.messages.append(
+            (message.topic, message.payload))
+        self._port = port
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Connect and return once the subscription is acknowledged."""
+        self._client.connect("127.0.0.1", self._port, keepalive=10)
+        self._client.loop_start()
+        if not self._subscribed.wait(timeout_s):
+            raise RuntimeError(f"no SUBACK for {self.topic!r} within {timeout_s} s")
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def payloads(self) -> list[bytes]:
+        return [payload for _, payload in self.messages]
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class RedisServer(_Server):
+    """redis-server on 127.0.0.1, nothing saved (a restart starts empty); ``password`` sets
+    ``requirepass`` (the "default" user's password)."""
+
+    name = "redis"
+
+    def __init__(self, port: int | None = None, password: str | None = None):
+        super().__init__(port)
+        self.password = password
+
+    def command(self) -> list[str]:
+        auth = ["--requirepass", self.password] if self.password else []
+        return [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.folder), *auth]
+
+    def url(self, key: str = "", query: str = "") -> str:
+        return f"redis://127.0.0.1:{self.port}/{key}" + (f"?{query}" if query else "")
+
+    def entries(self, key: str) -> list[dict[str, bytes]]:
+        """The stream ``key``'s entries, oldest first: field name -> value."""
+        import redis
+
+        with redis.Redis(host="127.0.0.1", port=self.port, password=self.password) as client:
+            return [{name.decode(): value for name, value in fields.items()}
+                    for _, fields in client.xrange(key)]
+
+
+class WebhookReceiver:
+    """An HTTP server on 127.0.0.1 that records every POST's JSON body (``bodies``), path and
+    query (``paths``) and headers (``headers``, lower-case names), answering 200, or ``status`` for the next ``n`` posts
+    after ``fail_next(n, status)`` (those are counted in ``failed``, not recorded)."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.bodies: list = []
+        self.paths: list[str] = []
+        self.headers: list[dict[str, str]] = []
+        self.failed = 0
+        self._failures: list[int] = []  # statuses still to answer, first first
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def fail_next(self, n: int, status: int = 500) -> None:
+        with self._lock:
+            self._failures.extend([status] * n)
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver._lock:
+                    status = receiver._failures.pop(0) if receiver._failures else 200
+                    if status == 200:
+                        receiver.bodies.append(json.loads(body))
+                        receiver.paths.append(self.path)
+                        receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    else:
+                        receiver.failed += 1
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):  # quiet: the tests assert what was received
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(5)
+            self._server = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

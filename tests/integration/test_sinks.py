@@ -1,0 +1,306 @@
+"""Sinks delivering to real servers (tests/brokers.py): a webhook receiver, Mosquitto and
+redis-server on 127.0.0.1. Messages arrive in order; refusals are retried or dropped as the
+module says; a target that goes away keeps up to ``buffer`` messages waiting (the excess
+counted as dropped) and gets them when it comes back; ``close`` flushes; credentials are used
+and never shown."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+
+import pytest
+
+from pipeline.frontends.cameras import sinks
+from pipeline.frontends.cameras.sinks import Sink, parse_sink
+
+from ..brokers import MOSQUITTO, REDIS_SERVER, Mosquitto, MqttSubscriber, RedisServer, WebhookReceiver, unavailable
+from ..conftest import settle, until
+
+STREAM = "cam-1"
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def document(index: int) -> bytes:
+    return json.dumps({"stream_id": STREAM, "frame_index": index, "predictions": []}).encode()
+
+
+def indexes(payloads) -> list[int]:
+    return [json.loads(p)["frame_index"] for p in payloads]
+
+
+@pytest.fixture
+def webhook():
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def mosquitto():
+    if reason := unavailable(MOSQUITTO):
+        pytest.skip(reason)
+    with Mosquitto() as broker:
+        yield broker
+
+
+@pytest.fixture
+def redis_server():
+    if reason := unavailable(REDIS_SERVER):
+        pytest.skip(reason)
+    with RedisServer() as server:
+        yield server
+
+
+# ---------------------------------------------------------------- webhooks
+
+
+def test_webhook_gets_every_document_in_order_with_basic_auth(webhook):
+    url = webhook.url("/hook").replace("http://", "http://alice:s3cr%3Aet@") + "?token=t0ken"
+
+    async def main():
+        sink = Sink(parse_sink(url), STREAM)
+        sink.start()
+        for i in range(20):
+            sink.offer(document(i))
+        await until(lambda: sink.delivered == 20)
+        await sink.close(1)
+        return sink.status()
+
+    status = run(main())
+    assert [body["frame_index"] for body in webhook.bodies] == list(range(20))
+    assert set(webhook.paths) == {"/hook?token=t0ken"}
+    assert {h["authorization"] for h in webhook.headers} == {"Basic " + base64.b64encode(b"alice:s3cr:et").decode()}
+    assert {h["content-type"] for h in webhook.headers} == {"application/json"}
+    assert status == {"url": f"http://alice:***@127.0.0.1:{webhook.port}/hook?token=***", "kind": "webhook",
+                      "connected": False, "delivered": 20, "dropped": 0, "buffered": 0, "retries": 0,
+                      "last_error": None}
+
+
+def test_webhook_answering_500_is_retried_until_it_takes_them(webhook):
+    webhook.fail_next(3, status=500)
+
+    async def main():
+        sink = Sink(parse_sink(webhook.url()), STREAM)
+        sink.start()
+        for i in range(5):
+            sink.offer(document(i))
+        await until(lambda: sink.delivered == 5)
+        await sink.close(1)
+        return sink.status()
+
+    status = run(main())
+    assert webhook.failed == 3 and [body["frame_index"] for body in webhook.bodies] == list(range(5))
+    assert (status["retries"], status["dropped"]) == (3, 0)
+    assert status["last_error"] == "ConnectionError: the webhook answered HTTP 500"
+
+
+def test_webhook_4xx_drops_the_message_but_429_is_retried(webhook):
+    webhook.fail_next(1, status=400)
+    webhook.fail_next(1, status=429)
+
+    async def main():
+        sink = Sink(parse_sink(webhook.url()), STREAM)
+        sink.start()
+        for i in range(3):
+            sink.offer(document(i))
+        await until(lambda: sink.delivered == 2)
+        await sink.close(1)
+        return sink.status()
+
+    status = run(main())
+    assert [body["frame_index"] for body in webhook.bodies] == [1, 2]  # 0 refused for good, 1 retried
+    assert (status["dropped"], status["retries"], webhook.failed) == (1, 1, 2)
+
+
+def test_close_flushes_to_a_webhook_that_came_back(webhook):
+    async def main():
+        webhook.stop()
+        sink = Sink(parse_sink(webhook.url()), STREAM)
+        sink.start()
+        for i in range(5):
+            sink.offer(document(i))
+        await until(lambda: sink.retries >= 2)
+        assert sink.status()["connected"] is False and "Cannot connect" in sink.status()["last_error"]
+        webhook.start()  # the same port
+        await sink.close(5)  # the pause in progress is cut short
+        return sink.status()
+
+    status = run(main())
+    assert [body["frame_index"] for body in webhook.bodies] == list(range(5))
+    assert (status["delivered"], status["dropped"], status["buffered"]) == (5, 0, 0)
+
+
+# ---------------------------------------------------------------- MQTT
+
+
+def test_mqtt_topics_get_every_document_in_order(mosquitto):
+    urls = [mosquitto.url("cams"), mosquitto.url(""), mosquitto.url("site/{stream_id}/results")]
+
+    async def main():
+        sinks_ = [Sink(parse_sink(url), STREAM) for url in urls]
+        for sink in sinks_:
+            sink.start()
+        for i in range(20):
+            for sink in sinks_:
+                sink.offer(document(i))
+        await until(lambda: all(sink.delivered == 20 for sink in sinks_))
+        await asyncio.gather(*(sink.close(1) for sink in sinks_))
+
+    with MqttSubscriber(mosquitto.port, "#") as subscriber:
+        run(main())
+        topics = ["cams/cam-1", "rle-serving/cam-1", "site/cam-1/results"]
+        for topic in topics:
+            assert indexes(p for t, p in subscriber.messages if t == topic) == list(range(20))
+        assert {t for t, _ in subscriber.messages} == set(topics)
+
+
+def test_mqtt_broker_away_and_back(mosquitto):
+    with MqttSubscriber(mosquitto.port, "cams/#") as subscriber:
+        async def main():
+            sink = Sink(parse_sink(mosquitto.url("cams")), STREAM, buffer=5)
+            sink.start()
+            for i in range(3):
+                sink.offer(document(i))
+            await until(lambda: sink.delivered == 3)
+            mosquitto.stop()
+            for i in range(3, 12):  # 9 while it is away: the newest 5 wait, 4 are dropped
+                sink.offer(document(i))
+            await until(lambda: sink.retries >= 2)
+            away = sink.status()
+            mosquitto.start()  # the same port
+            await until(lambda: sink.delivered == 8)
+            back = sink.status()
+            await sink.close(1)
+            return away, back
+
+        away, back = run(main())
+        assert (away["connected"], away["buffered"], away["dropped"], away["delivered"]) == (False, 5, 4, 3)
+        assert away["last_error"]
+        assert (back["connected"], back["buffered"], back["dropped"]) == (True, 0, 4)
+        # The subscriber's session outlives the restart, so it gets what was sent after it.
+        run(until(lambda: len(subscriber.messages) == 8))
+        assert indexes(subscriber.payloads()) == [0, 1, 2, 7, 8, 9, 10, 11]
+
+
+def test_mqtt_publish_waiting_for_its_puback_is_sent_again_when_the_broker_dies(mosquitto):
+    async def main():
+        sink = Sink(parse_sink(mosquitto.url("cams")), STREAM)
+        sink.start()
+        sink.offer(document(0))
+        await until(lambda: sink.delivered == 1)
+        mosquitto.freeze()
+        sink.offer(document(1))
+        await settle(50)  # 1 is published; no PUBACK comes
+        assert (sink.delivered, sink.retries) == (1, 0)
+        mosquitto.kill()
+        # Noticed when the connection is lost, not after SEND_TIMEOUT_S (10 s) without a PUBACK.
+        await until(lambda: sink.retries == 1, timeout_s=2)
+        lost = sink.status()
+        mosquitto.start()
+        await until(lambda: sink.delivered == 2)
+        await sink.close(1)
+        return lost
+
+    lost = run(main())
+    assert lost["last_error"] == "ConnectionError: the connection to the MQTT broker was lost"
+    assert (lost["connected"], lost["buffered"]) == (False, 1)
+
+
+def test_close_flushes_to_mqtt(mosquitto):
+    with MqttSubscriber(mosquitto.port, "cams/#") as subscriber:
+        async def main():
+            sink = Sink(parse_sink(mosquitto.url("cams")), STREAM)
+            sink.start()
+            for i in range(50):
+                sink.offer(document(i))
+            await sink.close(5)  # at once: everything is still buffered
+            return sink.status()
+
+        status = run(main())
+        assert (status["delivered"], status["dropped"], status["buffered"]) == (50, 0, 0)
+        run(until(lambda: len(subscriber.messages) == 50))
+        assert indexes(subscriber.payloads()) == list(range(50))
+
+
+# ---------------------------------------------------------------- Redis Streams
+
+
+def test_redis_stream_gets_every_document_in_order(redis_server):
+    async def main():
+        sink = Sink(parse_sink(redis_server.url()), STREAM)
+        trimmed = Sink(parse_sink(redis_server.url("short", "maxlen=10")), STREAM)
+        for s in (sink, trimmed):
+            s.start()
+        for i in range(20):
+            sink.offer(document(i))
+        for i in range(300):
+            trimmed.offer(document(i))
+        await until(lambda: sink.delivered == 20 and trimmed.delivered == 300)
+        await asyncio.gather(sink.close(1), trimmed.close(1))
+
+    run(main())
+    entries = redis_server.entries("rle-serving:cam-1")
+    assert [e["frame_index"] for e in entries] == [str(i).encode() for i in range(20)]
+    assert {e["stream_id"] for e in entries} == {b"cam-1"}
+    assert [e["document"] for e in entries] == [document(i) for i in range(20)]
+    # MAXLEN ~ 10: Redis trims whole nodes (100 entries each), keeping at least the newest 10.
+    kept = redis_server.entries("short")
+    assert 10 <= len(kept) < 300 and kept[-1]["frame_index"] == b"299"
+
+
+def test_redis_away_and_back(redis_server):
+    async def main():
+        sink = Sink(parse_sink(redis_server.url("k")), STREAM, buffer=5)
+        sink.start()
+        for i in range(3):
+            sink.offer(document(i))
+        await until(lambda: sink.delivered == 3)
+        redis_server.stop()
+        for i in range(3, 12):
+            sink.offer(document(i))
+        await until(lambda: sink.retries >= 2)
+        away = sink.status()
+        redis_server.start()  # the same port, empty (nothing is saved)
+        await until(lambda: sink.delivered == 8)
+        await sink.close(1)
+        return away, sink.status()
+
+    away, back = run(main())
+    assert (away["connected"], away["buffered"], away["dropped"]) == (False, 5, 4)
+    assert (back["delivered"], back["buffered"], back["dropped"]) == (8, 0, 4)
+    assert [e["frame_index"] for e in redis_server.entries("k")] == [b"7", b"8", b"9", b"10", b"11"]
+
+
+def test_redis_credentials_are_used_and_never_shown(caplog):
+    if reason := unavailable(REDIS_SERVER):
+        pytest.skip(reason)
+    password = "p@ss/w:rd"
+    encoded = "p%40ss%2Fw%3Ard"
+    with RedisServer(password=password) as server:
+        good = server.url("k").replace("redis://", f"redis://default:{encoded}@")
+        bad = server.url("k").replace("redis://", "redis://default:wr0ng-s3cret@")
+
+        async def main():
+            right, wrong = Sink(parse_sink(good), STREAM), Sink(parse_sink(bad), STREAM)
+            for s in (right, wrong):
+                s.start()
+                s.offer(document(0))
+            await until(lambda: right.delivered == 1 and wrong.retries >= 1)
+            await asyncio.gather(right.close(1), wrong.close(0.1))
+            return right.status(), wrong.status()
+
+        with caplog.at_level(logging.DEBUG, logger=sinks.__name__):
+            right, wrong = run(main())
+        assert [e["frame_index"] for e in server.entries("k")] == [b"0"]
+    assert right["url"] == f"redis://default:***@127.0.0.1:{server.port}/k"
+    assert (wrong["delivered"], wrong["dropped"]) == (0, 1)
+    assert "AuthenticationError" in wrong["last_error"] or "invalid" in wrong["last_error"].lower()
+    shown = json.dumps([right, wrong]) + "\n".join(r.getMessage() for r in caplog.records)
+    assert "wr0ng" in bad and "***" in shown
+    for secret in (password, encoded, "wr0ng-s3cret"):
+        assert secret not in shown

@@ -1,0 +1,383 @@
+"""Sinks without a network: reading sink URLs (every scheme, defaults, ``{stream_id}``, bad
+inputs), redaction, and the Sink's own mechanism (order, the bounded buffer, backoff, close)
+through a transport kept in memory. tests/integration/test_sinks.py delivers to real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+
+import pytest
+
+from pipeline.errors import BadInputError
+from pipeline.frontends.cameras import sinks
+from pipeline.frontends.cameras.sinks import Rejected, Sink, backoff_delays, frame_index, parse_sink, redact
+
+from ..conftest import until
+
+SECRET = "s3cr%2Fet"  # as written in the URL; the password itself is "s3cr/et"
+URL = f"http://alice:{SECRET}@example.test:8080/hook"
+
+
+@pytest.mark.parametrize("url, kind, host, port, name", [
+    ("http://example.test/hook", "webhook", "example.test", 80, ""),
+    ("https://example.test/hook?x=1", "webhook", "example.test", 443, ""),
+    ("HTTPS://Example.TEST:8443", "webhook", "example.test", 8443, ""),
+    ("http://[::1]:9000/h", "webhook", "::1", 9000, ""),
+    ("mqtt://broker", "mqtt", "broker", 1883, "rle-serving/{stream_id}"),
+    ("mqtt://broker:1884/", "mqtt", "broker", 1884, "rle-serving/{stream_id}"),
+    ("mqtt://broker/cameras", "mqtt", "broker", 1883, "cameras/{stream_id}"),
+    ("mqtt://broker/cameras/", "mqtt", "broker", 1883, "cameras/{stream_id}"),
+    ("mqtt://broker/site/{stream_id}/results", "mqtt", "broker", 1883, "site/{stream_id}/results"),
+    ("mqtt://broker/site/%7Bstream_id%7D", "mqtt", "broker", 1883, "site/{stream_id}"),
+    ("mqtt://broker//leading", "mqtt", "broker", 1883, "/leading/{stream_id}"),
+    ("redis://cache", "redis", "cache", 6379, "rle-serving:{stream_id}"),
+    ("redis://cache:7000/results", "redis", "cache", 7000, "results"),
+    ("redis://cache/cams:{stream_id}", "redis", "cache", 6379, "cams:{stream_id}"),
+])
+def test_every_scheme_reads_with_its_defaults(url, kind, host, port, name):
+    target = parse_sink(url)
+    assert (target.kind, target.host, target.port, target.name) == (kind, host, port, name)
+    assert (target.maxlen, target.db, target.username, target.password) == (10_000, 0, None, None)
+    assert target.url == url and target.redacted == redact(url)
+
+
+def test_stream_id_is_put_in_topics_and_keys():
+    assert parse_sink("mqtt://b/site/{stream_id}/out").name_for("cam-1") == "site/cam-1/out"
+    assert parse_sink("mqtt://b/cams").name_for("cam-1") == "cams/cam-1"
+    assert parse_sink("mqtt://b").name_for("cam-1") == "rle-serving/cam-1"
+    assert parse_sink("redis://r").name_for("cam-1") == "rle-serving:cam-1"
+    assert parse_sink("redis://r/all-cameras").name_for("cam-1") == "all-cameras"  # one key: stream_id is a field
+
+
+def test_redis_options_and_credentials_are_read():
+    target = parse_sink("redis://user:p%40ss@r:6380/k?maxlen=500&db=3")
+    assert (target.maxlen, target.db, target.username, target.password) == (500, 3, "user", "p@ss")
+    assert parse_sink("redis://:pw@r").username is None and parse_sink("redis://:pw@r").password == "pw"
+    assert parse_sink("mqtt://token@b").username == "token"
+
+
+@pytest.mark.parametrize("url, message", [
+    (None, "a sink is a URL such as mqtt://broker:1883/cameras, got NoneType"),
+    (42, "got int"),
+    ("  ", "got an empty one"),
+    ("kafka://broker:9092/topic", "unknown scheme 'kafka'; known: http://, https://, mqtt://, redis:// .Kafka is not supported"),
+    ("broker:1883", "no scheme; known: http://"),
+    ("ftp://h/x", "unknown scheme 'ftp'"),
+    ("mqtt://", "no host .e.g. mqtt://broker.example:1883/"),
+    ("http:///hook", "no host"),
+    ("redis://:pw@/k", "no host"),
+    ("mqtt://b:notaport/x", "the port must be a number from 1 to 65535"),
+    ("mqtt://b:65536", "the port must be a number from 1 to 65535"),
+    ("redis://b:0", "the port must be a number from 1 to 65535"),
+    ("http://[::1/x", "not a valid name or .IPv6. address"),
+    ("http://h/a b", "no spaces or control characters"),
+    ("mqtt://b/x\n", "no spaces or control characters"),
+    ("http://h/x#top", "no # .a fragment"),
+    ("mqtt://b/cams/+/x", "no wildcards"),
+    ("mqtt://b/cams/#", "no # .a fragment, or an MQTT wildcard"),
+    ("mqtt://b/cams/%23", "no wildcards"),
+    ("mqtt://b/cams%2B", "no wildcards"),
+    ("mqtt://b/cams?qos=2", "takes no .options"),
+    ("redis://r/0", "not a database number; write .db=0"),
+    ("redis://r/k?maxlen=0", "maxlen must be a whole number from 1, got '0'"),
+    ("redis://r/k?maxlen=-5", "maxlen must be a whole number from 1"),
+    ("redis://r/k?maxlen=1e3", "maxlen must be a whole number"),
+    ("redis://r/k?db=x", "db must be a whole number from 0"),
+    ("redis://r/k?maxlen=5&maxlen=6", "repeated option 'maxlen'"),
+    ("redis://r/k?ttl=5", "unknown option 'ttl'; known: maxlen, db"),
+    ("redis://r/k?maxlen", "name=value pairs"),
+    ("redis://:pa/ss@r/k", "must be percent-encoded"),
+])
+def test_bad_sink_urls_say_what_is_wrong(url, message):
+    with pytest.raises(BadInputError, match=message):
+        parse_sink(url)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("mqtt://user:pw@b:1883/t", "mqtt://user:***@b:1883/t"),
+    ("redis://:pw@r/k?maxlen=5", "redis://:***@r/k?maxlen=5"),
+    ("mqtt://token@b/t", "mqtt://***@b/t"),
+    ("redis://:pa/ss@r/k", "redis://:***@r/k"),  # not a valid URL, still redacted whole
+    ("redis://:p@ss@r/k", "redis://:***@r/k"),
+    ("https://u:pw@h/hook?token=abc&x", "https://u:***@h/hook?token=***&x=***"),
+    ("http://h/p@th", "http://h/p@th"),  # an "@" in a webhook's path is not a credential
+    ("mqtt://b/t", "mqtt://b/t"),
+    ("not a url", "not a url"),
+])
+def test_redaction_keeps_secrets_out(url, shown):
+    assert redact(url) == shown
+
+
+def test_secrets_appear_in_no_repr_error_or_status():
+    target = parse_sink(URL)
+    assert (target.username, target.password) == ("alice", "s3cr/et")
+    assert SECRET not in repr(target) and "s3cr/et" not in repr(target)
+    assert target.scrub(f"failed: {URL} said s3cr/et and {SECRET}") == (
+        "failed: http://alice:***@example.test:8080/hook said *** and ***")
+    with pytest.raises(BadInputError) as caught:
+        parse_sink(f"mqtt://alice:{SECRET}@b/t/+")
+    assert SECRET not in str(caught.value) and "alice:***@b" in str(caught.value)
+
+
+def test_backoff_doubles_up_to_its_bound():
+    assert list(itertools.islice(backoff_delays(0.2, 5.0), 8)) == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+
+
+@pytest.mark.parametrize("message, index", [
+    (b'{"stream_id":"c","frame_index":17,"predictions":[]}', "17"),
+    (b'{"stream_id":"c"}', ""), (b"[1, 2]", ""), (b"not json", ""),
+])
+def test_frame_index_is_read_from_the_document(message, index):
+    assert frame_index(message) == index
+
+
+# ---------------------------------------------------------------- the Sink, in memory
+
+
+class MemoryTarget:
+    """A transport kept in memory. ``up`` False: connects and sends fail (their errors quote
+    the URL's password, which the Sink must not repeat); ``refuse``: messages rejected for
+    good; ``gate``: when set to an Event, a send waits for it (a message held in flight)."""
+
+    made: list[MemoryTarget] = []
+
+    def __init__(self, target, stream_id):
+        self.target, self.stream_id = target, stream_id
+        self.up = True
+        self.refuse: set[bytes] = set()
+        self.gate: asyncio.Event | None = None
+        self.received: list[bytes] = []
+        self.in_flight: bytes | None = None  # what a send holds now
+        self.attempts: list[float] = []  # monotonic times of each connect or send tried
+        self.connected = False
+        self.disconnects = 0
+        MemoryTarget.made.append(self)
+
+    async def connect(self):
+        self.attempts.append(time.monotonic())
+        if not self.up:
+            raise ConnectionRefusedError(f"{self.target.url} refused alice with s3cr/et")
+        self.connected = True
+
+    async def send(self, message):
+        self.in_flight = message
+        if self.gate is not None:
+            await self.gate.wait()
+        self.in_flight = None
+        if not self.up:
+            self.attempts.append(time.monotonic())
+            raise ConnectionResetError("lost")
+        if message in self.refuse:
+            raise Rejected("the webhook answered HTTP 400")
+        self.received.append(message)
+
+    async def disconnect(self):
+        self.connected = False
+        self.disconnects += 1
+
+
+@pytest.fixture
+def memory(monkeypatch):
+    MemoryTarget.made.clear()
+    monkeypatch.setitem(sinks.TRANSPORTS, "webhook", MemoryTarget)
+    return MemoryTarget.made
+
+
+def make_sink(buffer=3, backoff_s=(0.01, 0.04)) -> tuple[Sink, MemoryTarget]:
+    sink = Sink(parse_sink(URL), "cam-1", buffer=buffer, backoff_s=backoff_s)
+    return sink, MemoryTarget.made[-1]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def messages(*indexes) -> list[bytes]:
+    return [b'{"frame_index":%d}' % i for i in indexes]
+
+
+def test_messages_are_delivered_in_order_and_counted(memory):
+    async def main():
+        sink, target = make_sink(buffer=100)
+        sink.start()
+        for m in messages(*range(50)):
+            sink.offer(m)
+        await until(lambda: sink.delivered == 50)
+        assert target.received == messages(*range(50))
+        assert sink.status() == {"url": "http://alice:***@example.test:8080/hook", "kind": "webhook",
+                                 "connected": True, "delivered": 50, "dropped": 0, "buffered": 0,
+                                 "retries": 0, "last_error": None}
+        await sink.close(1)
+        assert target.disconnects == 1 and sink.status()["connected"] is False
+    run(main())
+
+
+def test_a_full_buffer_drops_the_oldest_waiting_never_the_one_in_flight(memory):
+    async def main():
+        sink, target = make_sink(buffer=3)
+        target.gate = asyncio.Event()
+        sink.start()
+        sink.offer(messages(0)[0])
+        await until(lambda: target.in_flight == messages(0)[0])
+        for m in messages(*range(1, 9)):
+            sink.offer(m)
+        assert (sink.dropped, sink.status()["buffered"]) == (5, 4)  # 1..5 dropped; 0 in flight, 6..8 wait
+        target.gate.set()
+        await until(lambda: sink.delivered == 4)
+        assert target.received == messages(0, 6, 7, 8)
+        assert (sink.dropped, sink.status()["buffered"]) == (5, 0)
+        await sink.close(1)
+    run(main())
+
+
+def test_offers_before_the_task_runs_keep_the_newest(memory):
+    async def main():
+        sink, target = make_sink(buffer=3)
+        sink.start()
+        for m in messages(*range(10)):  # one go: the delivery task has not run yet
+            sink.offer(m)
+        await until(lambda: sink.delivered == 3)
+        assert target.received == messages(7, 8, 9) and sink.dropped == 7
+        await sink.close(1)
+    run(main())
+
+
+def test_failures_are_retried_with_growing_pauses_then_delivery_resumes(memory, caplog):
+    async def main():
+        sink, target = make_sink(buffer=10, backoff_s=(0.02, 0.08))
+        target.up = False
+        sink.start()
+        for m in messages(0, 1, 2):
+            sink.offer(m)
+        await until(lambda: sink.retries >= 5)
+        status = sink.status()
+        assert (status["connected"], status["delivered"], status["buffered"]) == (False, 0, 3)
+        assert status["last_error"] == (
+            "ConnectionRefusedError: http://alice:***@example.test:8080/hook refused alice with ***")
+        gaps = [b - a for a, b in itertools.pairwise(target.attempts[:5])]
+        assert all(gap >= least * 0.9 for gap, least in zip(gaps, [0.02, 0.04, 0.08, 0.08]))
+        assert target.disconnects >= 5  # each failure closes what may be half open
+        target.up = True
+        await until(lambda: sink.delivered == 3)
+        assert target.received == messages(0, 1, 2) and sink.dropped == 0
+        assert sink.status()["connected"] is True
+        await sink.close(1)
+
+    with caplog.at_level(logging.DEBUG, logger=sinks.__name__):
+        run(main())
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "refused alice with ***" in logged and "delivering again" in logged
+    assert "s3cr" not in logged
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # one line per outage, not one per retry
+
+
+def test_a_lost_connection_is_made_again_before_the_next_send(memory):
+    async def main():
+        sink, target = make_sink(buffer=10)
+        sink.start()
+        sink.offer(messages(0)[0])
+        await until(lambda: sink.delivered == 1)
+        target.up = False
+        sink.offer(messages(1)[0])
+        await until(lambda: sink.retries == 1)
+        target.up = True
+        await until(lambda: sink.delivered == 2)
+        assert target.received == messages(0, 1) and target.connected
+        await sink.close(1)
+    run(main())
+
+
+def test_a_rejected_message_is_dropped_and_the_next_one_sent_at_once(memory):
+    async def main():
+        sink, target = make_sink(buffer=10, backoff_s=(5.0, 5.0))
+        target.refuse = set(messages(1))
+        sink.start()
+        for m in messages(0, 1, 2):
+            sink.offer(m)
+        await until(lambda: sink.delivered == 2, timeout_s=1)  # no 5 s pause
+        assert target.received == messages(0, 2)
+        status = sink.status()
+        assert (status["dropped"], status["retries"], status["connected"]) == (1, 0, True)
+        assert status["last_error"] == "Rejected: the webhook answered HTTP 400"
+        await sink.close(1)
+    run(main())
+
+
+def test_close_delivers_what_is_buffered(memory):
+    async def main():
+        sink, target = make_sink(buffer=100)
+        sink.start()
+        for m in messages(*range(20)):
+            sink.offer(m)
+        await sink.close(2)
+        assert target.received == messages(*range(20))
+        assert (sink.delivered, sink.dropped, sink.status()["buffered"]) == (20, 0, 0)
+        assert not target.connected
+    run(main())
+
+
+def test_close_cuts_a_pause_short_so_a_returned_target_gets_the_flush(memory):
+    async def main():
+        sink, target = make_sink(buffer=10, backoff_s=(30.0, 30.0))
+        target.up = False
+        sink.start()
+        sink.offer(messages(0)[0])
+        await until(lambda: sink.retries == 1)  # now pausing 30 s
+        target.up = True
+        started = time.monotonic()
+        await sink.close(5)
+        assert time.monotonic() - started < 1
+        assert target.received == messages(0) and sink.dropped == 0
+    run(main())
+
+
+def test_close_counts_what_it_could_not_deliver_in_time_as_dropped(memory):
+    async def main():
+        sink, target = make_sink(buffer=10)
+        target.up = False
+        sink.start()
+        for m in messages(*range(5)):
+            sink.offer(m)
+        await until(lambda: sink.retries >= 1)
+        started = time.monotonic()
+        await sink.close(0.2)
+        assert 0.15 < time.monotonic() - started < 1
+        assert (sink.delivered, sink.dropped, sink.status()["buffered"]) == (0, 5, 0)
+        sink.offer(messages(5)[0])  # after close: dropped at once
+        assert sink.dropped == 6 and sink.status()["buffered"] == 0
+    run(main())
+
+
+def test_close_cancels_a_send_that_hangs(memory):
+    async def main():
+        sink, target = make_sink(buffer=10)
+        target.gate = asyncio.Event()  # never set: the send never completes
+        sink.start()
+        for m in messages(0, 1):
+            sink.offer(m)
+        await until(lambda: target.in_flight == messages(0)[0])
+        await sink.close(0.1)
+        assert (sink.delivered, sink.dropped, sink.status()["buffered"]) == (0, 2, 0)
+    run(main())
+
+
+def test_a_sink_never_started_drops_what_it_holds_on_close(memory):
+    async def main():
+        sink, target = make_sink(buffer=10)
+        for m in messages(0, 1):
+            sink.offer(m)
+        await sink.close(1)
+        assert (sink.delivered, sink.dropped) == (0, 2) and target.attempts == []
+        sink.start()  # after close: nothing starts
+        await asyncio.sleep(0.05)
+        assert target.attempts == []
+    run(main())
+
+
+def test_the_buffer_holds_at_least_one_message(memory):
+    with pytest.raises(BadInputError, match="at least 1 message"):
+        Sink(parse_sink(URL), "cam-1", buffer=0)
