@@ -150,11 +150,12 @@ image-test: setup $(MODEL)
 		(apt-get update && apt-get install -y --no-install-recommends $(IMAGE_TOOLS))
 	$(BIN)/python docker/image_test.py
 
-bench: setup $(MODEL)
+bench: setup services $(MODEL)
 	$(TUNED) $(BIN)/python benchmarks/rle_bench.py
 	$(BIN)/python benchmarks/engine_bench.py
 	$(BIN)/python benchmarks/load_bench.py
 	$(BIN)/python benchmarks/tracking_bench.py
+	$(BIN)/python benchmarks/camera_bench.py --cameras 8 --max-fps 2 --seconds 60
 
 run: setup $(MODEL)
 	$(BIN)/python -m pipeline.tools.demo --out out

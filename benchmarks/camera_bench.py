@@ -9,7 +9,7 @@ other, each for ``--seconds`` after ``--warmup``:
   receiver in this process): the server decodes, samples and batches;
 - **client push**: eight threads, each decoding its camera with PyAV as a client does today,
   sampling 2 fps, keeping the newest two frames, JPEG-encoding them (quality 90) and sending
-  them through ``StreamFrames`` (the client library's ``stream``; the server's window 2 and
+  them through ``StreamFrames`` (the client library's ``stream``; the server's window 1 and
   ``drop_oldest``, as the camera streams have).
 
 Printed per way: frames decoded and delivered per camera, frames dropped, results per second
@@ -18,7 +18,7 @@ result), CPU seconds per result of the server process and of this process (clien
 the receiver); then the ratios. Last, decoding alone: the eight cameras decoded and sampled
 by the server's ``Source`` in this process, its CPU share of the machine.
 
-    python benchmarks/camera_bench.py --cameras 8 --seconds 60
+    python benchmarks/camera_bench.py --cameras 8 --max-fps 2 --seconds 60
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ from pipeline.tools.launch import local_server  # noqa: E402
 from pipeline.tools.samples import NAMES  # noqa: E402
 from tests.cameras import RtspServer, make_clip, rtsp_unavailable  # noqa: E402
 
-MAX_FPS = 2.0
-
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
@@ -80,11 +78,11 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.http.server_address[1]}/results"
 
 
-def server_side(server, cameras: list[str], warmup: float, seconds: float) -> dict:
+def server_side(server, cameras: list[str], max_fps: float, warmup: float, seconds: float) -> dict:
     receiver = Receiver()
     base = f"http://127.0.0.1:{server.http_port}/v1/streams"
     for i, url in enumerate(cameras):
-        added = requests.post(base, json={"source": url, "max_fps": MAX_FPS, "stream_id": f"cam{i}",
+        added = requests.post(base, json={"source": url, "max_fps": max_fps, "stream_id": f"cam{i}",
                                           "sinks": [receiver.url]}, timeout=30)
         added.raise_for_status()
     time.sleep(warmup)
@@ -96,6 +94,9 @@ def server_side(server, cameras: list[str], warmup: float, seconds: float) -> di
     cpu = (cpu_s(server.process.pid) - cpu_server, time.process_time() - cpu_here)
     after = {s["stream_id"]: s for s in requests.get(base, timeout=30).json()["streams"]}
     latencies = [x for k, v in receiver.latencies.items() for x in v[counted.get(k, 0):]]
+    for stream in after.values():
+        if stream["frame_errors"]:
+            print(f"  {stream['stream_id']}: {stream['frame_errors']} frame errors, the last: {stream['last_error']}")
     for stream_id in after:
         requests.delete(f"{base}/{stream_id}", timeout=60)
     receiver.http.shutdown()
@@ -111,12 +112,12 @@ class PushingCamera(threading.Thread):
     """A client as users write one today: decode the camera, sample, keep the newest two,
     JPEG them, stream them; results and their latency from decoding."""
 
-    def __init__(self, address: str, url: str, name: str, stop: threading.Event):
+    def __init__(self, address: str, url: str, name: str, max_fps: float, stop: threading.Event):
         super().__init__(daemon=True)
-        self.address, self.url, self.name, self.stop = address, url, name, stop
+        self.address, self.url, self.name, self.max_fps, self.stop = address, url, name, max_fps, stop
         self.frames: queue.Queue = queue.Queue(2)
         self.decoded = 0
-        self.results: list[tuple[float, float, bool]] = []  # (arrival, latency, dropped)
+        self.results: list[tuple[float, float, bool, str]] = []  # (arrival, latency, dropped, error)
 
     def decode(self):
         with av.open(self.url, options={"rtsp_transport": "tcp"}, timeout=(5, 5)) as container:
@@ -130,7 +131,7 @@ class PushingCamera(threading.Thread):
                 now = time.monotonic()
                 if now + 1e-3 < due:
                     continue
-                due = max(due + 1 / MAX_FPS, now)
+                due = max(due + 1 / self.max_fps, now)
                 item = (time.time(), self.decoded - 1, frame.to_ndarray(format="rgb24"))
                 if self.frames.full():
                     self.frames.get_nowait()
@@ -151,12 +152,12 @@ class PushingCamera(threading.Thread):
         with SegmentationClient(self.address) as client:
             for result in client.stream(self.sent()):
                 now = time.time()
-                self.results.append((now, now - result.timestamp, result.dropped))
+                self.results.append((now, now - result.timestamp, result.dropped, result.error))
 
 
-def client_push(server, cameras: list[str], warmup: float, seconds: float) -> dict:
+def client_push(server, cameras: list[str], max_fps: float, warmup: float, seconds: float) -> dict:
     stop = threading.Event()
-    pushers = [PushingCamera(server.address, url, f"cam{i}", stop) for i, url in enumerate(cameras)]
+    pushers = [PushingCamera(server.address, url, f"cam{i}", max_fps, stop) for i, url in enumerate(cameras)]
     for pusher in pushers:
         pusher.start()
     time.sleep(warmup)
@@ -170,15 +171,15 @@ def client_push(server, cameras: list[str], warmup: float, seconds: float) -> di
     stop.set()
     in_run = [[r for r in p.results if start_wall <= r[0] < end_wall] for p in pushers]
     return {"decoded": [p.decoded - d for p, d in zip(pushers, decoded)],
-            "out": [sum(not r[2] for r in rs) for rs in in_run],
-            "dropped": sum(r[2] for rs in in_run for r in rs), "errors": 0,
-            "latencies": [r[1] for rs in in_run for r in rs if not r[2]], "elapsed": elapsed, "cpu": cpu}
+            "out": [sum(not (r[2] or r[3]) for r in rs) for rs in in_run],
+            "dropped": sum(r[2] for rs in in_run for r in rs), "errors": sum(bool(r[3]) for rs in in_run for r in rs),
+            "latencies": [r[1] for rs in in_run for r in rs if not (r[2] or r[3])], "elapsed": elapsed, "cpu": cpu}
 
 
-def decode_alone(cameras: list[str], seconds: float) -> float:
+def decode_alone(cameras: list[str], max_fps: float, seconds: float) -> float:
     """CPU share of the machine that decoding and sampling the cameras takes (server's Source)."""
     queues = [FrameQueue(2, drop_oldest=True, on_drop=lambda: None) for _ in cameras]
-    sources = [Source(url, network=True, max_fps=MAX_FPS, realtime=True, queue=q, name=f"d{i}",
+    sources = [Source(url, network=True, max_fps=max_fps, realtime=True, queue=q, name=f"d{i}",
                       on_state=lambda state, error: None) for i, (url, q) in enumerate(zip(cameras, queues))]
     for source in sources:
         source.start()
@@ -210,6 +211,7 @@ def report(name: str, run: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cameras", type=int, default=8)
+    parser.add_argument("--max-fps", type=float, default=2.0, help="frames sampled per camera per second")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--clip-seconds", type=float, default=20.0)
@@ -224,17 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     (ROOT / "out").mkdir(exist_ok=True)
     with RtspServer(clips) as rtsp, open(ROOT / "out" / "camera_bench_server.log", "w") as log, \
             local_server("--model-repository", str(ROOT / "model_repository"), "--allow-stream-urls",
-                         "--stream-url-allow", "127.0.0.1", "--stream-window", "2", "--stream-policy",
+                         "--stream-url-allow", "127.0.0.1", "--stream-window", "1", "--stream-policy",
                          "drop_oldest", http=True, log=log, cwd=ROOT) as server:
         urls = [rtsp.url(name) for name in clips]
-        print(f"{args.cameras} cameras, max_fps {MAX_FPS:g} each, {args.seconds:g} s after {args.warmup:g} s "
+        print(f"{args.cameras} cameras, max_fps {args.max_fps:g} each, {args.seconds:g} s after {args.warmup:g} s "
               "of warm-up, one server (real model), this machine:", flush=True)
-        ours = report("server-side", server_side(server, urls, args.warmup, args.seconds))
-        theirs = report("client push", client_push(server, urls, args.warmup, args.seconds))
-        share = decode_alone(urls, args.seconds / 2)
+        ours = report("server-side", server_side(server, urls, args.max_fps, args.warmup, args.seconds))
+        theirs = report("client push", client_push(server, urls, args.max_fps, args.warmup, args.seconds))
+        share = decode_alone(urls, args.max_fps, args.seconds / 2)
     print(f"ratios, server-side / client push: results/s {ours['results_per_s'] / theirs['results_per_s']:.2f}x, "
           f"p99 {ours['p99_ms'] / theirs['p99_ms']:.2f}x, p50 {ours['p50_ms'] / theirs['p50_ms']:.2f}x")
-    print(f"decoding {args.cameras} cameras of 720p at 10 fps (sampled to {MAX_FPS:g}): "
+    print(f"decoding {args.cameras} cameras of 720p at 10 fps (sampled to {args.max_fps:g}): "
           f"{share * 100:.1f}% of this machine's {os.cpu_count()} cores")
     return 0
 

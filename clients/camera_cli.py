@@ -1,4 +1,4 @@
-"""``python -m clients streams add|list|rm|pause|resume|watch``: cameras the server pulls itself.
+"""``python -m clients streams add|list|show|rm|pause|resume|watch``: cameras the server pulls itself.
 
 ``add`` asks the server to pull a camera (rtsp://, HLS over http(s)://) or a file from its
 --stream-source-dir, its results to sinks (webhook, MQTT, Redis) and subscribers; ``list``
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--confidence", type=float, default=None, help="minimum score (default 0.25)")
 
     commands.add_parser("list", help="every stream: state, rates, counts")
-    for action, text in (("rm", "stop and remove a stream"), ("pause", "pause a stream"),
-                         ("resume", "resume a paused stream")):
+    for action, text in (("show", "one stream's whole status (JSON)"), ("rm", "stop and remove a stream"),
+                         ("pause", "pause a stream"), ("resume", "resume a paused stream")):
         commands.add_parser(action, help=text).add_argument("stream_id")
 
     watch = commands.add_parser(
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
             elif args.action == "watch":
                 return watch(client, args)
             else:
-                call = {"rm": client.remove_stream, "pause": client.pause_stream,
+                call = {"show": client.get_stream, "rm": client.remove_stream, "pause": client.pause_stream,
                         "resume": client.resume_stream}[args.action]
                 print(json.dumps(call(args.stream_id), indent=2))
     except ClientError as exc:

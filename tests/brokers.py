@@ -17,6 +17,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from pipeline.tools.launch import free_port
+
 MOSQUITTO = "/usr/sbin/mosquitto"  # Debian's package puts it outside a user's PATH
 REDIS_SERVER = "redis-server"
 
@@ -28,11 +30,6 @@ def unavailable(binary: str) -> str | None:
     return f"{binary} is not installed (`make setup` installs the Debian packages mosquitto and redis-server)"
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now (the OS's choice, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_listening(port: int, timeout_s: float, alive=lambda: True) -> None:

@@ -19,7 +19,6 @@ import functools
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.tools.launch import free_port  # noqa: F401 - the tests' import too
 from pipeline.tools.samples import NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,11 +40,6 @@ CLIP_VERSION = 2  # bump when make_clip's pictures change, so cached clips are m
 PAN = 0.12  # how much larger than the frame a photo is scaled, the room its pan moves in
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (closed: connections are refused)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------- clips

@@ -7,13 +7,14 @@ _.ModelStatistics, _.RepositoryIndex, _.ModelInfer, _.ModelStreamInfer, _.Stream
 _.RepositoryModelLoad, _.RepositoryModelUnload
 _.SystemSharedMemoryRegister, _.SystemSharedMemoryUnregister, _.SystemSharedMemoryStatus
 _.CudaSharedMemoryRegister, _.CudaSharedMemoryUnregister, _.CudaSharedMemoryStatus
+_.AddStream, _.ListStreams, _.GetStream, _.RemoveStream, _.PauseStream, _.ResumeStream, _.Subscribe
 _.intercept_service
 # NVIDIA Triton's Python backend calls the pipeline model's entry points.
 _.TritonPythonModel, _.initialize, _.execute
 # prometheus_client calls collectors' collect(); torch calls modules' forward().
 _.collect, _.forward
 # The standard library's socketserver / http.server call these on the metrics server.
-_.log_message, _.handle_error, _.address_family
+_.log_message, _.handle_error, _.address_family, _.do_POST
 # The import system calls these on the converter's placeholder modules (tools/convert.py).
 _.create_module, _.exec_module, _.__mro_entries__
 # Fields of messages and library objects, written for their owners to read.

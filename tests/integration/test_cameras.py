@@ -209,12 +209,19 @@ def test_a_broker_that_goes_away_keeps_the_newest_results_up_to_the_bound(cams):
     remove_all(cams)
 
 
-def test_removing_a_stream_with_frames_in_flight_frees_it_and_spares_the_others(slow_root, clips):
+def test_a_slow_model_drops_the_oldest_frames_visibly_and_removing_a_stream_spares_the_others(slow_root, clips):
     with running_server(model_repository=str(slow_root), stream_source_dir=str(clips)) as slow:
         for name in ("x", "y"):
             assert http(slow, "POST", "/v1/streams", {"source": "scene.mp4", "stream_id": name, "track": True},
                         headers={})[0] == 201
+        # Two cameras of 10 fps and a network of 100 ms a frame: the oldest waiting frames
+        # go, counted in the status and in Prometheus, and told to subscribers.
+        with SegmentationClient(slow.address) as client:
+            told = next(r for r in client.subscribe("y") if r.dropped)
+        assert told.stream_id == "y" and not told.detections
         wait_for(lambda: http(slow, "GET", "/v1/streams/x", headers={})[1]["frames_out"] >= 2)
+        assert http(slow, "GET", "/v1/streams/y", headers={})[1]["frames_dropped"] >= 1
+        assert slow.server.state.ledger.snapshot()[2] >= 2  # rle_serving_frames_dropped
         started = time.monotonic()
         code, removed = http(slow, "DELETE", "/v1/streams/x", headers={})
         assert code == 200 and removed["state"] == "stopped" and time.monotonic() - started < 5

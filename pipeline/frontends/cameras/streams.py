@@ -4,8 +4,9 @@ Vocabulary:
 
 - a **stream** (``CameraStream``): one source the server pulls (``StreamSpec``), decoded in
   its own thread (``sources.Source``) into a small ``FrameQueue``; its frames go through a
-  ``StreamWindow`` (``WINDOW`` in the batcher at once, in order) and ``inference.run``, like
-  any request, so frames of every camera and every client share batches;
+  ``StreamWindow`` (one frame in the batcher at once, a few for a file played as fast as
+  possible; in order) and ``inference.run``, like any request, so frames of every camera and
+  every client share batches;
 - **live** streams (cameras, and files played in real time) drop the oldest waiting frame
   when the model is behind: counted in ``frames_dropped`` and in Prometheus' dropped
   frames, and told to subscribers as a ``dropped`` result, never skipped silently. A file
@@ -47,7 +48,12 @@ from .spec import SourceRules, StreamSpec
 
 LOG = logging.getLogger(__name__)
 API = "camera"  # the streams_open gauge's label for these streams
-WINDOW = 2  # frames of one stream in the batcher at once: one running, one ready for the next batch
+# Frames of one stream in the batcher at once. Live: one, as a live stream wants its freshest
+# frame, and a frame waits fresher in the FrameQueue (drop-oldest) than aged in the batcher's
+# queue; frames of many cameras still share batches (docs/benchmarks.md, "Cameras on the
+# server": two held 8 cameras' results older at the same rate). A file played as fast as
+# possible: a few, so one file fills batches by itself.
+LIVE_WINDOW, FILE_WINDOW = 1, 4
 QUEUE = 2  # decoded frames waiting for the window
 SUBSCRIBER_BUFFER = 64
 REMOVE_FLUSH_S = 2.0  # how long a removed stream's sinks may take to deliver what they hold
@@ -143,7 +149,8 @@ class CameraStream:
                                  self._source_state, state, error))
         self.sinks = [Sink(target, stream_id, buffer=owner.sink_buffer) for target in spec.sinks]
         self.window: StreamWindow[CapturedFrame, CameraResult] = StreamWindow(
-            self._process, self._failed, window=WINDOW, policy="drop_oldest" if live else "wait",
+            self._process, self._failed, window=LIVE_WINDOW if live else FILE_WINDOW,
+            policy="drop_oldest" if live else "wait",
             dropped=self._dropped_result, on_drop=self._dropped)
         self.tracking = (Tracking(f"{API}/{stream_id}", spec.tracker_options()) if spec.track else None)
         self._task: asyncio.Task | None = None
