@@ -503,6 +503,13 @@ class SegmentationClient:
 
 
 def stream_status(info: vpb.StreamInfo) -> dict:
-    """A camera stream's status as a dict, the same fields HTTP's /v1/streams gives."""
-    return json_format.MessageToDict(info, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    """A camera stream's status as a dict, the same fields and types HTTP's /v1/streams gives
+    (protobuf's JSON writes 64-bit counts as strings: they are numbers again here)."""
+    status = json_format.MessageToDict(info, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True)
+    counts = [(status, vpb.StreamInfo.DESCRIPTOR), *((sink, vpb.SinkInfo.DESCRIPTOR) for sink in status["sinks"])]
+    for fields, descriptor in counts:
+        for field in descriptor.fields:
+            if field.cpp_type == field.CPPTYPE_UINT64:
+                fields[field.name] = int(fields[field.name])
+    return status

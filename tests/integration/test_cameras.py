@@ -146,6 +146,8 @@ def test_the_grpc_api_adds_lists_pauses_resumes_subscribes_and_removes(cams):
         assert {d.class_name for d in first.detections} == {"red", "blue"}
         assert first.detections[0].rle.size == [192, 320]
         assert [s["stream_id"] for s in client.streams()] == ["grpc-cam"]
+        metrics = requests.get(f"http://127.0.0.1:{cams.server.metrics_port}/metrics", timeout=10).text
+        assert 'rle_serving_streams_open{api="camera"} 1.0' in metrics  # the ingest streams gauge
         paused = client.pause_stream("grpc-cam")
         assert paused["state"] == "paused"
         time.sleep(0.5)  # frames already sampled finish
