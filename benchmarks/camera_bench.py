@@ -178,7 +178,7 @@ def client_push(server, cameras: list[str], max_fps: float, warmup: float, secon
 
 def decode_alone(cameras: list[str], max_fps: float, seconds: float) -> float:
     """CPU share of the machine that decoding and sampling the cameras takes (server's Source)."""
-    queues = [FrameQueue(2, drop_oldest=True, on_drop=lambda: None) for _ in cameras]
+    queues = [FrameQueue(2, drop_oldest=True, on_drop=lambda frame: None) for _ in cameras]
     sources = [Source(url, network=True, max_fps=max_fps, realtime=True, queue=q, name=f"d{i}",
                       on_state=lambda state, error: None) for i, (url, q) in enumerate(zip(cameras, queues))]
     for source in sources:

@@ -117,7 +117,7 @@ def watch(client: SegmentationClient, args: argparse.Namespace) -> int:
     if args.annotate is not None:
         args.annotate.mkdir(parents=True, exist_ok=True)
     out = args.jsonl.open("w") if args.jsonl else None
-    results = client.subscribe(args.stream_id, frames=args.annotate is not None)
+    results = client.subscribe(args.stream_id, frames=args.annotate is not None, seconds=args.seconds)
     started = last = time.monotonic()
     window: dict[str, Counter] = {}
     total = 0

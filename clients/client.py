@@ -444,10 +444,10 @@ class SegmentationClient:
 
     # ------------------------------------------------------------------ cameras on the server
 
-    def _camera_call(self, method: str, request, timeout_s: float | None = None):
+    def _camera_call(self, method: str, request):
         try:
             return getattr(video_pb2_grpc.CameraStreamsStub(self._channel), method)(
-                request, metadata=self._metadata, timeout=timeout_s or self.timeout_s)
+                request, metadata=self._metadata, timeout=self.timeout_s)
         except grpc.RpcError as exc:
             raise ClientError(exc.code().name, exc.details() or "") from None
 
@@ -487,16 +487,20 @@ class SegmentationClient:
         """Stop and forget a stream; its last status."""
         return stream_status(self._camera_call("RemoveStream", vpb.StreamRef(stream_id=stream_id)))
 
-    def subscribe(self, stream_id: str = "", *, frames: bool = False) -> Iterator[vpb.FrameResult]:
-        """Results of one camera stream ("" = every stream) as they come, until the stream is
-        removed or the server drains; ``frames``: each with its frame as JPEG
-        (``frame_jpeg``). Close the iterator to stop."""
+    def subscribe(self, stream_id: str = "", *, frames: bool = False,
+                  seconds: float | None = None) -> Iterator[vpb.FrameResult]:
+        """Results of one camera stream ("" = every stream) as they come, until the stream's
+        frames end (it is removed, or its file ended), the server drains, or ``seconds``
+        pass; ``frames``: each with its frame as JPEG (``frame_jpeg``). Close the iterator to
+        stop sooner."""
         call = video_pb2_grpc.CameraStreamsStub(self._channel).Subscribe(
-            vpb.SubscribeRequest(stream_id=stream_id, frames=frames), metadata=self._metadata)
+            vpb.SubscribeRequest(stream_id=stream_id, frames=frames), metadata=self._metadata,
+            timeout=seconds)
         try:
             yield from call
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
+            over = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and seconds is not None
+            if exc.code() != grpc.StatusCode.CANCELLED and not over:
                 raise ClientError(exc.code().name, exc.details() or "") from None
         finally:
             call.cancel()

@@ -241,6 +241,8 @@ class PipelineServer:
         grace = self.config.grace_period_s if grace_s is None else grace_s
         if self.state is None or self._server is None:
             return
+        if self.cameras is not None:  # before draining: no camera frame is started only to be refused
+            self.cameras.stop_reading()
         self.state.draining = True
         for service in READINESS_SERVICES:  # liveness stays SERVING: the pod is not hung
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -248,7 +250,7 @@ class PipelineServer:
             window.stop(ShuttingDownError("server is shutting down; reconnect to another replica"))
         deadline = time.monotonic() + grace
         if self.cameras is not None:  # sources stopped, frames read answered, sinks flushed
-            await self.cameras.close(flush_s=grace)
+            await self.cameras.close(deadline)
         while self.state.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.state.active:
@@ -260,7 +262,7 @@ class PipelineServer:
         """Stop whatever was started: cameras, gRPC (within ``grace_s``), HTTP, metrics, the
         batchers."""
         if self.cameras is not None:
-            await self.cameras.close(flush_s=0)
+            await self.cameras.close(time.monotonic())
         if self._server is not None:
             await self._server.stop(grace_s)
         if self._http is not None:

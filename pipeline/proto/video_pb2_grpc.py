@@ -194,8 +194,8 @@ class CameraStreamsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Subscribe(self, request, context):
-        """Results of one stream (or of every stream: stream_id ""), as they come, until the stream is
-        removed or the server drains. A subscriber that reads too slowly loses the oldest results
+        """Results of one stream (or of every stream: stream_id ""), as they come, until the stream's
+        frames end (removed, its file ended, it failed) or the server drains. A subscriber that reads too slowly loses the oldest results
         (counted in the stream's subscriber_dropped); frames dropped because the model was behind
         come as results with `dropped` set.
         """

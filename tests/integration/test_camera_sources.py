@@ -38,7 +38,7 @@ class Watched:
                              **options)
         self._task: asyncio.Task | None = None
 
-    def _dropped(self) -> None:
+    def _dropped(self, frame) -> None:
         self.drops += 1
 
     @property
@@ -157,7 +157,7 @@ def test_a_file_that_is_not_a_video_fails_and_a_missing_one_too(tmp_path):
 
 def test_drop_oldest_keeps_the_newest_and_counts_every_drop(clip):
     told = threading.Event()
-    queue = FrameQueue(2, drop_oldest=True, on_drop=lambda: drops.append(1))
+    queue = FrameQueue(2, drop_oldest=True, on_drop=lambda frame: drops.append(1))
     drops: list[int] = []
     source = Source(str(clip), network=False, max_fps=None, realtime=False, queue=queue,
                     on_state=lambda state, error: state == "stopped" and told.set())

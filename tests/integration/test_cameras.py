@@ -13,6 +13,8 @@ HLS; every kind of bad input, each a clear error with the server serving on; the
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import time
 from pathlib import Path
@@ -21,8 +23,11 @@ import av
 import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from clients.client import ClientError, SegmentationClient
+from pipeline.errors import AlreadyExistsError, LimitError
+from pipeline.frontends.cameras.spec import StreamSpec
 
 from ..brokers import Mosquitto, MqttSubscriber, RedisServer, WebhookReceiver, unavailable
 from ..cameras import HlsServer, RtspServer, free_port, hls_unavailable, make_clip, rtsp_unavailable, scene_clip
@@ -140,9 +145,13 @@ def test_the_grpc_api_adds_lists_pauses_resumes_subscribes_and_removes(cams):
     with SegmentationClient(cams.address, token=TOKEN) as client:
         added = client.add_stream("scene.mp4", max_fps=5, stream_id="grpc-cam", confidence=0.3)
         assert added["max_fps"] == 5 and added["parameters"] == {"confidence": 0.3}
+        pictures = client.subscribe("grpc-cam", frames=True)
         results = client.subscribe("grpc-cam")
         first = next(results)
-        assert first.stream_id == "grpc-cam" and first.height == 192
+        assert first.stream_id == "grpc-cam" and first.height == 192 and not first.frame_jpeg
+        drawn = next(pictures)  # asked for frames: each comes with its frame
+        assert np.asarray(Image.open(io.BytesIO(drawn.frame_jpeg))).shape == (192, 320, 3)
+        pictures.close()
         assert {d.class_name for d in first.detections} == {"red", "blue"}
         assert first.detections[0].rle.size == [192, 320]
         assert [s["stream_id"] for s in client.streams()] == ["grpc-cam"]
@@ -332,3 +341,49 @@ def test_the_readme_example_runs(cams):
         doc = json.loads(mqtt.payloads()[0])
         assert doc["stream_id"] == added["stream_id"] and "predictions" in doc
     remove_all(cams)
+
+
+def test_a_removal_runs_to_its_end_and_holds_the_id_until_then(cams):
+    streams = cams.server.cameras
+    with SegmentationClient(cams.address, token=TOKEN) as client:
+        client.add_stream("scene.mp4", stream_id="r", max_fps=5)
+        wait_for(lambda: client.get_stream("r")["frames_out"] >= 1)
+
+    async def race():
+        removing = asyncio.ensure_future(streams.remove("r"))
+        await asyncio.sleep(0)
+        with pytest.raises(AlreadyExistsError):  # still stopping: the id is not free yet
+            await streams.add(StreamSpec.read({"source": "scene.mp4", "stream_id": "r"}, streams.rules))
+        removing.cancel()  # a caller that gives up (a gRPC deadline) does not stop the removal
+
+    cams.call(race())
+    wait_for(lambda: http(cams, "GET", "/v1/streams/r")[0] == 404, what="the removal, finished")
+    assert cams.server.state.ledger.snapshot()[1].get("camera", 0) == 0  # its gauge given back
+
+
+def test_subscriptions_are_bounded(cams):
+    streams = cams.server.cameras
+
+    async def subscribe_all():
+        held = [streams.subscribe() for _ in range(64)]
+        with pytest.raises(LimitError, match="subscriptions"):
+            streams.subscribe()
+        for subscription in held:
+            streams.unsubscribe(subscription)
+        streams.unsubscribe(streams.subscribe())  # room again
+
+    cams.call(subscribe_all())
+
+
+def test_a_playlist_file_cannot_reach_the_network(cams, clips):
+    """A file source opens files only: a playlist in the source folder that names http://
+    segments fails instead of making the server fetch them."""
+    need(hls_unavailable())
+    with HlsServer(clips / "scene.mp4") as hls:
+        playlist = requests.get(hls.url, timeout=10).text
+        base = hls.url.rsplit("/", 1)[0]
+        (clips / "remote.m3u8").write_text(
+            "\n".join(f"{base}/{line}" if line.endswith(".ts") else line for line in playlist.splitlines()))
+        assert http(cams, "POST", "/v1/streams", {"source": "remote.m3u8", "stream_id": "remote"})[0] == 201
+        ended = wait_for(lambda: (s := status(cams, "remote"))["state"] in ("failed", "stopped") and s)
+    assert ended["frames_out"] == 0 and ended["state"] == "failed"

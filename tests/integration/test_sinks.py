@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import logging
+import time
 
 import pytest
 
@@ -154,6 +155,9 @@ def test_mqtt_topics_get_every_document_in_order(mosquitto):
     with MqttSubscriber(mosquitto.port, "#") as subscriber:
         run(main())
         topics = ["cams/cam-1", "rle-serving/cam-1", "site/cam-1/results"]
+        deadline = time.monotonic() + 10  # acknowledged by the broker is not yet received by its subscribers
+        while len(subscriber.messages) < 60 and time.monotonic() < deadline:
+            time.sleep(0.01)
         for topic in topics:
             assert indexes(p for t, p in subscriber.messages if t == topic) == list(range(20))
         assert {t for t, _ in subscriber.messages} == set(topics)

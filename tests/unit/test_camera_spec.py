@@ -43,6 +43,9 @@ def test_a_file_is_found_in_the_source_folder_and_defaults_are_sane(rules, tmp_p
     ("missing.mp4", "is not a file"),
     ("ftp://host/x.mp4", "unknown source scheme 'ftp'"),
     ("rtsp:///no-host", "names no host"),
+    ("rtsp://[::1/cam", "not a valid URL"),
+    ("rtsp://cam.example:99999/1", "not a valid URL"),
+    ("lobby\x00.mp4", "not a usable path"),
     ("", "'source' must be"),
 ])
 def test_sources_that_may_not_be_pulled_are_refused_with_the_reason(rules, source, words):

@@ -28,15 +28,16 @@ async def read_all(queue: FrameQueue) -> list[int]:
 
 def test_drop_oldest_never_blocks_keeps_the_newest_and_counts_each_drop():
     drops = []
-    queue = FrameQueue(3, drop_oldest=True, on_drop=lambda: drops.append(threading.get_ident()))
+    queue = FrameQueue(3, drop_oldest=True, on_drop=lambda old: drops.append((old.index, threading.get_ident())))
     assert all(queue.put(frame(i)) for i in range(10))
     queue.close()
     assert run(read_all(queue)) == [7, 8, 9]
-    assert len(drops) == 7 and set(drops) == {threading.get_ident()}  # told from the putting thread
+    assert [index for index, _ in drops] == list(range(7))  # each dropped frame, oldest first
+    assert {thread for _, thread in drops} == {threading.get_ident()}  # told from the putting thread
 
 
 def test_waiting_put_blocks_while_full_and_goes_on_as_the_consumer_reads():
-    queue = FrameQueue(2, drop_oldest=False, on_drop=lambda: pytest.fail("a waiting queue drops nothing"))
+    queue = FrameQueue(2, drop_oldest=False, on_drop=lambda frame: pytest.fail("a waiting queue drops nothing"))
     put = []
 
     def producer():
@@ -58,7 +59,7 @@ def test_waiting_put_blocks_while_full_and_goes_on_as_the_consumer_reads():
 
 
 def test_close_wakes_a_blocked_put_and_the_reader_still_gets_what_waits():
-    queue = FrameQueue(1, drop_oldest=False, on_drop=lambda: None)
+    queue = FrameQueue(1, drop_oldest=False, on_drop=lambda frame: None)
     assert queue.put(frame(0))
     outcome = []
     thread = threading.Thread(target=lambda: outcome.append(queue.put(frame(1))))
@@ -73,7 +74,7 @@ def test_close_wakes_a_blocked_put_and_the_reader_still_gets_what_waits():
 
 
 def test_a_waiting_reader_is_woken_by_a_put_from_another_thread_and_by_close():
-    queue = FrameQueue(4, drop_oldest=True, on_drop=lambda: None)
+    queue = FrameQueue(4, drop_oldest=True, on_drop=lambda frame: None)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -89,7 +90,7 @@ def test_a_waiting_reader_is_woken_by_a_put_from_another_thread_and_by_close():
 
 def test_a_reader_cancelled_while_waiting_leaves_the_queue_usable():
     # The anti-pattern of Ray Serve's batcher: a result set on a future its waiter cancelled.
-    queue = FrameQueue(2, drop_oldest=True, on_drop=lambda: None)
+    queue = FrameQueue(2, drop_oldest=True, on_drop=lambda frame: None)
 
     async def main():
         waiting = asyncio.ensure_future(queue.__anext__())
@@ -115,7 +116,7 @@ def test_a_reader_cancelled_while_waiting_leaves_the_queue_usable():
 
 
 def test_a_put_after_the_readers_loop_closed_is_harmless():
-    queue = FrameQueue(2, drop_oldest=True, on_drop=lambda: None)
+    queue = FrameQueue(2, drop_oldest=True, on_drop=lambda frame: None)
     loop = asyncio.new_event_loop()
     waiting = loop.create_task(queue.__anext__())
     loop.run_until_complete(asyncio.sleep(0.01))  # the reader now waits
@@ -127,4 +128,4 @@ def test_a_put_after_the_readers_loop_closed_is_harmless():
 
 def test_a_queue_holds_at_least_one_frame():
     with pytest.raises(BadInputError, match="at least one"):
-        FrameQueue(0, drop_oldest=True, on_drop=lambda: None)
+        FrameQueue(0, drop_oldest=True, on_drop=lambda frame: None)

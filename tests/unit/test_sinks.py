@@ -99,6 +99,7 @@ def test_bad_sink_urls_say_what_is_wrong(url, message):
 @pytest.mark.parametrize("url, shown", [
     ("mqtt://user:pw@b:1883/t", "mqtt://user:***@b:1883/t"),
     ("redis://:pw@r/k?maxlen=5", "redis://:***@r/k?maxlen=5"),
+    ("rtsp://cam/live?user=admin&password=x", "rtsp://cam/live?user=***&password=***"),  # a camera's login
     ("mqtt://token@b/t", "mqtt://***@b/t"),
     ("redis://:pa/ss@r/k", "redis://:***@r/k"),  # not a valid URL, still redacted whole
     ("redis://:p@ss@r/k", "redis://:***@r/k"),

@@ -119,13 +119,13 @@ class SinkTarget:
 
 def redact(url: str) -> str:
     """``url`` without credentials: "user:pass@" becomes "user:***@", a lone "token@" becomes
-    "***@", and for http(s) every query value becomes "***". Works on text that is not a valid
-    URL too (error messages quote what was given)."""
+    "***@", and every query value but a Redis URL's becomes "***". Works on text that is not a
+    valid URL too (error messages quote what was given)."""
     scheme, userinfo, rest = _authority(url)
     if userinfo:
         user, colon, _ = userinfo.partition(":")
         url = f"{scheme}://{user}:***@{rest}" if colon else f"{scheme}://***@{rest}"
-    if scheme.lower() in ("http", "https") and "?" in url:
+    if "?" in url and scheme.lower() != "redis":  # redis' query is ours (maxlen, db); others carry tokens
         head, _, query = url.partition("?")
         query = query.partition("#")[0]
         url = head + "?" + "&".join(f"{pair.partition('=')[0]}=***" for pair in query.split("&"))

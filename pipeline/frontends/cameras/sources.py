@@ -72,6 +72,17 @@ ANALYZE_US = 1_000_000
 # sampled at 10 puts the third frame at 0.09999... of a 0.1 s period.
 SAMPLING_SLACK_S = 0.001
 FINAL_STATES = ("failed", "stopped")
+# What FFmpeg may open for a source, the source's own reads and what they lead to (an HLS
+# playlist's segments, a redirect): a file only files, so a playlist or .sdp file in the
+# source folder cannot reach the network; a URL only its own kind of network, never a file.
+PROTOCOLS = {"rtsp": "rtsp,rtsps,rtp,tcp,udp,tls", "http": "http,https,tcp,tls,crypto",
+             "file": "file"}
+
+
+def _protocols(location: str, network: bool) -> str:
+    if not network:
+        return PROTOCOLS["file"]
+    return PROTOCOLS["rtsp" if location.lower().startswith("rtsp") else "http"]
 
 
 @dataclass(frozen=True)
@@ -94,11 +105,11 @@ class FrameQueue:
     """Frames from a decoding thread to one consumer on an event loop, at most ``size`` waiting.
 
     ``put`` (the thread): with ``drop_oldest`` it never blocks: when full, the oldest waiting
-    frame is dropped and ``on_drop()`` called (from the thread) for each; without, it blocks
+    frame is dropped and ``on_drop(frame)`` called (from the thread) for each; without, it blocks
     while full. It returns False once the queue is closed. ``close()`` (any thread) wakes a
     blocked ``put``; ``async for frame in queue`` ends after the frames already waiting."""
 
-    def __init__(self, size: int, *, drop_oldest: bool, on_drop: Callable[[], None]):
+    def __init__(self, size: int, *, drop_oldest: bool, on_drop: Callable[[CapturedFrame], None]):
         if size < 1:
             raise BadInputError(f"a frame queue holds at least one frame, not {size}")
         self._size = size
@@ -110,20 +121,19 @@ class FrameQueue:
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
 
     def put(self, frame: CapturedFrame) -> bool:
-        dropped = 0
+        dropped = []
         with self._changed:
             while not self._closed and len(self._frames) >= self._size:
                 if self._drop_oldest:
-                    self._frames.popleft()
-                    dropped += 1
+                    dropped.append(self._frames.popleft())
                 else:
                     self._changed.wait()
             if self._closed:
                 return False
             self._frames.append(frame)
             waiter, self._waiter = self._waiter, None
-        for _ in range(dropped):  # outside the lock: on_drop may do what it likes
-            self._on_drop()
+        for old in dropped:  # outside the lock: on_drop may do what it likes
+            self._on_drop(old)
         _wake(waiter)
         return True
 
@@ -328,7 +338,7 @@ class Source:
         """(container, None), or (None, why it could not be opened)."""
         import av
 
-        options = {}
+        options = {"protocol_whitelist": _protocols(self.location, self.network)}
         if self.network:
             options["analyzeduration"] = str(ANALYZE_US)
         if self.location.lower().startswith(("rtsp://", "rtsps://")):

@@ -53,7 +53,12 @@ class SourceRules:
             if not self.allow_urls:
                 raise BadInputError("network sources are off on this server (start it with "
                                     "--allow-stream-urls to pull cameras by URL)")
-            if not urlsplit(source).hostname:
+            try:
+                parts = urlsplit(source)
+                host, _ = parts.hostname, parts.port  # a bad port raises here, not later
+            except ValueError as exc:
+                raise BadInputError(f"source {redact(source)!r} is not a valid URL ({exc})") from None
+            if not host:
                 raise BadInputError(f"source {redact(source)!r} names no host")
             return source, True
         if scheme and scheme != "file":
@@ -64,7 +69,10 @@ class SourceRules:
                                 "--stream-source-dir DIR to play files from DIR)")
         root = self.source_dir.resolve()
         path = Path(urlsplit(source).path if scheme else source)
-        resolved = (root / path).resolve()  # an absolute path replaces root
+        try:
+            resolved = (root / path).resolve()  # an absolute path replaces root
+        except (ValueError, OSError) as exc:  # a NUL byte, a link loop
+            raise BadInputError(f"file source {source!r} is not a usable path ({exc})") from None
         if not resolved.is_relative_to(root):
             raise BadInputError(f"file source {source!r} is outside the stream source directory")
         if not resolved.is_file():

@@ -34,6 +34,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +57,11 @@ API = "camera"  # the streams_open gauge's label for these streams
 LIVE_WINDOW, FILE_WINDOW = 1, 4
 QUEUE = 2  # decoded frames waiting for the window
 SUBSCRIBER_BUFFER = 64
+MAX_SUBSCRIPTIONS = 64
 REMOVE_FLUSH_S = 2.0  # how long a removed stream's sinks may take to deliver what they hold
+# Joining a source's thread can take its timeout (FFmpeg inside a read): threads of their own,
+# so stopping hung cameras never holds the workers that answer requests.
+_STOPPERS = ThreadPoolExecutor(4, thread_name_prefix="camera-stop")
 RATE_SPAN_S = 5.0
 COUNTS = ("frames_sampled", "frames_out", "frames_dropped", "frame_errors", "subscriber_dropped")
 
@@ -142,7 +147,7 @@ class CameraStream:
         live = spec.network or spec.realtime
         loop = asyncio.get_running_loop()
         self.queue = FrameQueue(QUEUE, drop_oldest=live,
-                                on_drop=lambda: loop.call_soon_threadsafe(self._dropped))
+                                on_drop=lambda frame: loop.call_soon_threadsafe(self._dropped_waiting, frame))
         self.source = Source(spec.location, network=spec.network, max_fps=spec.max_fps,
                              realtime=spec.realtime, queue=self.queue, name=stream_id,
                              on_state=lambda state, error: loop.call_soon_threadsafe(
@@ -152,8 +157,13 @@ class CameraStream:
             self._process, self._failed, window=LIVE_WINDOW if live else FILE_WINDOW,
             policy="drop_oldest" if live else "wait",
             dropped=self._dropped_result, on_drop=self._dropped)
-        self.tracking = (Tracking(f"{API}/{stream_id}", spec.tracker_options()) if spec.track else None)
+        # The tracker's key names this stream object, not only its id: a stream added again
+        # under the same id gets a tracker of its own.
+        self.tracking = (Tracking(f"{API}/{stream_id}/{uuid.uuid4().hex[:8]}", spec.tracker_options())
+                         if spec.track else None)
         self._task: asyncio.Task | None = None
+        self._stopping: asyncio.Task | None = None
+        self._released = False
 
     # ------------------------------------------------------------------ life
 
@@ -173,28 +183,54 @@ class CameraStream:
         except Exception as exc:  # noqa: BLE001 - a stream's fault must not reach the others
             LOG.exception("camera stream %s failed", self.id)
             self.state, self.last_error = "failed", f"internal error: {exc}"
+            asyncio.get_running_loop().run_in_executor(_STOPPERS, self.source.stop)
+        finally:
+            self._release()
 
-    async def stop(self, flush_s: float) -> None:
-        """Stop the source, answer the frames already read, flush the sinks (``flush_s``),
-        free the tracker. Idempotent."""
-        self.window.stop(ShuttingDownError("the stream was stopped"))
-        await asyncio.to_thread(self.source.stop)
-        if self._task is not None:
-            await self._task
+    def _release(self) -> None:
+        """What a stream holds while it runs: its tracker, its place in the gauges and the
+        model's in-use count, its subscribers. Given back when its frames end (a file's
+        end, a failure, a stop); its sinks go on delivering what they hold until removed."""
+        if self._released:
+            return
+        self._released = True
         state = self.owner.state
         if self.tracking is not None:
             state.tracks.end(self.tracking.slot(self.client))
-        await asyncio.gather(*(sink.close(flush_s) for sink in self.sinks))
-        if self.state not in ("failed", "stopped"):
-            self.state = "stopped"
-        sinks = [sink.status() for sink in self.sinks]
-        LOG.info("camera stream %s stopped: %d results; sinks: %d delivered, %d dropped, %d left",
-                 self.id, self.counts["frames_out"], sum(s["delivered"] for s in sinks),
-                 sum(s["dropped"] for s in sinks), sum(s["buffered"] for s in sinks))
-        if self._task is not None:
-            state.ledger.stream_opened(API, -1)
-            state.ledger.model_stream_opened(self.spec.model, -1)
-            self._task = None
+        state.ledger.stream_opened(API, -1)
+        state.ledger.model_stream_opened(self.spec.model, -1)
+        self.owner.end_subscriptions(self.id)
+
+    def stop(self, deadline: float | None = None) -> asyncio.Future:
+        """Stop the source, answer the frames already read, flush the sinks until
+        ``deadline`` (monotonic; None: ``REMOVE_FLUSH_S`` once the frames are answered).
+        Runs once, to the end even if a caller is cancelled."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(deadline))
+        return asyncio.shield(self._stopping)
+
+    def stop_reading(self) -> None:
+        """Start no more frames (the drain's first step; ``stop`` finishes)."""
+        self.window.stop(ShuttingDownError("the stream was stopped"))
+        self.queue.close()
+
+    async def _stop(self, deadline: float | None) -> None:
+        try:
+            self.stop_reading()
+            await asyncio.get_running_loop().run_in_executor(_STOPPERS, self.source.stop)
+            if self._task is not None:
+                await self._task
+        finally:
+            self._release()
+            if deadline is None:
+                deadline = time.monotonic() + REMOVE_FLUSH_S
+            await asyncio.gather(*(sink.close(max(0.0, deadline - time.monotonic())) for sink in self.sinks))
+            if self.state not in ("failed", "stopped"):
+                self.state = "stopped"
+            sinks = [sink.status() for sink in self.sinks]
+            LOG.info("camera stream %s stopped: %d results; sinks: %d delivered, %d dropped, %d left",
+                     self.id, self.counts["frames_out"], sum(x["delivered"] for x in sinks),
+                     sum(x["dropped"] for x in sinks), sum(x["buffered"] for x in sinks))
 
     def pause(self) -> None:
         self.paused = True
@@ -227,7 +263,7 @@ class CameraStream:
                 doc = {"stream_id": self.id, "frame_index": frame.index, "timestamp": frame.captured,
                        **schema.document(det, answer.pipe.class_names, "rle")}
                 message = json.dumps(doc, separators=(",", ":")).encode()
-            return CameraResult(self.id, frame.index, frame.captured, answer, message, rgb=frame.rgb)
+            return CameraResult(self.id, frame.index, frame.captured, answer, message, rgb=self._picture(frame))
 
         return await run(self.owner.state, spec.model, read, respond, self.client)
 
@@ -236,7 +272,11 @@ class CameraStream:
             error = "CANCELLED: the stream was stopped"
         else:
             error = f"{status_of(exc).grpc}: {describe(exc)}"
-        return CameraResult(self.id, frame.index, frame.captured, error=error, rgb=frame.rgb)
+        return CameraResult(self.id, frame.index, frame.captured, error=error, rgb=self._picture(frame))
+
+    def _picture(self, frame: CapturedFrame) -> np.ndarray | None:
+        """The frame, kept with its result only while a subscriber asked for frames."""
+        return frame.rgb if self.owner.wants_frames(self.id) else None
 
     def _dropped_result(self, frame: CapturedFrame) -> CameraResult:
         return CameraResult(self.id, frame.index, frame.captured, dropped=True)
@@ -244,6 +284,13 @@ class CameraStream:
     def _dropped(self) -> None:
         self.counts["frames_dropped"] += 1
         self.owner.state.ledger.frames_dropped()
+
+    def _dropped_waiting(self, frame: CapturedFrame) -> None:
+        """A frame the source's queue dropped for a newer one: counted and told, as the
+        window's drops are."""
+        self.counts["frames_sampled"] += 1
+        self._dropped()
+        self.owner.publish(self, self._dropped_result(frame))
 
     def _deliver(self, result: CameraResult) -> None:
         if result.answer is not None:
@@ -257,6 +304,8 @@ class CameraStream:
         self.owner.publish(self, result)
 
     def _source_state(self, state: str, error: str | None) -> None:
+        if self.state == "failed":  # our own failure (``_run``) is final too
+            return
         self.state = state
         if error:
             self.last_error = error
@@ -267,7 +316,7 @@ class CameraStream:
         spec = self.spec
         return {
             "stream_id": self.id, "source": spec.display, "model": spec.model,
-            "state": "paused" if self.paused else self.state,
+            "state": "paused" if self.paused and self.state not in ("failed", "stopped") else self.state,
             "last_error": self.last_error, "max_fps": spec.max_fps, "track": spec.track,
             "realtime": spec.realtime, "parameters": dict(spec.parameters),
             "sinks": [sink.status() for sink in self.sinks],
@@ -322,11 +371,13 @@ class CameraStreams:
         return list(self._streams.values())
 
     async def remove(self, stream_id: str) -> CameraStream:
+        """Stop a stream and forget it. Its id stays taken until it has stopped."""
         stream = self.get(stream_id)
-        del self._streams[stream_id]
-        await stream.stop(REMOVE_FLUSH_S)
-        for subscription in [s for s in self._subscribers if s.stream_id == stream_id]:
-            subscription.end()
+        try:
+            await stream.stop()
+        finally:
+            if self._streams.get(stream_id) is stream:
+                del self._streams[stream_id]
         LOG.info("camera stream %s removed", stream_id)
         return stream
 
@@ -335,6 +386,9 @@ class CameraStreams:
         it when done."""
         if stream_id:
             self.get(stream_id)
+        if len(self._subscribers) >= MAX_SUBSCRIPTIONS:
+            raise LimitError(f"{len(self._subscribers)} subscriptions are open, the most this server "
+                             "keeps; end one first")
         subscription = Subscription(stream_id, frames)
         self._subscribers.add(subscription)
         return subscription
@@ -342,15 +396,30 @@ class CameraStreams:
     def unsubscribe(self, subscription: Subscription) -> None:
         self._subscribers.discard(subscription)
 
+    def wants_frames(self, stream_id: str) -> bool:
+        return any(s.frames and s.stream_id in ("", stream_id) for s in list(self._subscribers))
+
+    def end_subscriptions(self, stream_id: str) -> None:
+        """End the subscriptions to one stream (whose frames ended)."""
+        for subscription in [s for s in self._subscribers if s.stream_id == stream_id]:
+            subscription.end()
+
     def publish(self, stream: CameraStream, result: CameraResult) -> None:
         for subscription in self._subscribers:
             if subscription.stream_id in ("", stream.id) and not subscription.offer(result):
                 stream.counts["subscriber_dropped"] += 1
 
-    async def close(self, flush_s: float) -> None:
+    def stop_reading(self) -> None:
+        """The drain's first step, before the server refuses new work: no stream starts
+        another frame, so none is refused for the drain; frames in the batcher go on."""
+        for stream in self._streams.values():
+            stream.stop_reading()
+
+    async def close(self, deadline: float) -> None:
         """The drain: every stream stopped (frames in the batcher answered, sinks flushed
-        within ``flush_s``), every subscription ended."""
-        streams, self._streams = list(self._streams.values()), {}
-        await asyncio.gather(*(stream.stop(flush_s) for stream in streams))
+        until ``deadline``, monotonic), every subscription ended."""
+        streams = list(self._streams.values())
+        await asyncio.gather(*(stream.stop(deadline) for stream in streams))
+        self._streams.clear()
         for subscription in self._subscribers:
             subscription.end()
