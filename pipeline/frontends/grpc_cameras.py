@@ -68,20 +68,18 @@ class CameraService(video_pb2_grpc.CameraStreamsServicer):
         return await answer_or_abort(context, remove)
 
     async def PauseStream(self, request, context):
-        def pause():
-            stream = self.streams.get(request.stream_id)
-            stream.pause()
-            return info_of(stream)
-
-        return await answer_or_abort(context, pause)
+        return await self._change(context, request.stream_id, CameraStream.pause)
 
     async def ResumeStream(self, request, context):
-        def resume():
-            stream = self.streams.get(request.stream_id)
-            stream.resume()
+        return await self._change(context, request.stream_id, CameraStream.resume)
+
+    async def _change(self, context, stream_id: str, change) -> vpb.StreamInfo:
+        def apply():
+            stream = self.streams.get(stream_id)
+            change(stream)
             return info_of(stream)
 
-        return await answer_or_abort(context, resume)
+        return await answer_or_abort(context, apply)
 
     async def Subscribe(self, request, context):
         subscription = await answer_or_abort(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .cameras.spec import StreamSpec
-from .cameras.streams import CameraStreams
+from .cameras.streams import CameraStream, CameraStreams
 from .http import ERROR_FIELD, json_body
 
 
@@ -35,20 +35,17 @@ def app(streams: CameraStreams) -> web.Application:
     async def remove(request: web.Request) -> web.Response:
         return web.json_response((await streams.remove(request.match_info["id"])).status())
 
-    async def pause(request: web.Request) -> web.Response:
-        stream = streams.get(request.match_info["id"])
-        stream.pause()
-        return web.json_response(stream.status())
-
-    async def resume(request: web.Request) -> web.Response:
-        stream = streams.get(request.match_info["id"])
-        stream.resume()
-        return web.json_response(stream.status())
+    def change(act):
+        async def handler(request: web.Request) -> web.Response:
+            stream = streams.get(request.match_info["id"])
+            act(stream)
+            return web.json_response(stream.status())
+        return handler
 
     r.add_post("", add)
     r.add_get("", listing)
     r.add_get("/{id}", get)
     r.add_delete("/{id}", remove)
-    r.add_post("/{id}/pause", pause)
-    r.add_post("/{id}/resume", resume)
+    r.add_post("/{id}/pause", change(CameraStream.pause))
+    r.add_post("/{id}/resume", change(CameraStream.resume))
     return api

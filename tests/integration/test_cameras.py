@@ -387,3 +387,11 @@ def test_a_playlist_file_cannot_reach_the_network(cams, clips):
         assert http(cams, "POST", "/v1/streams", {"source": "remote.m3u8", "stream_id": "remote"})[0] == 201
         ended = wait_for(lambda: (s := status(cams, "remote"))["state"] in ("failed", "stopped") and s)
     assert ended["frames_out"] == 0 and ended["state"] == "failed"
+
+
+def test_pause_and_resume_over_http(cams):
+    assert http(cams, "POST", "/v1/streams", {"source": "scene.mp4", "stream_id": "p", "max_fps": 5})[0] == 201
+    code, paused = http(cams, "POST", "/v1/streams/p/pause")
+    assert code == 200 and paused["state"] == "paused"
+    code, resumed = http(cams, "POST", "/v1/streams/p/resume")
+    assert code == 200 and resumed["state"] != "paused"
