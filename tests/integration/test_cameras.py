@@ -395,3 +395,26 @@ def test_pause_and_resume_over_http(cams):
     assert code == 200 and paused["state"] == "paused"
     code, resumed = http(cams, "POST", "/v1/streams/p/resume")
     assert code == 200 and resumed["state"] != "paused"
+
+
+def test_cameras_take_turns_so_frames_wait_where_newer_ones_replace_them(tmp_path, clips):
+    """Four cameras of 10 fps on a network of 50 ms a frame in batches of one: the cameras'
+    frames in the batcher never pass their turns (two batches' worth), each camera gets its
+    share, and the frames a newer one replaced are counted as dropped."""
+    from ..fakes import fake_repository
+
+    repository = fake_repository(tmp_path / "models", delay_ms=50, max_batch_size=1)
+    with running_server(model_repository=str(repository), stream_source_dir=str(clips)) as busy:
+        for i in range(4):
+            assert http(busy, "POST", "/v1/streams", {"source": "scene.mp4", "stream_id": f"c{i}"},
+                        headers={})[0] == 201
+        ledger, most, until_s = busy.server.state.ledger, 0, time.monotonic() + 2.5
+        while time.monotonic() < until_s:
+            load = ledger.totals("instance_segmentation")
+            most = max(most, load.queued + load.executing)
+            time.sleep(0.002)
+        streams = http(busy, "GET", "/v1/streams", headers={})[1]["streams"]
+    assert 1 <= most <= 2  # the turns of a batch limit of 1
+    out = [s["frames_out"] for s in streams]
+    assert min(out) >= 0.5 * max(out) > 0, out  # first come, first served: no camera starves
+    assert all(s["frames_dropped"] > 0 for s in streams)

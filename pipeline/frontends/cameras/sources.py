@@ -144,6 +144,15 @@ class FrameQueue:
             waiter, self._waiter = self._waiter, None
         _wake(waiter)
 
+    def take_nowait(self) -> CapturedFrame | None:
+        """The oldest waiting frame, or None when none waits (never waits itself)."""
+        with self._changed:
+            if not self._frames:
+                return None
+            frame = self._frames.popleft()
+            self._changed.notify_all()  # room for a blocked put
+            return frame
+
     def __aiter__(self) -> FrameQueue:
         return self
 

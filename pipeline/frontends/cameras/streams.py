@@ -3,14 +3,17 @@
 Vocabulary:
 
 - a **stream** (``CameraStream``): one source the server pulls (``StreamSpec``), decoded in
-  its own thread (``sources.Source``) into a small ``FrameQueue``; its frames go through a
-  ``StreamWindow`` (one frame in the batcher at once, a few for a file played as fast as
-  possible; in order) and ``inference.run``, like any request, so frames of every camera and
-  every client share batches;
-- **live** streams (cameras, and files played in real time) drop the oldest waiting frame
-  when the model is behind: counted in ``frames_dropped`` and in Prometheus' dropped
+  its own thread (``sources.Source``) into a small ``FrameQueue``; its frames go, in order,
+  through a ``StreamWindow`` and ``inference.run``, like any request, so frames of every
+  camera and every client share batches;
+- **live** streams (cameras, and files played in real time) have one frame in the batcher at
+  most, and take it when their **turn** comes: the cameras of one model may have two batches'
+  worth of frames in its batcher (``CameraStreams.turns``), served first come, first served. Until then the
+  stream's newest frame waits in a queue of one, replaced by each newer frame, so a frame is
+  as fresh as it can be when it is run, and the model never idles while a camera has a frame.
+  A frame replaced is dropped: counted in ``frames_dropped`` and in Prometheus' dropped
   frames, and told to subscribers as a ``dropped`` result, never skipped silently. A file
-  played with ``realtime: false`` waits instead: nothing is dropped;
+  played with ``realtime: false`` waits instead (nothing is dropped), a few frames at once;
 - a **result** (``CameraResult``): a frame's document (Roboflow's ``rle`` document plus
   ``stream_id``, ``frame_index``: the source's frame number, ``timestamp``: epoch seconds
   when it was decoded), or its error, or that it was dropped;
@@ -49,13 +52,13 @@ from .spec import SourceRules, StreamSpec
 
 LOG = logging.getLogger(__name__)
 API = "camera"  # the streams_open gauge's label for these streams
-# Frames of one stream in the batcher at once. Live: one, as a live stream wants its freshest
-# frame, and a frame waits fresher in the FrameQueue (drop-oldest) than aged in the batcher's
-# queue; frames of many cameras still share batches (docs/benchmarks.md, "Cameras on the
-# server": two held 8 cameras' results older at the same rate). A file played as fast as
-# possible: a few, so one file fills batches by itself.
-LIVE_WINDOW, FILE_WINDOW = 1, 4
-QUEUE = 2  # decoded frames waiting for the window
+# A file played as fast as possible: a few frames in the batcher at once, so one file fills
+# batches by itself; its queue waits (nothing dropped). A live stream has one frame in the
+# batcher at most, taken when its turn comes (``CameraStreams.turns``), and a queue of one: the newest.
+FILE_WINDOW, FILE_QUEUE = 4, 2
+# Live frames of every camera of one model in its batcher at once, in batches of its batch
+# limit: one batch running, one forming.
+BATCHES_IN_TURN = 2
 SUBSCRIBER_BUFFER = 64
 MAX_SUBSCRIPTIONS = 64
 REMOVE_FLUSH_S = 2.0  # how long a removed stream's sinks may take to deliver what they hold
@@ -82,6 +85,9 @@ class CameraResult:
     rgb: np.ndarray | None = None
 
 
+Sampled = tuple[CapturedFrame, "Turn | None"]  # a frame to run, and its turn (live streams')
+
+
 class RateMeter:
     """Events per second over the last ``RATE_SPAN_S`` (or since the start, if shorter)."""
 
@@ -98,6 +104,22 @@ class RateMeter:
             self._events.popleft()
         elapsed = min(RATE_SPAN_S, now - self.started)
         return round(sum(n for _, n in self._events) / elapsed, 2) if elapsed > 0 else 0.0
+
+
+class Turn:
+    """A live frame's place among the frames the cameras may have in the batcher at once;
+    given back when the frame is answered (or never started)."""
+
+    def __init__(self, turns: asyncio.Semaphore):
+        self._turns: asyncio.Semaphore | None = turns
+
+    def release(self) -> bool:
+        """Give the turn back; False if it was given back already."""
+        if self._turns is None:
+            return False
+        self._turns.release()
+        self._turns = None
+        return True
 
 
 class Subscription:
@@ -144,19 +166,20 @@ class CameraStream:
         self.counts: Counter = Counter()
         self.rate_in, self.rate_out = RateMeter(), RateMeter()
         self._last_index = -1
-        live = spec.network or spec.realtime
+        self.live = live = spec.network or spec.realtime
         loop = asyncio.get_running_loop()
-        self.queue = FrameQueue(QUEUE, drop_oldest=live,
+        self.queue = FrameQueue(1 if live else FILE_QUEUE, drop_oldest=live,
                                 on_drop=lambda frame: loop.call_soon_threadsafe(self._dropped_waiting, frame))
         self.source = Source(spec.location, network=spec.network, max_fps=spec.max_fps,
                              realtime=spec.realtime, queue=self.queue, name=stream_id,
                              on_state=lambda state, error: loop.call_soon_threadsafe(
                                  self._source_state, state, error))
         self.sinks = [Sink(target, stream_id, buffer=owner.sink_buffer) for target in spec.sinks]
-        self.window: StreamWindow[CapturedFrame, CameraResult] = StreamWindow(
-            self._process, self._failed, window=LIVE_WINDOW if live else FILE_WINDOW,
-            policy="drop_oldest" if live else "wait",
-            dropped=self._dropped_result, on_drop=self._dropped)
+        self.window: StreamWindow[Sampled, CameraResult] = StreamWindow(
+            self._process, self._failed, window=1 if live else FILE_WINDOW)
+        self._answered = asyncio.Event()  # a live stream's frame in the batcher is answered
+        self._answered.set()
+        self._turn: Turn | None = None  # a live stream's frame's turn (one at a time)
         # The tracker's key names this stream object, not only its id: a stream added again
         # under the same id gets a tracker of its own.
         self.tracking = (Tracking(f"{API}/{stream_id}/{uuid.uuid4().hex[:8]}", spec.tracker_options())
@@ -194,6 +217,8 @@ class CameraStream:
         if self._released:
             return
         self._released = True
+        if self._turn is not None:  # a frame the window let go unanswered holds none
+            self._turn.release()
         state = self.owner.state
         if self.tracking is not None:
             state.tracks.end(self.tracking.slot(self.client))
@@ -242,14 +267,49 @@ class CameraStream:
 
     # ------------------------------------------------------------------ frames
 
-    async def _sampled(self) -> AsyncIterator[CapturedFrame]:
+    async def _sampled(self) -> AsyncIterator[Sampled]:
+        """The frames to run, in order. A live stream's: one at a time, each the newest when
+        its turn comes, so a frame waits where a newer one replaces it (the queue of one),
+        not in the batcher, where it would only age; older ones are dropped and told."""
         async for frame in self.queue:
-            self.counts["frames_sampled"] += 1
-            self.rate_in.add(frame.index - self._last_index if self._last_index >= 0 else 1)
-            self._last_index = frame.index
-            yield frame
+            if not self.live:
+                self._sampled_one(frame)
+                yield frame, None
+                continue
+            await self._answered.wait()
+            turns = self.owner.turns(self.spec.model)
+            await turns.acquire()
+            turn = Turn(turns)
+            newer = self.queue.take_nowait()
+            if newer is not None:
+                self._dropped_waiting(frame)
+                frame = newer
+            self._answered.clear()
+            self._sampled_one(frame)
+            self._turn = turn
+            try:
+                yield frame, turn
+            except GeneratorExit:
+                turn.release()
+                raise
 
-    async def _process(self, frame: CapturedFrame) -> CameraResult:
+    def _sampled_one(self, frame: CapturedFrame) -> None:
+        self.counts["frames_sampled"] += 1
+        self.rate_in.add(frame.index - self._last_index if self._last_index >= 0 else 1)
+        self._last_index = frame.index
+
+    def _answer_given(self, turn: Turn | None) -> None:
+        if turn is not None and turn.release():
+            self._answered.set()
+
+    async def _process(self, sampled: Sampled) -> CameraResult:
+        frame, turn = sampled
+        try:
+            return await self._infer(frame)
+        finally:
+            self._answer_given(turn)
+
+    async def _infer(self, frame: CapturedFrame) -> CameraResult:
         spec, tracking = self.spec, self.tracking
 
         def read() -> InferRequest:
@@ -267,7 +327,9 @@ class CameraStream:
 
         return await run(self.owner.state, spec.model, read, respond, self.client)
 
-    def _failed(self, frame: CapturedFrame, exc: BaseException) -> CameraResult:
+    def _failed(self, sampled: Sampled, exc: BaseException) -> CameraResult:
+        frame, turn = sampled
+        self._answer_given(turn)  # a frame never started gives its turn back here
         if isinstance(exc, asyncio.CancelledError):
             error = "CANCELLED: the stream was stopped"
         else:
@@ -281,15 +343,12 @@ class CameraStream:
     def _dropped_result(self, frame: CapturedFrame) -> CameraResult:
         return CameraResult(self.id, frame.index, frame.captured, dropped=True)
 
-    def _dropped(self) -> None:
+    def _dropped_waiting(self, frame: CapturedFrame) -> None:
+        """A sampled frame that a newer one replaced while the model was behind: counted
+        (here and in Prometheus) and told to subscribers."""
+        self.counts["frames_sampled"] += 1
         self.counts["frames_dropped"] += 1
         self.owner.state.ledger.frames_dropped()
-
-    def _dropped_waiting(self, frame: CapturedFrame) -> None:
-        """A frame the source's queue dropped for a newer one: counted and told, as the
-        window's drops are."""
-        self.counts["frames_sampled"] += 1
-        self._dropped()
         self.owner.publish(self, self._dropped_result(frame))
 
     def _deliver(self, result: CameraResult) -> None:
@@ -339,6 +398,16 @@ class CameraStreams:
         self.sink_buffer = sink_buffer
         self._streams: dict[str, CameraStream] = {}
         self._subscribers: set[Subscription] = set()
+        self._turns: dict[str, asyncio.Semaphore] = {}
+
+    def turns(self, model: str) -> asyncio.Semaphore:
+        """The **turns** of live camera frames in ``model``'s batcher: ``BATCHES_IN_TURN``
+        batches of its batch limit. Waiters are served first come, first served, so every
+        camera gets its turn."""
+        if model not in self._turns:
+            limit = self.state.lookup(model).batch_limit
+            self._turns[model] = asyncio.Semaphore(BATCHES_IN_TURN * limit)
+        return self._turns[model]
 
     async def add(self, spec: StreamSpec) -> CameraStream:
         stream_id = self._admit(spec)
