@@ -235,7 +235,9 @@ def test_rtsp_reconnects_when_its_camera_dies_and_another_camera_keeps_its_rate(
         return a, b, b_rate
 
     a, b, b_rate = run(main(), 60)
-    assert 8 <= b_rate <= 12  # 10 fps through the other camera's outage
+    # ~10 fps through the other camera's outage: not slowed by it. (No upper bound: over two
+    # seconds the RTSP server's own bursts reach 13 on a busy machine; that is not ours.)
+    assert b_rate >= 8
     errors = [error for state, error in a.states if state == "reconnecting"]
     # The kernel closes a killed server's socket: an end of stream, or a reset when the
     # server had unread bytes (FFmpeg's RTCP reports).
@@ -262,7 +264,8 @@ def test_rtsp_pause_closes_the_connection_and_resume_opens_a_fresh_one(rtsp_pair
         await asyncio.sleep(0.5)
         assert watched.source.frames_decoded == decoded
         watched.source.resume()
-        await until(lambda: len(watched.frames) >= 3 + 5 and connections_to(server.port) == 1, 15)
+        # Frames decoded after the resume (those queued before the pause may arrive first).
+        await until(lambda: watched.frames[-1].index > decoded and connections_to(server.port) == 1, 15)
         await watched.stop()
         return watched, decoded
 
