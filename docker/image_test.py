@@ -243,6 +243,26 @@ def written_outside_tmp(mount: Path, since: float) -> list[str]:
     return changed
 
 
+NETWORK = re.compile(r'(key: "network" value: \{ string_value: ")([^"]*)(")')
+
+
+def reference_repository(image_root: Path) -> Path:
+    """The host's repository with its pipeline on the network the image's pipeline runs. Each
+    times the converted forms where it is made and keeps the fastest (``make model``), so the
+    two can differ (TorchScript in the image, ONNX on the host), and two runtimes' floats may
+    differ in a detection; the comparison is of one network served two ways."""
+    pipeline = "model_repository/instance_segmentation/config.pbtxt"
+    network = NETWORK.search((image_root / "app" / pipeline).read_text()).group(2)
+    folder = Path(tempfile.mkdtemp(prefix="reference-repository-"))
+    for entry in (ROOT / "model_repository").iterdir():
+        (folder / entry.name).symlink_to(entry.resolve())
+    (folder / "instance_segmentation").unlink()
+    shutil.copytree(ROOT / "model_repository/instance_segmentation", folder / "instance_segmentation")
+    host = folder / "instance_segmentation/config.pbtxt"
+    host.write_text(NETWORK.sub(rf"\g<1>{network}\g<3>", host.read_text()))
+    return folder
+
+
 def serve_and_prove(buildah: Buildah, config: dict, healthcheck: list[str]) -> None:
     container = buildah("from", IMAGE)
     settings = server_settings(buildah, container)
@@ -262,6 +282,7 @@ def serve_and_prove(buildah: Buildah, config: dict, healthcheck: list[str]) -> N
     log = Path(tempfile.mkstemp(prefix="image-server-", suffix=".log")[1])
     runner = subprocess.Popen(buildah.command(*run, container, "--", *entrypoint, *args),
                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    pid = None
     try:
         wait_until_serving("127.0.0.1:8001", runner)  # what the Deployment's gRPC probes ask
         pid = server_process(runner, entrypoint)
@@ -272,8 +293,10 @@ def serve_and_prove(buildah: Buildah, config: dict, healthcheck: list[str]) -> N
                                capture_output=True, text=True, timeout=60)
         assert check.returncode == 0 and "SERVING" in check.stdout, check
         step(f"HEALTHCHECK {' '.join(healthcheck[1:])}: {check.stdout.strip()}")
-        with local_server("--device", "cpu", cwd=ROOT) as reference:
+        repository = reference_repository(mount)
+        with local_server("--device", "cpu", "--model-repository", str(repository), cwd=ROOT) as reference:
             ours, theirs = detections("127.0.0.1:8001"), detections(reference.address)
+        shutil.rmtree(repository)
         for name, (image_doc, image_counts), (host_doc, host_counts) in zip(PHOTOS, ours, theirs):
             assert image_doc and image_doc == host_doc, f"{name}: image and host detections differ"
             assert image_counts == host_counts, f"{name}: RLE counts differ"
@@ -298,6 +321,9 @@ def serve_and_prove(buildah: Buildah, config: dict, healthcheck: list[str]) -> N
         print(log.read_text()[-3000:], file=sys.stderr)
         raise
     finally:
+        if pid is not None:  # buildah's wrapper dies alone on SIGKILL: its server would be left
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if runner.poll() is None:
             runner.kill()
             runner.wait()
