@@ -311,6 +311,7 @@ def serve_and_prove(buildah: Buildah, config: dict, healthcheck: list[str]) -> N
         step(f"metrics on 8002: nv_inference_request_success {served.group(1)}")
         os.kill(pid, signal.SIGTERM)  # what the kubelet sends the container's process
         code = runner.wait(90)
+        pid = None  # exited: its number may be another process's by the time ``finally`` runs
         assert code == 0, f"the server exited with {code} after SIGTERM:\n{log.read_text()[-2000:]}"
         assert "draining" in log.read_text(), "no drain in the server's log"
         step("SIGTERM: drained and exited 0")
