@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--sink", action="append", default=[], metavar="URL",
                      help="where each frame's JSON goes: http(s)://host/path (POST), "
                      "mqtt://host:1883/topic (a topic per stream under it), "
-                     "redis://host:6379/key (XADD); repeatable")
+                     "redis://host:6379/key (XADD); mqtts://, rediss:// and https:// "
+                     "verify the server's certificate; repeatable")
     add.add_argument("--as-fast-as-possible", dest="realtime", action="store_false", default=None,
                      help="files only: play as fast as the model takes frames, dropping none "
                      "(default: at the file's own rate, like a camera)")

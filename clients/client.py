@@ -456,7 +456,7 @@ class SegmentationClient:
                    model: str | None = None, **parameters: float) -> dict:
         """Have the server pull ``source`` itself (rtsp://, rtsps://, http(s):// HLS, or a file
         in its --stream-source-dir) and deliver each frame's document to ``sinks``
-        (http(s):// webhooks, mqtt://host/topic, redis://host/key) and to ``subscribe``.
+        (http(s):// webhooks, mqtt(s)://host/topic, redis(s)://host/key) and to ``subscribe``.
         parameters: confidence, iou_threshold, max_detections and the tracker's knobs.
         Returns the stream's status (as HTTP's ``GET /v1/streams/{id}``); ClientError if
         refused (INVALID_ARGUMENT, NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED, ...)."""

@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--sink-buffer", type=int,
                        help="results each sink holds while its target is away; beyond it the "
                        "oldest are dropped and counted (default 1000)")
+    serve.add_argument("--sink-ca-file", metavar="PEM",
+                       help="CA certificates that https://, mqtts:// and rediss:// sinks trust "
+                       "besides the system's (for brokers with a private CA)")
     serve.add_argument("--model-control-mode", choices=["none", "explicit"],
                        help="none (default): every pipeline model is loaded at start, for good; "
                        "explicit: the --load-model ones, and the rest loaded and unloaded at run "

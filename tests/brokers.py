@@ -2,18 +2,24 @@
 ``MqttSubscriber`` to read a topic), a Redis server (``RedisServer``) and a webhook receiver
 (``WebhookReceiver``). Each listens on 127.0.0.1 and a free port, and can ``stop()`` and
 ``start()`` again on the same port: a target that goes away and comes back. ``unavailable``
-gives the skip reason where a server binary is missing."""
+gives the skip reason where a server binary is missing. Given ``tls=`` (``make_certificates``:
+a private CA and a certificate for 127.0.0.1 signed by it), each also speaks TLS: the webhook
+instead of plain HTTP, the brokers on a second port (``tls_port``) beside the plain one their
+test readers use."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,9 +33,36 @@ def unavailable(binary: str) -> str | None:
     """Why ``binary`` (a name on PATH or an absolute path) cannot be run; None when it can."""
     if shutil.which(binary):
         return None
-    return f"{binary} is not installed (`make setup` installs the Debian packages mosquitto and redis-server)"
+    return f"{binary} is not installed (`make services` installs it from Debian's packages)"
 
 
+
+@dataclass(frozen=True)
+class Certificates:
+    """PEM files: a private CA (``ca``) and a server certificate for 127.0.0.1 (and for no
+    name: "localhost" is another name) signed by it (``cert``, its ``key``)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_certificates(folder: Path) -> Certificates:
+    """A CA and a server certificate, made by the openssl command in ``folder``."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=rle-serving test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl("req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                                       "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+                                       "authorityKeyIdentifier=keyid\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "server.ext")
+    return Certificates(folder / "ca.pem", folder / "server.pem", folder / "server.key")
 
 
 def wait_listening(port: int, timeout_s: float, alive=lambda: True) -> None:
@@ -50,8 +83,10 @@ class _Server:
 
     name = "server"
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, tls: Certificates | None = None):
         self.port = port or free_port()
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
         self.folder = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
         self._process: subprocess.Popen | None = None
 
@@ -65,7 +100,9 @@ class _Server:
         self._process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
         log.close()
         try:
-            wait_listening(self.port, timeout_s, alive=lambda: self._process.poll() is None)
+            for port in (self.port, self.tls_port):
+                if port:
+                    wait_listening(port, timeout_s, alive=lambda: self._process.poll() is None)
         except RuntimeError:
             self.stop()
             tail = (self.folder / "server.log").read_text(errors="replace")[-2000:]
@@ -111,13 +148,21 @@ class Mosquitto(_Server):
 
     def command(self) -> list[str]:
         config = self.folder / "mosquitto.conf"
-        config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+        tls = (f"listener {self.tls_port} 127.0.0.1\ncafile {self.tls.ca}\ncertfile {self.tls.cert}\n"
+               f"keyfile {self.tls.key}\n") if self.tls else ""
+        # Run as whoever runs the tests (as root, mosquitto would switch to its own user, which
+        # cannot read the tests' certificates in their private folders).
+        config.write_text(f"user {getpass.getuser()}\nper_listener_settings false\nallow_anonymous true\n"
+                          f"listener {self.port} 127.0.0.1\n{tls}"
                           f"persistence true\npersistence_location {self.folder}/\n"
                           "log_dest stderr\nlog_type error\nlog_type warning\n")
         return [MOSQUITTO, "-c", str(config)]
 
     def url(self, topic: str = "") -> str:
         return f"mqtt://127.0.0.1:{self.port}/{topic}"
+
+    def tls_url(self, topic: str = "", host: str = "127.0.0.1") -> str:
+        return f"mqtts://{host}:{self.tls_port}/{topic}"
 
 
 class MqttSubscriber:
@@ -166,17 +211,22 @@ class RedisServer(_Server):
 
     name = "redis"
 
-    def __init__(self, port: int | None = None, password: str | None = None):
-        super().__init__(port)
+    def __init__(self, port: int | None = None, password: str | None = None, tls: Certificates | None = None):
+        super().__init__(port, tls)
         self.password = password
 
     def command(self) -> list[str]:
         auth = ["--requirepass", self.password] if self.password else []
+        tls = ["--tls-port", str(self.tls_port), "--tls-cert-file", str(self.tls.cert), "--tls-key-file",
+               str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "no"] if self.tls else []
         return [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.folder), *auth]
+                "--appendonly", "no", "--dir", str(self.folder), *auth, *tls]
 
     def url(self, key: str = "", query: str = "") -> str:
         return f"redis://127.0.0.1:{self.port}/{key}" + (f"?{query}" if query else "")
+
+    def tls_url(self, key: str = "", host: str = "127.0.0.1") -> str:
+        return f"rediss://{host}:{self.tls_port}/{key}"
 
     def entries(self, key: str) -> list[dict[str, bytes]]:
         """The stream ``key``'s entries, oldest first: field name -> value."""
@@ -192,8 +242,9 @@ class WebhookReceiver:
     query (``paths``) and headers (``headers``, lower-case names), answering 200, or ``status`` for the next ``n`` posts
     after ``fail_next(n, status)`` (those are counted in ``failed``, not recorded)."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, tls: Certificates | None = None):
         self.port = port or free_port()
+        self.tls = tls
         self.bodies: list = []
         self.paths: list[str] = []
         self.headers: list[dict[str, str]] = []
@@ -203,8 +254,8 @@ class WebhookReceiver:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
-    def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+    def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}{path}"
 
     def fail_next(self, n: int, status: int = 500) -> None:
         with self._lock:
@@ -232,6 +283,13 @@ class WebhookReceiver:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if self.tls:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.tls.cert, self.tls.key)
+            # The handshake happens on each request's thread, so a client that refuses the
+            # certificate does not stall the accepting one.
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True,
+                                                      do_handshake_on_connect=False)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 

@@ -5,6 +5,7 @@ setting is reported before torch or a model is loaded."""
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -54,6 +55,7 @@ class ServerConfig:
     stream_url_allow: tuple[str, ...] = ()
     max_ingest_streams: int = 16
     sink_buffer: int = 1000
+    sink_ca_file: str | None = None
     model_control_mode: str = "none"
     load_model: tuple[str, ...] = ()
     # Spread over a fleet: connections are re-made every max age, so clients re-resolve and
@@ -97,6 +99,8 @@ class ServerConfig:
         if self.max_ingest_streams < 0 or self.sink_buffer < 1:
             raise ConfigError("--max-ingest-streams must be >= 0 (0: no camera streams) and "
                               "--sink-buffer >= 1")
+        if self.sink_ca_file is not None:
+            _check_ca_file("--sink-ca-file", self.sink_ca_file)
         object.__setattr__(self, "stream_url_allow", tuple(self.stream_url_allow))
         if self.stream_url_allow and not self.allow_stream_urls:
             raise ConfigError("--stream-url-allow needs --allow-stream-urls")
@@ -150,6 +154,15 @@ class ServerConfig:
                 what = {"int": "a whole number", "bool": "true or false"}.get(kind, "a number")
                 raise ConfigError(f"{variable} must be {what}, got {value!r}") from None
         return out
+
+
+def _check_ca_file(flag: str, path: str) -> None:
+    """Load ``path`` as PEM CA certificates now, so a bad file stops the start, not a sink's
+    first connection."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"{flag} {path}: not a file of PEM CA certificates ({exc})") from None
 
 
 def _names(text: str) -> tuple[str, ...]:

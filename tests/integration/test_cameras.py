@@ -29,7 +29,7 @@ from clients.client import ClientError, SegmentationClient
 from pipeline.errors import AlreadyExistsError, LimitError
 from pipeline.frontends.cameras.spec import StreamSpec
 
-from ..brokers import Mosquitto, MqttSubscriber, RedisServer, WebhookReceiver, unavailable
+from ..brokers import Mosquitto, MqttSubscriber, RedisServer, WebhookReceiver, make_certificates, unavailable
 from ..cameras import HlsServer, RtspServer, free_port, hls_unavailable, make_clip, rtsp_unavailable, scene_clip
 from ..conftest import ROOT, running_server
 
@@ -347,6 +347,26 @@ def test_the_readme_example_runs(cams):
         doc = json.loads(mqtt.payloads()[0])
         assert doc["stream_id"] == added["stream_id"] and "predictions" in doc
     remove_all(cams)
+
+
+def test_sinks_trust_the_sink_ca_file_of_the_server(fake_root, clips, tmp_path):
+    """--sink-ca-file reaches every stream's sinks: an mqtts:// broker whose certificate only
+    that CA vouches for gets the results (tests/integration/test_sinks.py: not without it)."""
+    need(unavailable("/usr/sbin/mosquitto") or unavailable("openssl"))
+    certificates = make_certificates(tmp_path)
+    with Mosquitto(tls=certificates) as broker, MqttSubscriber(broker.port, "secure/#") as mqtt, \
+            running_server(model_repository=str(fake_root), stream_source_dir=str(clips),
+                           sink_ca_file=str(certificates.ca)) as server:
+        code, added = http(server, "POST", "/v1/streams", {"source": "scene.mp4", "realtime": False,
+                                                           "stream_id": "tls", "sinks": [broker.tls_url("secure")]},
+                           headers={})
+        assert code == 201, added
+        done = wait_for(lambda: (s := http(server, "GET", "/v1/streams/tls", headers={})[1])["state"] == "stopped"
+                        and s["sinks"][0]["delivered"] == 30 and s, what="the file, delivered")
+        sink = done["sinks"][0]
+        assert (sink["url"], sink["dropped"], sink["retries"], sink["last_error"]) == (broker.tls_url("secure"), 0, 0, None)
+        wait_for(lambda: len(mqtt.payloads()) == 30, what="the results on the broker")
+    assert [json.loads(p)["frame_index"] for p in mqtt.payloads()] == list(range(30))
 
 
 def test_a_removal_runs_to_its_end_and_holds_the_id_until_then(cams):

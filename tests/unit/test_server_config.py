@@ -45,6 +45,8 @@ def test_serve_reports_a_bad_variable_without_a_traceback():
     ({"grpc_max_connection_age_s": -1}, "--grpc-max-connection-age-s must be at least 0.001 seconds"),
     ({"grpc_max_connection_age_s": float("nan")}, "--grpc-max-connection-age-s must be at least"),
     ({"grpc_max_connection_age_grace_s": -0.5}, "--grpc-max-connection-age-grace-s must be >= 0 seconds"),
+    ({"sink_ca_file": "/nonexistent/ca.pem"}, "--sink-ca-file /nonexistent/ca.pem: not a file of PEM CA"),
+    ({"sink_ca_file": __file__}, "--sink-ca-file .*: not a file of PEM CA certificates"),
 ])
 def test_bad_settings_are_refused_at_start_up(settings, words):
     with pytest.raises(ConfigError, match=words):

@@ -36,10 +36,14 @@ URL = f"http://alice:{SECRET}@example.test:8080/hook"
     ("redis://cache", "redis", "cache", 6379, "rle-serving:{stream_id}"),
     ("redis://cache:7000/results", "redis", "cache", 7000, "results"),
     ("redis://cache/cams:{stream_id}", "redis", "cache", 6379, "cams:{stream_id}"),
+    ("mqtts://broker/cameras", "mqtt", "broker", 8883, "cameras/{stream_id}"),
+    ("MQTTS://broker:8884", "mqtt", "broker", 8884, "rle-serving/{stream_id}"),
+    ("rediss://cache/results", "redis", "cache", 6379, "results"),
 ])
 def test_every_scheme_reads_with_its_defaults(url, kind, host, port, name):
     target = parse_sink(url)
     assert (target.kind, target.host, target.port, target.name) == (kind, host, port, name)
+    assert target.tls == url.lower().startswith(("https", "mqtts", "rediss"))
     assert (target.maxlen, target.db, target.username, target.password) == (10_000, 0, None, None)
     assert target.url == url and target.redacted == redact(url)
 
@@ -63,7 +67,8 @@ def test_redis_options_and_credentials_are_read():
     (None, "a sink is a URL such as mqtt://broker:1883/cameras, got NoneType"),
     (42, "got int"),
     ("  ", "got an empty one"),
-    ("kafka://broker:9092/topic", "unknown scheme 'kafka'; known: http://, https://, mqtt://, redis:// .Kafka is not supported"),
+    ("kafka://broker:9092/topic", "unknown scheme 'kafka'; known: http://, https://, mqtt://, mqtts://, "
+                                  "redis://, rediss:// .Kafka is not supported"),
     ("broker:1883", "no scheme; known: http://"),
     ("ftp://h/x", "unknown scheme 'ftp'"),
     ("mqtt://", "no host .e.g. mqtt://broker.example:1883/"),
@@ -90,6 +95,10 @@ def test_redis_options_and_credentials_are_read():
     ("redis://r/k?ttl=5", "unknown option 'ttl'; known: maxlen, db"),
     ("redis://r/k?maxlen", "name=value pairs"),
     ("redis://:pa/ss@r/k", "must be percent-encoded"),
+    ("rediss://:pa/ss@r/k", "must be percent-encoded"),
+    ("mqtts://b/cams/+", "no wildcards"),
+    ("mqtts://b/cams?qos=2", "takes no .options"),
+    ("rediss://r/3", "not a database number; write .db=3"),
 ])
 def test_bad_sink_urls_say_what_is_wrong(url, message):
     with pytest.raises(BadInputError, match=message):
@@ -99,6 +108,8 @@ def test_bad_sink_urls_say_what_is_wrong(url, message):
 @pytest.mark.parametrize("url, shown", [
     ("mqtt://user:pw@b:1883/t", "mqtt://user:***@b:1883/t"),
     ("redis://:pw@r/k?maxlen=5", "redis://:***@r/k?maxlen=5"),
+    ("rediss://:pw@r/k?maxlen=5", "rediss://:***@r/k?maxlen=5"),
+    ("mqtts://user:pw@b/t", "mqtts://user:***@b/t"),
     ("rtsp://cam/live?user=admin&password=x", "rtsp://cam/live?user=***&password=***"),  # a camera's login
     ("mqtt://token@b/t", "mqtt://***@b/t"),
     ("redis://:pa/ss@r/k", "redis://:***@r/k"),  # not a valid URL, still redacted whole
@@ -145,7 +156,7 @@ class MemoryTarget:
 
     made: list[MemoryTarget] = []
 
-    def __init__(self, target, stream_id):
+    def __init__(self, target, stream_id, _ca_file):
         self.target, self.stream_id = target, stream_id
         self.up = True
         self.refuse: set[bytes] = set()

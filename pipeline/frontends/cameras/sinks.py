@@ -17,12 +17,17 @@ URL forms (``{stream_id}`` in a topic or key is replaced by the stream's id):
 
     http(s)://[user:pass@]host[:port]/path[?query]   webhook: POST, Content-Type
         application/json, one message per request; user:pass as HTTP Basic authentication
-    mqtt://[user:pass@]host[:1883][/topic]           MQTT 3.1.1 PUBLISH at QoS 1 (acknowledged);
+    mqtt(s)://[user:pass@]host[:1883|:8883][/topic]  MQTT 3.1.1 PUBLISH at QoS 1 (acknowledged);
         no topic: "rle-serving/{stream_id}"; a topic without "{stream_id}" gets
         "/{stream_id}" appended (one topic per stream); "+" and "#" are refused
-    redis://[user:pass@]host[:6379][/key][?maxlen=N&db=D]   Redis Streams: XADD key MAXLEN ~ N
+    redis(s)://[user:pass@]host[:6379][/key][?maxlen=N&db=D]   Redis Streams: XADD key MAXLEN ~ N
         (default 10000) with fields stream_id, frame_index, document; default key
         "rle-serving:{stream_id}"; the path is the key, so the database is ``?db=``
+
+The "s" schemes (https, mqtts, rediss) speak TLS and verify the target: its certificate must
+chain to a CA the system trusts or to one in ``ca_file`` (the server's ``--sink-ca-file``, for
+brokers with a private CA), and name the URL's host. There is no switch to skip verification:
+a sink sends a camera's results, and credentials, to whoever answers.
 
 What is retried: a connection that cannot be made or is lost, a send that fails or is not
 acknowledged within ``SEND_TIMEOUT_S``, and a webhook answer other than 2xx, except 4xx ones
@@ -53,6 +58,7 @@ import base64
 import contextlib
 import json
 import logging
+import ssl
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -67,8 +73,10 @@ from ...errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-KINDS = {"http": "webhook", "https": "webhook", "mqtt": "mqtt", "redis": "redis"}  # scheme -> kind
-DEFAULT_PORTS = {"http": 80, "https": 443, "mqtt": 1883, "redis": 6379}
+KINDS = {"http": "webhook", "https": "webhook", "mqtt": "mqtt", "mqtts": "mqtt",  # scheme -> kind
+         "redis": "redis", "rediss": "redis"}
+DEFAULT_PORTS = {"http": 80, "https": 443, "mqtt": 1883, "mqtts": 8883, "redis": 6379, "rediss": 6379}
+TLS_SCHEMES = frozenset({"https", "mqtts", "rediss"})
 STREAM_ID = "{stream_id}"
 DEFAULT_TOPIC = f"rle-serving/{STREAM_ID}"
 DEFAULT_KEY = f"rle-serving:{STREAM_ID}"
@@ -85,15 +93,16 @@ class SinkTarget:
     """One sink URL, read: where to connect and what to name.
 
     kind: "webhook", "mqtt" or "redis". url: as given, credentials and all (never shown: its
-    repr is off); redacted: the same without them, for statuses, logs and errors.
-    name: the MQTT topic or Redis key, "{stream_id}" still in it ("" for a webhook).
-    maxlen, db: Redis only."""
+    repr is off); redacted: the same without them, for statuses, logs and errors. tls: the
+    scheme is https, mqtts or rediss. name: the MQTT topic or Redis key, "{stream_id}" still
+    in it ("" for a webhook). maxlen, db: Redis only."""
 
     kind: str
     url: str = field(repr=False)
     redacted: str
     host: str
     port: int
+    tls: bool = False
     username: str | None = field(default=None, repr=False)  # a lone "token@" is a secret too
     password: str | None = field(default=None, repr=False)
     name: str = ""
@@ -125,7 +134,7 @@ def redact(url: str) -> str:
     if userinfo:
         user, colon, _ = userinfo.partition(":")
         url = f"{scheme}://{user}:***@{rest}" if colon else f"{scheme}://***@{rest}"
-    if "?" in url and scheme.lower() != "redis":  # redis' query is ours (maxlen, db); others carry tokens
+    if "?" in url and KINDS.get(scheme.lower()) != "redis":  # redis' query is ours (maxlen, db); others carry tokens
         head, _, query = url.partition("?")
         query = query.partition("#")[0]
         url = head + "?" + "&".join(f"{pair.partition('=')[0]}=***" for pair in query.split("&"))
@@ -140,7 +149,7 @@ def _authority(url: str) -> tuple[str, str, str]:
     if not sep:
         return "", "", url
     end = len(rest)
-    if scheme.lower() in ("http", "https"):
+    if KINDS.get(scheme.lower()) == "webhook":
         end = min((i for i in map(rest.find, "/?#") if i >= 0), default=end)
     at = rest.rfind("@", 0, end)
     if at < 0:
@@ -167,7 +176,7 @@ def parse_sink(url: object) -> SinkTarget:
         parts = urlsplit(url)
     except ValueError:  # "Invalid IPv6 URL"
         raise BadInputError(f"sink {shown!r}: the host is not a valid name or [IPv6] address") from None
-    if scheme in ("mqtt", "redis") and "@" in url.partition("://")[2][len(parts.netloc):]:
+    if KINDS[scheme] in ("mqtt", "redis") and "@" in url.partition("://")[2][len(parts.netloc):]:
         raise BadInputError(f"sink {shown!r}: a user name or password with / ? # or @ in it must be "
                             "percent-encoded (%2F %3F %23 %40)")
     if not parts.hostname:
@@ -182,19 +191,19 @@ def parse_sink(url: object) -> SinkTarget:
     if "#" in url:  # a fragment is never sent; in an MQTT topic it would be a wildcard
         raise BadInputError(f"sink {shown!r}: a sink URL has no # (a fragment, or an MQTT wildcard)")
     target = {"kind": KINDS[scheme], "url": url, "redacted": shown, "host": parts.hostname,
-              "port": port or DEFAULT_PORTS[scheme],
+              "port": port or DEFAULT_PORTS[scheme], "tls": scheme in TLS_SCHEMES,
               "username": unquote(parts.username) if parts.username else None,
               "password": unquote(parts.password) if parts.password else None}
-    if scheme == "mqtt":
+    if KINDS[scheme] == "mqtt":
         return SinkTarget(**target, name=_topic(parts.path, parts.query, shown))
-    if scheme == "redis":
+    if KINDS[scheme] == "redis":
         return SinkTarget(**target, **_redis(parts.path, parts.query, shown))
     return SinkTarget(**target)
 
 
 def _topic(path: str, query: str, shown: str) -> str:
     if query:
-        raise BadInputError(f"sink {shown!r}: an mqtt:// sink takes no ?options (QoS is 1)")
+        raise BadInputError(f"sink {shown!r}: an MQTT sink takes no ?options (QoS is 1)")
     topic = unquote(path[1:])  # the first "/" separates; a topic may itself start with one
     if not topic:
         return DEFAULT_TOPIC
@@ -206,7 +215,7 @@ def _topic(path: str, query: str, shown: str) -> str:
 def _redis(path: str, query: str, shown: str) -> dict:
     key = unquote(path[1:]) or DEFAULT_KEY
     if key.isdigit():
-        raise BadInputError(f"sink {shown!r}: the path of a redis:// sink is the stream key, not a "
+        raise BadInputError(f"sink {shown!r}: the path of a Redis sink is the stream key, not a "
                             f"database number; write ?db={key} for a database")
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
@@ -225,7 +234,8 @@ def _redis(path: str, query: str, shown: str) -> dict:
 
 
 class Transport(Protocol):
-    """What one kind knows, built per Sink as ``kind(target, stream_id)``. Each call may raise
+    """What one kind knows, built per Sink as ``kind(target, stream_id, ca_file)`` (ca_file:
+    PEM certificates trusted besides the system's, for a TLS target). Each call may raise
     anything: the Sink disconnects and retries, unless it is ``Rejected``. ``disconnect`` is also
     called when not connected, and must then do nothing."""
 
@@ -243,8 +253,9 @@ class Rejected(Exception):
 class WebhookTransport:
     """POST each message; 2xx delivered, 4xx other than 408/429 ``Rejected``, else retried."""
 
-    def __init__(self, target: SinkTarget, stream_id: str):
+    def __init__(self, target: SinkTarget, stream_id: str, ca_file: str | None):
         self._url = URL(target.url).with_user(None)  # credentials go in a header, not the URL
+        self._tls = tls_context(ca_file) if target.tls else None
         self._headers = {"Content-Type": "application/json"}
         if target.username is not None or target.password is not None:  # HTTP Basic (RFC 7617)
             pair = f"{target.username or ''}:{target.password or ''}".encode()
@@ -259,7 +270,8 @@ class WebhookTransport:
 
     async def send(self, message: bytes) -> None:
         assert self._session is not None
-        async with self._session.post(self._url, data=message, allow_redirects=False) as response:
+        async with self._session.post(self._url, data=message, allow_redirects=False,
+                                      ssl=self._tls or True) as response:
             status = response.status  # the body is not read: nothing in it is ours to use
         if 200 <= status < 300:
             return
@@ -276,9 +288,10 @@ class WebhookTransport:
 class MqttTransport:
     """PUBLISH at QoS 1 to the stream's topic, waiting for the broker's PUBACK."""
 
-    def __init__(self, target: SinkTarget, stream_id: str):
+    def __init__(self, target: SinkTarget, stream_id: str, ca_file: str | None):
         self._target = target
         self._topic = target.name_for(stream_id)
+        self._tls = tls_context(ca_file) if target.tls else None
         self._stack: contextlib.AsyncExitStack | None = None
         self._client = None
         self._lost: asyncio.Task | None = None
@@ -289,7 +302,7 @@ class MqttTransport:
         target, stack = self._target, contextlib.AsyncExitStack()
         client = aiomqtt.Client(target.host, target.port, username=target.username, password=target.password,
                                 identifier=f"rle-serving-{uuid.uuid4().hex[:12]}", timeout=SEND_TIMEOUT_S,
-                                keepalive=30, logger=log.getChild("mqtt"))
+                                keepalive=30, tls_context=self._tls, logger=log.getChild("mqtt"))
         self._client = await stack.enter_async_context(client)
         self._stack = stack
         # aiomqtt's message iterator is its public way to learn that the connection is lost
@@ -323,8 +336,9 @@ class MqttTransport:
 class RedisStreamTransport:
     """XADD each message to the stream's key, trimmed to about ``maxlen`` entries."""
 
-    def __init__(self, target: SinkTarget, stream_id: str):
+    def __init__(self, target: SinkTarget, stream_id: str, ca_file: str | None):
         self._target = target
+        self._ca_file = ca_file
         self._stream_id = stream_id
         self._key = target.name_for(stream_id)
         self._redis = None
@@ -336,10 +350,13 @@ class RedisStreamTransport:
 
         target = self._target
         # redis-py's own retries off: the Sink retries, with its backoff and its counters.
+        # redis-py takes no SSL context; its own is the system's, plus ssl_ca_certs.
+        tls = dict(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True,
+                   ssl_ca_certs=self._ca_file) if target.tls else {}
         self._redis = Redis(host=target.host, port=target.port, db=target.db, username=target.username,
                             password=target.password, socket_timeout=SEND_TIMEOUT_S,
                             socket_connect_timeout=SEND_TIMEOUT_S, retry=Retry(NoBackoff(), 0),
-                            single_connection_client=True)
+                            single_connection_client=True, **tls)
         await self._redis.ping()
 
     async def send(self, message: bytes) -> None:
@@ -353,6 +370,15 @@ class RedisStreamTransport:
             await client.aclose()
 
 
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """A client context that verifies the target's certificate and name against the system's
+    CAs and those in ``ca_file``."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
 def frame_index(message: bytes) -> str:
     """The document's "frame_index" as text ("" when it has none): a Redis field of its own,
     so readers can find a frame without parsing every document."""
@@ -363,7 +389,7 @@ def frame_index(message: bytes) -> str:
     return "" if value is None else str(value)
 
 
-TRANSPORTS: dict[str, Callable[[SinkTarget, str], Transport]] = {
+TRANSPORTS: dict[str, Callable[[SinkTarget, str, str | None], Transport]] = {
     "webhook": WebhookTransport, "mqtt": MqttTransport, "redis": RedisStreamTransport}
 
 
@@ -380,15 +406,15 @@ class Sink:
     counters. ``offer`` never blocks the stream.
 
     buffer: how many messages may wait (beside the one being sent); backoff_s: the first and
-    the longest pause between attempts after failures."""
+    the longest pause between attempts after failures; ca_file: see the module's TLS."""
 
     def __init__(self, target: SinkTarget, stream_id: str, *, buffer: int = 1000,
-                 backoff_s: tuple[float, float] = BACKOFF_S):
+                 backoff_s: tuple[float, float] = BACKOFF_S, ca_file: str | None = None):
         if buffer < 1:
             raise BadInputError(f"a sink's buffer holds at least 1 message, got {buffer}")
         self.target = target
         self.stream_id = stream_id
-        self._transport = TRANSPORTS[target.kind](target, stream_id)
+        self._transport = TRANSPORTS[target.kind](target, stream_id, ca_file)
         self._bound = buffer
         self._backoff_s = backoff_s
         self._waiting: deque[bytes] = deque()

@@ -162,7 +162,7 @@ def _max_fps(body: Mapping) -> float | None:
 def _sinks(body: Mapping) -> tuple[SinkTarget, ...]:
     sinks = body.get("sinks") or []
     if not isinstance(sinks, list) or not all(isinstance(s, str) for s in sinks):
-        raise BadInputError("'sinks' must be a list of URLs (http(s)://, mqtt://, redis://)")
+        raise BadInputError("'sinks' must be a list of URLs (http(s)://, mqtt(s)://, redis(s)://)")
     if len(sinks) > MAX_SINKS:
         raise BadInputError(f"at most {MAX_SINKS} sinks per stream, got {len(sinks)}")
     return tuple(parse_sink(url) for url in sinks)

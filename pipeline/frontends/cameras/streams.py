@@ -174,7 +174,8 @@ class CameraStream:
                              realtime=spec.realtime, queue=self.queue, name=stream_id,
                              on_state=lambda state, error: loop.call_soon_threadsafe(
                                  self._source_state, state, error))
-        self.sinks = [Sink(target, stream_id, buffer=owner.sink_buffer) for target in spec.sinks]
+        self.sinks = [Sink(target, stream_id, buffer=owner.sink_buffer, ca_file=owner.sink_ca_file)
+                      for target in spec.sinks]
         self.window: StreamWindow[Sampled, CameraResult] = StreamWindow(
             self._process, self._failed, window=1 if live else FILE_WINDOW)
         self._answered = asyncio.Event()  # a live stream's frame in the batcher is answered
@@ -391,11 +392,12 @@ class CameraStreams:
     removed, so their state stays visible), and the subscribers to their results."""
 
     def __init__(self, state: ServingState, rules: SourceRules, *, max_streams: int = 16,
-                 sink_buffer: int = 1000):
+                 sink_buffer: int = 1000, sink_ca_file: str | None = None):
         self.state = state
         self.rules = rules
         self.max_streams = max_streams
         self.sink_buffer = sink_buffer
+        self.sink_ca_file = sink_ca_file
         self._streams: dict[str, CameraStream] = {}
         self._subscribers: set[Subscription] = set()
         self._turns: dict[str, asyncio.Semaphore] = {}
