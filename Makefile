@@ -157,6 +157,7 @@ bench: setup services $(MODEL)
 	$(BIN)/python benchmarks/load_bench.py
 	$(BIN)/python benchmarks/tracking_bench.py
 	$(BIN)/python benchmarks/camera_bench.py --cameras 8 --max-fps 2 --seconds 60
+	$(BIN)/python benchmarks/sink_bench.py --sizes 2000 --seconds 10
 
 run: setup $(MODEL)
 	$(BIN)/python -m pipeline.tools.demo --out out

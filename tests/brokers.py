@@ -9,6 +9,8 @@ test readers use."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import getpass
 import json
 import shutil
@@ -299,6 +301,86 @@ class WebhookReceiver:
             self._server.server_close()
             self._thread.join(5)
             self._server = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class DelayedLink:
+    """A TCP relay on 127.0.0.1 that holds every byte ``delay_s`` before passing it on, each
+    way (a round trip of twice that): a broker or webhook across a wide-area network. Order
+    is kept; nothing is lost. ``url_of(url)`` points a sink URL at the relay."""
+
+    def __init__(self, target_port: int, delay_s: float):
+        self.target_port = target_port
+        self.delay_s = delay_s
+        self.port = free_port()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    def url_of(self, url: str) -> str:
+        return url.replace(f":{self.target_port}", f":{self.port}", 1)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the delayed link did not start")
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+            self._thread.join(10)
+            self._loop = None
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self._ready.set()
+        async with server:
+            await self._stopping.wait()
+
+    async def _relay(self, client_reader, client_writer) -> None:
+        try:
+            target_reader, target_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_writer.close()
+            return
+        with contextlib.suppress(asyncio.CancelledError):  # stop(): the connections just end
+            await asyncio.gather(self._pass(client_reader, target_writer), self._pass(target_reader, client_writer))
+
+    async def _pass(self, reader, writer) -> None:
+        """Bytes from ``reader`` to ``writer``, each chunk ``delay_s`` after it came."""
+        held: asyncio.Queue = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                while chunk := await reader.read(65536):
+                    held.put_nowait((time.monotonic() + self.delay_s, chunk))
+            except OSError:  # reset: the end, as for a close
+                pass
+            held.put_nowait((time.monotonic() + self.delay_s, b""))
+
+        reading = asyncio.ensure_future(read())
+        try:
+            while True:
+                due, chunk = await held.get()
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                if not chunk:
+                    break
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            reading.cancel()
+            writer.close()
 
     def __enter__(self):
         self.start()

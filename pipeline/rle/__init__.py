@@ -176,7 +176,7 @@ def encode_crops(crops: Any, origins: Any, size: Sequence[int]) -> list[dict]:
 def _parse_size(size: Any) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in size)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ValueError(f"RLE size must be [height, width], got {size!r}") from None
     if h < 0 or w < 0:
         raise ValueError(f"RLE size must be non-negative, got {[h, w]}")

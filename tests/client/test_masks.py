@@ -98,6 +98,9 @@ def test_garbage_the_old_helpers_accepted_is_refused():
         bbox({"counts": "<"})
     with pytest.raises(ValueError, match=r"\[height, width\]"):
         bbox({"size": "3x4", "counts": "<"})
+    for size in ([float("inf")], [3, float("inf")], [float("nan"), 4]):  # found by the property above
+        with pytest.raises(ValueError, match=r"\[height, width\]"):
+            area({"size": size, "counts": ""})
     with pytest.raises(ValueError, match="different sizes"):
         iou({"size": [3, 4], "counts": "<"}, {"size": [4, 3], "counts": "<"})
     assert iou({"size": [3, 4], "counts": "<"}, {"size": [3, 4], "counts": "<"}) == 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import time
@@ -225,6 +226,29 @@ def test_mqtt_publish_waiting_for_its_puback_is_sent_again_when_the_broker_dies(
     lost = run(main())
     assert lost["last_error"] == "ConnectionError: the connection to the MQTT broker was lost"
     assert (lost["connected"], lost["buffered"]) == (False, 1)
+
+
+def test_a_batch_cut_short_by_close_leaves_nothing_behind(mosquitto, caplog):
+    async def main():
+        sink = Sink(parse_sink(mosquitto.url("cams")), STREAM)
+        sink.start()
+        sink.offer(document(0))
+        await until(lambda: sink.delivered == 1)
+        mosquitto.freeze()
+        for i in range(1, 6):
+            sink.offer(document(i))
+        await settle(50)  # one batch of 5 is published; no PUBACK comes
+        await sink.close(0)
+        await settle(50)
+        return sink.status()
+
+    caplog.set_level(logging.CRITICAL, logger=sinks.__name__)  # its records would hold the sink (their arguments)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        status = run(main())
+        gc.collect()  # a future whose exception nobody took says so when collected
+    mosquitto.kill()
+    assert (status["delivered"], status["dropped"], status["buffered"]) == (1, 5, 0)
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
 def test_close_flushes_to_mqtt(mosquitto):

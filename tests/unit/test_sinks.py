@@ -152,9 +152,11 @@ def test_frame_index_is_read_from_the_document(message, index):
 class MemoryTarget:
     """A transport kept in memory. ``up`` False: connects and sends fail (their errors quote
     the URL's password, which the Sink must not repeat); ``refuse``: messages rejected for
-    good; ``gate``: when set to an Event, a send waits for it (a message held in flight)."""
+    good; ``gate``: when set to an Event, a send waits for it (a batch held in flight);
+    ``batch``: the most messages a send takes (1, as a webhook, unless a test says more)."""
 
     made: list[MemoryTarget] = []
+    batch = 1
 
     def __init__(self, target, stream_id, _ca_file):
         self.target, self.stream_id = target, stream_id
@@ -162,7 +164,8 @@ class MemoryTarget:
         self.refuse: set[bytes] = set()
         self.gate: asyncio.Event | None = None
         self.received: list[bytes] = []
-        self.in_flight: bytes | None = None  # what a send holds now
+        self.sends: list[list[bytes]] = []  # the batches delivered
+        self.in_flight: list[bytes] = []  # what a send holds now
         self.attempts: list[float] = []  # monotonic times of each connect or send tried
         self.connected = False
         self.disconnects = 0
@@ -174,17 +177,19 @@ class MemoryTarget:
             raise ConnectionRefusedError(f"{self.target.url} refused alice with s3cr/et")
         self.connected = True
 
-    async def send(self, message):
-        self.in_flight = message
+    async def send(self, batch):
+        assert 1 <= len(batch) <= self.batch
+        self.in_flight = batch
         if self.gate is not None:
             await self.gate.wait()
-        self.in_flight = None
+        self.in_flight = []
         if not self.up:
             self.attempts.append(time.monotonic())
             raise ConnectionResetError("lost")
-        if message in self.refuse:
+        if set(batch) & self.refuse:
             raise Rejected("the webhook answered HTTP 400")
-        self.received.append(message)
+        self.received.extend(batch)
+        self.sends.append(batch)
 
     async def disconnect(self):
         self.connected = False
@@ -233,7 +238,7 @@ def test_a_full_buffer_drops_the_oldest_waiting_never_the_one_in_flight(memory):
         target.gate = asyncio.Event()
         sink.start()
         sink.offer(messages(0)[0])
-        await until(lambda: target.in_flight == messages(0)[0])
+        await until(lambda: target.in_flight == messages(0))
         for m in messages(*range(1, 9)):
             sink.offer(m)
         assert (sink.dropped, sink.status()["buffered"]) == (5, 4)  # 1..5 dropped; 0 in flight, 6..8 wait
@@ -241,6 +246,34 @@ def test_a_full_buffer_drops_the_oldest_waiting_never_the_one_in_flight(memory):
         await until(lambda: sink.delivered == 4)
         assert target.received == messages(0, 6, 7, 8)
         assert (sink.dropped, sink.status()["buffered"]) == (5, 0)
+        await sink.close(1)
+    run(main())
+
+
+def test_what_waits_goes_in_batches_of_the_transports_size_and_a_failed_batch_goes_again_whole(memory):
+    async def main():
+        sink, target = make_sink(buffer=10)
+        target.batch, target.gate = 4, asyncio.Event()
+        sink.start()
+        sink.offer(messages(0)[0])
+        await until(lambda: target.in_flight == messages(0))
+        for m in messages(*range(1, 7)):
+            sink.offer(m)
+        assert sink.status()["buffered"] == 7  # 1 in flight, 6 waiting
+        target.gate.set()
+        await until(lambda: sink.delivered == 7)
+        assert target.sends == [messages(0), messages(1, 2, 3, 4), messages(5, 6)]
+        target.gate.clear()
+        for m in messages(7, 8, 9):
+            sink.offer(m)
+        await until(lambda: target.in_flight == messages(7, 8, 9))
+        target.up = False  # the batch fails: counted once, then sent again whole
+        target.gate.set()
+        await until(lambda: sink.retries == 1)
+        assert sink.status()["buffered"] == 3 and sink.delivered == 7
+        target.up = True
+        await until(lambda: sink.delivered == 10)
+        assert target.sends[-1] == messages(7, 8, 9) and target.received == messages(*range(10))
         await sink.close(1)
     run(main())
 
@@ -371,7 +404,7 @@ def test_close_cancels_a_send_that_hangs(memory):
         sink.start()
         for m in messages(0, 1):
             sink.offer(m)
-        await until(lambda: target.in_flight == messages(0)[0])
+        await until(lambda: target.in_flight == messages(0))
         await sink.close(0.1)
         assert (sink.delivered, sink.dropped, sink.status()["buffered"]) == (0, 2, 0)
     run(main())

@@ -6,10 +6,14 @@ Vocabulary:
   mistake a BadInputError that says what is wrong and which schemes are known);
 - a **message** is one JSON document (utf-8 bytes): the result of one frame;
 - a **Sink** is one target of one stream: a bounded **buffer** of messages, one **delivery
-  task** that sends them in order, one at a time, and counters (``status()``);
-- a **transport** is all a kind knows: connect, send one message, disconnect
+  task** that sends them in order, a **batch** at a time, and counters (``status()``);
+- a **transport** is all a kind knows: connect, send a batch, disconnect
   (``WebhookTransport``, ``MqttTransport``, ``RedisStreamTransport``, found by kind in
-  ``TRANSPORTS``). Buffering, retries, counting and closing are the Sink's, the same for every
+  ``TRANSPORTS``). A batch is what was waiting, up to the transport's ``batch``: the MQTT
+  and Redis ones put up to ``IN_FLIGHT`` messages on the wire before the first answer comes
+  back (PUBLISHes awaiting their PUBACKs, one pipelined round trip of XADDs), so a broker a
+  round trip of 50 ms away still takes a 30 fps camera's results; a webhook POSTs one at a
+  time, in order. Buffering, retries, counting and closing are the Sink's, the same for every
   kind, so a new kind is one small class. Kafka is not built: no Kafka broker can be run in
   this project's tests, and a kind that no test delivers through is not shipped.
 
@@ -31,13 +35,14 @@ a sink sends a camera's results, and credentials, to whoever answers.
 
 What is retried: a connection that cannot be made or is lost, a send that fails or is not
 acknowledged within ``SEND_TIMEOUT_S``, and a webhook answer other than 2xx, except 4xx ones
-other than 408 and 429. The message stays first in line and is sent again after a pause that
-doubles from ``BACKOFF_S[0]`` to ``BACKOFF_S[1]`` (reconnecting first), forever: a broker that
-goes away and comes back gets the messages that waited for it, in order (MQTT QoS 1 and
-webhooks are at least once: a message whose acknowledgement was lost is sent again).
+other than 408 and 429. The batch stays first in line and is sent again, whole, after a pause
+that doubles from ``BACKOFF_S[0]`` to ``BACKOFF_S[1]`` (reconnecting first), forever: a broker
+that goes away and comes back gets the messages that waited for it, in order. Delivery is at
+least once: a message whose acknowledgement was lost, or that was in a batch cut short, is
+sent again.
 
 What is dropped, and counted in ``dropped``: the oldest waiting message when one more arrives
-and ``buffer`` are waiting (the one being sent is kept: it is not waiting); a message a
+and ``buffer`` are waiting (the batch being sent is kept: it is not waiting); a message a
 webhook refuses with a 4xx other than 408/429 (``last_error`` says so; sending it again would
 be refused again); whatever is still held when ``close(timeout_s)`` runs out of time; and
 messages offered after ``close``.
@@ -83,6 +88,7 @@ DEFAULT_KEY = f"rle-serving:{STREAM_ID}"
 DEFAULT_MAXLEN = 10_000
 BACKOFF_S = (0.2, 5.0)  # the pause after a failure: first, and the most it doubles to
 SEND_TIMEOUT_S = 10.0  # one connect, send or disconnect; past it the attempt has failed
+IN_FLIGHT = 32  # messages sent before the first is acknowledged, in a batch (MQTT, Redis)
 REDIS_OPTIONS = ("maxlen", "db")
 RETRIED_4XX = frozenset({408, 429})  # Request Timeout, Too Many Requests: "later", not "never"
 ERROR_CHARS = 300  # of an error's text kept in last_error and log lines
@@ -235,13 +241,16 @@ def _redis(path: str, query: str, shown: str) -> dict:
 
 class Transport(Protocol):
     """What one kind knows, built per Sink as ``kind(target, stream_id, ca_file)`` (ca_file:
-    PEM certificates trusted besides the system's, for a TLS target). Each call may raise
-    anything: the Sink disconnects and retries, unless it is ``Rejected``. ``disconnect`` is also
-    called when not connected, and must then do nothing."""
+    PEM certificates trusted besides the system's, for a TLS target). ``send`` delivers its
+    batch (at most ``batch`` messages) in order, or raises. Each call may raise anything: the
+    Sink disconnects and retries, unless it is ``Rejected``. ``disconnect`` is also called when
+    not connected, and must then do nothing."""
+
+    batch: int
 
     async def connect(self) -> None: ...
 
-    async def send(self, message: bytes) -> None: ...
+    async def send(self, messages: list[bytes]) -> None: ...
 
     async def disconnect(self) -> None: ...
 
@@ -251,7 +260,10 @@ class Rejected(Exception):
 
 
 class WebhookTransport:
-    """POST each message; 2xx delivered, 4xx other than 408/429 ``Rejected``, else retried."""
+    """POST each message; 2xx delivered, 4xx other than 408/429 ``Rejected``, else retried.
+    One at a time: concurrent POSTs may arrive out of order, and a refusal is per message."""
+
+    batch = 1
 
     def __init__(self, target: SinkTarget, stream_id: str, ca_file: str | None):
         self._url = URL(target.url).with_user(None)  # credentials go in a header, not the URL
@@ -268,8 +280,9 @@ class WebhookTransport:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_S), headers=self._headers)
 
-    async def send(self, message: bytes) -> None:
+    async def send(self, messages: list[bytes]) -> None:
         assert self._session is not None
+        (message,) = messages
         async with self._session.post(self._url, data=message, allow_redirects=False,
                                       ssl=self._tls or True) as response:
             status = response.status  # the body is not read: nothing in it is ours to use
@@ -286,7 +299,10 @@ class WebhookTransport:
 
 
 class MqttTransport:
-    """PUBLISH at QoS 1 to the stream's topic, waiting for the broker's PUBACK."""
+    """PUBLISH at QoS 1 to the stream's topic, a batch at once, waiting for the broker's PUBACKs
+    (paho puts them on the wire in the order they are published)."""
+
+    batch = IN_FLIGHT
 
     def __init__(self, target: SinkTarget, stream_id: str, ca_file: str | None):
         self._target = target
@@ -302,7 +318,8 @@ class MqttTransport:
         target, stack = self._target, contextlib.AsyncExitStack()
         client = aiomqtt.Client(target.host, target.port, username=target.username, password=target.password,
                                 identifier=f"rle-serving-{uuid.uuid4().hex[:12]}", timeout=SEND_TIMEOUT_S,
-                                keepalive=30, tls_context=self._tls, logger=log.getChild("mqtt"))
+                                keepalive=30, max_inflight_messages=IN_FLIGHT, tls_context=self._tls,
+                                logger=log.getChild("mqtt"))
         self._client = await stack.enter_async_context(client)
         self._stack = stack
         # aiomqtt's message iterator is its public way to learn that the connection is lost
@@ -314,14 +331,23 @@ class MqttTransport:
         async for _ in self._client.messages:
             pass
 
-    async def send(self, message: bytes) -> None:
+    async def send(self, messages: list[bytes]) -> None:
         assert self._lost is not None
-        publish = asyncio.ensure_future(self._client.publish(self._topic, message, qos=1, timeout=SEND_TIMEOUT_S))
-        await asyncio.wait((publish, self._lost), return_when=asyncio.FIRST_COMPLETED)
-        if not publish.done():
-            publish.cancel()
+        # Tasks start in the order made, and each hands its message to paho at once.
+        publishes = [asyncio.ensure_future(self._client.publish(self._topic, message, qos=1,
+                                                                timeout=SEND_TIMEOUT_S)) for message in messages]
+        acknowledged = asyncio.gather(*publishes)
+        try:
+            done, _ = await asyncio.wait((acknowledged, self._lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not acknowledged.done():  # lost, or this send timed out: no publish outlives it
+                acknowledged.cancel()
+                # A cancelled gather ends with CancelledError as its exception: taken here, so
+                # asyncio does not log it as never retrieved.
+                acknowledged.add_done_callback(lambda gathered: gathered.cancelled() or gathered.exception())
+        if acknowledged not in done:
             raise ConnectionError("the connection to the MQTT broker was lost")
-        publish.result()
+        acknowledged.result()
 
     async def disconnect(self) -> None:
         if self._lost is not None:
@@ -334,7 +360,10 @@ class MqttTransport:
 
 
 class RedisStreamTransport:
-    """XADD each message to the stream's key, trimmed to about ``maxlen`` entries."""
+    """XADD each message to the stream's key, trimmed to about ``maxlen`` entries: a batch in
+    one pipelined round trip (not a transaction: the XADDs run in order)."""
+
+    batch = IN_FLIGHT
 
     def __init__(self, target: SinkTarget, stream_id: str, ca_file: str | None):
         self._target = target
@@ -355,14 +384,16 @@ class RedisStreamTransport:
                    ssl_ca_certs=self._ca_file) if target.tls else {}
         self._redis = Redis(host=target.host, port=target.port, db=target.db, username=target.username,
                             password=target.password, socket_timeout=SEND_TIMEOUT_S,
-                            socket_connect_timeout=SEND_TIMEOUT_S, retry=Retry(NoBackoff(), 0),
-                            single_connection_client=True, **tls)
+                            socket_connect_timeout=SEND_TIMEOUT_S, retry=Retry(NoBackoff(), 0), **tls)
         await self._redis.ping()
 
-    async def send(self, message: bytes) -> None:
+    async def send(self, messages: list[bytes]) -> None:
         assert self._redis is not None
-        fields = {"stream_id": self._stream_id, "frame_index": frame_index(message), "document": message}
-        await self._redis.xadd(self._key, fields, maxlen=self._target.maxlen, approximate=True)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for message in messages:
+                fields = {"stream_id": self._stream_id, "frame_index": frame_index(message), "document": message}
+                pipe.xadd(self._key, fields, maxlen=self._target.maxlen, approximate=True)
+            await pipe.execute()
 
     async def disconnect(self) -> None:
         if self._redis is not None:
@@ -405,7 +436,7 @@ class Sink:
     """One target of one stream: a bounded buffer, one delivery task, retries with backoff,
     counters. ``offer`` never blocks the stream.
 
-    buffer: how many messages may wait (beside the one being sent); backoff_s: the first and
+    buffer: how many messages may wait (beside the batch being sent); backoff_s: the first and
     the longest pause between attempts after failures; ca_file: see the module's TLS."""
 
     def __init__(self, target: SinkTarget, stream_id: str, *, buffer: int = 1000,
@@ -418,7 +449,7 @@ class Sink:
         self._bound = buffer
         self._backoff_s = backoff_s
         self._waiting: deque[bytes] = deque()
-        self._sending: bytes | None = None  # taken from the buffer, not yet delivered
+        self._sending: list[bytes] = []  # the batch taken from the buffer, not yet delivered
         self._wake = asyncio.Event()  # a message was offered, or close() was called
         self._closing = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -462,43 +493,44 @@ class Sink:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        left = len(self._waiting) + (self._sending is not None)
+        left = len(self._waiting) + len(self._sending)
         if left:
             log.warning("%r: closed with %d messages undelivered (counted in 'dropped')", self, left)
             self.dropped += left
             self._waiting.clear()
-            self._sending = None
+            self._sending = []
         await self._disconnect()
 
     def status(self) -> dict:
         """The counters; the URL without credentials."""
         return {"url": self.target.redacted, "kind": self.target.kind, "connected": self._connected,
                 "delivered": self.delivered, "dropped": self.dropped,
-                "buffered": len(self._waiting) + (self._sending is not None),
+                "buffered": len(self._waiting) + len(self._sending),
                 "retries": self.retries, "last_error": self.last_error}
 
     async def _deliver(self) -> None:
-        """The delivery task: one message at a time, in order, until closed and empty."""
+        """The delivery task: a batch at a time, in order, until closed and empty."""
         delays = backoff_delays(*self._backoff_s)
         failing = False  # since the last success (one log line per outage)
         while True:
-            if self._sending is None:
+            if not self._sending:
                 if not self._waiting:
                     if self._closing.is_set():
                         return
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                self._sending = self._waiting.popleft()
+                self._sending = [self._waiting.popleft()
+                                 for _ in range(min(self._transport.batch, len(self._waiting)))]
             try:
                 if not self._linked:
                     await asyncio.wait_for(self._transport.connect(), SEND_TIMEOUT_S)
                     self._linked = True
                 await asyncio.wait_for(self._transport.send(self._sending), SEND_TIMEOUT_S)
-            except Rejected as exc:
+            except Rejected as exc:  # a webhook's: a batch of one
                 self._connected = True
-                self._sending = None
-                self.dropped += 1
+                self.dropped += len(self._sending)
+                self._sending = []
                 self.last_error = self._describe(exc)
                 log.warning("%r: message refused, dropped: %s", self, self.last_error)
                 continue
@@ -513,8 +545,8 @@ class Sink:
                 await self._pause(next(delays))
                 continue
             self._connected = True
-            self._sending = None
-            self.delivered += 1
+            self.delivered += len(self._sending)
+            self._sending = []
             self._dropping = False
             if failing:
                 failing = False
