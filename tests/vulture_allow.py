@@ -19,6 +19,6 @@ _.log_message, _.handle_error, _.address_family, _.do_POST
 _.create_module, _.exec_module, _.__mro_entries__
 # Fields of messages and library objects, written for their owners to read.
 _.server_ms, _.ns, _.thread_type, _.thread_count, _.pix_fmt, _.recompute_scale_factor, _.__path__
-_.graph_optimization_level, _.intra_op_num_threads, _.inter_op_num_threads
+_.graph_optimization_level, _.intra_op_num_threads, _.inter_op_num_threads, _.pending_calls_threshold
 # numba's intrinsic and Python's __mro_entries__ take these arguments by contract.
 typingctx, signature, bases

@@ -203,7 +203,8 @@ def memory(monkeypatch):
     return MemoryTarget.made
 
 
-def make_sink(buffer=3, backoff_s=(0.01, 0.04)) -> tuple[Sink, MemoryTarget]:
+def make_sink(buffer=3, backoff_s=(0.01, 0.04), batch=1) -> tuple[Sink, MemoryTarget]:
+    MemoryTarget.batch = batch  # the class's: a Sink reads its transport's batch when made
     sink = Sink(parse_sink(URL), "cam-1", buffer=buffer, backoff_s=backoff_s)
     return sink, MemoryTarget.made[-1]
 
@@ -250,10 +251,10 @@ def test_a_full_buffer_drops_the_oldest_waiting_never_the_one_in_flight(memory):
     run(main())
 
 
-def test_what_waits_goes_in_batches_of_the_transports_size_and_a_failed_batch_goes_again_whole(memory):
+def test_what_waits_goes_in_batches_of_the_transports_size_and_a_failed_batch_goes_again_halved(memory):
     async def main():
-        sink, target = make_sink(buffer=10)
-        target.batch, target.gate = 4, asyncio.Event()
+        sink, target = make_sink(buffer=10, batch=4)
+        target.gate = asyncio.Event()
         sink.start()
         sink.offer(messages(0)[0])
         await until(lambda: target.in_flight == messages(0))
@@ -267,15 +268,49 @@ def test_what_waits_goes_in_batches_of_the_transports_size_and_a_failed_batch_go
         for m in messages(7, 8, 9):
             sink.offer(m)
         await until(lambda: target.in_flight == messages(7, 8, 9))
-        target.up = False  # the batch fails: counted once, then sent again whole
+        target.up = False  # the batch fails: counted once, then its first half goes again
         target.gate.set()
         await until(lambda: sink.retries == 1)
         assert sink.status()["buffered"] == 3 and sink.delivered == 7
         target.up = True
         await until(lambda: sink.delivered == 10)
-        assert target.sends[-1] == messages(7, 8, 9) and target.received == messages(*range(10))
+        assert target.sends[-2:] == [messages(7), messages(8, 9)] and target.received == messages(*range(10))
         await sink.close(1)
     run(main())
+
+
+def test_a_failing_batch_is_halved_down_to_one_and_regrows_by_doubling(memory):
+    async def main():
+        sink, target = make_sink(buffer=100, batch=8)
+        target.up = False
+        for m in messages(*range(16)):
+            sink.offer(m)
+        sink.start()
+        await until(lambda: sink.retries >= 4)  # batches of 8, 4, 2, 1 refused
+        assert sink.status()["buffered"] == 16 and sink.dropped == 0
+        target.up = True
+        await until(lambda: sink.delivered == 16)
+        await sink.close(1)
+        return target
+
+    target = run(main())
+    assert [len(batch) for batch in target.sends] == [1, 2, 4, 8, 1]
+    assert target.received == messages(*range(16))  # in order, each once
+
+
+def test_a_batch_holds_one_megabyte_at_most_and_one_message_at_least(memory):
+    async def main():
+        sink, target = make_sink(buffer=100, batch=32)
+        big = [bytes([i]) * 400_000 for i in range(5)] + [b"x" * 1_500_000]  # the last: over the cap alone
+        for m in big:
+            sink.offer(m)
+        sink.start()
+        await until(lambda: sink.delivered == 6)
+        await sink.close(1)
+        return target, big
+
+    target, big = run(main())
+    assert [len(batch) for batch in target.sends] == [2, 2, 1, 1] and target.received == big
 
 
 def test_offers_before_the_task_runs_keep_the_newest(memory):

@@ -9,11 +9,14 @@ Vocabulary:
   task** that sends them in order, a **batch** at a time, and counters (``status()``);
 - a **transport** is all a kind knows: connect, send a batch, disconnect
   (``WebhookTransport``, ``MqttTransport``, ``RedisStreamTransport``, found by kind in
-  ``TRANSPORTS``). A batch is what was waiting, up to the transport's ``batch``: the MQTT
-  and Redis ones put up to ``IN_FLIGHT`` messages on the wire before the first answer comes
-  back (PUBLISHes awaiting their PUBACKs, one pipelined round trip of XADDs), so a broker a
-  round trip of 50 ms away still takes a 30 fps camera's results; a webhook POSTs one at a
-  time, in order. Buffering, retries, counting and closing are the Sink's, the same for every
+  ``TRANSPORTS``). A batch is what was waiting, up to the transport's ``batch`` and
+  ``BATCH_BYTES``: the MQTT and Redis ones put up to ``IN_FLIGHT`` messages on the wire
+  before the first answer comes back (PUBLISHes awaiting their PUBACKs, one pipelined round
+  trip of XADDs), so a broker a round trip of 50 ms away still takes a 30 fps camera's
+  results; a webhook POSTs one at a time, in order. A batch that fails is halved for its next
+  attempt (the rest waits again, first in line), so a link too slow to carry a whole batch
+  within ``SEND_TIMEOUT_S`` still carries a part; each success doubles the size again.
+  Buffering, batches, retries, counting and closing are the Sink's, the same for every
   kind, so a new kind is one small class. Kafka is not built: no Kafka broker can be run in
   this project's tests, and a kind that no test delivers through is not shipped.
 
@@ -35,14 +38,15 @@ a sink sends a camera's results, and credentials, to whoever answers.
 
 What is retried: a connection that cannot be made or is lost, a send that fails or is not
 acknowledged within ``SEND_TIMEOUT_S``, and a webhook answer other than 2xx, except 4xx ones
-other than 408 and 429. The batch stays first in line and is sent again, whole, after a pause
+other than 408 and 429. The batch stays first in line and is sent again (halved) after a pause
 that doubles from ``BACKOFF_S[0]`` to ``BACKOFF_S[1]`` (reconnecting first), forever: a broker
 that goes away and comes back gets the messages that waited for it, in order. Delivery is at
 least once: a message whose acknowledgement was lost, or that was in a batch cut short, is
 sent again.
 
 What is dropped, and counted in ``dropped``: the oldest waiting message when one more arrives
-and ``buffer`` are waiting (the batch being sent is kept: it is not waiting); a message a
+and ``buffer`` are waiting (the batch being sent is kept: it is not waiting, so a sink holds
+at most ``buffer`` + ``IN_FLIGHT``); a message a
 webhook refuses with a 4xx other than 408/429 (``last_error`` says so; sending it again would
 be refused again); whatever is still held when ``close(timeout_s)`` runs out of time; and
 messages offered after ``close``.
@@ -63,6 +67,7 @@ import base64
 import contextlib
 import json
 import logging
+import socket
 import ssl
 import uuid
 from collections import deque
@@ -89,6 +94,7 @@ DEFAULT_MAXLEN = 10_000
 BACKOFF_S = (0.2, 5.0)  # the pause after a failure: first, and the most it doubles to
 SEND_TIMEOUT_S = 10.0  # one connect, send or disconnect; past it the attempt has failed
 IN_FLIGHT = 32  # messages sent before the first is acknowledged, in a batch (MQTT, Redis)
+BATCH_BYTES = 1 << 20  # and at most this much of them (a batch has one message at least)
 REDIS_OPTIONS = ("maxlen", "db")
 RETRIED_4XX = frozenset({408, 429})  # Request Timeout, Too Many Requests: "later", not "never"
 ERROR_CHARS = 300  # of an error's text kept in last_error and log lines
@@ -243,8 +249,9 @@ class Transport(Protocol):
     """What one kind knows, built per Sink as ``kind(target, stream_id, ca_file)`` (ca_file:
     PEM certificates trusted besides the system's, for a TLS target). ``send`` delivers its
     batch (at most ``batch`` messages) in order, or raises. Each call may raise anything: the
-    Sink disconnects and retries, unless it is ``Rejected``. ``disconnect`` is also called when
-    not connected, and must then do nothing."""
+    Sink disconnects and retries, unless it is ``Rejected`` (a refusal of the whole batch, so
+    only a transport of ``batch`` 1 raises it). ``disconnect`` is also called when not
+    connected, and must then do nothing."""
 
     batch: int
 
@@ -316,10 +323,13 @@ class MqttTransport:
         import aiomqtt
 
         target, stack = self._target, contextlib.AsyncExitStack()
+        # TCP_NODELAY: a batch's last PUBLISH goes at once, not after the first one's ACK (Nagle).
         client = aiomqtt.Client(target.host, target.port, username=target.username, password=target.password,
                                 identifier=f"rle-serving-{uuid.uuid4().hex[:12]}", timeout=SEND_TIMEOUT_S,
                                 keepalive=30, max_inflight_messages=IN_FLIGHT, tls_context=self._tls,
+                                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
                                 logger=log.getChild("mqtt"))
+        client.pending_calls_threshold = IN_FLIGHT  # a batch waiting for its PUBACKs is no news
         self._client = await stack.enter_async_context(client)
         self._stack = stack
         # aiomqtt's message iterator is its public way to learn that the connection is lost
@@ -337,17 +347,20 @@ class MqttTransport:
         publishes = [asyncio.ensure_future(self._client.publish(self._topic, message, qos=1,
                                                                 timeout=SEND_TIMEOUT_S)) for message in messages]
         acknowledged = asyncio.gather(*publishes)
+        sent = False
         try:
             done, _ = await asyncio.wait((acknowledged, self._lost), return_when=asyncio.FIRST_COMPLETED)
+            if acknowledged not in done:
+                raise ConnectionError("the connection to the MQTT broker was lost")
+            acknowledged.result()
+            sent = True
         finally:
-            if not acknowledged.done():  # lost, or this send timed out: no publish outlives it
-                acknowledged.cancel()
-                # A cancelled gather ends with CancelledError as its exception: taken here, so
-                # asyncio does not log it as never retrieved.
+            if not sent:  # lost, failed or timed out: no publish of the batch outlives it
+                for publish in publishes:
+                    publish.cancel()
+                # A gather whose children were cancelled ends with CancelledError as its
+                # exception: taken here, so asyncio does not log it as never retrieved.
                 acknowledged.add_done_callback(lambda gathered: gathered.cancelled() or gathered.exception())
-        if acknowledged not in done:
-            raise ConnectionError("the connection to the MQTT broker was lost")
-        acknowledged.result()
 
     async def disconnect(self) -> None:
         if self._lost is not None:
@@ -450,6 +463,7 @@ class Sink:
         self._backoff_s = backoff_s
         self._waiting: deque[bytes] = deque()
         self._sending: list[bytes] = []  # the batch taken from the buffer, not yet delivered
+        self._batch = self._transport.batch  # the most the next batch takes: halved by failures
         self._wake = asyncio.Event()  # a message was offered, or close() was called
         self._closing = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -520,8 +534,7 @@ class Sink:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                self._sending = [self._waiting.popleft()
-                                 for _ in range(min(self._transport.batch, len(self._waiting)))]
+                self._sending = self._take()
             try:
                 if not self._linked:
                     await asyncio.wait_for(self._transport.connect(), SEND_TIMEOUT_S)
@@ -536,6 +549,11 @@ class Sink:
                 continue
             except Exception as exc:  # whatever a transport raises is retried
                 self.retries += 1
+                if len(self._sending) > 1:  # halved; the rest waits again, first in line
+                    keep = len(self._sending) // 2
+                    self._waiting.extendleft(reversed(self._sending[keep:]))
+                    self._sending = self._sending[:keep]
+                self._batch = len(self._sending)
                 self.last_error = self._describe(exc)
                 if not failing:
                     failing = True
@@ -547,11 +565,22 @@ class Sink:
             self._connected = True
             self.delivered += len(self._sending)
             self._sending = []
+            self._batch = min(self._transport.batch, 2 * self._batch)
             self._dropping = False
             if failing:
                 failing = False
                 log.info("%r: delivering again (after %d retries in all)", self, self.retries)
                 delays = backoff_delays(*self._backoff_s)
+
+    def _take(self) -> list[bytes]:
+        """The next batch: the oldest waiting messages, up to the batch size and BATCH_BYTES
+        (one message at least)."""
+        batch = [self._waiting.popleft()]
+        size = len(batch[0])
+        while self._waiting and len(batch) < self._batch and size + len(self._waiting[0]) <= BATCH_BYTES:
+            size += len(self._waiting[0])
+            batch.append(self._waiting.popleft())
+        return batch
 
     async def _pause(self, delay_s: float) -> None:
         if self._closing.is_set():
