@@ -204,13 +204,20 @@ def test_mqtt_broker_away_and_back(mosquitto):
         assert list(dict.fromkeys(indexes(subscriber.payloads()))) == sent  # in order, and the dropped never
 
 
+async def delivered_one_then_frozen(broker: Mosquitto) -> Sink:
+    """A started sink that delivered document 0 to ``broker``, now frozen: the connection
+    stays open and nothing is answered."""
+    sink = Sink(parse_sink(broker.url("cams")), STREAM)
+    sink.start()
+    sink.offer(document(0))
+    await until(lambda: sink.delivered == 1)
+    broker.freeze()
+    return sink
+
+
 def test_mqtt_publish_waiting_for_its_puback_is_sent_again_when_the_broker_dies(mosquitto):
     async def main():
-        sink = Sink(parse_sink(mosquitto.url("cams")), STREAM)
-        sink.start()
-        sink.offer(document(0))
-        await until(lambda: sink.delivered == 1)
-        mosquitto.freeze()
+        sink = await delivered_one_then_frozen(mosquitto)
         sink.offer(document(1))
         await settle(50)  # 1 is published; no PUBACK comes
         assert (sink.delivered, sink.retries) == (1, 0)
@@ -230,11 +237,7 @@ def test_mqtt_publish_waiting_for_its_puback_is_sent_again_when_the_broker_dies(
 
 def test_a_batch_cut_short_by_close_leaves_nothing_behind(mosquitto, caplog):
     async def main():
-        sink = Sink(parse_sink(mosquitto.url("cams")), STREAM)
-        sink.start()
-        sink.offer(document(0))
-        await until(lambda: sink.delivered == 1)
-        mosquitto.freeze()
+        sink = await delivered_one_then_frozen(mosquitto)
         for i in range(1, 6):
             sink.offer(document(i))
         await settle(50)  # one batch of 5 is published; no PUBACK comes
