@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                        "it adding one is refused RESOURCE_EXHAUSTED / 429 (default 16; 0: none)")
     serve.add_argument("--sink-buffer", type=int,
                        help="results each sink holds while its target is away; beyond it the "
-                       "oldest are dropped and counted (default 1000)")
+                       "oldest are dropped and counted (a file with realtime false waits "
+                       "instead; default 1000)")
     serve.add_argument("--sink-ca-file", metavar="PEM",
                        help="CA certificates that https://, mqtts:// and rediss:// sinks trust "
                        "besides the system's (for brokers with a private CA)")

@@ -114,6 +114,7 @@ def test_every_frame_of_a_file_reaches_every_sink_in_order_with_track_ids(cams, 
                         and s["sinks"][0]["delivered"] == 30 and s, what="the whole file, delivered")
         assert (done["frames_decoded"], done["frames_sampled"], done["frames_out"]) == (30, 30, 30)
         assert done["frames_dropped"] == 0 and done["frame_errors"] == 0  # realtime false: nothing dropped
+        assert [sink["dropped"] for sink in done["sinks"]] == [0, 0, 0]  # by the sinks neither
         docs = list(hook.bodies)
         wait_for(lambda: len(mqtt.payloads()) == 30 and len(redis_server.entries("frames:lobby")) == 30,
                  what="MQTT and Redis deliveries")
@@ -218,6 +219,41 @@ def test_a_broker_that_goes_away_keeps_the_newest_results_up_to_the_bound(cams):
                        what="every result delivered or counted dropped", timeout_s=30)
         final = end["sinks"][0]
         assert final["delivered"] > delivered and final["connected"]
+    remove_all(cams)
+
+
+def test_a_file_played_as_fast_as_possible_waits_for_a_sink_that_is_away_and_drops_nothing(cams):
+    """realtime false drops nothing: while a sink's target is away the file waits with it
+    (the server's --sink-buffer is 5), and a removal still ends the wait."""
+    need(unavailable("redis-server"))
+    redis_server = RedisServer()  # not started: both sinks' target is away
+    try:
+        for stream_id in ("late", "gone"):
+            code, body = http(cams, "POST", "/v1/streams", {"source": "scene.mp4", "realtime": False,
+                                                            "stream_id": stream_id,
+                                                            "sinks": [redis_server.url("frames:{stream_id}")]})
+            assert code == 201, body
+        wait_for(lambda: all(status(cams, name)["sinks"][0]["retries"] >= 2 for name in ("late", "gone")),
+                 what="retries")
+        time.sleep(1.0)  # time enough to run the whole file, were it not waiting
+        for name in ("late", "gone"):
+            stalled = status(cams, name)
+            assert stalled["state"] == "running" and stalled["frames_out"] < 30, stalled
+            sink = stalled["sinks"][0]  # every result is held: the batch taken, and 5 waiting
+            assert (sink["dropped"], sink["delivered"], sink["buffered"]) == (0, 0, stalled["frames_out"]), stalled
+        started = time.monotonic()
+        assert http(cams, "DELETE", "/v1/streams/gone")[0] == 200  # the wait ends; what is held is counted
+        assert time.monotonic() - started < 10
+        assert http(cams, "GET", "/v1/streams/gone")[0] == 404
+        redis_server.start()
+        done = wait_for(lambda: (s := status(cams, "late"))["state"] == "stopped"
+                        and s["sinks"][0]["delivered"] >= 30 and s, what="the whole file, delivered", timeout_s=30)
+        assert (done["frames_out"], done["frames_dropped"], done["sinks"][0]["dropped"]) == (30, 0, 0)
+        indexes = [json.loads(entry["document"])["frame_index"] for entry in redis_server.entries("frames:late")]
+        assert indexes == list(range(30))
+        assert redis_server.entries("frames:gone") == []
+    finally:
+        redis_server.stop()
     remove_all(cams)
 
 

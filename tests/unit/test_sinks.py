@@ -251,6 +251,34 @@ def test_a_full_buffer_drops_the_oldest_waiting_never_the_one_in_flight(memory):
     run(main())
 
 
+def test_room_waits_while_the_buffer_is_full_and_returns_when_a_batch_is_taken_or_on_close(memory):
+    async def main():
+        sink, target = make_sink(buffer=2)
+        target.gate = asyncio.Event()
+        sink.start()
+        sink.offer(messages(0)[0])
+        await until(lambda: target.in_flight == messages(0))
+        for m in messages(1, 2):
+            sink.offer(m)
+        assert sink.full and sink.status()["buffered"] == 3
+        waiting = asyncio.ensure_future(sink.room())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        held, target.gate = target.gate, asyncio.Event()  # the next sends hang
+        held.set()  # 0 is delivered, 1 taken: room for one
+        await asyncio.wait_for(waiting, 2)
+        assert not sink.full and (sink.delivered, sink.dropped) == (1, 0)
+        sink.offer(messages(3)[0])
+        assert sink.full
+        waiting = asyncio.ensure_future(sink.room())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await sink.close(0)  # a closing sink waits for nothing
+        await asyncio.wait_for(waiting, 1)
+        assert (sink.delivered, sink.dropped) == (1, 3)
+    run(main())
+
+
 def test_what_waits_goes_in_batches_of_the_transports_size_and_a_failed_batch_goes_again_halved(memory):
     async def main():
         sink, target = make_sink(buffer=10, batch=4)

@@ -46,7 +46,7 @@ sent again.
 
 What is dropped, and counted in ``dropped``: the oldest waiting message when one more arrives
 and ``buffer`` are waiting (the batch being sent is kept: it is not waiting, so a sink holds
-at most ``buffer`` + ``IN_FLIGHT``); a message a
+at most ``buffer`` + ``IN_FLIGHT``; a stream that would rather wait awaits ``room()``); a message a
 webhook refuses with a 4xx other than 408/429 (``last_error`` says so; sending it again would
 be refused again); whatever is still held when ``close(timeout_s)`` runs out of time; and
 messages offered after ``close``.
@@ -447,7 +447,8 @@ def backoff_delays(first_s: float, most_s: float) -> Iterator[float]:
 
 class Sink:
     """One target of one stream: a bounded buffer, one delivery task, retries with backoff,
-    counters. ``offer`` never blocks the stream.
+    counters. ``offer`` never blocks the stream; a stream that would rather wait than drop
+    (a file played as fast as possible) awaits ``room()`` first.
 
     buffer: how many messages may wait (beside the batch being sent); backoff_s: the first and
     the longest pause between attempts after failures; ca_file: see the module's TLS."""
@@ -465,6 +466,7 @@ class Sink:
         self._sending: list[bytes] = []  # the batch taken from the buffer, not yet delivered
         self._batch = self._transport.batch  # the most the next batch takes: halved by failures
         self._wake = asyncio.Event()  # a message was offered, or close() was called
+        self._room = asyncio.Event()  # a batch was taken from the buffer, or close() was called
         self._closing = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._linked = False  # the transport is connected (connect() succeeded, nothing failed since)
@@ -486,7 +488,7 @@ class Sink:
         if self._closing.is_set():
             self.dropped += 1
             return
-        if len(self._waiting) >= self._bound:
+        if self.full:
             self._waiting.popleft()
             self.dropped += 1
             if not self._dropping:
@@ -496,11 +498,24 @@ class Sink:
         self._waiting.append(message)
         self._wake.set()
 
+    @property
+    def full(self) -> bool:
+        """``offer`` would drop the oldest waiting message now."""
+        return len(self._waiting) >= self._bound
+
+    async def room(self) -> None:
+        """Return once ``offer`` would drop nothing (fewer than ``buffer`` wait), or the sink
+        is closing; while its target is away, that is when it returns."""
+        while self.full and not self._closing.is_set():
+            self._room.clear()
+            await self._room.wait()
+
     async def close(self, timeout_s: float) -> None:
         """Deliver what is held within ``timeout_s`` (retrying as ever; a pause in progress is
         cut short), then stop: what is left is counted dropped, and the connection closed."""
         self._closing.set()
         self._wake.set()
+        self._room.set()
         task = self._task
         if task is not None:
             await asyncio.wait((task,), timeout=max(timeout_s, 0))
@@ -580,6 +595,7 @@ class Sink:
         while self._waiting and len(batch) < self._batch and size + len(self._waiting[0]) <= BATCH_BYTES:
             size += len(self._waiting[0])
             batch.append(self._waiting.popleft())
+        self._room.set()
         return batch
 
     async def _pause(self, delay_s: float) -> None:

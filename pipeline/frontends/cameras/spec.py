@@ -92,7 +92,7 @@ class StreamSpec:
     source: as given (``display`` redacts it); location: what the decoder opens (a URL, or the
     resolved file path); network: a URL rather than a file. max_fps: frames sampled per second
     (None: every frame). realtime: a file plays at its own rate (dropping frames the model
-    cannot take), or, False, as fast as the model takes them (nothing dropped).
+    cannot take), or, False, as fast as the model and the sinks take them (nothing dropped).
     parameters: post-processing and tracker knobs by their wire names (as StreamFrames'
     ``InferOptions``). stream_id: the client's name for it, or "" for one made up.
     """

@@ -13,7 +13,8 @@ Vocabulary:
   as fresh as it can be when it is run, and the model never idles while a camera has a frame.
   A frame replaced is dropped: counted in ``frames_dropped`` and in Prometheus' dropped
   frames, and told to subscribers as a ``dropped`` result, never skipped silently. A file
-  played with ``realtime: false`` waits instead (nothing is dropped), a few frames at once;
+  played with ``realtime: false`` waits instead (nothing is dropped), a few frames at once,
+  and waits for its sinks too: a result goes to them once none has a full buffer;
 - a **result** (``CameraResult``): a frame's document (Roboflow's ``rle`` document plus
   ``stream_id``, ``frame_index``: the source's frame number, ``timestamp``: epoch seconds
   when it was decoded), or its error, or that it was dropped;
@@ -186,6 +187,7 @@ class CameraStream:
         self.tracking = (Tracking(f"{API}/{stream_id}/{uuid.uuid4().hex[:8]}", spec.tracker_options())
                          if spec.track else None)
         self._task: asyncio.Task | None = None
+        self._stop_asked = asyncio.Event()  # stop_reading() was called
         self._stopping: asyncio.Task | None = None
         self._released = False
 
@@ -203,6 +205,8 @@ class CameraStream:
     async def _run(self) -> None:
         try:
             async for result in self.window.run(self._sampled()):
+                if not self.live and result.answer is not None:
+                    await self._room_in_sinks()
                 self._deliver(result)
         except Exception as exc:  # noqa: BLE001 - a stream's fault must not reach the others
             LOG.exception("camera stream %s failed", self.id)
@@ -237,6 +241,7 @@ class CameraStream:
 
     def stop_reading(self) -> None:
         """Start no more frames (the drain's first step; ``stop`` finishes)."""
+        self._stop_asked.set()
         self.window.stop(ShuttingDownError("the stream was stopped"))
         self.queue.close()
 
@@ -351,6 +356,22 @@ class CameraStream:
         self.counts["frames_dropped"] += 1
         self.owner.state.ledger.frames_dropped()
         self.owner.publish(self, self._dropped_result(frame))
+
+    async def _room_in_sinks(self) -> None:
+        """A file played as fast as possible waits for its sinks as it waits for the model,
+        so they drop nothing: while a sink's target is away, the file waits with it. A stop
+        ends the wait (what is then offered to a full sink pushes out its oldest, counted)."""
+        full = [sink.room() for sink in self.sinks if sink.full]
+        if not full:
+            return
+        room = asyncio.ensure_future(asyncio.gather(*full))
+        stop = asyncio.ensure_future(self._stop_asked.wait())
+        try:
+            await asyncio.wait((room, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            room.cancel()
+            stop.cancel()
+            await asyncio.gather(room, stop, return_exceptions=True)
 
     def _deliver(self, result: CameraResult) -> None:
         if result.answer is not None:
