@@ -46,6 +46,7 @@ def decoded_frames(path: Path) -> list[np.ndarray]:
 def clips(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("clips")
     scene_clip(folder / "scene.mp4")
+    scene_clip(folder / "long.mp4", seconds=20)  # for a stream that must still run after a few seconds
     (folder / "notes.txt").write_text("not a video")
     return folder
 
@@ -144,7 +145,7 @@ def test_every_frame_of_a_file_reaches_every_sink_in_order_with_track_ids(cams, 
 
 def test_the_grpc_api_adds_lists_pauses_resumes_subscribes_and_removes(cams):
     with SegmentationClient(cams.address, token=TOKEN) as client:
-        added = client.add_stream("scene.mp4", max_fps=5, stream_id="grpc-cam", confidence=0.3)
+        added = client.add_stream("long.mp4", max_fps=5, stream_id="grpc-cam", confidence=0.3)
         assert added["max_fps"] == 5 and added["parameters"] == {"confidence": 0.3}
         pictures = client.subscribe("grpc-cam", frames=True)
         results = client.subscribe("grpc-cam")
@@ -260,7 +261,7 @@ def test_a_file_played_as_fast_as_possible_waits_for_a_sink_that_is_away_and_dro
 def test_a_slow_model_drops_the_oldest_frames_visibly_and_removing_a_stream_spares_the_others(slow_root, clips):
     with running_server(model_repository=str(slow_root), stream_source_dir=str(clips)) as slow:
         for name in ("x", "y"):
-            assert http(slow, "POST", "/v1/streams", {"source": "scene.mp4", "stream_id": name, "track": True},
+            assert http(slow, "POST", "/v1/streams", {"source": "long.mp4", "stream_id": name, "track": True},
                         headers={})[0] == 201
         # Two cameras of 10 fps and a network of 100 ms a frame: the oldest waiting frames
         # go, counted in the status and in Prometheus, and told to subscribers.
@@ -469,7 +470,7 @@ def test_cameras_take_turns_so_frames_wait_where_newer_ones_replace_them(tmp_pat
     repository = fake_repository(tmp_path / "models", delay_ms=50, max_batch_size=1)
     with running_server(model_repository=str(repository), stream_source_dir=str(clips)) as busy:
         for i in range(4):
-            assert http(busy, "POST", "/v1/streams", {"source": "scene.mp4", "stream_id": f"c{i}"},
+            assert http(busy, "POST", "/v1/streams", {"source": "long.mp4", "stream_id": f"c{i}"},
                         headers={})[0] == 201
         ledger, most, until_s = busy.server.state.ledger, 0, time.monotonic() + 2.5
         while time.monotonic() < until_s:
