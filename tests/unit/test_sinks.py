@@ -209,6 +209,16 @@ def make_sink(buffer=3, backoff_s=(0.01, 0.04), batch=1) -> tuple[Sink, MemoryTa
     return sink, MemoryTarget.made[-1]
 
 
+async def message_0_in_flight(buffer: int, batch: int = 1) -> tuple[Sink, MemoryTarget]:
+    """A started sink whose send of message 0 hangs until ``target.gate`` is set."""
+    sink, target = make_sink(buffer=buffer, batch=batch)
+    target.gate = asyncio.Event()
+    sink.start()
+    sink.offer(messages(0)[0])
+    await until(lambda: target.in_flight == messages(0))
+    return sink, target
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 10))
 
@@ -235,11 +245,7 @@ def test_messages_are_delivered_in_order_and_counted(memory):
 
 def test_a_full_buffer_drops_the_oldest_waiting_never_the_one_in_flight(memory):
     async def main():
-        sink, target = make_sink(buffer=3)
-        target.gate = asyncio.Event()
-        sink.start()
-        sink.offer(messages(0)[0])
-        await until(lambda: target.in_flight == messages(0))
+        sink, target = await message_0_in_flight(buffer=3)
         for m in messages(*range(1, 9)):
             sink.offer(m)
         assert (sink.dropped, sink.status()["buffered"]) == (5, 4)  # 1..5 dropped; 0 in flight, 6..8 wait
@@ -253,11 +259,7 @@ def test_a_full_buffer_drops_the_oldest_waiting_never_the_one_in_flight(memory):
 
 def test_room_waits_while_the_buffer_is_full_and_returns_when_a_batch_is_taken_or_on_close(memory):
     async def main():
-        sink, target = make_sink(buffer=2)
-        target.gate = asyncio.Event()
-        sink.start()
-        sink.offer(messages(0)[0])
-        await until(lambda: target.in_flight == messages(0))
+        sink, target = await message_0_in_flight(buffer=2)
         for m in messages(1, 2):
             sink.offer(m)
         assert sink.full and sink.status()["buffered"] == 3
@@ -281,11 +283,7 @@ def test_room_waits_while_the_buffer_is_full_and_returns_when_a_batch_is_taken_o
 
 def test_what_waits_goes_in_batches_of_the_transports_size_and_a_failed_batch_goes_again_halved(memory):
     async def main():
-        sink, target = make_sink(buffer=10, batch=4)
-        target.gate = asyncio.Event()
-        sink.start()
-        sink.offer(messages(0)[0])
-        await until(lambda: target.in_flight == messages(0))
+        sink, target = await message_0_in_flight(buffer=10, batch=4)
         for m in messages(*range(1, 7)):
             sink.offer(m)
         assert sink.status()["buffered"] == 7  # 1 in flight, 6 waiting
