@@ -380,7 +380,9 @@ class RedisStreamTransport:
 
     def __init__(self, target: SinkTarget, stream_id: str, ca_file: str | None):
         self._target = target
-        self._ca_file = ca_file
+        # redis-py takes no SSL context; its own is the system's, plus ssl_ca_certs.
+        self._tls = dict(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True,
+                         ssl_ca_certs=ca_file) if target.tls else {}
         self._stream_id = stream_id
         self._key = target.name_for(stream_id)
         self._redis = None
@@ -392,12 +394,9 @@ class RedisStreamTransport:
 
         target = self._target
         # redis-py's own retries off: the Sink retries, with its backoff and its counters.
-        # redis-py takes no SSL context; its own is the system's, plus ssl_ca_certs.
-        tls = dict(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True,
-                   ssl_ca_certs=self._ca_file) if target.tls else {}
         self._redis = Redis(host=target.host, port=target.port, db=target.db, username=target.username,
                             password=target.password, socket_timeout=SEND_TIMEOUT_S,
-                            socket_connect_timeout=SEND_TIMEOUT_S, retry=Retry(NoBackoff(), 0), **tls)
+                            socket_connect_timeout=SEND_TIMEOUT_S, retry=Retry(NoBackoff(), 0), **self._tls)
         await self._redis.ping()
 
     async def send(self, messages: list[bytes]) -> None:
