@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soak_bench import cpu_s  # noqa: E402
 
 from clients.client import SegmentationClient  # noqa: E402
-from pipeline.frontends.cameras.sources import FrameQueue, Source  # noqa: E402
+from pipeline.cameras.sources import FrameQueue, Source  # noqa: E402
 from pipeline.proto import video_pb2 as vpb  # noqa: E402
 from pipeline.tools.launch import local_server  # noqa: E402
 from pipeline.tools.samples import NAMES  # noqa: E402

@@ -31,8 +31,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from pipeline.frontends.cameras import sinks  # noqa: E402
-from pipeline.frontends.cameras.sinks import Sink, parse_sink  # noqa: E402
+from pipeline.cameras import sinks  # noqa: E402
+from pipeline.cameras.sink_targets import parse_sink  # noqa: E402
+from pipeline.cameras.sinks import Sink  # noqa: E402
 from tests.brokers import (  # noqa: E402
     MOSQUITTO,
     REDIS_SERVER,

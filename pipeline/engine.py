@@ -92,7 +92,7 @@ class Pipeline:
         LOG.info("%s: host RLE kernel ready in %.1f s", entry.name, time.perf_counter() - started)
         self._batcher: DynamicBatcher | None = None
         # Requests using this version now: a frontend counts them, so a replaced version is
-        # freed only once it has answered them (see frontends/control.py).
+        # freed only once it has answered them (see serving/control.py).
         self.held = 0
         LOG.info("%s: network %s on %s, %d classes, scale %d (%s), batches of up to %d "
                  "(max_batch_size %d)", entry.name, network.name, device, self.info.num_classes,
@@ -100,7 +100,7 @@ class Pipeline:
                  else "square", self.batch_limit, self.max_batch_size)
 
     def _batch_limit(self) -> int:
-        """Pinned in config.pbtxt, else measured now (``runners.choose_batch_size``)."""
+        """Pinned in config.pbtxt, else measured now (``calibration.choose_batch_size``)."""
         pinned = pinned_batch_limit(self.entry.config, self.entry.config_path)
         if pinned is not None:
             return pinned

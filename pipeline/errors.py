@@ -7,7 +7,11 @@ Errors that are not PipelineErrors are our own faults: INTERNAL / 500.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import NamedTuple
+
+LOG = logging.getLogger(__name__)
 
 
 class Status(NamedTuple):
@@ -105,3 +109,20 @@ def status_of(error: BaseException) -> Status:
         if kind in STATUS:
             return STATUS[kind]
     return INTERNAL
+
+
+def describe(error: BaseException) -> str:
+    """The message a client sees: ours verbatim; our own faults logged and summarised."""
+    if isinstance(error, PipelineError):
+        return str(error)
+    LOG.exception("unexpected error while serving", exc_info=error)
+    return f"internal error: {type(error).__name__}: {error}"
+
+
+def status_text(error: BaseException, cancelled: str = "stream closed") -> str:
+    """An error answered inside a stream, "STATUS: message" (``INVALID_ARGUMENT: ...``), so a
+    client tells a stale frame (DEADLINE_EXCEEDED) from a draining server (UNAVAILABLE) or bad
+    input; a cancellation is "CANCELLED: " and ``cancelled``."""
+    if isinstance(error, asyncio.CancelledError):
+        return f"CANCELLED: {cancelled}"
+    return f"{status_of(error).grpc}: {describe(error)}"

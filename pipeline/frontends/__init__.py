@@ -1,3 +1,4 @@
 """The frontends: the server process and the protocols it speaks (gRPC KServe v2, the gRPC
-video API, HTTP: Roboflow's API and KServe v2 REST, Prometheus metrics), over one shared
-request life (``inference``). See docs/architecture.md."""
+video and camera APIs, HTTP: Roboflow's API, KServe v2 REST and ``/v1/streams``, Prometheus
+metrics), thin adapters over the one request life in ``pipeline.serving``. See
+docs/architecture.md."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import ConfigError
-from .stream_window import POLICIES
+from ..serving.stream_window import POLICIES
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ServerConfig:
     allow_shared_memory: bool = False
     max_shared_memory_regions: int = 64
     shared_memory_key_prefix: str = ""
-    # Cameras on the server (frontends/cameras): file sources only from this directory, network
+    # Cameras on the server (pipeline/cameras): file sources only from this directory, network
     # sources only when allowed (and private addresses only where listed), as for image URLs.
     stream_source_dir: str | None = None
     allow_stream_urls: bool = False
@@ -128,7 +128,7 @@ class ServerConfig:
         for flag, entries in (("--image-url-allow", self.image_url_allow),
                               ("--stream-url-allow", self.stream_url_allow)):
             if entries:
-                from .fetching import AllowList  # only when set: the settings stay light
+                from ..serving.url_policy import AllowList
 
                 try:
                     AllowList.parse(entries)

@@ -8,9 +8,9 @@ import inspect
 
 import grpc
 
-from ..errors import DeadlineError, OverloadedError, PipelineError, status_of
-from .inference import ServingState, client_of, describe
-from .stream_window import StreamWindow
+from ..errors import DeadlineError, OverloadedError, PipelineError, describe, status_of
+from ..serving.state import ServingState, client_of
+from ..serving.stream_window import StreamWindow
 
 
 def grpc_status(error: BaseException) -> grpc.StatusCode:

@@ -15,10 +15,10 @@ import time
 from google.protobuf import json_format
 from PIL import Image
 
+from ..cameras.spec import StreamSpec
+from ..cameras.streams import CameraResult, CameraStream, CameraStreams, Subscription
 from ..proto import video_pb2 as vpb
 from ..proto import video_pb2_grpc
-from .cameras.spec import StreamSpec
-from .cameras.streams import CameraResult, CameraStream, CameraStreams, Subscription
 from .grpc_calls import answer_or_abort
 from .grpc_video import answer_of, result_of
 

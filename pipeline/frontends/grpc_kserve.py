@@ -18,12 +18,14 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from ..errors import BadInputError
+from ..errors import BadInputError, describe
+from ..serving.control import ModelControl
+from ..serving.life import run
+from ..serving.request import Answer, InferRequest
+from ..serving.shared_memory import NO_CUDA, SharedMemory
+from ..serving.state import VERSION, ServingState, client_of
 from . import kserve
-from .control import ModelControl
 from .grpc_calls import answer_or_abort, grpc_status, serve_stream
-from .inference import VERSION, Answer, InferRequest, ServingState, client_of, describe, run
-from .shared_memory import NO_CUDA, SharedMemory
 
 
 def parameters_of(parameters) -> dict[str, Any]:

@@ -17,15 +17,17 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import BadInputError
+from ..errors import BadInputError, describe
 from ..images import check_image_size
 from ..proto import video_pb2 as vpb
 from ..proto import video_pb2_grpc
 from ..schema import rows
+from ..serving.life import run
+from ..serving.request import Answer, InferRequest, Tracking
+from ..serving.shared_memory import Reference, SharedMemory
+from ..serving.state import ServingState, client_of
 from ..tracking import TrackerOptions
 from .grpc_calls import grpc_status, serve_stream
-from .inference import Answer, InferRequest, ServingState, Tracking, client_of, describe, run
-from .shared_memory import Reference, SharedMemory
 
 DEFAULT_MODEL = "instance_segmentation"
 

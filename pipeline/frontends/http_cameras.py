@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .cameras.spec import StreamSpec
-from .cameras.streams import CameraStream, CameraStreams
-from .http import ERROR_FIELD, json_body
+from ..cameras.spec import StreamSpec
+from ..cameras.streams import CameraStream, CameraStreams
+from .http_app import ERROR_FIELD, json_body
 
 
 def app(streams: CameraStreams) -> web.Application:

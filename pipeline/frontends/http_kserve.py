@@ -18,11 +18,13 @@ from aiohttp import web
 from google.protobuf.descriptor import FieldDescriptor
 
 from ..errors import BadInputError, NotFoundError, UnavailableError
+from ..serving.control import ModelControl
+from ..serving.life import run
+from ..serving.request import Answer, InferRequest
+from ..serving.shared_memory import NO_CUDA, SharedMemory
+from ..serving.state import VERSION, ServingState, client_of
 from . import kserve
-from .control import ModelControl
-from .http import ERROR_FIELD, json_body, parse_json
-from .inference import VERSION, Answer, InferRequest, ServingState, client_of, run
-from .shared_memory import NO_CUDA, SharedMemory
+from .http_app import ERROR_FIELD, json_body, parse_json
 
 JSON_HEADER = "Inference-Header-Content-Length"
 

@@ -29,10 +29,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import schema
 from ..errors import BadInputError
+from ..serving.life import run
+from ..serving.request import Answer, InferRequest
+from ..serving.state import VERSION, ServingState
+from ..serving.url_policy import AllowList, fetch_image
 from .auth import Token
-from .fetching import AllowList, fetch_image
-from .http import BODY_KEY_PATHS, ERROR_FIELD, body_key_ok, json_body
-from .inference import VERSION, Answer, InferRequest, ServingState, run
+from .http_app import BODY_KEY_PATHS, ERROR_FIELD, body_key_ok, json_body
 
 TASK = "instance-segmentation"
 

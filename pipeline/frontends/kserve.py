@@ -30,8 +30,9 @@ from tritonclient.grpc import service_pb2 as pb
 from ..errors import BadInputError
 from ..images import check_image_size
 from ..schema import DEFAULT_OUTPUTS, OUTPUTS, output_arrays
-from .inference import VERSION, Answer, InferRequest, ServingState
-from .shared_memory import Reference, Region, SharedMemory
+from ..serving.request import Answer, InferRequest
+from ..serving.shared_memory import Reference, Region, SharedMemory
+from ..serving.state import VERSION, ServingState
 
 SERVER_NAME = "rle-serving"
 SERVER_VERSION = "0.1.0"

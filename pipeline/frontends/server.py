@@ -30,25 +30,26 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from .. import memory, rle
+from ..cameras.spec import SourceRules
+from ..cameras.streams import CameraStreams
 from ..errors import ConfigError, ShuttingDownError
 from ..proto import video_pb2, video_pb2_grpc
 from ..runners import cores
+from ..serving.control import ModelControl
+from ..serving.shared_memory import SharedMemory
+from ..serving.state import ClientLimits, ServingState
+from ..serving.url_policy import AllowList
 from ..telemetry import Ledger
 from ..tracking import Tracks
 from . import http_cameras, http_kserve, http_roboflow, metrics
 from .auth import Token, TokenInterceptor
-from .cameras.spec import SourceRules
-from .cameras.streams import CameraStreams
 from .config import ServerConfig
-from .control import ModelControl
-from .fetching import AllowList
 from .grpc_calls import MessageGuard
 from .grpc_cameras import CameraService
 from .grpc_kserve import InferenceService
 from .grpc_video import VideoService
-from .http import HTTPServer, middlewares
-from .inference import ClientLimits, ServingState
-from .shared_memory import SharedMemory
+from .http_app import middlewares
+from .http_listener import HTTPServer
 
 LOG = logging.getLogger(__name__)
 INFERENCE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

@@ -1,4 +1,4 @@
-"""``pipeline.frontends.cameras.sources`` on real media: H.264 clips of the sample photos, a
+"""``pipeline.cameras.sources`` on real media: H.264 clips of the sample photos, a
 real RTSP server (GStreamer's, a process that is killed and brought back), a real HLS
 playlist served over HTTP (``tests/cameras.py``). No model: what a source decodes, samples,
 paces, queues and tells."""
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from pipeline.frontends.cameras.sources import CapturedFrame, FrameQueue, Source
+from pipeline.cameras.sources import CapturedFrame, FrameQueue, Source
 
 from ..cameras import HlsServer, RtspServer, free_port, hls_unavailable, make_clip, rtsp_unavailable
 from ..conftest import until

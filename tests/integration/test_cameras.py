@@ -26,8 +26,8 @@ import requests
 from PIL import Image
 
 from clients.client import ClientError, SegmentationClient
+from pipeline.cameras.spec import StreamSpec
 from pipeline.errors import AlreadyExistsError, LimitError
-from pipeline.frontends.cameras.spec import StreamSpec
 
 from ..brokers import Mosquitto, MqttSubscriber, RedisServer, WebhookReceiver, make_certificates, unavailable
 from ..cameras import HlsServer, RtspServer, free_port, hls_unavailable, make_clip, rtsp_unavailable, scene_clip

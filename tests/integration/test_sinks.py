@@ -16,8 +16,9 @@ import time
 
 import pytest
 
-from pipeline.frontends.cameras import sinks
-from pipeline.frontends.cameras.sinks import Sink, parse_sink
+from pipeline.cameras import sinks
+from pipeline.cameras.sink_targets import parse_sink
+from pipeline.cameras.sinks import Sink
 
 from ..brokers import (
     MOSQUITTO,

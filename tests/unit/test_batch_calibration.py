@@ -11,7 +11,7 @@ import pytest
 from pipeline.engine import Pipeline
 from pipeline.errors import ConfigError
 from pipeline.repository import ModelRepository
-from pipeline.runners import Run, choose_batch_size
+from pipeline.runners.calibration import Run, choose_batch_size
 
 from ..fakes import PIPELINE, fake_repository, png, scene
 

@@ -8,9 +8,9 @@ import asyncio
 
 import pytest
 
+from pipeline.cameras.spec import SourceRules, StreamSpec
 from pipeline.errors import BadInputError
-from pipeline.frontends.cameras.spec import SourceRules, StreamSpec
-from pipeline.frontends.fetching import AllowList
+from pipeline.serving.url_policy import AllowList
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """``FrameQueue``: a decoding thread's frames to one consumer on an event loop (see
-``pipeline.frontends.cameras.sources``). Real threads and a real loop; no media."""
+``pipeline.cameras.sources``). Real threads and a real loop; no media."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
+from pipeline.cameras.sources import CapturedFrame, FrameQueue
 from pipeline.errors import BadInputError
-from pipeline.frontends.cameras.sources import CapturedFrame, FrameQueue
 
 
 def frame(index: int) -> CapturedFrame:

@@ -8,7 +8,7 @@ import time
 
 from pipeline.errors import DeadlineError
 from pipeline.frontends.grpc_calls import serve_stream
-from pipeline.frontends.inference import ServingState
+from pipeline.serving.state import ServingState
 from pipeline.telemetry import Ledger
 
 

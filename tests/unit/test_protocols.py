@@ -12,9 +12,9 @@ from tritonclient.grpc import service_pb2 as pb
 
 from pipeline.errors import BadInputError, InvalidOptionError
 from pipeline.frontends import grpc_kserve, grpc_video, http_kserve, http_roboflow, kserve
-from pipeline.frontends.inference import InferRequest
-from pipeline.frontends.shared_memory import SharedMemory
 from pipeline.proto import video_pb2 as vpb
+from pipeline.serving.request import InferRequest
+from pipeline.serving.shared_memory import SharedMemory
 
 # ------------------------------------------------------------------ KServe's BYTES tensors
 

@@ -55,7 +55,7 @@ def test_bad_settings_are_refused_at_start_up(settings, words):
 
 def test_client_limits_count_per_client_and_refuse_beyond_the_cap():
     from pipeline.errors import OverloadedError
-    from pipeline.frontends.inference import ClientLimits, client_of
+    from pipeline.serving.state import ClientLimits, client_of
 
     assert client_of("ipv4:1.2.3.4:5") == client_of("ipv4:1.2.3.4:6") == "1.2.3.4"
     assert client_of("ipv6:[::1]:443") == "::1" and client_of("unix:/tmp/s") == "unix:/tmp/s"

@@ -1,4 +1,4 @@
-"""The shared memory rules (``pipeline.frontends.shared_memory``), on plain files standing in
+"""The shared memory rules (``pipeline.serving.shared_memory``), on plain files standing in
 for /dev/shm: who may register, which keys, the bounds, and a region unregistered while a
 request holds it."""
 
@@ -10,7 +10,7 @@ import pytest
 from pipeline.errors import AlreadyExistsError, BadInputError, ConfigError, NotFoundError, UnavailableError
 from pipeline.frontends.config import ServerConfig
 from pipeline.frontends.kserve import SharedOutputs
-from pipeline.frontends.shared_memory import Reference, SharedMemory, is_local
+from pipeline.serving.shared_memory import Reference, SharedMemory, is_local
 
 
 @pytest.fixture

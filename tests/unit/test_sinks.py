@@ -11,9 +11,11 @@ import time
 
 import pytest
 
+from pipeline.cameras import sinks
+from pipeline.cameras.sink_targets import parse_sink, redact
+from pipeline.cameras.sinks import Sink, backoff_delays
+from pipeline.cameras.transports import Rejected, frame_index
 from pipeline.errors import BadInputError
-from pipeline.frontends.cameras import sinks
-from pipeline.frontends.cameras.sinks import Rejected, Sink, backoff_delays, frame_index, parse_sink, redact
 
 from ..conftest import until
 

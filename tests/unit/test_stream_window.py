@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipeline.frontends.stream_window import StreamWindow
+from pipeline.serving.stream_window import StreamWindow
 
 from ..conftest import settle, until
 

@@ -43,10 +43,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ... import schema
-from ...errors import AlreadyExistsError, LimitError, NotFoundError, ShuttingDownError, status_of
-from ..inference import Answer, InferRequest, ServingState, Tracking, describe, run
-from ..stream_window import StreamWindow
+from .. import schema
+from ..errors import AlreadyExistsError, LimitError, NotFoundError, ShuttingDownError, describe, status_of
+from ..serving.life import run
+from ..serving.request import Answer, InferRequest, Tracking
+from ..serving.state import ServingState
+from ..serving.stream_window import StreamWindow
 from .sinks import Sink
 from .sources import CapturedFrame, FrameQueue, Source
 from .spec import SourceRules, StreamSpec

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...errors import BadInputError
+from ..errors import BadInputError
 
 if TYPE_CHECKING:  # PyAV is imported where it decodes, in the sources' threads
     from av.container import InputContainer

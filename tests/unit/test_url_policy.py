@@ -11,9 +11,9 @@ import socket
 import pytest
 
 from pipeline.errors import BadInputError, ConfigError
-from pipeline.frontends import fetching
 from pipeline.frontends.config import ServerConfig
-from pipeline.frontends.fetching import NOT_ALLOWED, NOT_HTTP, AllowList, fetch_image, not_public
+from pipeline.serving import url_policy
+from pipeline.serving.url_policy import NOT_ALLOWED, NOT_HTTP, AllowList, fetch_image, not_public
 
 NOBODY = AllowList()
 
@@ -87,14 +87,14 @@ def dns(monkeypatch):
         return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
                  (a, port)) for a in answers[host]]
 
-    monkeypatch.setattr(fetching, "lookup", getaddrinfo)
+    monkeypatch.setattr(url_policy, "lookup", getaddrinfo)
     return answers, calls
 
 
 def test_a_name_is_refused_when_any_of_its_addresses_is_not_public(dns, caplog):
     answers, calls = dns
     answers["mixed.example"] = ["93.184.216.34", "10.0.0.1"]
-    with caplog.at_level(logging.INFO, logger=fetching.__name__):
+    with caplog.at_level(logging.INFO, logger=url_policy.__name__):
         with pytest.raises(BadInputError) as info:
             fetch("http://mixed.example:8080/cat.jpg")
     assert str(info.value) == NOT_ALLOWED and calls == ["mixed.example"]
@@ -124,21 +124,21 @@ def test_only_http_urls(url):
 @pytest.mark.parametrize("url", ["http://[::1", "http://1.2.3.4:99999/", "http:///no-host",
                                  "http://" + "a" * 64 + ".example/"])  # bad IDNA: label too long
 def test_a_malformed_url_is_a_generic_400(url, caplog):
-    with caplog.at_level(logging.INFO, logger=fetching.__name__):
+    with caplog.at_level(logging.INFO, logger=url_policy.__name__):
         with pytest.raises(BadInputError) as info:
             fetch(url)
-    assert str(info.value) == fetching.not_fetched(1000)
+    assert str(info.value) == url_policy.not_fetched(1000)
     assert len(caplog.records) == 1
 
 
 def test_an_unknown_name_is_a_generic_400(dns):
     with pytest.raises(BadInputError) as info:
         fetch("http://nowhere.example/x.jpg")
-    assert str(info.value) == fetching.not_fetched(1000) and "nowhere" not in str(info.value)
+    assert str(info.value) == url_policy.not_fetched(1000) and "nowhere" not in str(info.value)
 
 
 def test_the_pinned_resolver_answers_only_for_checked_hosts():
-    resolver = fetching._PinnedResolver()
+    resolver = url_policy._PinnedResolver()
     checked = {"hostname": "a.example", "host": "93.184.216.34", "port": 80, "family": socket.AF_INET,
                "proto": 6, "flags": 0}
     resolver.pinned["a.example"] = [checked]
@@ -153,7 +153,7 @@ def test_fetches_at_once_are_bounded(monkeypatch):
     queued behind name servers that may never answer."""
     from pipeline.errors import OverloadedError
 
-    monkeypatch.setattr(fetching, "_fetching", fetching.MAX_FETCHES)
+    monkeypatch.setattr(url_policy, "_fetching", url_policy.MAX_FETCHES)
     with pytest.raises(OverloadedError, match="image URLs already"):
         fetch("http://93.184.216.34/cat.jpg")
-    assert fetching._fetching == fetching.MAX_FETCHES  # a refused fetch takes no slot
+    assert url_policy._fetching == url_policy.MAX_FETCHES  # a refused fetch takes no slot

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ...errors import BadInputError, InvalidOptionError
-from ...postprocess import PostprocessOptions
-from ...tracking import TrackerOptions
-from ..fetching import AllowList, check_host
-from .sinks import SinkTarget, parse_sink, redact
+from ..errors import BadInputError, InvalidOptionError
+from ..postprocess import PostprocessOptions
+from ..serving.url_policy import AllowList, check_host
+from ..tracking import TrackerOptions
+from .sink_targets import SinkTarget, parse_sink, redact
 
 DEFAULT_MODEL = "instance_segmentation"
 NETWORK_SCHEMES = ("rtsp", "rtsps", "http", "https")

@@ -29,7 +29,7 @@ from ..errors import ConfigError, NotFoundError, PipelineError, UnavailableError
 from ..repository import ModelEntry, ModelRepository
 from ..runners import resolve_device
 from ..telemetry import Ledger
-from .inference import ServingState
+from .state import ServingState
 
 LOG = logging.getLogger(__name__)
 MODES = ("none", "explicit")

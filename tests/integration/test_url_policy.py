@@ -12,8 +12,8 @@ import threading
 
 import pytest
 
-from pipeline.frontends import fetching
-from pipeline.frontends.fetching import NOT_ALLOWED, AllowList, fetch_image
+from pipeline.serving import url_policy
+from pipeline.serving.url_policy import NOT_ALLOWED, AllowList, fetch_image
 
 from .conftest import running_server
 from .test_http import MODEL, http_url, post, sample_bytes
@@ -70,7 +70,7 @@ def test_a_loopback_image_url_is_refused_unless_allow_listed(fake_root, upstream
 
 
 def test_allow_listed_urls_are_served_and_checked_at_every_hop(fake_root, upstream):
-    generic = fetching.not_fetched(64 * 1024 * 1024)
+    generic = url_policy.not_fetched(64 * 1024 * 1024)
     with running_server(model_repository=str(fake_root), allow_image_urls=True,
                         image_url_allow=("127.0.0.1",)) as server:
         for path in ("/coffee.jpg", "/to-coffee"):  # a redirect to an allowed host is followed
@@ -94,7 +94,7 @@ def test_the_connection_goes_to_the_checked_address(upstream, monkeypatch):
         address = "127.0.0.1" if len(lookups) == 1 else "10.255.255.1"
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
 
-    monkeypatch.setattr(fetching, "lookup", rebinding)
+    monkeypatch.setattr(url_policy, "lookup", rebinding)
     _Upstream.hosts.clear()
     data = asyncio.run(fetch_image(f"http://rebind.test:{port}/coffee.jpg", max_body=1 << 20,
                                    allow=AllowList.parse(["127.0.0.1"])))

@@ -1,166 +1,19 @@
-"""HTTP on the same server, engine and batcher as gRPC (aiohttp, in the gRPC server's loop).
-
-Two APIs, each in its own module: Roboflow ``inference``'s (``http_roboflow``; its paths
-share no prefix, so its routes are the root app's) and KServe v2 REST (``http_kserve``, a
-sub-app at ``/v2``). What they share is here, written once:
-
-- ``middlewares``: every failure as JSON in the matched app's own error format
-  (``ERROR_FIELD``), with its status from the one table in ``pipeline.errors``; the body-size
-  cap; the bearer token (``auth.Token``; routes an app lists in ``BODY_KEY_PATHS`` may carry
-  it in the body instead, as Roboflow's SDK does, read from a small prefix before the rest
-  of the body is); the client's share of the server;
-- ``json_body``; ``HTTPServer``, which listens: a cap on open connections, a deadline for a
-  new connection's first headers, an idle timeout, and client garbage and accept() failures
-  logged at most once per interval.
-"""
+"""The HTTP listener: an aiohttp application served on the running loop (``HTTPServer``) behind
+our own accept loop, so that a client cannot hold the server's sockets: a cap on open
+connections, a deadline for a new connection's first headers, an idle timeout, and client
+garbage and accept() failures logged at most once per interval."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ..errors import BadInputError, TooLargeError, UnauthenticatedError, status_of
-from .auth import OPEN_HTTP_PATHS, Token
-from .inference import ServingState, client_of, describe
-
 LOG = logging.getLogger(__name__)
-
-ERROR_FIELD = web.AppKey("error_field", str)  # the app's error document: {field: message}
-BODY_KEY_PATHS = web.AppKey("body_key_paths", frozenset)  # may carry the token in the body
-AUTHORIZED = web.RequestKey("authorized", bool)  # the header or query carried the token
-BODY_PREFIX = web.RequestKey("body_prefix", bytes)  # the body's first bytes, read by `guard`
-NO_TOKEN = ("missing or wrong token (header 'Authorization: Bearer <token>', or the api_key "
-            "parameter)")
-# A body's api_key must come within its first bytes (Roboflow's SDK writes it first): a
-# request without the token is refused before the rest, up to 64 MB, is read and parsed.
-KEY_PREFIX_BYTES = 64 * 1024
-_SPACE = re.compile(r"[ \t\n\r]*")
-
-
-def setting(request: web.Request, key: web.AppKey, default: Any = None) -> Any:
-    """The matched app's own setting (a sub-app's before the root's). Not
-    ``request.config_dict``: in the root's middlewares that sees the root alone."""
-    for app in reversed(request.match_info.apps):
-        if key in app:
-            return app[key]
-    return default
-
-
-def parse_json(data: bytes | str, what: str = "the body") -> Any:
-    """JSON as the standard has it: BadInputError (400) for text that is not JSON, for NaN
-    and Infinity (Python's extension; no number parameter means them), and for nesting too
-    deep to parse (RecursionError: ``[`` * 50000)."""
-    def no_constant(name: str):
-        raise ValueError(f"{name} is not a JSON number")
-
-    try:
-        return json.loads(data, parse_constant=no_constant)
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise BadInputError(f"{what} is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise BadInputError(f"{what} nests too deeply to be read") from None
-
-
-async def json_body(request: web.Request) -> Any:
-    return parse_json(request.get(BODY_PREFIX, b"") + await request.read())
-
-
-def body_key_ok(request: web.Request, token: Token | None, body: dict) -> None:
-    """For BODY_KEY_PATHS: the token as ``api_key`` in the body, unless the header or the
-    query carried it already. (``guard`` refused bodies whose first bytes lack it; this is
-    the check of the body as parsed.)"""
-    if token is not None and not request.get(AUTHORIZED) and not token.accepts(api_key=body.get("api_key")):
-        raise UnauthenticatedError(NO_TOKEN.replace("parameter", "in the body"))
-
-
-def leading_api_key(prefix: bytes) -> Any:
-    """The top-level ``api_key`` of a JSON object that starts with ``prefix``, or None when
-    it is not among the members that ``prefix`` holds whole (members are read in order; a
-    member cut off by the prefix's end, or anything that is not JSON, ends the search)."""
-    text, decoder = prefix.decode("utf-8", "replace"), json.JSONDecoder()
-    i = _SPACE.match(text).end()
-    if not text.startswith("{", i):
-        return None
-    i += 1
-    try:
-        while True:
-            key, i = decoder.raw_decode(text, _SPACE.match(text, i).end())
-            i = _SPACE.match(text, i).end()
-            if not text.startswith(":", i):
-                return None
-            value, i = decoder.raw_decode(text, _SPACE.match(text, i + 1).end())
-            if key == "api_key":
-                return value
-            i = _SPACE.match(text, i).end()
-            if not text.startswith(",", i):
-                return None
-            i += 1
-    except (ValueError, RecursionError):
-        return None
-
-
-async def _read_prefix(request: web.Request, limit: int) -> bytes:
-    """Up to ``limit`` bytes of the body (fewer if it is shorter); ``json_body`` reads them
-    back first."""
-    chunks, size = [], 0
-    while size < limit:
-        chunk = await request.content.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    request[BODY_PREFIX] = prefix = b"".join(chunks)
-    return prefix
-
-
-def middlewares(state: ServingState, *, max_body: int, token: Token | None) -> list:
-    def too_large(length: int | None = None) -> TooLargeError:
-        what = "the body" if length is None else f"the body of {length} bytes"
-        return TooLargeError(f"{what} exceeds the {max_body}-byte limit (--max-message-mb)")
-
-    @web.middleware
-    async def errors(request: web.Request, handler):
-        """Every failure as JSON with a status from the one table; the server keeps serving."""
-        try:
-            length = request.content_length
-            if length is not None and length > max_body:
-                raise too_large(length)
-            with state.in_progress():
-                return await handler(request)
-        except web.HTTPRequestEntityTooLarge:
-            status, message = 413, str(too_large())
-        except web.HTTPException as exc:  # aiohttp's own (404 route, 405 method)
-            status, message = exc.status, exc.reason
-        except Exception as exc:  # noqa: BLE001 - ours map through the table; the rest are 500s
-            status, message = status_of(exc).http, describe(exc)
-        return web.json_response({setting(request, ERROR_FIELD, "error"): message}, status=status)
-
-    @web.middleware
-    async def guard(request: web.Request, handler):
-        """The bearer token (or the SDK's api_key), and the connection's share of the server."""
-        if token is not None and not request.path.startswith(OPEN_HTTP_PATHS):
-            request[AUTHORIZED] = token.accepts(request.headers.get("Authorization", ""),
-                                                request.query.get("api_key"))
-            if not request[AUTHORIZED]:
-                if request.path not in setting(request, BODY_KEY_PATHS, ()):
-                    raise UnauthenticatedError(NO_TOKEN)
-                prefix = await _read_prefix(request, KEY_PREFIX_BYTES)
-                if not token.accepts(api_key=leading_api_key(prefix)):
-                    raise UnauthenticatedError(NO_TOKEN.replace(
-                        "parameter", f"in the body, before the image: within its first "
-                        f"{KEY_PREFIX_BYTES // 1024} KiB"))
-        with state.limits.request(client_of(request.remote or "")):
-            return await handler(request)
-
-    return [errors, guard]
-
 
 ACCEPT_ERROR = "socket.accept() out of system resource"  # asyncio's words for EMFILE and kin
 FD_RESERVE = 256  # open files kept for gRPC, the model, metrics and logs when HTTP is full

@@ -1,0 +1,230 @@
+"""Delivering a camera stream's results to the outside: webhooks, MQTT and Redis Streams.
+
+Vocabulary:
+
+- a **message** is one JSON document (utf-8 bytes): the result of one frame;
+- a **Sink** is one target (``sink_targets.SinkTarget``) of one stream: a bounded **buffer**
+  of messages, one **delivery task** that sends them in order, a **batch** at a time, through
+  the kind's **transport** (``transports``), and counters (``status()``). A batch that fails
+  is halved for its next attempt (the rest waits again, first in line), so a link too slow to
+  carry a whole batch within ``SEND_TIMEOUT_S`` still carries a part; each success doubles
+  the size again.
+
+What is retried: a connection that cannot be made or is lost, a send that fails or is not
+acknowledged within ``SEND_TIMEOUT_S``, and a webhook answer the transport does not reject.
+The batch stays first in line and is sent again (halved) after a pause that doubles from
+``BACKOFF_S[0]`` to ``BACKOFF_S[1]`` (reconnecting first), forever: a broker that goes away and
+comes back gets the messages that waited for it, in order. Delivery is at least once: a
+message whose acknowledgement was lost, or that was in a batch cut short, is sent again.
+
+What is dropped, and counted in ``dropped``: the oldest waiting message when one more arrives
+and ``buffer`` are waiting (the batch being sent is kept: it is not waiting, so a sink holds
+at most ``buffer`` + ``IN_FLIGHT``; a stream that would rather wait awaits ``room()``); a message a
+webhook refuses (``transports.Rejected``; ``last_error`` says so); whatever is still held when
+``close(timeout_s)`` runs out of time; and messages offered after ``close``.
+
+A sink reaches whatever host its URL names, from the server's network: who may create streams
+with sinks is the adapters' concern. ``offer``, ``start`` and ``close`` are called on the event
+loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Iterator
+
+from ..errors import BadInputError
+from .sink_targets import SinkTarget
+from .transports import SEND_TIMEOUT_S, TRANSPORTS, Rejected
+
+log = logging.getLogger(__name__)
+
+BACKOFF_S = (0.2, 5.0)  # the pause after a failure: first, and the most it doubles to
+BATCH_BYTES = 1 << 20  # a batch holds at most this much (and one message at least)
+ERROR_CHARS = 300  # of an error's text kept in last_error and log lines
+
+
+def backoff_delays(first_s: float, most_s: float) -> Iterator[float]:
+    """The pauses after consecutive failures: ``first_s``, doubling, never above ``most_s``."""
+    delay = first_s
+    while True:
+        yield delay
+        delay = min(delay * 2, most_s)
+
+
+class Sink:
+    """One target of one stream: a bounded buffer, one delivery task, retries with backoff,
+    counters. ``offer`` never blocks the stream; a stream that would rather wait than drop
+    (a file played as fast as possible) awaits ``room()`` first.
+
+    buffer: how many messages may wait (beside the batch being sent); backoff_s: the first and
+    the longest pause between attempts after failures; ca_file: see the module's TLS."""
+
+    def __init__(self, target: SinkTarget, stream_id: str, *, buffer: int = 1000,
+                 backoff_s: tuple[float, float] = BACKOFF_S, ca_file: str | None = None):
+        if buffer < 1:
+            raise BadInputError(f"a sink's buffer holds at least 1 message, got {buffer}")
+        self.target = target
+        self.stream_id = stream_id
+        self._transport = TRANSPORTS[target.kind](target, stream_id, ca_file)
+        self._bound = buffer
+        self._backoff_s = backoff_s
+        self._waiting: deque[bytes] = deque()
+        self._sending: list[bytes] = []  # the batch taken from the buffer, not yet delivered
+        self._batch = self._transport.batch  # the most the next batch takes: halved by failures
+        self._wake = asyncio.Event()  # a message was offered, or close() was called
+        self._room = asyncio.Event()  # a batch was taken from the buffer, or close() was called
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._linked = False  # the transport is connected (connect() succeeded, nothing failed since)
+        self._connected = False  # the last attempt reached the target (status: a webhook has no link)
+        self._dropping = False  # the buffer overflowed since the last delivery (one log line)
+        self.delivered = self.dropped = self.retries = 0
+        self.last_error: str | None = None
+
+    def __repr__(self) -> str:
+        return f"{self.target.kind} sink {self.target.redacted} of stream {self.stream_id!r}"
+
+    def start(self) -> None:
+        """Start the delivery task (on the event loop; once)."""
+        if self._task is None and not self._closing.is_set():
+            self._task = asyncio.get_running_loop().create_task(self._deliver(), name=repr(self))
+
+    def offer(self, message: bytes) -> None:
+        """Queue one message; when ``buffer`` are waiting, the oldest is dropped and counted."""
+        if self._closing.is_set():
+            self.dropped += 1
+            return
+        if self.full:
+            self._waiting.popleft()
+            self.dropped += 1
+            if not self._dropping:
+                self._dropping = True
+                log.warning("%r: %d messages wait already; dropping the oldest (counted in 'dropped')",
+                            self, self._bound)
+        self._waiting.append(message)
+        self._wake.set()
+
+    @property
+    def full(self) -> bool:
+        """``offer`` would drop the oldest waiting message now."""
+        return len(self._waiting) >= self._bound
+
+    async def room(self) -> None:
+        """Return once ``offer`` would drop nothing (fewer than ``buffer`` wait), or the sink
+        is closing; while its target is away, that is when it returns."""
+        while self.full and not self._closing.is_set():
+            self._room.clear()
+            await self._room.wait()
+
+    async def close(self, timeout_s: float) -> None:
+        """Deliver what is held within ``timeout_s`` (retrying as ever; a pause in progress is
+        cut short), then stop: what is left is counted dropped, and the connection closed."""
+        self._closing.set()
+        self._wake.set()
+        self._room.set()
+        task = self._task
+        if task is not None:
+            await asyncio.wait((task,), timeout=max(timeout_s, 0))
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        left = len(self._waiting) + len(self._sending)
+        if left:
+            log.warning("%r: closed with %d messages undelivered (counted in 'dropped')", self, left)
+            self.dropped += left
+            self._waiting.clear()
+            self._sending = []
+        await self._disconnect()
+
+    def status(self) -> dict:
+        """The counters; the URL without credentials."""
+        return {"url": self.target.redacted, "kind": self.target.kind, "connected": self._connected,
+                "delivered": self.delivered, "dropped": self.dropped,
+                "buffered": len(self._waiting) + len(self._sending),
+                "retries": self.retries, "last_error": self.last_error}
+
+    async def _deliver(self) -> None:
+        """The delivery task: a batch at a time, in order, until closed and empty."""
+        delays = backoff_delays(*self._backoff_s)
+        failing = False  # since the last success (one log line per outage)
+        while True:
+            if not self._sending:
+                if not self._waiting:
+                    if self._closing.is_set():
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                self._sending = self._take()
+            try:
+                if not self._linked:
+                    await asyncio.wait_for(self._transport.connect(), SEND_TIMEOUT_S)
+                    self._linked = True
+                await asyncio.wait_for(self._transport.send(self._sending), SEND_TIMEOUT_S)
+            except Rejected as exc:  # a webhook's: a batch of one
+                self._connected = True
+                self.dropped += len(self._sending)
+                self._sending = []
+                self.last_error = self._describe(exc)
+                log.warning("%r: message refused, dropped: %s", self, self.last_error)
+                continue
+            except Exception as exc:  # whatever a transport raises is retried
+                self.retries += 1
+                if len(self._sending) > 1:  # halved; the rest waits again, first in line
+                    keep = len(self._sending) // 2
+                    self._waiting.extendleft(reversed(self._sending[keep:]))
+                    self._sending = self._sending[:keep]
+                self._batch = len(self._sending)
+                self.last_error = self._describe(exc)
+                if not failing:
+                    failing = True
+                    log.warning("%r: %s; retrying (pauses of %g to %g s), %d messages may wait meanwhile",
+                                self, self.last_error, *self._backoff_s, self._bound)
+                await self._disconnect()
+                await self._pause(next(delays))
+                continue
+            self._connected = True
+            self.delivered += len(self._sending)
+            self._sending = []
+            self._batch = min(self._transport.batch, 2 * self._batch)
+            self._dropping = False
+            if failing:
+                failing = False
+                log.info("%r: delivering again (after %d retries in all)", self, self.retries)
+                delays = backoff_delays(*self._backoff_s)
+
+    def _take(self) -> list[bytes]:
+        """The next batch: the oldest waiting messages, up to the batch size and BATCH_BYTES
+        (one message at least)."""
+        batch = [self._waiting.popleft()]
+        size = len(batch[0])
+        while self._waiting and len(batch) < self._batch and size + len(self._waiting[0]) <= BATCH_BYTES:
+            size += len(self._waiting[0])
+            batch.append(self._waiting.popleft())
+        self._room.set()
+        return batch
+
+    async def _pause(self, delay_s: float) -> None:
+        if self._closing.is_set():
+            await asyncio.sleep(delay_s)
+            return
+        # close() cuts the pause short: the flush gets one prompt attempt.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), delay_s)
+
+    async def _disconnect(self) -> None:
+        self._linked = self._connected = False
+        try:
+            await asyncio.wait_for(self._transport.disconnect(), SEND_TIMEOUT_S)
+        except Exception as exc:  # a connection already broken may fail to close
+            log.debug("%r: disconnect: %s", self, self._describe(exc))
+
+    def _describe(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return self.target.scrub(text)[:ERROR_CHARS]
+
+
