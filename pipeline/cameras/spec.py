@@ -94,7 +94,9 @@ class StreamSpec:
     (None: every frame). realtime: a file plays at its own rate (dropping frames the model
     cannot take), or, False, as fast as the model and the sinks take them (nothing dropped).
     parameters: post-processing and tracker knobs by their wire names (as StreamFrames'
-    ``InferOptions``). stream_id: the client's name for it, or "" for one made up.
+    ``InferOptions``), as given; read once, here, into ``options`` (the post-processing
+    overrides every frame's ``InferRequest`` carries) and ``tracker`` (the tracker's knobs).
+    stream_id: the client's name for it, or "" for one made up.
     """
 
     source: str
@@ -107,6 +109,8 @@ class StreamSpec:
     sinks: tuple[SinkTarget, ...] = ()
     parameters: Mapping[str, Any] = field(default_factory=dict)
     stream_id: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    tracker: TrackerOptions = field(default_factory=TrackerOptions)
 
     @property
     def display(self) -> str:
@@ -124,15 +128,15 @@ class StreamSpec:
         if not isinstance(source, str) or not source.strip():
             raise BadInputError("'source' must be an rtsp://, rtsps://, http(s):// URL or a file path")
         location, network = rules.locate(source.strip())
+        parameters = _parameters(body)
         realtime = _flag(body, "realtime", True)
         if network and "realtime" in body:
             raise BadInputError("'realtime' is for file sources: a network source plays as it comes")
         return cls(source.strip(), location, network, model=_model(body), max_fps=_max_fps(body),
                    track=_flag(body, "track", False), realtime=realtime, sinks=_sinks(body),
-                   parameters=_parameters(body), stream_id=_stream_id(body))
-
-    def tracker_options(self) -> TrackerOptions:
-        return TrackerOptions.from_params(dict(self.parameters))
+                   parameters=parameters, stream_id=_stream_id(body),
+                   options=PostprocessOptions.overrides(parameters),
+                   tracker=TrackerOptions.from_params(dict(parameters)))
 
 
 def _model(body: Mapping) -> str:
@@ -178,8 +182,6 @@ def _parameters(body: Mapping) -> dict[str, Any]:
     for key, value in params.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise InvalidOptionError(key, f"parameter {key!r} must be a finite number, got {value!r}")
-    PostprocessOptions.overrides(params)  # the range checks, raising InvalidOptionError
-    TrackerOptions.from_params(dict(params))
     return dict(params)
 
 

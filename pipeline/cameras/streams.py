@@ -4,7 +4,7 @@ Vocabulary:
 
 - a **stream** (``CameraStream``): one source the server pulls (``StreamSpec``), decoded in
   its own thread (``sources.Source``) into a small ``FrameQueue``; its frames go, in order,
-  through a ``StreamWindow`` and ``inference.run``, like any request, so frames of every
+  through a ``StreamWindow`` and ``serving.life.run`` (one ``CameraCall`` each), like any request, so frames of every
   camera and every client share batches;
 - **live** streams (cameras, and files played in real time) have one frame in the batcher at
   most, and take it when their **turn** comes: the cameras of one model may have two batches'
@@ -39,12 +39,12 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .. import schema
-from ..errors import AlreadyExistsError, LimitError, NotFoundError, ShuttingDownError, describe, status_of
+from ..errors import AlreadyExistsError, LimitError, NotFoundError, ShuttingDownError, status_text
 from ..serving.life import run
 from ..serving.request import Answer, InferRequest, Tracking
 from ..serving.state import ServingState
@@ -86,9 +86,6 @@ class CameraResult:
     error: str = ""
     dropped: bool = False
     rgb: np.ndarray | None = None
-
-
-Sampled = tuple[CapturedFrame, "Turn | None"]  # a frame to run, and its turn (live streams')
 
 
 class RateMeter:
@@ -154,6 +151,38 @@ class Subscription:
             yield result
 
 
+class CameraCall:
+    """One sampled frame as a ``serving.life.Call``: its request made from the stream's spec
+    (its parameters read once, when the stream was added), answered as a ``CameraResult``,
+    its failure one too. A live frame holds its ``turn`` until it is answered."""
+
+    def __init__(self, stream: CameraStream, frame: CapturedFrame, turn: Turn | None):
+        self.stream, self.frame, self.turn = stream, frame, turn
+        self.model = stream.spec.model
+
+    def read(self) -> InferRequest:
+        spec, tracking = self.stream.spec, self.stream.tracking
+        now = None if tracking is None else replace(tracking, timestamp=self.frame.media_s)
+        return InferRequest(spec.model, "", (self.frame.rgb,), spec.options, tracking=now)
+
+    def respond(self, answer: Answer) -> CameraResult:  # a worker thread
+        stream, frame = self.stream, self.frame
+        message = b""
+        if stream.sinks:
+            (det,) = answer.detections
+            doc = {"stream_id": stream.id, "frame_index": frame.index, "timestamp": frame.captured,
+                   **schema.document(det, answer.pipe.class_names, "rle")}
+            message = json.dumps(doc, separators=(",", ":")).encode()
+        return CameraResult(stream.id, frame.index, frame.captured, answer, message, rgb=stream.picture(frame))
+
+    def fail(self, error: BaseException) -> CameraResult:
+        stream, frame = self.stream, self.frame
+        stream.answer_given(self.turn)  # a frame never started gives its turn back here
+        return CameraResult(stream.id, frame.index, frame.captured,
+                            error=status_text(error, cancelled="the stream was stopped"),
+                            rgb=stream.picture(frame))
+
+
 class CameraStream:
     """One stream: its source, queue, window, sinks and counts (see the module's vocabulary)."""
 
@@ -179,14 +208,14 @@ class CameraStream:
                                  self._source_state, state, error))
         self.sinks = [Sink(target, stream_id, buffer=owner.sink_buffer, ca_file=owner.sink_ca_file)
                       for target in spec.sinks]
-        self.window: StreamWindow[Sampled, CameraResult] = StreamWindow(
-            self._process, self._failed, window=1 if live else FILE_WINDOW)
+        self.window: StreamWindow[CameraCall, CameraResult] = StreamWindow(
+            self._process, CameraCall.fail, window=1 if live else FILE_WINDOW)
         self._answered = asyncio.Event()  # a live stream's frame in the batcher is answered
         self._answered.set()
         self._turn: Turn | None = None  # a live stream's frame's turn (one at a time)
         # The tracker's key names this stream object, not only its id: a stream added again
         # under the same id gets a tracker of its own.
-        self.tracking = (Tracking(f"{API}/{stream_id}/{uuid.uuid4().hex[:8]}", spec.tracker_options())
+        self.tracking = (Tracking(f"{API}/{stream_id}/{uuid.uuid4().hex[:8]}", spec.tracker)
                          if spec.track else None)
         self._task: asyncio.Task | None = None
         self._stop_asked = asyncio.Event()  # stop_reading() was called
@@ -275,14 +304,14 @@ class CameraStream:
 
     # ------------------------------------------------------------------ frames
 
-    async def _sampled(self) -> AsyncIterator[Sampled]:
+    async def _sampled(self) -> AsyncIterator[CameraCall]:
         """The frames to run, in order. A live stream's: one at a time, each the newest when
         its turn comes, so a frame waits where a newer one replaces it (the queue of one),
         not in the batcher, where it would only age; older ones are dropped and told."""
         async for frame in self.queue:
             if not self.live:
                 self._sampled_one(frame)
-                yield frame, None
+                yield CameraCall(self, frame, None)
                 continue
             await self._answered.wait()
             turns = self.owner.turns(self.spec.model)
@@ -296,7 +325,7 @@ class CameraStream:
             self._sampled_one(frame)
             self._turn = turn
             try:
-                yield frame, turn
+                yield CameraCall(self, frame, turn)
             except GeneratorExit:
                 turn.release()
                 raise
@@ -306,45 +335,17 @@ class CameraStream:
         self.rate_in.add(frame.index - self._last_index if self._last_index >= 0 else 1)
         self._last_index = frame.index
 
-    def _answer_given(self, turn: Turn | None) -> None:
+    def answer_given(self, turn: Turn | None) -> None:
         if turn is not None and turn.release():
             self._answered.set()
 
-    async def _process(self, sampled: Sampled) -> CameraResult:
-        frame, turn = sampled
+    async def _process(self, call: CameraCall) -> CameraResult:
         try:
-            return await self._infer(frame)
+            return await run(self.owner.state, call, self.client)
         finally:
-            self._answer_given(turn)
+            self.answer_given(call.turn)
 
-    async def _infer(self, frame: CapturedFrame) -> CameraResult:
-        spec, tracking = self.spec, self.tracking
-
-        def read() -> InferRequest:
-            now = None if tracking is None else Tracking(tracking.key, tracking.options, frame.media_s)
-            return InferRequest.read(spec.model, "", [frame.rgb], spec.parameters, tracking=now)
-
-        def respond(answer: Answer) -> CameraResult:  # a worker thread
-            message = b""
-            if self.sinks:
-                (det,) = answer.detections
-                doc = {"stream_id": self.id, "frame_index": frame.index, "timestamp": frame.captured,
-                       **schema.document(det, answer.pipe.class_names, "rle")}
-                message = json.dumps(doc, separators=(",", ":")).encode()
-            return CameraResult(self.id, frame.index, frame.captured, answer, message, rgb=self._picture(frame))
-
-        return await run(self.owner.state, spec.model, read, respond, self.client)
-
-    def _failed(self, sampled: Sampled, exc: BaseException) -> CameraResult:
-        frame, turn = sampled
-        self._answer_given(turn)  # a frame never started gives its turn back here
-        if isinstance(exc, asyncio.CancelledError):
-            error = "CANCELLED: the stream was stopped"
-        else:
-            error = f"{status_of(exc).grpc}: {describe(exc)}"
-        return CameraResult(self.id, frame.index, frame.captured, error=error, rgb=self._picture(frame))
-
-    def _picture(self, frame: CapturedFrame) -> np.ndarray | None:
+    def picture(self, frame: CapturedFrame) -> np.ndarray | None:
         """The frame, kept with its result only while a subscriber asked for frames."""
         return frame.rgb if self.owner.wants_frames(self.id) else None
 

@@ -1,14 +1,16 @@
 """What the gRPC services share: wire status codes from the one table in ``pipeline.errors``,
-a streaming call's life through a ``StreamWindow`` (limits, accounting, the drain), and the
+a streaming RPC's calls through a ``StreamWindow`` (limits, accounting, the drain), and the
 ``MessageGuard`` that answers unreadable messages and missing methods with a status."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import AsyncIterator
 
 import grpc
 
-from ..errors import DeadlineError, OverloadedError, PipelineError, describe, status_of
+from ..errors import OverloadedError, PipelineError, describe, status_of
+from ..serving.life import Call, run
 from ..serving.state import ServingState, client_of
 from ..serving.stream_window import StreamWindow
 
@@ -16,6 +18,14 @@ from ..serving.stream_window import StreamWindow
 def grpc_status(error: BaseException) -> grpc.StatusCode:
     """The gRPC code of any error, from the one table in ``pipeline.errors``."""
     return grpc.StatusCode[status_of(error).grpc]
+
+
+def unary_failure(context: grpc.aio.ServicerContext, error: BaseException, empty):
+    """A unary call's ``fail``: the error's status and message set on the call, ``empty`` (the
+    method's response message, which the client never sees) returned."""
+    context.set_code(grpc_status(error))
+    context.set_details(describe(error))
+    return empty
 
 
 async def answer_or_abort(context: grpc.aio.ServicerContext, build):
@@ -28,35 +38,27 @@ async def answer_or_abort(context: grpc.aio.ServicerContext, build):
         await context.abort(grpc_status(exc), describe(exc))
 
 
-async def serve_stream(state: ServingState, api: str, process, failed, requests,
-                       context: grpc.aio.ServicerContext, model_of, **window_options):
-    """One streaming RPC through a StreamWindow (``process``/``failed`` per request; see
-    ``stream_window``): refused while draining, within the client's limits, counted, and
-    registered so the drain can stop it; the models its requests name (``model_of``) count
-    as in use until it ends. A request refused because the server is behind answers at
-    once and pauses the stream's reading for its retry-after, so a client that sends again
-    the moment it hears cannot turn refusals into a flood that starves the network. A
-    drained stream gets every request it read answered, then ends with UNAVAILABLE, so the
-    client knows to reconnect and re-send."""
+async def serve_stream(state: ServingState, api: str, calls: AsyncIterator[Call],
+                       context: grpc.aio.ServicerContext, **window_options):
+    """One streaming RPC through a StreamWindow, each of its calls by ``serving.life.run``:
+    refused while draining, within the client's limits, counted, and registered so the drain
+    can stop it; the models its calls name count as in use until it ends. A call refused
+    because the server is behind is answered at once and pauses the stream's reading for its
+    retry-after (``run``'s ``hold``). A drained stream gets every call it read answered,
+    then ends with UNAVAILABLE, so the client knows to reconnect and re-send."""
     if state.draining:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
     client = client_of(context.peer())
     models: set[str] = set()
 
-    async def within_limits(request):
-        model = model_of(request)
-        if model not in models:
-            models.add(model)
-            state.ledger.model_stream_opened(model)
+    async def within_limits(call: Call):
+        if call.model not in models:
+            models.add(call.model)
+            state.ledger.model_stream_opened(call.model)
         with state.limits.request(client):
-            try:
-                return await process(request)
-            except DeadlineError as exc:
-                if exc.retry_after_s:
-                    window.hold(exc.retry_after_s)
-                raise
+            return await run(state, call, client, hold=window.hold)
 
-    window = StreamWindow(within_limits, failed, window=state.stream_window, **window_options)
+    window = StreamWindow(within_limits, _failed, window=state.stream_window, **window_options)
     try:
         state.limits.acquire("streams", client)
     except OverloadedError as exc:
@@ -65,7 +67,7 @@ async def serve_stream(state: ServingState, api: str, process, failed, requests,
     state.streams.add(window)
     try:
         with state.in_progress():
-            async for answer in window.run(requests):
+            async for answer in window.run(calls):
                 yield answer
             if window.stopped:
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -77,6 +79,11 @@ async def serve_stream(state: ServingState, api: str, process, failed, requests,
         state.ledger.stream_opened(api, -1)
         for model in models:
             state.ledger.model_stream_opened(model, -1)
+
+
+def _failed(call: Call, error: BaseException):
+    """A call the window answers itself (cancelled, refused by the limits, or stopped)."""
+    return call.fail(error)
 
 
 class _Unreadable:

@@ -9,7 +9,6 @@ as a ``ModelInferResponse``. Errors become gRPC status codes through the one tab
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,14 +17,14 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from ..errors import BadInputError, describe
+from ..errors import BadInputError, OverloadedError, describe, status_text
 from ..serving.control import ModelControl
 from ..serving.life import run
 from ..serving.request import Answer, InferRequest
 from ..serving.shared_memory import NO_CUDA, SharedMemory
 from ..serving.state import VERSION, ServingState, client_of
 from . import kserve
-from .grpc_calls import answer_or_abort, grpc_status, serve_stream
+from .grpc_calls import answer_or_abort, grpc_status, serve_stream, unary_failure
 
 
 def parameters_of(parameters) -> dict[str, Any]:
@@ -84,6 +83,43 @@ def response_of(message: pb.ModelInferRequest, answer: Answer,
     for name, datatype, shape in placed:
         response.outputs.add(name=name, datatype=datatype, shape=list(shape))
     return response
+
+
+class KServeCall:
+    """A ``ModelInferRequest`` as a ``serving.life.Call``: read once (its outputs bound for
+    shared memory held from then on), answered as a ``ModelInferResponse``; its failure is
+    the unary call's status."""
+
+    def __init__(self, message: pb.ModelInferRequest, regions: SharedMemory,
+                 context: grpc.aio.ServicerContext | None = None, deadline: float | None = None):
+        self.message, self.regions, self.context, self.deadline = message, regions, context, deadline
+        self.model = message.model_name
+        self.shared: kserve.SharedOutputs | None = None
+
+    def read(self) -> InferRequest:
+        request = read_request(self.message, self.regions, self.deadline)
+        self.shared = shared_outputs_of(self.message, self.regions)
+        return request
+
+    def respond(self, answer: Answer) -> pb.ModelInferResponse:
+        return response_of(self.message, answer, self.shared)
+
+    def fail(self, error: BaseException) -> pb.ModelInferResponse:
+        return unary_failure(self.context, error, pb.ModelInferResponse())
+
+
+class KServeStreamCall(KServeCall):
+    """One request of ``ModelStreamInfer``: its answer and its failure are stream messages;
+    a failure is "STATUS: message" in ``error_message`` (as the video API's), so clients can
+    tell a stale frame (DEADLINE_EXCEEDED) from a draining server (UNAVAILABLE) or bad input."""
+
+    def respond(self, answer: Answer) -> pb.ModelStreamInferResponse:
+        return pb.ModelStreamInferResponse(infer_response=super().respond(answer))
+
+    def fail(self, error: BaseException) -> pb.ModelStreamInferResponse:
+        return pb.ModelStreamInferResponse(
+            error_message=status_text(error),
+            infer_response=pb.ModelInferResponse(model_name=self.message.model_name, id=self.message.id))
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -169,60 +205,24 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # Inference ---------------------------------------------------------------------
 
-    async def infer(self, message: pb.ModelInferRequest, client: str, deadline: float | None = None):
-        """One message through the shared request life; raises PipelineError on bad input.
-
-        client: ``client_of`` its peer. deadline: the caller's absolute monotonic deadline (a
-        gRPC deadline): a request still queued then is answered DEADLINE_EXCEEDED, never run."""
-        shared: list[kserve.SharedOutputs] = []
-
-        def read() -> InferRequest:
-            request = read_request(message, self.state.shared_memory, deadline)
-            shared.append(shared_outputs_of(message, self.state.shared_memory))
-            return request
-
-        def respond(answer: Answer) -> pb.ModelInferResponse:
-            return response_of(message, answer, shared[0])
-
-        return await run(self.state, message.model_name, read, respond, client)
-
     async def ModelInfer(self, request, context):
+        """One message through the shared request life. A gRPC deadline is the request's
+        too: a request still queued then is answered DEADLINE_EXCEEDED, never run."""
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         client = client_of(context.peer())
+        call = KServeCall(request, self.state.shared_memory, context, deadline)
         with self.state.in_progress():
             try:
                 with self.state.limits.request(client):
-                    return await self.infer(request, client, deadline)
-            except Exception as exc:  # noqa: BLE001 - the server keeps serving
-                await context.abort(grpc_status(exc), describe(exc))
-
-    async def _stream_answer(self, request: pb.ModelInferRequest, client: str) -> pb.ModelStreamInferResponse:
-        """Its errors are answered in-stream by the stream's window (``_stream_error``)."""
-        return pb.ModelStreamInferResponse(infer_response=await self.infer(request, client))
-
-    @staticmethod
-    def _stream_error(request: pb.ModelInferRequest, exc: BaseException) -> pb.ModelStreamInferResponse:
-        """An in-stream error, "STATUS: message" (as the video API's), so clients can tell a
-        stale frame (DEADLINE_EXCEEDED) from a draining server (UNAVAILABLE) or bad input."""
-        if isinstance(exc, asyncio.CancelledError):
-            message = "CANCELLED: stream closed"
-        else:
-            message = f"{grpc_status(exc).name}: {describe(exc)}"
-        return pb.ModelStreamInferResponse(
-            error_message=message,
-            infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+                    return await run(self.state, call, client)
+            except OverloadedError as exc:  # the client's limit, before the call began
+                return call.fail(exc)
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Bidirectional: one response per request, in order, each as soon as it is ready.
         At most ``stream_window`` requests of a stream run at once; beyond that the stream
         stops reading, and gRPC flow control slows the client down (policy ``wait``)."""
-        client = client_of(context.peer())
-
-        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            return await self._stream_answer(request, client)
-
-        async for response in serve_stream(self.state, "kserve", answer,
-                                           self._stream_error, request_iterator, context,
-                                           lambda request: request.model_name, policy="wait"):
+        calls = (KServeStreamCall(message, self.state.shared_memory) async for message in request_iterator)
+        async for response in serve_stream(self.state, "kserve", calls, context, policy="wait"):
             yield response

@@ -2,32 +2,29 @@
 
 A thin adapter: flow control, ordering and "one result per frame" are the shared
 ``StreamWindow`` core's (see ``stream_window``), with the server's window and policy (``wait``
-or ``drop_oldest``). Here a frame is read once into an ``InferRequest`` (``request_of``) and
-run by ``inference.run``; its ``Answer`` becomes a typed ``FrameResult``: detections, an
-``error`` (a bad frame does not end the stream), or ``dropped``.
+or ``drop_oldest``). Here a frame is a ``FrameCall``: read once into an ``InferRequest``
+(``request_of``), run by ``serving.life.run``, its ``Answer`` a typed ``FrameResult``:
+detections, an ``error`` (a bad frame does not end the stream), or ``dropped``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
 from typing import Protocol
 
 import numpy as np
 
-from ..errors import BadInputError, describe
+from ..errors import BadInputError, status_text
 from ..images import check_image_size
 from ..proto import video_pb2 as vpb
 from ..proto import video_pb2_grpc
 from ..schema import rows
-from ..serving.life import run
 from ..serving.request import Answer, InferRequest, Tracking
 from ..serving.shared_memory import Reference, SharedMemory
 from ..serving.state import ServingState, client_of
 from ..tracking import TrackerOptions
-from .grpc_calls import grpc_status, serve_stream
+from .grpc_calls import serve_stream
 
 DEFAULT_MODEL = "instance_segmentation"
 
@@ -99,10 +96,32 @@ def result_of(frame: FramePlace, answer: Answer, arrived: float) -> vpb.FrameRes
     return out
 
 
-async def _stamped(frames) -> AsyncIterator[tuple[float, vpb.Frame]]:
-    """Each frame with its arrival time, so ``server_ms`` includes waiting in the window."""
-    async for frame in frames:
-        yield time.monotonic(), frame
+class FrameCall:
+    """One ``Frame`` of ``StreamFrames`` as a ``serving.life.Call``: answered as a typed
+    ``FrameResult`` (detections, or an ``error``: a bad frame does not end the stream, or
+    ``dropped``). arrived: when it was read, so ``server_ms`` includes waiting in the window.
+    call: the stream call it came in; tracked: that call's trackers, freed when it ends."""
+
+    def __init__(self, frame: vpb.Frame, arrived: float, regions: SharedMemory, call: int, client: str,
+                 tracked: set[tuple[str, str]]):
+        self.frame, self.arrived, self.regions = frame, arrived, regions
+        self.call, self.client, self.tracked = call, client, tracked
+        self.model = model_of(frame)
+
+    def read(self) -> InferRequest:
+        request = request_of(self.frame, self.regions, self.call)
+        if request.tracking is not None:
+            self.tracked.add(request.tracking.slot(self.client))
+        return request
+
+    def respond(self, answer: Answer) -> vpb.FrameResult:
+        return result_of(self.frame, answer, self.arrived)
+
+    def fail(self, error: BaseException) -> vpb.FrameResult:
+        return answer_of(self.frame, error=status_text(error))
+
+    def dropped(self) -> vpb.FrameResult:
+        return answer_of(self.frame, dropped=True)
 
 
 class VideoService(video_pb2_grpc.VideoSegmentationServicer):
@@ -110,40 +129,15 @@ class VideoService(video_pb2_grpc.VideoSegmentationServicer):
         self.state = state
         self._calls = itertools.count(1)
 
-    async def _process(self, arrival: tuple[float, vpb.Frame], call: int, client: str,
-                       tracked: set[tuple[str, str]]) -> vpb.FrameResult:
-        arrived, frame = arrival
-
-        def read() -> InferRequest:
-            request = request_of(frame, self.state.shared_memory, call)
-            if request.tracking is not None:
-                tracked.add(request.tracking.slot(client))
-            return request
-
-        # A bad frame does not end the stream: its error is answered by the window (``_failed``).
-        return await run(self.state, model_of(frame), read,
-                         lambda answer: result_of(frame, answer, arrived), client)
-
-    @staticmethod
-    def _failed(arrival: tuple[float, vpb.Frame], exc: BaseException) -> vpb.FrameResult:
-        if isinstance(exc, asyncio.CancelledError):
-            return answer_of(arrival[1], error="CANCELLED: stream closed")
-        return answer_of(arrival[1], error=f"{grpc_status(exc).name}: {describe(exc)}")
-
     async def StreamFrames(self, request_iterator, context):
         call, client = next(self._calls), client_of(context.peer())
         tracked: set[tuple[str, str]] = set()  # this call's trackers, freed when it ends
-
-        async def process(arrival):
-            return await self._process(arrival, call, client, tracked)
-
+        calls = (FrameCall(frame, time.monotonic(), self.state.shared_memory, call, client, tracked)
+                 async for frame in request_iterator)
         try:
-            async for result in serve_stream(
-                self.state, "video", process, self._failed, _stamped(request_iterator),
-                context, lambda arrival: model_of(arrival[1]), policy=self.state.stream_policy,
-                dropped=lambda arrival: answer_of(arrival[1], dropped=True),
-                on_drop=self.state.ledger.frames_dropped,
-            ):
+            async for result in serve_stream(self.state, "video", calls, context,
+                                             policy=self.state.stream_policy, dropped=FrameCall.dropped,
+                                             on_drop=self.state.ledger.frames_dropped):
                 yield result
         finally:
             for key in tracked:

@@ -118,6 +118,12 @@ async def _read_prefix(request: web.Request, limit: int) -> bytes:
     return prefix
 
 
+def error_response(error: BaseException, field: str) -> web.Response:
+    """``error`` as an app's error document (``{field: message}``), its status from the one
+    table in ``pipeline.errors``: every HTTP failure, a call's ``fail`` too."""
+    return web.json_response({field: describe(error)}, status=status_of(error).http)
+
+
 def middlewares(state: ServingState, *, max_body: int, token: Token | None) -> list:
     def too_large(length: int | None = None) -> TooLargeError:
         what = "the body" if length is None else f"the body of {length} bytes"
@@ -133,12 +139,11 @@ def middlewares(state: ServingState, *, max_body: int, token: Token | None) -> l
             with state.in_progress():
                 return await handler(request)
         except web.HTTPRequestEntityTooLarge:
-            status, message = 413, str(too_large())
+            return error_response(too_large(), setting(request, ERROR_FIELD, "error"))
         except web.HTTPException as exc:  # aiohttp's own (404 route, 405 method)
-            status, message = exc.status, exc.reason
+            return web.json_response({setting(request, ERROR_FIELD, "error"): exc.reason}, status=exc.status)
         except Exception as exc:  # noqa: BLE001 - ours map through the table; the rest are 500s
-            status, message = status_of(exc).http, describe(exc)
-        return web.json_response({setting(request, ERROR_FIELD, "error"): message}, status=status)
+            return error_response(exc, setting(request, ERROR_FIELD, "error"))
 
     @web.middleware
     async def guard(request: web.Request, handler):

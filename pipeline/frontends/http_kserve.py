@@ -24,15 +24,16 @@ from ..serving.request import Answer, InferRequest
 from ..serving.shared_memory import NO_CUDA, SharedMemory
 from ..serving.state import VERSION, ServingState, client_of
 from . import kserve
-from .http_app import ERROR_FIELD, json_body, parse_json
+from .http_app import ERROR_FIELD, error_response, json_body, parse_json
 
 JSON_HEADER = "Inference-Header-Content-Length"
+ERROR_KEY = "error"  # KServe's error document: {"error": message}
 
 
 def app(state: ServingState, models: ModelControl) -> web.Application:
     """The KServe v2 REST routes (to be mounted at ``/v2``)."""
     api = web.Application()
-    api[ERROR_FIELD] = "error"
+    api[ERROR_FIELD] = ERROR_KEY
     handlers = _Handlers(state, models)
     r = api.router
     r.add_get("", handlers.server_metadata)
@@ -130,14 +131,9 @@ class _Handlers:
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)
-        call = _InferCall(name, version, await request.read(), request.headers.get(JSON_HEADER),
-                          self.state.shared_memory)
-        head, binary = await run(self.state, name, call.read, call.respond, client_of(request.remote or ""))
-        payload = json.dumps(head).encode()
-        if not binary:
-            return web.Response(body=payload, content_type="application/json")
-        return web.Response(body=payload + binary, content_type="application/octet-stream",
-                            headers={JSON_HEADER: str(len(payload))})
+        call = InferCall(name, version, await request.read(), request.headers.get(JSON_HEADER),
+                         self.state.shared_memory)
+        return await run(self.state, call, client_of(request.remote or ""))
 
 
 def _model(request) -> tuple[str, str]:
@@ -155,9 +151,10 @@ async def _object_body(request, example: str) -> dict:
 # ----------------------------------------------------------------------------- one call
 
 
-class _InferCall:
-    """One REST inference call: ``read`` reads its body once (the JSON document, then the
-    binary inputs after it); ``respond`` answers with what the document asked for."""
+class InferCall:
+    """One REST inference call as a ``serving.life.Call``: ``read`` reads its body once (the
+    JSON document, then the binary inputs after it); ``respond`` answers with what the
+    document asked for (a JSON header, binary outputs after it); ``fail`` with ``{"error"}``."""
 
     def __init__(self, model: str, version: str, body: bytes, header_length: str | None,
                  regions: SharedMemory):
@@ -188,7 +185,18 @@ class _InferCall:
         self.shared = kserve.SharedOutputs([(name, p) for name, _, p in requested], self.regions)
         return kserve.request_of(self.model, self.version, params, inputs, list(self.binary_of))
 
-    def respond(self, answer: Answer) -> tuple[dict, bytes]:
+    def respond(self, answer: Answer) -> web.Response:
+        head, binary = self._response(answer)
+        payload = json.dumps(head).encode()
+        if not binary:
+            return web.Response(body=payload, content_type="application/json")
+        return web.Response(body=payload + binary, content_type="application/octet-stream",
+                            headers={JSON_HEADER: str(len(payload))})
+
+    def fail(self, error: BaseException) -> web.Response:
+        return error_response(error, ERROR_KEY)
+
+    def _response(self, answer: Answer) -> tuple[dict, bytes]:
         """(JSON header, binary section) of the response."""
         document = self.document
         binary_default = bool((document.get("parameters") or {}).get("binary_data_output", False))

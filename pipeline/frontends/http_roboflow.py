@@ -34,15 +34,16 @@ from ..serving.request import Answer, InferRequest
 from ..serving.state import VERSION, ServingState
 from ..serving.url_policy import AllowList, fetch_image
 from .auth import Token
-from .http_app import BODY_KEY_PATHS, ERROR_FIELD, body_key_ok, json_body
+from .http_app import BODY_KEY_PATHS, ERROR_FIELD, body_key_ok, error_response, json_body
 
 TASK = "instance-segmentation"
+ERROR_KEY = "message"  # Roboflow's error document: {"message": ...}
 
 
 def add_routes(app: web.Application, state: ServingState, *, token: Token | None,
                max_body: int, allow_image_urls: bool, image_url_allow: tuple[str, ...] = ()) -> None:
     """Roboflow's routes and error format on ``app`` (the root app)."""
-    app[ERROR_FIELD] = "message"
+    app[ERROR_FIELD] = ERROR_KEY
     app[BODY_KEY_PATHS] = frozenset({"/model/add", "/infer/instance_segmentation"})
     api = _Handlers(state, token, max_body, allow_image_urls, AllowList.parse(image_url_allow))
     r = app.router
@@ -94,10 +95,7 @@ class _Handlers:
         if output not in ("json", "image"):
             raise BadInputError(f"format must be 'json' or 'image', got {output!r}")
         image = await self._v0_image(request)
-        documents = await self._infer(name, params, [image], draw=output == "image")
-        if output == "image":
-            return web.Response(body=documents[0], content_type="image/jpeg")
-        return web.json_response(documents[0])
+        return await run(self.state, RoboflowCall(name, params, [image], many=False, draw=output == "image"))
 
     async def v1(self, request: web.Request) -> web.Response:
         body = await json_body(request)
@@ -113,23 +111,7 @@ class _Handlers:
         if len(given) > pipe.max_batch_size:
             raise BadInputError(f"batch of {len(given)} exceeds the model's max_batch_size {pipe.max_batch_size}")
         images = [await self._v1_image(item, i) for i, item in enumerate(given)]
-        documents = await self._infer(name, _parameters(body, legacy=False), images)
-        return web.json_response(documents if many else documents[0])
-
-    async def _infer(self, name: str, params: dict, images: list[bytes], draw: bool = False) -> list:
-        started = time.monotonic()
-
-        def respond(answer: Answer) -> list:
-            names = answer.pipe.class_names
-            if draw:  # drawn from the exact masks, whatever format the JSON would use
-                return [_overlay_jpeg(image, schema.document(det, names, "rle"))
-                        for image, det in zip(images, answer.detections)]
-            return [{"inference_id": str(uuid.uuid4()), "time": time.monotonic() - started,
-                     **schema.document(det, names, answer.options.mask_format)}
-                    for det in answer.detections]
-
-        return await run(self.state, name, lambda: InferRequest.read(name, VERSION, images, params),
-                         respond)
+        return await run(self.state, RoboflowCall(name, _parameters(body, legacy=False), images, many=many))
 
     async def _v0_image(self, request: web.Request) -> bytes:
         if request.query.get("image") is not None:
@@ -169,6 +151,33 @@ class _Handlers:
                                 "network (start it with --allow-image-urls to allow it); send the "
                                 "image itself as base64")
         return await fetch_image(url, max_body=self.max_body, allow=self.image_url_allow)
+
+
+class RoboflowCall:
+    """One request of Roboflow's API as a ``serving.life.Call``: answered with one document
+    per image (a list when the request sent a list: ``many``), or with the first image drawn
+    as JPEG (``draw``: v0's ``format=image``); a failure is ``{"message": ...}``."""
+
+    def __init__(self, model: str, params: dict, images: list[bytes], *, many: bool, draw: bool = False):
+        self.model, self.params, self.images, self.many, self.draw = model, params, images, many, draw
+        self.started = time.monotonic()
+
+    def read(self) -> InferRequest:
+        return InferRequest.read(self.model, VERSION, self.images, self.params)
+
+    def respond(self, answer: Answer) -> web.Response:
+        names = answer.pipe.class_names
+        if self.draw:  # drawn from the exact masks, whatever format the JSON would use
+            det = answer.detections[0]
+            return web.Response(body=_overlay_jpeg(self.images[0], schema.document(det, names, "rle")),
+                                content_type="image/jpeg")
+        documents = [{"inference_id": str(uuid.uuid4()), "time": time.monotonic() - self.started,
+                      **schema.document(det, names, answer.options.mask_format)}
+                     for det in answer.detections]
+        return web.json_response(documents if self.many else documents[0])
+
+    def fail(self, error: BaseException) -> web.Response:
+        return error_response(error, ERROR_KEY)
 
 
 def _base64(text: bytes, what: str) -> bytes:

@@ -100,4 +100,4 @@ def test_a_full_spec_is_read_as_given(rules):
     assert spec.network and spec.location == "rtsp://user:pw@cam.example:554/1"
     assert spec.display == "rtsp://user:***@cam.example:554/1"
     assert (spec.model, spec.max_fps, spec.track, spec.stream_id) == ("m", 2.5, True, "door-1")
-    assert len(spec.sinks) == 3 and spec.tracker_options().lost_s == 2
+    assert len(spec.sinks) == 3 and spec.tracker.lost_s == 2 and spec.options == {"confidence": 0.4}

@@ -123,7 +123,7 @@ def test_a_grpc_message_asking_for_an_unknown_output_is_refused():
 
 def rest_call(document: bytes, binary: bytes = b"", split: bool = False):
     header = str(len(document)) if split else None
-    return http_kserve._InferCall("m", "", document + binary, header, SharedMemory())
+    return http_kserve.InferCall("m", "", document + binary, header, SharedMemory())
 
 
 def test_a_rest_body_with_binary_inputs_is_read():
@@ -153,7 +153,7 @@ def test_a_rest_body_with_binary_inputs_is_read():
 ])
 def test_an_unusable_rest_body_names_the_problem(body, header, words):
     with pytest.raises(BadInputError) as info:
-        http_kserve._InferCall("m", "", body, header, SharedMemory()).read()
+        http_kserve.InferCall("m", "", body, header, SharedMemory()).read()
     assert words in str(info.value)
 
 
