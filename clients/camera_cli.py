@@ -16,6 +16,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from pipeline.repository import DEFAULT_MODEL
+
 from .client import ClientError, SegmentationClient, result_document
 
 COLUMNS = ("stream_id", "state", "fps_in", "fps_out", "frames_out", "frames_dropped", "frame_errors",
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "server's --stream-source-dir")
     add.add_argument("--id", dest="stream_id", default="", help="a name for the stream (default: "
                      "the server makes one up)")
-    add.add_argument("--model", default="instance_segmentation")
+    add.add_argument("--model", default=DEFAULT_MODEL)
     add.add_argument("--max-fps", type=float, default=None,
                      help="frames to segment per second (default: every frame)")
     add.add_argument("--track", action="store_true", help="tracker ids per camera (ByteTrack)")

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.overlay import tracker_id
+from pipeline.repository import DEFAULT_MODEL
 
 from .client import ClientError, SegmentationClient, result_document
 from .sources import VideoWriter, check, describe, frame_rate, frames, jpeg
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--track", action="store_true",
                    help="follow objects from frame to frame: each gets a tracker_id (JSONL, "
                    "overlay) and the summary counts unique objects per class")
-    p.add_argument("--model", default="instance_segmentation")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--token", default=None, help="bearer token, if the server wants one")
     p.add_argument("--tls-root-cert", default=None, help="CA certificate (PEM) to use TLS")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline, seconds")

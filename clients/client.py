@@ -27,7 +27,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,10 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
+from pipeline.backoff import Backoff
 from pipeline.proto import video_pb2 as vpb
 from pipeline.proto import video_pb2_grpc
+from pipeline.repository import DEFAULT_MODEL
 from pipeline.schema import record
 
 from .frame_ring import FrameRing
@@ -59,21 +60,6 @@ class ClientError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential back-off between reconnects: first, doubling, capped; ``attempts`` tries."""
-
-    first_s: float = 0.2
-    max_s: float = 5.0
-    attempts: int = 8
-
-    def delays(self) -> Iterator[float]:
-        delay = self.first_s
-        for _ in range(self.attempts - 1):
-            yield delay
-            delay = min(delay * 2, self.max_s)
 
 
 def status_name(error) -> str:
@@ -194,7 +180,7 @@ class SegmentationClient:
         self,
         target: str | Sequence[str] = "localhost:8001",
         *,
-        model: str = "instance_segmentation",
+        model: str = DEFAULT_MODEL,
         timeout_s: float = 60.0,
         tls_root_cert: str | Path | None = None,
         token: str | None = None,

@@ -28,15 +28,14 @@ import numpy as np
 
 from . import memory, rle, schema
 from .batcher import DynamicBatcher, QueuePolicy
-from .errors import BadInputError, ConfigError, PipelineError
+from .errors import BadInputError, PipelineError
 from .images import Letterbox, PixelBudget, as_picture, letterbox, letterbox_geometry, probe
 from .postprocess import Detections, PostprocessOptions, postprocess
-from .repository import ModelEntry, ModelRepository, instance_count, pinned_batch_limit
+from .repository import DEFAULT_MODEL, ModelEntry, ModelRepository, instance_count, pinned_batch_limit
 from .runners import load_runner, resolve_device
 from .telemetry import BatchReport, Ledger
 
 LOG = logging.getLogger(__name__)
-DEFAULT_MODEL = "instance_segmentation"
 
 
 @dataclass(frozen=True)
@@ -123,11 +122,7 @@ class Pipeline:
         """
         repository = ModelRepository.load(path)
         entry = repository.get(model)
-        network_name = entry.parameter("network") if entry.platform == "python" else entry.name
-        if network_name is None:
-            raise ConfigError(f"{entry.config_path}: parameters.network is required")
-        network = repository.get(network_name)
-        return cls(repository, entry, network, resolve_device(device, entry), ledger)
+        return cls(repository, entry, repository.network_of(entry), resolve_device(device, entry), ledger)
 
     @property
     def name(self) -> str:

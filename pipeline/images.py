@@ -1,4 +1,4 @@
-"""Pre-processing: image bytes -> RGB pixels -> letterboxed network input.
+"""Images: bytes -> RGB pixels -> letterboxed network input, and RGB pixels -> JPEG bytes.
 
 Decoding is Pillow on the host (EXIF orientation applied, as photo apps show it), for the
 formats in ``ALLOWED_FORMATS`` only. An image far larger than the network input is reduced
@@ -37,6 +37,7 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 _UNDECODABLE = ("image bytes are not a decodable image in an accepted format "
                 "(JPEG, PNG, WebP, BMP, TIFF or GIF)")
 PAD_VALUE = 114 / 255  # YOLO's grey letterbox padding
+JPEG_QUALITY = 85  # frames and overlays sent as JPEG: small, and masks stay legible
 # EXIF orientations that swap width and height (transposed, rotated 90 or 270 degrees).
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 _ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)  # those that move pixels (1 is as stored)
@@ -287,3 +288,15 @@ def letterbox(image: np.ndarray | Picture, size: int, device: object = "cpu",
     ih, iw = geo.inner
     out[:, geo.top : geo.top + ih, geo.left : geo.left + iw] = chw[0]
     return out, geo
+
+
+def encode_jpeg(image) -> bytes:
+    """An (H, W, 3) uint8 RGB array or a PIL image as JPEG bytes (``JPEG_QUALITY``): a camera's
+    frame for a subscriber, an overlay for Roboflow's ``format=image``. CPU work: call it from
+    a worker thread."""
+    from PIL import Image
+
+    picture = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()

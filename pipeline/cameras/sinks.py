@@ -33,9 +33,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Iterator
 
+from ..backoff import Backoff
+from ..buffers import DropOldest
 from ..errors import BadInputError
 from .sink_targets import SinkTarget
 from .transports import SEND_TIMEOUT_S, TRANSPORTS, Rejected
@@ -70,9 +71,8 @@ class Sink:
         self.target = target
         self.stream_id = stream_id
         self._transport = TRANSPORTS[target.kind](target, stream_id, ca_file)
-        self._bound = buffer
-        self._backoff_s = backoff_s
-        self._waiting: deque[bytes] = deque()
+        self._backoff = Backoff(*backoff_s, attempts=None)
+        self._waiting: DropOldest[bytes] = DropOldest(buffer)
         self._sending: list[bytes] = []  # the batch taken from the buffer, not yet delivered
         self._batch = self._transport.batch  # the most the next batch takes: halved by failures
         self._wake = asyncio.Event()  # a message was offered, or close() was called
@@ -82,7 +82,8 @@ class Sink:
         self._linked = False  # the transport is connected (connect() succeeded, nothing failed since)
         self._connected = False  # the last attempt reached the target (status: a webhook has no link)
         self._dropping = False  # the buffer overflowed since the last delivery (one log line)
-        self.delivered = self.dropped = self.retries = 0
+        self._discarded = 0  # messages refused, offered after close, or left at close
+        self.delivered = self.retries = 0
         self.last_error: str | None = None
 
     def __repr__(self) -> str:
@@ -93,25 +94,27 @@ class Sink:
         if self._task is None and not self._closing.is_set():
             self._task = asyncio.get_running_loop().create_task(self._deliver(), name=repr(self))
 
+    @property
+    def dropped(self) -> int:
+        """Messages that will never be delivered: pushed out of the buffer, refused by the
+        target, offered after close or left at close."""
+        return self._waiting.dropped + self._discarded
+
     def offer(self, message: bytes) -> None:
         """Queue one message; when ``buffer`` are waiting, the oldest is dropped and counted."""
         if self._closing.is_set():
-            self.dropped += 1
+            self._discarded += 1
             return
-        if self.full:
-            self._waiting.popleft()
-            self.dropped += 1
-            if not self._dropping:
-                self._dropping = True
-                log.warning("%r: %d messages wait already; dropping the oldest (counted in 'dropped')",
-                            self, self._bound)
-        self._waiting.append(message)
+        if self._waiting.push(message) is not None and not self._dropping:
+            self._dropping = True
+            log.warning("%r: %d messages wait already; dropping the oldest (counted in 'dropped')",
+                        self, self._waiting.size)
         self._wake.set()
 
     @property
     def full(self) -> bool:
         """``offer`` would drop the oldest waiting message now."""
-        return len(self._waiting) >= self._bound
+        return self._waiting.full
 
     async def room(self) -> None:
         """Return once ``offer`` would drop nothing (fewer than ``buffer`` wait), or the sink
@@ -132,11 +135,10 @@ class Sink:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        left = len(self._waiting) + len(self._sending)
+        left = self._waiting.clear() + len(self._sending)
         if left:
             log.warning("%r: closed with %d messages undelivered (counted in 'dropped')", self, left)
-            self.dropped += left
-            self._waiting.clear()
+            self._discarded += left
             self._sending = []
         await self._disconnect()
 
@@ -149,7 +151,7 @@ class Sink:
 
     async def _deliver(self) -> None:
         """The delivery task: a batch at a time, in order, until closed and empty."""
-        delays = backoff_delays(*self._backoff_s)
+        delays = self._backoff.delays()
         failing = False  # since the last success (one log line per outage)
         while True:
             if not self._sending:
@@ -167,7 +169,7 @@ class Sink:
                 await asyncio.wait_for(self._transport.send(self._sending), SEND_TIMEOUT_S)
             except Rejected as exc:  # a webhook's: a batch of one
                 self._connected = True
-                self.dropped += len(self._sending)
+                self._discarded += len(self._sending)
                 self._sending = []
                 self.last_error = self._describe(exc)
                 log.warning("%r: message refused, dropped: %s", self, self.last_error)
@@ -176,14 +178,15 @@ class Sink:
                 self.retries += 1
                 if len(self._sending) > 1:  # halved; the rest waits again, first in line
                     keep = len(self._sending) // 2
-                    self._waiting.extendleft(reversed(self._sending[keep:]))
+                    self._waiting.put_back(self._sending[keep:])
                     self._sending = self._sending[:keep]
                 self._batch = len(self._sending)
                 self.last_error = self._describe(exc)
                 if not failing:
                     failing = True
                     log.warning("%r: %s; retrying (pauses of %g to %g s), %d messages may wait meanwhile",
-                                self, self.last_error, *self._backoff_s, self._bound)
+                                self, self.last_error, self._backoff.first_s, self._backoff.max_s,
+                                self._waiting.size)
                 await self._disconnect()
                 await self._pause(next(delays))
                 continue
@@ -195,16 +198,16 @@ class Sink:
             if failing:
                 failing = False
                 log.info("%r: delivering again (after %d retries in all)", self, self.retries)
-                delays = backoff_delays(*self._backoff_s)
+                delays = self._backoff.delays()
 
     def _take(self) -> list[bytes]:
         """The next batch: the oldest waiting messages, up to the batch size and BATCH_BYTES
         (one message at least)."""
-        batch = [self._waiting.popleft()]
+        batch = [self._waiting.pop()]
         size = len(batch[0])
-        while self._waiting and len(batch) < self._batch and size + len(self._waiting[0]) <= BATCH_BYTES:
-            size += len(self._waiting[0])
-            batch.append(self._waiting.popleft())
+        while self._waiting and len(batch) < self._batch and size + len(self._waiting.peek()) <= BATCH_BYTES:
+            size += len(self._waiting.peek())
+            batch.append(self._waiting.pop())
         self._room.set()
         return batch
 

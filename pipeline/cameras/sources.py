@@ -19,8 +19,8 @@ Vocabulary:
   network source stands for a camera) is delivered at its own frame rate, as a camera would;
   a file not played in real time goes as fast as the queue takes its frames;
 - **reconnect / backoff**: a network source that cannot open, stops sending, errs or ends
-  is reopened after ``backoff_s[0]`` seconds, doubling up to ``backoff_s[1]``, forever; the
-  wait starts again from ``backoff_s[0]`` once an open gives a frame. A file gets no retry;
+  is reopened after the pauses of a ``Backoff`` (``backoff_s``: the first and the longest),
+  forever; they start again from the first once an open gives a frame. A file gets no retry;
 - **states**, told through ``on_state(state, error)`` from the source's thread (``stop`` may
   tell the last one from the caller's): ``starting`` (the first open), ``running`` (the
   first frame after an open), ``reconnecting`` (a network source lost or never connected;
@@ -45,13 +45,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..backoff import Backoff
+from ..buffers import DropOldest
 from ..errors import BadInputError
 
 if TYPE_CHECKING:  # PyAV is imported where it decodes, in the sources' threads
@@ -112,28 +113,23 @@ class FrameQueue:
     def __init__(self, size: int, *, drop_oldest: bool, on_drop: Callable[[CapturedFrame], None]):
         if size < 1:
             raise BadInputError(f"a frame queue holds at least one frame, not {size}")
-        self._size = size
         self._drop_oldest = drop_oldest
         self._on_drop = on_drop
-        self._frames: deque[CapturedFrame] = deque()
+        self._frames: DropOldest[CapturedFrame] = DropOldest(size)
         self._changed = threading.Condition()
         self._closed = False
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
 
     def put(self, frame: CapturedFrame) -> bool:
-        dropped = []
         with self._changed:
-            while not self._closed and len(self._frames) >= self._size:
-                if self._drop_oldest:
-                    dropped.append(self._frames.popleft())
-                else:
-                    self._changed.wait()
+            while not self._closed and not self._drop_oldest and self._frames.full:
+                self._changed.wait()
             if self._closed:
                 return False
-            self._frames.append(frame)
+            dropped = self._frames.push(frame)
             waiter, self._waiter = self._waiter, None
-        for old in dropped:  # outside the lock: on_drop may do what it likes
-            self._on_drop(old)
+        if dropped is not None:  # outside the lock: on_drop may do what it likes
+            self._on_drop(dropped)
         _wake(waiter)
         return True
 
@@ -149,7 +145,7 @@ class FrameQueue:
         with self._changed:
             if not self._frames:
                 return None
-            frame = self._frames.popleft()
+            frame = self._frames.pop()
             self._changed.notify_all()  # room for a blocked put
             return frame
 
@@ -160,7 +156,7 @@ class FrameQueue:
         while True:
             with self._changed:
                 if self._frames:
-                    frame = self._frames.popleft()
+                    frame = self._frames.pop()
                     self._changed.notify_all()  # room for a blocked put
                     return frame
                 if self._closed:
@@ -248,13 +244,13 @@ class Source:
             raise BadInputError(f"max_fps must be above 0 (or none for every frame), not {max_fps}")
         if not 0 < backoff_s[0] <= backoff_s[1]:
             raise BadInputError(f"backoff_s must be (first, longest) with 0 < first <= longest, not {backoff_s}")
+        self.backoff = Backoff(*backoff_s, attempts=None)
         if not timeout_s > 0:
             raise BadInputError(f"timeout_s must be above 0, not {timeout_s}")
         self.location = location
         self.network = network
         self.realtime = realtime
         self.name = name or ("camera" if network else location)
-        self.backoff_s = backoff_s
         self.timeout_s = timeout_s
         self.frames_decoded = 0
         self.reconnects = 0  # opens tried again after a network source failed or was lost
@@ -266,7 +262,7 @@ class Source:
         self._stopping = False
         self._paused = False
         self._pace_anchor: tuple[float, float] | None = None  # (monotonic, media_s) of a paced frame
-        self._backoff = backoff_s[0]
+        self._delays = self.backoff.delays()  # from first_s again once an open gives a frame
         self._told = threading.Lock()
         self._last_told: tuple[str, str | None] | None = None
         self._thread: threading.Thread | None = None
@@ -338,9 +334,8 @@ class Source:
             if not self.network:
                 return ("failed", error)
             self._tell("reconnecting", error)
-            if not self._sleep(self._backoff):
+            if not self._sleep(next(self._delays)):
                 return ("stopped", None)
-            self._backoff = min(self._backoff * 2, self.backoff_s[1])
             self.reconnects += 1
 
     def _open(self) -> tuple[InputContainer | None, str | None]:
@@ -386,7 +381,7 @@ class Source:
                 index, self.frames_decoded = self.frames_decoded, self.frames_decoded + 1
                 frames += 1
                 if frames == 1:
-                    self._backoff = self.backoff_s[0]
+                    self._delays = self.backoff.delays()
                     self._tell("running", None)
                 media_s = self._timeline.time_of(frame.time, live)
                 if not self._sampler.keep(media_s):

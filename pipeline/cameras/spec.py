@@ -24,11 +24,11 @@ from urllib.parse import urlsplit
 
 from ..errors import BadInputError, InvalidOptionError
 from ..postprocess import PostprocessOptions
+from ..repository import DEFAULT_MODEL
 from ..serving.url_policy import AllowList, check_host
 from ..tracking import TrackerOptions
 from .sink_targets import SinkTarget, parse_sink, redact
 
-DEFAULT_MODEL = "instance_segmentation"
 NETWORK_SCHEMES = ("rtsp", "rtsps", "http", "https")
 MAX_FPS = 120.0  # above any camera's rate: a larger value is a mistake, not a wish
 MAX_SINKS = 8

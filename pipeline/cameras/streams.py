@@ -44,6 +44,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import schema
+from ..buffers import DropOldest
 from ..errors import AlreadyExistsError, LimitError, NotFoundError, ShuttingDownError, status_text
 from ..serving.life import run
 from ..serving.request import Answer, InferRequest, Tracking
@@ -125,30 +126,33 @@ class Turn:
 class Subscription:
     """One subscriber's results (one stream's, or every stream's for ``stream_id`` ""), at
     most ``SUBSCRIBER_BUFFER`` waiting: a subscriber that reads too slowly loses the oldest,
-    counted in its streams' ``subscriber_dropped``."""
+    counted in its streams' ``subscriber_dropped``. ``end()`` ends it once what waits is read."""
 
     def __init__(self, stream_id: str, frames: bool):
         self.stream_id = stream_id
         self.frames = frames
-        self._queue: asyncio.Queue[CameraResult | None] = asyncio.Queue(SUBSCRIBER_BUFFER)
+        self._results: DropOldest[CameraResult] = DropOldest(SUBSCRIBER_BUFFER)
+        self._changed = asyncio.Event()
+        self._ended = False
 
     def offer(self, result: CameraResult) -> bool:
         """False when an older result had to make room."""
-        kept = True
-        if self._queue.full():
-            self._queue.get_nowait()
-            kept = False
-        self._queue.put_nowait(result)
+        kept = self._results.push(result) is None
+        self._changed.set()
         return kept
 
     def end(self) -> None:
-        if self._queue.full():
-            self._queue.get_nowait()
-        self._queue.put_nowait(None)
+        self._ended = True
+        self._changed.set()
 
     async def __aiter__(self) -> AsyncIterator[CameraResult]:
-        while (result := await self._queue.get()) is not None:
-            yield result
+        while True:
+            while self._results:
+                yield self._results.pop()
+            if self._ended:
+                return
+            self._changed.clear()
+            await self._changed.wait()
 
 
 class CameraCall:

@@ -9,20 +9,17 @@ video API's results, built by ``grpc_video.result_of``.
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 
 from google.protobuf import json_format
-from PIL import Image
 
 from ..cameras.spec import StreamSpec
 from ..cameras.streams import CameraResult, CameraStream, CameraStreams, Subscription
+from ..images import encode_jpeg
 from ..proto import video_pb2 as vpb
 from ..proto import video_pb2_grpc
 from .grpc_calls import answer_or_abort
 from .grpc_video import answer_of, result_of
-
-JPEG_QUALITY = 85
 
 
 def info_of(stream: CameraStream) -> vpb.StreamInfo:
@@ -38,9 +35,7 @@ def frame_result(result: CameraResult, subscription: Subscription) -> vpb.FrameR
     arrived = time.monotonic() - (time.time() - result.timestamp)  # when it was decoded
     out = result_of(result, result.answer, arrived)
     if subscription.frames and result.rgb is not None:
-        buffer = io.BytesIO()
-        Image.fromarray(result.rgb).save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        out.frame_jpeg = buffer.getvalue()
+        out.frame_jpeg = encode_jpeg(result.rgb)
     return out
 
 

@@ -19,14 +19,13 @@ from ..errors import BadInputError, status_text
 from ..images import check_image_size
 from ..proto import video_pb2 as vpb
 from ..proto import video_pb2_grpc
+from ..repository import DEFAULT_MODEL
 from ..schema import rows
 from ..serving.request import Answer, InferRequest, Tracking
 from ..serving.shared_memory import Reference, SharedMemory
 from ..serving.state import ServingState, client_of
 from ..tracking import TrackerOptions
 from .grpc_calls import serve_stream
-
-DEFAULT_MODEL = "instance_segmentation"
 
 
 def model_of(frame: vpb.Frame) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import math
 import time
 import uuid
@@ -216,9 +215,7 @@ def _percent(value: Any, key: str) -> float:
 
 def _overlay_jpeg(image: bytes, document: dict) -> bytes:
     """The image with its masks drawn (Roboflow's ``format=image``)."""
-    from ..images import as_rgb_array
+    from ..images import as_rgb_array, encode_jpeg
     from ..overlay import draw
 
-    buffer = io.BytesIO()
-    draw(as_rgb_array(image), document["predictions"]).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+    return encode_jpeg(draw(as_rgb_array(image), document["predictions"]))

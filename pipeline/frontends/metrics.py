@@ -35,12 +35,12 @@ from prometheus_client.core import (
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from ..serving.state import VERSION
 from ..telemetry import LATENCY_BUCKETS_S, STAGES, Histogram, Ledger
 from .auth import MISSING, Token
 
 LOG = logging.getLogger(__name__)
 
-VERSION = "1"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # name -> (help, value from ModelTotals)
 _CUMULATIVE = {

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..repository import DEFAULT_MODEL
 from .samples import NAMES, calibration_rgb, sample_bytes
 
 LOG = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--network", default="yolov5s_seg_openvino", help="the FP32 OpenVINO network")
-    parser.add_argument("--pipeline", default="instance_segmentation", help="the FP32 pipeline")
+    parser.add_argument("--pipeline", default=DEFAULT_MODEL, help="the FP32 pipeline")
     parser.add_argument("--no-report", action="store_true", help="skip measuring the agreement")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

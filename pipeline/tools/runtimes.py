@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+from ..repository import DEFAULT_MODEL
+
 LOG = logging.getLogger(__name__)
 SHAPES = ((640, 640), (384, 640))
 MARGIN = 0.05
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tools.runtimes",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--pipeline", default="instance_segmentation")
+    parser.add_argument("--pipeline", default=DEFAULT_MODEL)
     parser.add_argument("--networks", nargs="+", help="the forms to time")
     parser.add_argument("--use", metavar="NETWORK",
                         help="point the pipeline at this network without timing (the CUDA "
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# ms per frame, {args.repository}, the server's thread count")
     print(table(results))
     if args.choose:
-        current = pipeline.parameter("network")
+        current = repo.network_of(pipeline).name
         chosen = fastest(results, current)
         changed = point_pipeline_at(pipeline.config_path, chosen)
         print(f"{args.pipeline}: network {chosen}" + (f" (was {current})" if changed else " (kept)"))

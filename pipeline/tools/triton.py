@@ -18,10 +18,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+from ..repository import DEFAULT_MODEL
 from .fetch import DEFAULT_CACHE, fetch_wheel
 
 WHEEL = "nvidia-pytriton==0.7.0"
-DEFAULT_MODELS = ("instance_segmentation",)
+DEFAULT_MODELS = (DEFAULT_MODEL,)
 
 
 def unpack(cache: Path = DEFAULT_CACHE) -> Path:

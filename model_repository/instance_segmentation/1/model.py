@@ -26,7 +26,7 @@ class TritonPythonModel:
         folder = Path(args["model_repository"])
         repository = ModelRepository.load(folder.parent)
         entry = repository.get(config["name"])
-        network = repository.get(entry.parameter("network"))
+        network = repository.network_of(entry)
         device = "cpu"
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
