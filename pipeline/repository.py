@@ -26,6 +26,11 @@ RUNTIMES = {"pytorch_libtorch": "torchscript", "pytorch": "torchscript",
 DEFAULT_FILENAMES = {"torchscript": "model.pt", "onnx": "model.onnx", "openvino": "model.xml",
                      "python": "model.py"}
 SUPPORTED = tuple(RUNTIMES)
+DEFAULT_MODEL = "instance_segmentation"  # the pipeline model a request or stream that names none runs
+# Triton's model control modes (its repository extension): none loads every model at start,
+# for good; explicit loads and unloads them on request (serving/control.py). Here, not there,
+# so the server's settings can offer them without importing the engine.
+MODEL_CONTROL_MODES = ("none", "explicit")
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
@@ -105,12 +110,8 @@ class ModelRepository:
             raise ConfigError(f"model repository {root} holds no <model>/config.pbtxt")
         repo = cls(root, models)
         for entry in models.values():
-            network = entry.parameter("network")
-            if entry.platform == "python" and network is not None and network not in models:
-                raise ConfigError(
-                    f"{entry.config_path}: parameters.network names {network!r}, which is not "
-                    f"in the repository (have: {', '.join(sorted(models))})"
-                )
+            if is_pipeline(entry):
+                repo.network_of(entry)  # names a network the repository has
         return repo
 
     def get(self, name: str) -> ModelEntry:
@@ -120,6 +121,31 @@ class ModelRepository:
             raise NotFoundError(
                 f"unknown model {name!r}; the repository has: {', '.join(sorted(self.models))}"
             ) from None
+
+    def network_of(self, entry: ModelEntry) -> ModelEntry:
+        """The network ``entry`` runs: a pipeline's ``network`` parameter, or the model itself
+        (a network with a YOLO-seg head, served directly). ConfigError, naming the file, for a
+        Python-backend model without one or one the repository does not have."""
+        if entry.platform != "python":
+            return entry
+        name = entry.parameter("network")
+        if name is None:
+            raise ConfigError(f"{entry.config_path}: parameters.network is required")
+        if name not in self.models:
+            raise ConfigError(f"{entry.config_path}: parameters.network names {name!r}, which is not "
+                              f"in the repository (have: {', '.join(sorted(self.models))})")
+        return self.models[name]
+
+    def pipelines_running(self, network: str) -> list[str]:
+        """The pipeline models whose network is ``network``."""
+        return [name for name, entry in self.models.items()
+                if is_pipeline(entry) and self.network_of(entry).name == network]
+
+
+def is_pipeline(entry: ModelEntry) -> bool:
+    """A pipeline model: a Python-backend model whose ``network`` parameter names the network
+    it runs (pre- and post-processing, the RLE codec around it)."""
+    return entry.platform == "python" and entry.parameter("network") is not None
 
 
 def runtime_of(entry: ModelEntry) -> str:

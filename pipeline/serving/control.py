@@ -26,17 +26,12 @@ from pathlib import Path
 from .. import memory
 from ..engine import Pipeline
 from ..errors import ConfigError, NotFoundError, PipelineError, UnavailableError
-from ..repository import ModelEntry, ModelRepository
+from ..repository import MODEL_CONTROL_MODES, ModelRepository, is_pipeline
 from ..runners import resolve_device
 from ..telemetry import Ledger
 from .state import ServingState
 
 LOG = logging.getLogger(__name__)
-MODES = ("none", "explicit")
-
-
-def is_pipeline(entry: ModelEntry) -> bool:
-    return entry.platform == "python" and entry.parameter("network") is not None
 
 
 class ModelControl:
@@ -44,8 +39,8 @@ class ModelControl:
 
     def __init__(self, state: ServingState, root: str | Path, *, mode: str = "none",
                  device: str | None = None, ledger: Ledger | None = None):
-        if mode not in MODES:
-            raise ConfigError(f"model control mode must be one of {MODES}, got {mode!r}")
+        if mode not in MODEL_CONTROL_MODES:
+            raise ConfigError(f"model control mode must be one of {MODEL_CONTROL_MODES}, got {mode!r}")
         self.state, self.root, self.mode, self.device = state, Path(root), mode, device
         self.ledger = ledger or state.ledger
         self.unloaded_networks: set[str] = set()
@@ -142,8 +137,7 @@ class ModelControl:
         entry = repository.get(name)  # NotFoundError names what the repository has
         if is_pipeline(entry):
             return [name]
-        users = [n for n, e in repository.models.items()
-                 if is_pipeline(e) and e.parameter("network") == name]
+        users = repository.pipelines_running(name)
         if not users:
             raise NotFoundError(f"model {name!r} is neither a pipeline model nor a network one "
                                 "of them uses; nothing to load")
@@ -152,8 +146,8 @@ class ModelControl:
 
     def _build(self, repository: ModelRepository, name: str) -> Pipeline:
         entry = repository.get(name)
-        network = repository.get(entry.parameter("network"))
-        return Pipeline(repository, entry, network, resolve_device(self.device, entry), self.ledger)
+        return Pipeline(repository, entry, repository.network_of(entry), resolve_device(self.device, entry),
+                        self.ledger)
 
     async def _retire(self, pipe: Pipeline) -> None:
         """Let a replaced or unloaded version answer the requests it holds, then free it."""
