@@ -25,7 +25,7 @@ SDK_STAMP := $(SDK_VENV)/.installed-stamp
 CLIENT_VENV  := .venv-client
 CLIENT_STAMP := $(CLIENT_VENV)/.installed-stamp
 
-.PHONY: setup model model-int8 triton-env client-env sdk-env services triton lint unit test test-client test-gpu image-test bench run proto lock clean help
+.PHONY: setup model model-int8 triton-env client-env sdk-env services triton lint unit test test-client test-gpu image-test bench run proto docs lock clean help
 
 help:
 	@echo "make run    set up, then run the main job on the embedded default"
@@ -161,6 +161,10 @@ bench: setup services $(MODEL)
 
 run: setup $(MODEL)
 	$(BIN)/python -m pipeline.tools.demo --out out
+
+# docs/configuration.md from ServerConfig's fields (a unit test fails while the page is stale).
+docs: setup
+	$(BIN)/python -m pipeline.frontends.config docs/configuration.md
 
 # Re-resolve pyproject.toml's ranges (every extra) in a fresh environment into the lock file.
 lock:
