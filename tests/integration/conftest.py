@@ -1,7 +1,7 @@
 """Servers for the integration tests (``running_server``, in-process: see tests/conftest.py).
 The frontends' tests run them on the fake network (``tests/fakes.py``: known detections in
-milliseconds); ``real_server`` serves the real model, for what only it can show (the README's
-snippets on real photos)."""
+milliseconds); ``real_server`` serves the real model, for what only it can show (the snippets of
+the README and docs/ on real photos)."""
 
 from __future__ import annotations
 

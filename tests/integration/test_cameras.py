@@ -369,11 +369,16 @@ def test_a_server_without_camera_flags_pulls_nothing(server):
 
 
 def test_the_readme_example_runs(cams):
-    """README "Cameras on the server": its request, pointed at this test's camera and broker."""
+    """docs/cameras.md's request (the README's "Cameras on the server" shows the same one),
+    pointed at this test's camera and broker."""
     need(rtsp_unavailable() or unavailable("/usr/sbin/mosquitto"))
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Cameras on the server"):]
-    body = json.loads(section[section.index("-d '") + 4:section.index("}'") + 1])
+
+    def request(page):
+        text = (ROOT / page).read_text()
+        section = text[text.index("# Cameras on the server"):]
+        return json.loads(section[section.index("-d '") + 4:section.index("}'") + 1])
+    body = request("docs/cameras.md")
+    assert request("README.md") == body
     clip = make_clip(seconds=4, fps=10, size=(320, 192))
     with RtspServer({"stream1": clip}) as camera, Mosquitto() as broker, \
             MqttSubscriber(broker.port, "cameras/#") as mqtt:

@@ -202,9 +202,9 @@ def test_scaling_queries_read_series_the_server_exposes():
             assert re.search(r"sum by \(le\) \(rate\(\w+_bucket\{", query), query
 
 
-def test_the_readme_promql_reads_series_the_server_exposes():
-    readme = (ROOT / "README.md").read_text()
-    queries = re.findall(r"```promql\n(.*?)```", readme, re.S)
+def test_the_promql_of_the_docs_reads_series_the_server_exposes():
+    docs = "".join(p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+    queries = re.findall(r"```promql\n(.*?)```", docs, re.S)
     named = {n for q in queries for n in re.findall(r"\b((?:nv_inference|rle_serving)_\w+)\b", q)}
     assert "rle_serving_request_duration_seconds_bucket" in named
     assert named <= exposed_series(), named - exposed_series()
