@@ -1,7 +1,7 @@
-"""A small client over both of the server's APIs.
+"""A small client over both of the server's APIs, on one gRPC channel.
 
-- ``infer(image)``: one image through Triton/KServe v2 (``tritonclient.grpc``), returning the
-  response document ``{"image": {...}, "predictions": [...]}``.
+- ``infer(image)``: one image through Triton/KServe v2 (``ModelInfer``, the messages
+  ``tritonclient`` ships), returning the response document ``{"image": {...}, "predictions": [...]}``.
 - ``stream(frames)``: frames through the typed video API, yielding results in order; if the
   server goes away mid-stream (a pod restarts), it reconnects with back-off and re-sends the
   frames that had no answer yet.
@@ -10,9 +10,10 @@
   ``remove_stream``; ``subscribe()`` yields the results of one stream or of all.
 
 Targets: ``host:port``; several replicas as a list or ``"host1:8001,host2:8001"``; or
-``dns:///my-service.namespace.svc:8001`` for a Kubernetes headless Service. The channel uses
-round-robin load balancing, so each new call or stream goes to the next replica. Deadlines,
-TLS and a bearer token are options.
+``dns:///my-service.namespace.svc:8001`` for a Kubernetes headless Service. Every call, KServe,
+video and cameras alike, goes over the one channel, which uses round-robin load balancing
+among the replicas whose health says SERVING, so each new call or stream goes to the next.
+Deadlines, TLS and a bearer token are options.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import itertools
 import json
 import logging
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -62,11 +64,6 @@ class ClientError(Exception):
         self.message = message
 
 
-def status_name(error) -> str:
-    """The gRPC status a tritonclient InferenceServerException carries ("UNAVAILABLE", ...)."""
-    return (error.status() or "UNKNOWN").replace("StatusCode.", "")
-
-
 def to_frame(item: Any, stream_id: str, index: int, options: vpb.InferOptions | None,
              ring: FrameRing | None = None) -> vpb.Frame:
     """Frame from encoded bytes, an (H, W, 3) uint8 RGB array, or a ready Frame; a raw frame
@@ -89,6 +86,37 @@ def to_frame(item: Any, stream_id: str, index: int, options: vpb.InferOptions | 
             frame.raw.height, frame.raw.width = rgb.shape[:2]
             frame.raw.rgb = rgb.tobytes()
     return frame
+
+
+def infer_request(model: str, image: bytes | np.ndarray, parameters: dict[str, Any]):
+    """A KServe v2 ``ModelInferRequest`` for one image: ``IMAGE`` as BYTES [1, 1] (encoded) or
+    UINT8 [1, H, W, 3] (RGB), the parameters typed as Triton types them, ``DETECTIONS`` asked for."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=model)
+    if isinstance(image, (bytes, bytearray)):
+        request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1, 1])
+        request.raw_input_contents.append(struct.pack("<I", len(image)) + bytes(image))
+    else:
+        rgb = np.ascontiguousarray(image, dtype=np.uint8)
+        request.inputs.add(name="IMAGE", datatype="UINT8", shape=[1, *rgb.shape])
+        request.raw_input_contents.append(rgb.tobytes())
+    for key, value in parameters.items():
+        kind = {bool: "bool_param", int: "int64_param", float: "double_param"}.get(type(value), "string_param")
+        setattr(request.parameters[key], kind, value if kind != "string_param" else str(value))
+    request.outputs.add(name="DETECTIONS")
+    return request
+
+
+def bytes_elements(raw: bytes) -> list[bytes]:
+    """The elements of a BYTES tensor on the wire: each a 4-byte little-endian length, then
+    its bytes."""
+    out, at = [], 0
+    while at < len(raw):
+        (length,) = struct.unpack_from("<I", raw, at)
+        out.append(raw[at + 4 : at + 4 + length])
+        at += 4 + length
+    return out
 
 
 def result_document(result: vpb.FrameResult) -> dict:
@@ -212,7 +240,6 @@ class SegmentationClient:
             *([("grpc.default_authority", authority)] if authority else []),
         ]
         self._channel = self._open_channel()
-        self._kserve = None
 
     def _open_channel(self) -> grpc.Channel:
         if self._tls_root is None:
@@ -228,8 +255,6 @@ class SegmentationClient:
 
     def close(self) -> None:
         self._channel.close()
-        if self._kserve is not None:
-            self._kserve.close()
 
     def __enter__(self) -> SegmentationClient:
         return self
@@ -239,16 +264,16 @@ class SegmentationClient:
 
     # ------------------------------------------------------------------ KServe v2
 
-    def _triton(self):
-        if self._kserve is None:
-            import tritonclient.grpc as triton
+    def _kserve(self, method: str, request):
+        """One call of Triton's KServe v2 service on the client's channel; a refusal as a
+        ClientError naming the gRPC status."""
+        from tritonclient.grpc import service_pb2_grpc
 
-            self._kserve = triton.InferenceServerClient(
-                self.target, ssl=self._tls_root is not None,
-                root_certificates=str(self._tls_root) if self._tls_root else None,
-                channel_args=self._options,
-            )
-        return self._kserve
+        try:
+            return getattr(service_pb2_grpc.GRPCInferenceServiceStub(self._channel), method)(
+                request, metadata=self._metadata, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise ClientError(exc.code().name, exc.details() or "") from None
 
     def infer(self, image: bytes | np.ndarray, mask_format: str = "rle", **options) -> dict:
         """One image (encoded bytes or (H, W, 3) uint8 RGB) -> the response document.
@@ -256,33 +281,18 @@ class SegmentationClient:
         options: confidence, iou_threshold, max_detections. Retries UNAVAILABLE and
         RESOURCE_EXHAUSTED with back-off; raises ClientError for anything else.
         """
-        import tritonclient.grpc as triton
-        from tritonclient.utils import InferenceServerException
-
-        if isinstance(image, (bytes, bytearray)):
-            tensor = triton.InferInput("IMAGE", [1, 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([[bytes(image)]], dtype=object))
-        else:
-            rgb = np.ascontiguousarray(image, dtype=np.uint8)[None]
-            tensor = triton.InferInput("IMAGE", list(rgb.shape), "UINT8")
-            tensor.set_data_from_numpy(rgb)
-        parameters = {"response_mask_format": mask_format, **options}
-        headers = dict(self._metadata)
+        request = infer_request(self.model, image, {"response_mask_format": mask_format, **options})
         delays = self.backoff.delays()
         while True:
             try:
-                result = self._triton().infer(
-                    self.model, [tensor], parameters=parameters, headers=headers,
-                    client_timeout=self.timeout_s,
-                    outputs=[triton.InferRequestedOutput("DETECTIONS")],
-                )
-                return json.loads(result.as_numpy("DETECTIONS")[0, 0])
-            except InferenceServerException as exc:
-                code = status_name(exc)
-                delay = next(delays, None) if code in {c.name for c in RETRYABLE} else None
+                response = self._kserve("ModelInfer", request)
+                (document,) = bytes_elements(response.raw_output_contents[0])
+                return json.loads(document)
+            except ClientError as exc:
+                delay = next(delays, None) if exc.code in {c.name for c in RETRYABLE} else None
                 if delay is None:
-                    raise ClientError(code, exc.message()) from None
-                LOG.info("infer: %s, retrying in %.1f s", code, delay)
+                    raise
+                LOG.info("infer: %s, retrying in %.1f s", exc.code, delay)
                 time.sleep(delay)
 
     # ------------------------------------------------------------------ video stream
@@ -414,19 +424,15 @@ class SegmentationClient:
                 ring.close()
 
     def _register_region(self, name: str, key: str, byte_size: int) -> None:
-        self._kserve_call("register_system_shared_memory", name, key, byte_size)
+        from tritonclient.grpc import service_pb2 as pb
+
+        self._kserve("SystemSharedMemoryRegister",
+                     pb.SystemSharedMemoryRegisterRequest(name=name, key=key, byte_size=byte_size))
 
     def _unregister_region(self, name: str) -> None:
-        self._kserve_call("unregister_system_shared_memory", name)
+        from tritonclient.grpc import service_pb2 as pb
 
-    def _kserve_call(self, method: str, *args) -> None:
-        """A tritonclient call; its refusal as a ClientError naming the gRPC status."""
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            getattr(self._triton(), method)(*args, headers=dict(self._metadata))
-        except InferenceServerException as exc:
-            raise ClientError(status_name(exc), exc.message()) from None
+        self._kserve("SystemSharedMemoryUnregister", pb.SystemSharedMemoryUnregisterRequest(name=name))
 
     # ------------------------------------------------------------------ cameras on the server
 

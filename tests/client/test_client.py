@@ -68,6 +68,19 @@ def test_infer_equals_the_official_tritonclient_and_pycocotools(server, photos):
         assert bbox(p["rle"]) == tuple(int(v) for v in coco_mask.toBbox(coco))
 
 
+def test_both_apis_and_the_cameras_go_over_one_channel(server, photos, rgb, monkeypatch):
+    import grpc
+
+    opened = []
+    insecure_channel = grpc.insecure_channel
+    monkeypatch.setattr(grpc, "insecure_channel", lambda *a, **k: opened.append(a) or insecure_channel(*a, **k))
+    with SegmentationClient(server.address) as client:
+        assert client.infer(photos["bus"])["predictions"]
+        assert [r.frame_index for r in client.stream([rgb["coffee"]])] == [0]
+        assert client.streams() == []
+    assert len(opened) == 1  # KServe, video and cameras: the client's one channel
+
+
 def test_stream_in_order_from_raw_and_encoded_frames(server, photos, rgb):
     frames = [rgb["coffee"], photos["bus"], rgb["astronaut"]]
     with SegmentationClient(server.address) as client:
