@@ -5,7 +5,7 @@ The tritonserver 2.51 binary and its Python backend come inside the PyPI wheel
 project's environment). It runs on a CPU without CUDA. The pipeline model executes in the
 Python backend, in a separate environment (``.venv-triton``, numpy < 2; see
 docker/triton/requirements-models.txt), and loads the same TorchScript network file.
-On a GPU machine, NGC's Triton container runs the same repository (see README "Deploy").
+On a GPU machine, NGC's Triton container runs the same repository (see docs/operations.md, "NVIDIA Triton").
 """
 
 from __future__ import annotations
