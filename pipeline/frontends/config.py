@@ -119,7 +119,7 @@ class ServerConfig:
                                       "beyond it adding one is refused RESOURCE_EXHAUSTED / 429; 0: no "
                                       "camera streams", metavar="N")
     sink_buffer: int = setting(1000, "results each sink holds while its target is away; beyond it the "
-                               "oldest are dropped and counted; a file sink with realtime false waits "
+                               "oldest are dropped and counted; a file played with realtime false waits "
                                "instead",
                                metavar="N")
     sink_ca_file: str | None = setting(None, "CA certificates that https://, mqtts:// and rediss:// sinks "
