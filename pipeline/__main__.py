@@ -80,6 +80,7 @@ def _health(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .frontends.config import add_flags
+    from .repository import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         '{"image": {"width", "height"}, "predictions": [...]} (Roboflow-compatible schema).',
     )
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
-    predict.add_argument("--model", default="instance_segmentation",
-                         help="model in the repository (default: instance_segmentation)")
+    predict.add_argument("--model", default=DEFAULT_MODEL,
+                         help=f"model in the repository (default: {DEFAULT_MODEL})")
     predict.add_argument("--model-repository", default="model_repository",
                          help="Triton-layout model repository (default: model_repository)")
     predict.add_argument("--mask-format", choices=["rle", "polygon"], default="rle",
