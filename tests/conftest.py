@@ -1,5 +1,6 @@
-"""Shared fixtures and markers. Tests are marked by folder (unit / integration / e2e); GPU
-tests are marked ``gpu`` and skipped, with the reason, where no CUDA device is visible."""
+"""Shared fixtures and markers. Tests are marked by folder (unit / integration / e2e /
+client); GPU tests are marked ``gpu`` and skipped, with the reason, where no CUDA device is
+visible."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def cuda_unavailable_reason() -> str | None:
 def pytest_collection_modifyitems(config, items):
     for item in items:
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
-        if parts[0] in ("unit", "integration", "e2e"):
+        if parts[0] in ("unit", "integration", "e2e", "client"):
             item.add_marker(getattr(pytest.mark, parts[0]))
         if item.get_closest_marker("gpu") is not None:
             reason = cuda_unavailable_reason()
@@ -60,6 +61,52 @@ async def settle(turns: int = 20) -> None:
 
     for _ in range(turns):
         await asyncio.sleep(0)
+
+
+def wait_until(condition, timeout_s: float = 5.0):
+    """``until`` for a test's own thread, where real threads do the work and no event loop
+    runs: poll ``condition()`` until it holds. Returns its value; AssertionError after
+    ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout_s} s: {condition}")
+        time.sleep(0.001)
+    return value
+
+
+def holds_for(condition, seconds: float, interval_s: float = 0.005) -> None:
+    """A bounded check that something does NOT happen in another thread (``settle`` shows it
+    on the event loop): ``condition()`` holds at every look for ``seconds``. AssertionError at
+    the first look where it does not."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        if not condition():
+            raise AssertionError(f"stopped holding within {seconds} s: {condition}")
+        if time.monotonic() > deadline:
+            return
+        time.sleep(interval_s)
+
+
+def waiting_in(thread, function: str) -> bool:
+    """Whether ``thread`` is blocked in ``threading.Condition.wait`` (what Event, Queue and
+    Semaphore wait in too) called, however deep, from a function named ``function``: what a
+    test waits for (``wait_until``) before it checks what wakes the thread. Once a thread is
+    in ``Condition.wait``, a ``notify`` made under the condition's lock reaches it."""
+    import sys
+
+    frame = sys._current_frames().get(thread.ident)
+    if frame is None or frame.f_code.co_name != "wait" or frame.f_globals.get("__name__") != "threading":
+        return False
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @pytest.fixture(scope="session")

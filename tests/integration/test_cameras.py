@@ -31,7 +31,7 @@ from pipeline.errors import AlreadyExistsError, LimitError
 
 from ..brokers import Mosquitto, MqttSubscriber, RedisServer, WebhookReceiver, make_certificates, unavailable
 from ..cameras import HlsServer, RtspServer, free_port, hls_unavailable, make_clip, rtsp_unavailable, scene_clip
-from ..conftest import ROOT, running_server
+from ..conftest import ROOT, holds_for, running_server
 
 TOKEN = "cam-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -161,10 +161,21 @@ def test_the_grpc_api_adds_lists_pauses_resumes_subscribes_and_removes(cams):
         assert 'rle_serving_streams_open{api="camera"} 1.0' in metrics  # the ingest streams gauge
         paused = client.pause_stream("grpc-cam")
         assert paused["state"] == "paused"
-        time.sleep(0.5)  # frames already sampled finish
-        before = client.get_stream("grpc-cam")["frames_out"]
-        time.sleep(1.0)
-        assert client.get_stream("grpc-cam")["frames_out"] == before  # nothing while paused
+        # The frames already past the source when it paused still come out (one in the model,
+        # one waiting its turn, one in the queue of one). Wait until they have: every frame
+        # taken is answered, and two looks in a row (0.05 s apart) see nothing new taken or
+        # decoded.
+        looks: list[dict] = []
+
+        def answered_and_still() -> dict | None:
+            looks.append(look := client.get_stream("grpc-cam"))
+            answered = look["frames_out"] + look["frames_dropped"] + look["frame_errors"] == look["frames_sampled"]
+            still = len(looks) > 1 and all(looks[-2][key] == look[key] for key in ("frames_decoded", "frames_sampled"))
+            return look if answered and still else None
+        before = wait_for(answered_and_still, what="the frames in flight at the pause, answered")["frames_out"]
+        # Nothing while paused: a bounded check, since no event says so (were the stream not
+        # paused, its 5 fps would bring about 5 frames in this second).
+        holds_for(lambda: client.get_stream("grpc-cam")["frames_out"] == before, 1.0, interval_s=0.05)
         client.resume_stream("grpc-cam")
         wait_for(lambda: client.get_stream("grpc-cam")["frames_out"] > before, what="frames after resume")
         removed = client.remove_stream("grpc-cam")
@@ -189,7 +200,7 @@ def test_a_camera_that_dies_and_returns_reconnects_while_the_others_keep_their_r
         down = wait_for(lambda: (s := status(cams, "a"))["state"] == "reconnecting" and s, what="reconnecting")
         assert down["last_error"]
         b_before, started = status(cams, "b")["frames_out"], time.monotonic()
-        time.sleep(3)
+        time.sleep(3)  # the scenario: camera b's rate is measured over these 3 s of a's outage
         b_rate = (status(cams, "b")["frames_out"] - b_before) / (time.monotonic() - started)
         assert b_rate > 3.5, b_rate  # ~5 a second: camera a's outage costs camera b nothing
         camera_a.start()

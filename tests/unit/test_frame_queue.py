@@ -13,6 +13,8 @@ import pytest
 from pipeline.cameras.sources import CapturedFrame, FrameQueue
 from pipeline.errors import BadInputError
 
+from ..conftest import settle, until, wait_until, waiting_in
+
 
 def frame(index: int) -> CapturedFrame:
     return CapturedFrame(index, index / 10, time.time(), np.zeros((2, 2, 3), np.uint8))
@@ -45,16 +47,12 @@ def test_waiting_put_blocks_while_full_and_goes_on_as_the_consumer_reads():
             put.append((i, queue.put(frame(i))))
         queue.close()
 
-    async def main():
-        thread = threading.Thread(target=producer)
-        thread.start()
-        await asyncio.to_thread(time.sleep, 0.2)
-        assert len(put) == 2  # the third waits for room
-        got = await read_all(queue)
-        thread.join()
-        return got
-
-    assert run(main()) == list(range(6))
+    thread = threading.Thread(target=producer, daemon=True)
+    thread.start()
+    wait_until(lambda: waiting_in(thread, "put"))  # times out if a put never waits
+    assert len(put) == 2  # the third waits for room
+    assert run(read_all(queue)) == list(range(6))
+    thread.join(5)
     assert [accepted for _, accepted in put] == [True] * 6
 
 
@@ -62,10 +60,10 @@ def test_close_wakes_a_blocked_put_and_the_reader_still_gets_what_waits():
     queue = FrameQueue(1, drop_oldest=False, on_drop=lambda frame: None)
     assert queue.put(frame(0))
     outcome = []
-    thread = threading.Thread(target=lambda: outcome.append(queue.put(frame(1))))
+    thread = threading.Thread(target=lambda: outcome.append(queue.put(frame(1))), daemon=True)
     thread.start()
-    time.sleep(0.1)
-    assert thread.is_alive()
+    wait_until(lambda: waiting_in(thread, "put"))  # blocked while full, before the close
+    assert outcome == []
     queue.close()
     thread.join(1)
     assert outcome == [False]
@@ -75,17 +73,25 @@ def test_close_wakes_a_blocked_put_and_the_reader_still_gets_what_waits():
 
 def test_a_waiting_reader_is_woken_by_a_put_from_another_thread_and_by_close():
     queue = FrameQueue(4, drop_oldest=True, on_drop=lambda frame: None)
+    got = []
+
+    async def reader():
+        async for f in queue:
+            got.append(f.index)
 
     async def main():
         loop = asyncio.get_running_loop()
-        reading = asyncio.ensure_future(read_all(queue))
-        await asyncio.sleep(0.05)  # the reader waits on an empty queue
+        reading = asyncio.ensure_future(reader())
+        await settle()
+        assert not reading.done() and got == []  # the reader waits on an empty queue
         await loop.run_in_executor(None, queue.put, frame(5))
-        await asyncio.sleep(0.05)
+        await until(lambda: got == [5])  # woken by the put: the queue is still open
+        assert not reading.done()
         await loop.run_in_executor(None, queue.close)
-        return await reading
+        await asyncio.wait_for(reading, 5)  # woken by the close: the loop ends
 
-    assert run(main()) == [5]
+    run(main())
+    assert got == [5]
 
 
 def test_a_reader_cancelled_while_waiting_leaves_the_queue_usable():
@@ -94,11 +100,13 @@ def test_a_reader_cancelled_while_waiting_leaves_the_queue_usable():
 
     async def main():
         waiting = asyncio.ensure_future(queue.__anext__())
-        await asyncio.sleep(0.05)
+        await settle()
+        assert not waiting.done()  # the reader waits on an empty queue
         waiting.cancel()
-        await asyncio.sleep(0)
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
         queue.put(frame(1))  # wakes the cancelled future: must not raise on the loop
-        await asyncio.sleep(0.05)
+        await settle()  # the wake-up (a callback on the loop) has run, and raised nothing
         queue.close()
         return await read_all(queue)
 
@@ -119,9 +127,11 @@ def test_a_put_after_the_readers_loop_closed_is_harmless():
     queue = FrameQueue(2, drop_oldest=True, on_drop=lambda frame: None)
     loop = asyncio.new_event_loop()
     waiting = loop.create_task(queue.__anext__())
-    loop.run_until_complete(asyncio.sleep(0.01))  # the reader now waits
+    loop.run_until_complete(settle())
+    assert not waiting.done()  # the reader now waits
     waiting.cancel()
-    loop.run_until_complete(asyncio.sleep(0))
+    loop.run_until_complete(asyncio.gather(waiting, return_exceptions=True))
+    assert waiting.cancelled()
     loop.close()
     assert queue.put(frame(0)) is True  # the wake-up has no loop to go to, and is dropped
 

@@ -17,7 +17,7 @@ from pipeline.cameras.sinks import Sink, backoff_delays
 from pipeline.cameras.transports import Rejected, frame_index
 from pipeline.errors import BadInputError
 
-from ..conftest import until
+from ..conftest import settle, until
 
 SECRET = "s3cr%2Fet"  # as written in the URL; the password itself is "s3cr/et"
 URL = f"http://alice:{SECRET}@example.test:8080/hook"
@@ -266,8 +266,8 @@ def test_room_waits_while_the_buffer_is_full_and_returns_when_a_batch_is_taken_o
             sink.offer(m)
         assert sink.full and sink.status()["buffered"] == 3
         waiting = asyncio.ensure_future(sink.room())
-        await asyncio.sleep(0.05)
-        assert not waiting.done()
+        await settle()
+        assert not waiting.done()  # no room while full
         held, target.gate = target.gate, asyncio.Event()  # the next sends hang
         held.set()  # 0 is delivered, 1 taken: room for one
         await asyncio.wait_for(waiting, 2)
@@ -275,7 +275,7 @@ def test_room_waits_while_the_buffer_is_full_and_returns_when_a_batch_is_taken_o
         sink.offer(messages(3)[0])
         assert sink.full
         waiting = asyncio.ensure_future(sink.room())
-        await asyncio.sleep(0.05)
+        await settle()
         assert not waiting.done()
         await sink.close(0)  # a closing sink waits for nothing
         await asyncio.wait_for(waiting, 1)
@@ -360,14 +360,16 @@ def test_failures_are_retried_with_growing_pauses_then_delivery_resumes(memory, 
         sink.start()
         for m in messages(0, 1, 2):
             sink.offer(m)
-        await until(lambda: sink.retries >= 5)
+        # Five failures handled: each is counted, then closes what may be half open (retries
+        # is counted before the disconnect, so it is the disconnects that say a failure is done).
+        await until(lambda: target.disconnects >= 5)
         status = sink.status()
+        assert status["retries"] >= 5
         assert (status["connected"], status["delivered"], status["buffered"]) == (False, 0, 3)
         assert status["last_error"] == (
             "ConnectionRefusedError: http://alice:***@example.test:8080/hook refused alice with ***")
         gaps = [b - a for a, b in itertools.pairwise(target.attempts[:5])]
         assert all(gap >= least * 0.9 for gap, least in zip(gaps, [0.02, 0.04, 0.08, 0.08]))
-        assert target.disconnects >= 5  # each failure closes what may be half open
         target.up = True
         await until(lambda: sink.delivered == 3)
         assert target.received == messages(0, 1, 2) and sink.dropped == 0
@@ -434,7 +436,9 @@ def test_close_cuts_a_pause_short_so_a_returned_target_gets_the_flush(memory):
         target.up = False
         sink.start()
         sink.offer(messages(0)[0])
-        await until(lambda: sink.retries == 1)  # now pausing 30 s
+        await until(lambda: target.disconnects == 1)  # the failure handled: next, a pause of 30 s
+        await settle()  # the few turns from the disconnect into the pause (no timer: all run now)
+        assert (sink.retries, len(target.attempts)) == (1, 1)  # pausing: no second attempt
         target.up = True
         started = time.monotonic()
         await sink.close(5)
@@ -480,8 +484,10 @@ def test_a_sink_never_started_drops_what_it_holds_on_close(memory):
             sink.offer(m)
         await sink.close(1)
         assert (sink.delivered, sink.dropped) == (0, 2) and target.attempts == []
+        tasks = asyncio.all_tasks()
         sink.start()  # after close: nothing starts
-        await asyncio.sleep(0.05)
+        assert asyncio.all_tasks() == tasks
+        await settle()
         assert target.attempts == []
     run(main())
 
