@@ -152,12 +152,12 @@ image-test: setup $(MODEL)
 	$(BIN)/python docker/image_test.py
 
 bench: setup services $(MODEL)
-	$(TUNED) $(BIN)/python benchmarks/rle_bench.py
-	$(BIN)/python benchmarks/engine_bench.py
-	$(BIN)/python benchmarks/load_bench.py
-	$(BIN)/python benchmarks/tracking_bench.py
-	$(BIN)/python benchmarks/camera_bench.py --cameras 8 --max-fps 2 --seconds 60
-	$(BIN)/python benchmarks/sink_bench.py --sizes 2000 --seconds 10
+	$(TUNED) $(BIN)/python -m benchmarks.rle_bench
+	$(BIN)/python -m benchmarks.engine_bench
+	$(BIN)/python -m benchmarks.load_bench
+	$(BIN)/python -m benchmarks.tracking_bench
+	$(BIN)/python -m benchmarks.camera_bench --cameras 8 --max-fps 2 --seconds 60
+	$(BIN)/python -m benchmarks.sink_bench --sizes 2000 --seconds 10
 
 run: setup $(MODEL)
 	$(BIN)/python -m pipeline.tools.demo --out out

@@ -18,13 +18,12 @@ result), CPU seconds per result of the server process and of this process (clien
 the receiver); then the ratios. Last, decoding alone: the eight cameras decoded and sampled
 by the server's ``Source`` in this process, its CPU share of the machine.
 
-    python benchmarks/camera_bench.py --cameras 8 --max-fps 2 --seconds 60
+    python -m benchmarks.camera_bench --cameras 8 --max-fps 2 --seconds 60
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import queue
@@ -32,28 +31,19 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import av
 import numpy as np
 import requests
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak_bench import cpu_s  # noqa: E402
+from clients.client import SegmentationClient
+from pipeline.cameras.sources import FrameQueue, Source
+from pipeline.proto import video_pb2 as vpb
+from pipeline.tools.launch import local_server
+from pipeline.tools.samples import NAMES
+from tests.cameras import RtspServer, make_clip, rtsp_unavailable
 
-from clients.client import SegmentationClient  # noqa: E402
-from pipeline.cameras.sources import FrameQueue, Source  # noqa: E402
-from pipeline.proto import video_pb2 as vpb  # noqa: E402
-from pipeline.tools.launch import local_server  # noqa: E402
-from pipeline.tools.samples import NAMES  # noqa: E402
-from tests.cameras import RtspServer, make_clip, rtsp_unavailable  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
+from .common import ROOT, cpu_s, jpeg, out_path, percentile
 
 
 class Receiver:
@@ -143,9 +133,7 @@ class PushingCamera(threading.Thread):
                 captured, index, rgb = self.frames.get(timeout=0.5)
             except queue.Empty:
                 continue
-            buffer = io.BytesIO()
-            Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
-            yield vpb.Frame(stream_id=self.name, frame_index=index, timestamp=captured, encoded=buffer.getvalue())
+            yield vpb.Frame(stream_id=self.name, frame_index=index, timestamp=captured, encoded=jpeg(rgb))
 
     def run(self):
         threading.Thread(target=self.decode, daemon=True).start()
@@ -223,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     clips = {f"cam{i}": make_clip(seconds=args.clip_seconds, fps=10, size=(1280, 720),
                                   photos=NAMES[i % len(NAMES):] + NAMES[:i % len(NAMES)])
              for i in range(args.cameras)}
-    (ROOT / "out").mkdir(exist_ok=True)
-    with RtspServer(clips) as rtsp, open(ROOT / "out" / "camera_bench_server.log", "w") as log, \
+    with RtspServer(clips) as rtsp, open(out_path("camera_bench_server.log"), "w") as log, \
             local_server("--model-repository", str(ROOT / "model_repository"), "--allow-stream-urls",
                          "--stream-url-allow", "127.0.0.1", "--stream-window", "1", "--stream-policy",
                          "drop_oldest", http=True, log=log, cwd=ROOT) as server:

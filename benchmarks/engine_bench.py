@@ -4,7 +4,7 @@ Real photos (bus.jpg, zidane.jpg, scikit-image's astronaut/coffee/chelsea) throu
 default model, on the CPU and, where a CUDA device is visible, on the GPU. Stages: pre-process
 (decode + letterbox), network, post-process (NMS + box-aware mask sampling), RLE (run lengths),
 packing (ASCII + response documents).
-Run: ``make bench`` or ``python benchmarks/engine_bench.py [--frames 16]``.
+Run: ``make bench`` or ``python -m benchmarks.engine_bench [--frames 16]``.
 """
 
 from __future__ import annotations

@@ -13,19 +13,17 @@ seconds that replica starts. Printed: the seconds from its SERVING to its first 
 request. Connections are made to age (``--grpc-max-connection-age-s``) so running streams
 move too, not only new ones.
 
-    python benchmarks/fleet_bench.py --replicas 1 2 3 --streams 8 --seconds 30
-    python benchmarks/fleet_bench.py --replicas 2 --join --seconds 40
+    python -m benchmarks.fleet_bench --replicas 1 2 3 --streams 8 --seconds 30
+    python -m benchmarks.fleet_bench --replicas 2 --join --seconds 40
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import threading
 import time
 from contextlib import ExitStack
-from pathlib import Path
 
 import numpy as np
 
@@ -33,15 +31,12 @@ from clients import SegmentationClient
 from pipeline.tools.launch import free_port, local_server
 from pipeline.tools.samples import NAMES, sample_rgb
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import scrape, sixteen_by_nine  # noqa: E402 - the same 720p frames and scrape
-
-ROOT = Path(__file__).resolve().parent.parent
+from .common import ROOT, arguments, out_path, percentile, scrape, sixteen_by_nine
 
 
 def answered(metrics_port: int) -> int:
     """A replica's answered requests so far (every model)."""
-    return int(sum(v for k, v in scrape(metrics_port).items() if k.startswith("nv_inference_request_success{")))
+    return int(scrape(metrics_port).total("nv_inference_request_success"))
 
 
 class Camera(threading.Thread):
@@ -92,9 +87,7 @@ def replica_flags(replicas: int, extra: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser = arguments(__doc__)
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=30.0)
@@ -105,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="--grpc-max-connection-age-s of the replicas with --join")
     args = parser.parse_args(argv)
     frames = [sixteen_by_nine(sample_rgb(n)) for n in NAMES]
-    (ROOT / "out").mkdir(exist_ok=True)
     print(f"# fleet bench: {args.streams} cameras (720p raw, one frame in flight each), "
           f"{args.seconds:.0f} s per row, replicas on this machine's {os.cpu_count()} cores")
     print("| replicas | frames/s | p50 ms | p99 ms | errors | answered per replica |")
@@ -119,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         ports = [(free_port(), free_port()) for _ in range(total)]
         with ExitStack() as stack:
             for i in range(count):
-                log = stack.enter_context(open(ROOT / "out" / f"fleet_bench_{count}_{i}.log", "w"))
+                log = stack.enter_context(open(out_path(f"fleet_bench_{count}_{i}.log"), "w"))
                 grpc_port, metrics_port = ports[i]
                 stack.enter_context(local_server("--metrics-port", str(metrics_port), *flags,
                                                  port=grpc_port, log=log, cwd=ROOT))
@@ -130,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             def join():  # the joiner lives in this thread, and is stopped here once done is set
                 time.sleep(args.join_after)
                 grpc_port, metrics_port = ports[count]
-                with open(ROOT / "out" / f"fleet_bench_{count}_{count}.log", "w") as log, \
+                with open(out_path(f"fleet_bench_{count}_{count}.log"), "w") as log, \
                         local_server("--metrics-port", str(metrics_port), *flags, port=grpc_port,
                                      log=log, cwd=ROOT):
                     joined["serving"] = time.monotonic()
@@ -151,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 joiner.join()
                 share.append(int(joined.get("answered", 0)))
             print(f"| {count}{' + 1 joining' if args.join else ''} | {fps:.2f} | "
-                  f"{np.percentile(latencies, 50):.0f} | {np.percentile(latencies, 99):.0f} | {errors} | "
+                  f"{percentile(latencies, 50):.0f} | {percentile(latencies, 99):.0f} | {errors} | "
                   f"{', '.join(map(str, share))} |", flush=True)
             if args.join:
                 waited = joined.get("first", float("nan")) - joined.get("serving", float("nan"))

@@ -3,7 +3,7 @@ of 1, one answered request, the batcher's two live-gauge moves), with the histog
 their ``observe`` made a no-op, against the server's CPU per frame measured in the same
 breath by ``shm_bench`` (pass it with ``--frame-ms``).
 
-    python benchmarks/ledger_bench.py --frame-ms 186 --frame-ms 6.3
+    python -m benchmarks.ledger_bench --frame-ms 186 --frame-ms 6.3
 """
 
 from __future__ import annotations

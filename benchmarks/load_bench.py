@@ -4,14 +4,13 @@ Each client streams the same number of real photos (JPEG) through the typed vide
 measures, per frame, the time from handing the frame to gRPC until its result arrives.
 Prints frames/s over all clients, p50/p99 latency, and the mean batch size the dynamic
 batcher achieved. Bounded in clients, frames and time; loopback only.
-Run: ``make bench`` or ``python benchmarks/load_bench.py [--clients 1 4] [--frames 4]``.
+Run: ``make bench`` or ``python -m benchmarks.load_bench [--clients 1 4] [--frames 4]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import sys
 import threading
 import time
@@ -19,7 +18,6 @@ from collections import Counter
 
 import grpc
 import numpy as np
-from PIL import Image
 
 from pipeline.frontends.config import ServerConfig
 from pipeline.frontends.server import PipelineServer
@@ -27,11 +25,7 @@ from pipeline.proto import video_pb2 as vpb
 from pipeline.proto import video_pb2_grpc
 from pipeline.tools.samples import NAMES, sample_rgb
 
-
-def jpeg(rgb: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+from .common import jpeg
 
 
 def run_client(address: str, stream_id: str, frames: list[bytes], latencies: list[float],

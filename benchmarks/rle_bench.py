@@ -9,7 +9,7 @@ Peers measured in the same run, on the same masks:
 Every encoder's output is checked equal to pycocotools before it is timed. "ours host, no
 numba" is what a light client without the ``encode`` extra runs: the array-module path on
 NumPy instead of the compiled kernel.
-Run: ``make bench`` or ``python benchmarks/rle_bench.py [--repeat 9] [--quick]``.
+Run: ``make bench`` or ``python -m benchmarks.rle_bench [--repeat 9] [--quick]``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ serve_bench does). Prints frames/s, p50 and p99 latency, and the CPU millisecond
 of the server process and of this client process (both read from /proc), with ratios
 against the in-message ways.
 
-    python benchmarks/shm_bench.py --streams 4 --window 2 --seconds 30
+    python -m benchmarks.shm_bench --streams 4 --window 2 --seconds 30
 
 Ways: ``shared memory``: each stream registers one region of ``window`` frame slots and sends
 its name, offset and size (Triton's system shared-memory extension); ``raw``: UINT8
@@ -18,13 +18,11 @@ client's encoding is not in its CPU column; its cost per frame is printed once).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as triton
@@ -34,11 +32,8 @@ from PIL import Image
 from pipeline.tools.launch import local_server
 from pipeline.tools.samples import NAMES, sample_rgb
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import Result, drive, encoded, jpeg, sixteen_by_nine  # noqa: E402 - one stream driver
-from soak_bench import cpu_s  # noqa: E402
+from .common import ROOT, Result, arguments, cpu_s, drive, encoded, jpeg, out_path, sixteen_by_nine
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "instance_segmentation"
 SIZES = {"720p": (1280, 720), "1080p": (1920, 1080)}
 
@@ -89,9 +84,7 @@ class SharedFrames:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser = arguments(__doc__)
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--window", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=30.0, help="per way and repeat")
@@ -102,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-args", default="", help="extra flags for the server")
     args = parser.parse_args(argv)
 
-    (ROOT / "out").mkdir(exist_ok=True)
-    log = open(ROOT / "out" / "shm_bench_server.log", "w")
+    log = open(out_path("shm_bench_server.log"), "w")
     with local_server("--allow-shared-memory", *args.server_args.split(), log=log, cwd=ROOT) as server:
         control = triton.InferenceServerClient(server.address)
         print(f"# shared memory bench: {args.streams} streams x window {args.window}, "

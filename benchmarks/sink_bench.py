@@ -15,7 +15,7 @@ Printed per kind, document size and round trip: results delivered per second, th
 left at the end (results still waiting; a sink that keeps up has none), and the latency from
 offer to acknowledgement, p50 / p99; then batched against one at a time.
 
-    python benchmarks/sink_bench.py --rtt-ms 0 20 50 100 --sizes 2000 40000 --seconds 15
+    python -m benchmarks.sink_bench --rtt-ms 0 20 50 100 --sizes 2000 40000 --seconds 15
 """
 
 from __future__ import annotations
@@ -23,18 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from pipeline.cameras import sinks  # noqa: E402
-from pipeline.cameras.sink_targets import parse_sink  # noqa: E402
-from pipeline.cameras.sinks import Sink  # noqa: E402
-from tests.brokers import (  # noqa: E402
+from pipeline.cameras import sinks
+from pipeline.cameras.sink_targets import parse_sink
+from pipeline.cameras.sinks import Sink
+from tests.brokers import (
     MOSQUITTO,
     REDIS_SERVER,
     DelayedLink,
@@ -43,6 +37,8 @@ from tests.brokers import (  # noqa: E402
     WebhookReceiver,
     unavailable,
 )
+
+from .common import percentile
 
 KINDS = {"mqtt": (MOSQUITTO, Mosquitto), "redis": (REDIS_SERVER, RedisServer), "webhook": (None, WebhookReceiver)}
 WAYS = ("batched", "one at a time")
@@ -81,8 +77,7 @@ async def drive(url: str, rate: float, seconds: float, size: int) -> dict:
     elapsed = time.monotonic() - started
     await sink.close(0)
     return {"offered": index, "per_s": status["delivered"] / elapsed, "backlog": status["buffered"],
-            "p50_ms": 1000 * float(np.percentile(latencies, 50)) if latencies else float("nan"),
-            "p99_ms": 1000 * float(np.percentile(latencies, 99)) if latencies else float("nan")}
+            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)}
 
 
 def one_way(way: str, kind: str, url: str, args) -> dict:

@@ -8,7 +8,7 @@ served and refused, the time a refused frame waited for its answer (p50; the goa
 100 ms: a frame that cannot start within its deadline is refused on arrival), the served
 frames' p99, errors by status, and requests lost (sent but never answered: must be 0).
 
-    python benchmarks/soak_bench.py --streams 32 --window 2 --rounds 4 --seconds 60
+    python -m benchmarks.soak_bench --streams 32 --window 2 --rounds 4 --seconds 60
 
 RSS is read at rest after each round: the lowest of readings over 5 s of idle (the server
 gives freed memory back after a second idle; single readings swing by tens of MB with what
@@ -18,7 +18,6 @@ second's resting RSS.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import queue
@@ -33,10 +32,7 @@ import tritonclient.grpc as triton
 
 from pipeline.tools.launch import local_server
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import workload  # noqa: E402 - the same real photos and 16:9 frames
-
-ROOT = Path(__file__).resolve().parent.parent
+from .common import ROOT, arguments, cpu_s, out_path, workload
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -46,12 +42,6 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu_s(pid: int) -> float:
-    """A process's CPU seconds so far (user + system, /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def settled_rss_mb(pid: int, seconds: float = 5.0, field: str = "VmRSS") -> float:
@@ -118,9 +108,7 @@ def one_stream(target: str, images: list[bytes], window: int, stop_at: float, ta
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser = arguments(__doc__)
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--window", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=4)
@@ -129,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-args", default="", help="extra flags for the server")
     args = parser.parse_args(argv)
 
-    (ROOT / "out").mkdir(exist_ok=True)
-    log = open(ROOT / "out" / "soak_server.log", "w")
+    log = open(out_path("soak_server.log"), "w")
     with local_server(*args.server_args.split(), log=log, cwd=ROOT) as running:
         target, server = running.address, running.process
         images = workload(args.workload)

@@ -4,7 +4,7 @@ and how long each took from its start to readiness.
 
 Each replica is a real ``python -m pipeline serve`` process on loopback; its choice is read
 from its log ("-> batches of up to N"). The choice should not depend on the neighbours.
-Run: ``python benchmarks/startup_bench.py [--together 3] [--model instance_segmentation]``.
+Run: ``python -m benchmarks.startup_bench [--together 3] [--model instance_segmentation]``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 
 from pipeline.tools.launch import free_port, wait_until_serving
 
-ROOT = Path(__file__).resolve().parents[1]
+from .common import ROOT
+
 CHOICE = re.compile(r"per-frame network time by batch size[^:]*: (.*) -> batches of up to (\d+)"
                     r"(?: \(measured in ([\d.]+) s\))?")
 

@@ -10,7 +10,7 @@ Frame: the real default model through the engine (decode, network, post-processi
 packing) on a real 1280x720 JPEG frame with about as many objects (photos tiled into it),
 at batch 1 (one stream) and at the measured batch limit (many streams), in the same run.
 
-Run: ``python benchmarks/tracking_bench.py [--frames 300]`` (``make bench`` runs it).
+Run: ``python -m benchmarks.tracking_bench [--frames 300]`` (``make bench`` runs it).
 """
 
 from __future__ import annotations
