@@ -191,7 +191,7 @@ def running_server(**settings):
 @pytest.fixture(scope="session")
 def real_server():
     """The real model (yolov5s-seg), served in-process once per session (shared memory on, as
-    the README's example asks)."""
+    the shared-memory example in docs/shared-memory.md asks)."""
     with running_server(allow_shared_memory=True) as running:
         yield running
 

@@ -13,7 +13,7 @@ Vocabulary:
 What is retried: a connection that cannot be made or is lost, a send that fails or is not
 acknowledged within ``SEND_TIMEOUT_S``, and a webhook answer the transport does not reject.
 The batch stays first in line and is sent again (halved) after a pause that doubles from
-``BACKOFF_S[0]`` to ``BACKOFF_S[1]`` (reconnecting first), forever: a broker that goes away and
+``BACKOFF_S[0]`` to ``BACKOFF_S[1]`` (a ``Backoff``; reconnecting first), forever: a broker that goes away and
 comes back gets the messages that waited for it, in order. Delivery is at least once: a
 message whose acknowledgement was lost, or that was in a batch cut short, is sent again.
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
 
 from ..backoff import Backoff
 from ..buffers import DropOldest
@@ -46,14 +45,6 @@ log = logging.getLogger(__name__)
 BACKOFF_S = (0.2, 5.0)  # the pause after a failure: first, and the most it doubles to
 BATCH_BYTES = 1 << 20  # a batch holds at most this much (and one message at least)
 ERROR_CHARS = 300  # of an error's text kept in last_error and log lines
-
-
-def backoff_delays(first_s: float, most_s: float) -> Iterator[float]:
-    """The pauses after consecutive failures: ``first_s``, doubling, never above ``most_s``."""
-    delay = first_s
-    while True:
-        yield delay
-        delay = min(delay * 2, most_s)
 
 
 class Sink:
