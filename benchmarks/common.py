@@ -10,7 +10,6 @@ as they are, with no path set by hand.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import queue
 import threading
@@ -25,6 +24,8 @@ import tritonclient.grpc as triton
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from clients.cli import SEND_QUALITY
+from pipeline.images import encode_jpeg
 from pipeline.tools.samples import NAMES, sample_rgb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,10 +51,8 @@ def arguments(doc: str) -> argparse.ArgumentParser:
 
 
 def jpeg(rgb: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 RGB as a quality-90 JPEG."""
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+    """(H, W, 3) uint8 RGB as the JPEG a camera client sends (quality 90, as the client CLI)."""
+    return encode_jpeg(rgb, quality=SEND_QUALITY)
 
 
 def sixteen_by_nine(rgb: np.ndarray) -> np.ndarray:

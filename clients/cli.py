@@ -11,13 +11,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from pipeline.images import encode_jpeg
 from pipeline.overlay import tracker_id
 from pipeline.repository import DEFAULT_MODEL
 
 from .client import ClientError, SegmentationClient, result_document
-from .sources import VideoWriter, check, describe, frame_rate, frames, jpeg
+from .sources import VideoWriter, check, describe, frame_rate, frames
 
 LOG = logging.getLogger(__name__)
+SEND_QUALITY = 90  # JPEG quality of the frames the CLI sends (raw RGB with --shared-memory)
 
 
 class Progress:
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     def send():
         for f in frames(args.source, args.max_frames):
             images[f.index] = f.rgb
-            yield f.rgb if args.shared_memory else jpeg(f.rgb)
+            yield f.rgb if args.shared_memory else encode_jpeg(f.rgb, quality=SEND_QUALITY)
 
     writer = None
     png_folder = None

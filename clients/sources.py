@@ -3,7 +3,6 @@ webcam index. Video is decoded with PyAV (FFmpeg); frames come out as (H, W, 3) 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,14 +108,6 @@ def _video(spec: str) -> Iterator[SourceFrame]:
         for i, frame in enumerate(container.decode(stream)):
             timestamp = float(frame.time) if frame.time is not None else float(i)
             yield SourceFrame(i, timestamp, frame.to_ndarray(format="rgb24"))
-
-
-def jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 class VideoWriter:

@@ -290,13 +290,14 @@ def letterbox(image: np.ndarray | Picture, size: int, device: object = "cpu",
     return out, geo
 
 
-def encode_jpeg(image) -> bytes:
-    """An (H, W, 3) uint8 RGB array or a PIL image as JPEG bytes (``JPEG_QUALITY``): a camera's
-    frame for a subscriber, an overlay for Roboflow's ``format=image``. CPU work: call it from
-    a worker thread."""
+def encode_jpeg(image, quality: int = JPEG_QUALITY) -> bytes:
+    """An (H, W, 3) uint8 RGB array or a PIL image as JPEG bytes: the one encoder of the house
+    (a camera's frame for a subscriber, an overlay for Roboflow's ``format=image``, the client
+    CLI's frames, the benchmarks' workloads). CPU work: the server calls it from a worker
+    thread."""
     from PIL import Image
 
     picture = Image.fromarray(image) if isinstance(image, np.ndarray) else image
     buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    picture.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
