@@ -10,6 +10,15 @@ Habits from the peers' bug trackers, kept on purpose:
 - the queue is bounded: a full queue is an immediate OverloadedError, not unbounded memory;
 - a request that cannot start before its deadline (the work queued ahead of it at the
   measured pace) is refused on arrival, not after waiting the whole deadline out.
+
+**Lanes**: a request comes in a lane (the server's: requests clients push, and the frames of
+the cameras it pulls itself). Lanes share the model equally: each image batched is taken from
+the waiting lane that has had the fewest images batched while it waited (the oldest request
+first within a lane, and between lanes on a tie), so a queue full of one lane's work cannot
+starve another: with two lanes waiting, each gets every other image. A lane that was idle
+comes back level with the others, not owed what it did not ask for. Each lane's queue is
+bounded by ``max_queue_size`` on its own, and a request's expected wait counts the other
+lanes' images that will be interleaved with its own lane's.
 """
 
 from __future__ import annotations
@@ -78,6 +87,7 @@ class _Request(Generic[Item]):
     delayed: bool = False
     timer: asyncio.TimerHandle | None = None
     waiting: bool = True  # not yet started, answered from the queue or withdrawn (``on_load``)
+    lane: Hashable = ""  # its share of the model (see the module's lanes)
 
 
 # (pairs, stages) -> results: ``[(id, item), ...]`` in, ``[(id, result), ...]`` out in any
@@ -148,23 +158,36 @@ class DynamicBatcher(Generic[Item, Result]):
         self._in_flight = 0
         self._gathering = 0  # workers gathering a batch (its requests out of the queue)
         self._item_s: float | None = None  # measured seconds per item (PACE_WEIGHT)
+        self._served: dict[Hashable, int] = {}  # images batched per lane while it has waited
 
     @property
     def queued(self) -> int:
         """Requests waiting for a batch (not those cancelled while waiting)."""
         return sum(1 for r in self._queue if not r.future.done())
 
-    def expected_wait_s(self, queued: int | None = None) -> float:
-        """How long a request queued now would wait to start: the items queued ahead, and
-        half of those running, at the measured seconds per item; 0 until a batch has been
-        measured. Per item, not per full batch: batches are as large as the queue's input
-        shapes and timing make them (a mean of ~2 of 8 under the soak's mixed photos and
-        frames, where counting full batches admitted frames that then timed out). Right
-        after light load the pace is that of small batches, so a sudden burst can be judged
-        slower than batching will make it, until a few batches have been measured."""
+    def _queued_by_lane(self) -> dict[Hashable, int]:
+        counts: dict[Hashable, int] = {}
+        for r in self._queue:
+            if not r.future.done():
+                counts[r.lane] = counts.get(r.lane, 0) + 1
+        return counts
+
+    def expected_wait_s(self, queued: int | None = None, lane: Hashable = "") -> float:
+        """How long a request queued now in ``lane`` would wait to start: the items queued
+        ahead in its lane (``queued``, else those there now), as many of each other lane's
+        as will be interleaved with them (see the module's lanes), and half of those
+        running, at the measured seconds per item; 0 until a batch has been measured. Per
+        item, not per full batch: batches are as large as the queue's input shapes and
+        timing make them (a mean of ~2 of 8 under the soak's mixed photos and frames, where
+        counting full batches admitted frames that then timed out). Right after light load
+        the pace is that of small batches, so a sudden burst can be judged slower than
+        batching will make it, until a few batches have been measured."""
         if self._item_s is None:
             return 0.0
-        ahead = (self.queued if queued is None else queued) + self._in_flight / 2
+        lanes = self._queued_by_lane()
+        own = lanes.pop(lane, 0) if queued is None else queued
+        lanes.pop(lane, None)
+        ahead = own + sum(min(count, own + 1) for count in lanes.values()) + self._in_flight / 2
         return ahead * self._item_s / self.workers
 
     def start(self) -> None:
@@ -178,20 +201,23 @@ class DynamicBatcher(Generic[Item, Result]):
         ]
 
     async def submit(self, item: Item, *, arrived: float | None = None,
-                     timeout_s: float | None = None, deadline: float | None = None) -> Result:
+                     timeout_s: float | None = None, deadline: float | None = None,
+                     lane: Hashable = "") -> Result:
         """Queue one item and wait for its own result (or its batch's exception).
 
         arrived: when the request reached the server (monotonic; default now): its queue
         timeout counts from then. timeout_s: the request's own queue timeout, honoured when
         the policy allows overrides. deadline: the caller's absolute monotonic deadline (a
-        gRPC deadline): a request still queued then is rejected whatever the policy.
+        gRPC deadline): a request still queued then is rejected whatever the policy. lane:
+        its share of the model (see the module's lanes).
         """
         (result,) = await self.submit_all([item], arrived=arrived, timeout_s=timeout_s,
-                                          deadline=deadline)
+                                          deadline=deadline, lane=lane)
         return result
 
     async def submit_all(self, items: Sequence[Item], *, arrived: float | None = None,
-                         timeout_s: float | None = None, deadline: float | None = None) -> list[Result]:
+                         timeout_s: float | None = None, deadline: float | None = None,
+                         lane: Hashable = "") -> list[Result]:
         """``submit`` for one request's items: admitted together (all queued, or none), and
         when one fails the rest are withdrawn (dropped if they have not started)."""
         if self._closing:
@@ -200,9 +226,9 @@ class DynamicBatcher(Generic[Item, Result]):
             self.start()
         loop = asyncio.get_running_loop()
         arrived = time.monotonic() if arrived is None else arrived
-        policy = self.admit(arrived, timeout_s, deadline, count=len(items))
-        requests = [_Request(next(self._ids), item, loop.create_future(), arrived, policy, deadline)
-                    for item in items]
+        policy = self.admit(arrived, timeout_s, deadline, count=len(items), lane=lane)
+        requests = [_Request(next(self._ids), item, loop.create_future(), arrived, policy, deadline,
+                             lane=lane) for item in items]
         for request in requests:
             self._queue.append(request)
             self._arm_timer(request)
@@ -243,14 +269,14 @@ class DynamicBatcher(Generic[Item, Result]):
                                          self._expire, request)
 
     def admit(self, arrived: float, timeout_s: float | None = None,
-              deadline: float | None = None, count: int = 1) -> float | None:
-        """Whether a request of ``count`` items that arrived at ``arrived`` may queue now;
-        returns its queue policy's deadline. OverloadedError when the queue is full;
-        DeadlineError when the work ahead of its last item cannot be done before its deadline
-        (the caller's, or the policy's where it rejects): waiting it out would only delay the
-        same answer and hold the request's memory meanwhile. Cheap, so callers ask before
-        reading a request further."""
-        queued = self.queued + count - 1
+              deadline: float | None = None, count: int = 1, lane: Hashable = "") -> float | None:
+        """Whether a request of ``count`` items that arrived at ``arrived`` may queue now in
+        ``lane``; returns its queue policy's deadline. OverloadedError when its lane's queue
+        is full; DeadlineError when the work ahead of its last item cannot be done before its
+        deadline (the caller's, or the policy's where it rejects): waiting it out would only
+        delay the same answer and hold the request's memory meanwhile. Cheap, so callers ask
+        before reading a request further."""
+        queued = self._queued_by_lane().get(lane, 0) + count - 1
         if queued >= self.max_queue_size:
             raise OverloadedError(
                 f"{self.name} is overloaded: {queued} requests already queued "
@@ -262,7 +288,7 @@ class DynamicBatcher(Generic[Item, Result]):
                                              (rejecting, f"{self.name}'s queue timeout")) if d is not None]
         if not deadlines:
             return policy
-        wait, now = self.expected_wait_s(queued), time.monotonic()
+        wait, now = self.expected_wait_s(queued, lane), time.monotonic()
         due, why = min(deadlines)
         if now + wait <= due:
             return policy
@@ -317,20 +343,29 @@ class DynamicBatcher(Generic[Item, Result]):
         self._queue.clear()
 
     def _take_live(self, key: Hashable = None) -> _Request | None:
-        """The oldest live request (with this key, if the batcher has a key function);
-        requests delayed past their timeout only when no other one is waiting."""
-        fallback = None
-        for request in list(self._queue):
-            if request.future.done():  # cancelled while queued: drop it
-                self._queue.remove(request)
-            elif key is None or self.key(request.item) == key:
-                if not request.delayed:
-                    self._queue.remove(request)
-                    return request
-                fallback = fallback or request
-        if fallback is not None:
-            self._queue.remove(fallback)
-        return fallback
+        """The next live request (with this key, if the batcher has a key function): the
+        oldest of the lane served least (see the module's lanes); requests delayed past their
+        timeout only when no other one is waiting."""
+        for request in [r for r in self._queue if r.future.done()]:  # cancelled while queued
+            self._queue.remove(request)
+        fitting = [r for r in self._queue if key is None or self.key(r.item) == key]
+        candidates = [r for r in fitting if not r.delayed] or fitting
+        if not candidates:
+            return None
+        oldest: dict[Hashable, _Request] = {}
+        for request in candidates:
+            oldest.setdefault(request.lane, request)
+        waiting = {r.lane for r in self._queue}
+        for lane in list(self._served):
+            if lane not in waiting:
+                del self._served[lane]  # idle: it comes back level, owed nothing
+        level = min(self._served.values(), default=0)
+        for lane in oldest:
+            self._served.setdefault(lane, level)
+        chosen = min(oldest.values(), key=lambda r: (self._served[r.lane], r.id))
+        self._queue.remove(chosen)
+        self._served[chosen.lane] += 1
+        return chosen
 
     async def _collect(self) -> list[_Request]:
         idle_reported = self.on_idle is None

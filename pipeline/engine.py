@@ -258,7 +258,8 @@ class Pipeline:
         return self._batcher
 
     async def submit(self, images: Sequence[Any], options: PostprocessOptions | None = None, *,
-                     timeout_s: float | None = None, deadline: float | None = None) -> list[Detections]:
+                     timeout_s: float | None = None, deadline: float | None = None,
+                     lane: str = "") -> list[Detections]:
         """Asynchronous: one request's images through the shared dynamic batcher, results in
         order. Every header is read first (in worker threads, never on the event loop), within
         one pixel budget (``MAX_REQUEST_PIXELS``), so a request that cannot be taken whole
@@ -267,15 +268,15 @@ class Pipeline:
         timeout_s: the request's own queue timeout (config.pbtxt's queue policy decides
         whether it may override the default). deadline: the caller's absolute monotonic
         deadline (e.g. gRPC's). Either way a request that waited too long is answered with
-        DeadlineError and never run.
+        DeadlineError and never run. lane: its share of the batcher (``batcher``'s lanes).
         """
         arrived = time.monotonic()
-        self.batcher.admit(arrived, timeout_s, deadline, count=len(images))  # before any header
+        self.batcher.admit(arrived, timeout_s, deadline, count=len(images), lane=lane)  # before any header
         pixels = PixelBudget()
         accepted = await asyncio.gather(*(asyncio.to_thread(self.accept, image, options, pixels)
                                           for image in images))
         return await self.batcher.submit_all(accepted, arrived=arrived, timeout_s=timeout_s,
-                                             deadline=deadline)
+                                             deadline=deadline, lane=lane)
 
     async def close(self, drain: bool = True) -> None:
         if self._batcher is not None:

@@ -47,7 +47,7 @@ from .. import schema
 from ..buffers import DropOldest
 from ..errors import AlreadyExistsError, LimitError, NotFoundError, ShuttingDownError, status_text
 from ..serving.life import run
-from ..serving.request import Answer, InferRequest, Tracking
+from ..serving.request import CAMERAS, Answer, InferRequest, Tracking
 from ..serving.state import ServingState
 from ..serving.stream_window import StreamWindow
 from .sinks import Sink
@@ -167,7 +167,7 @@ class CameraCall:
     def read(self) -> InferRequest:
         spec, tracking = self.stream.spec, self.stream.tracking
         now = None if tracking is None else replace(tracking, timestamp=self.frame.media_s)
-        return InferRequest(spec.model, "", (self.frame.rgb,), spec.options, tracking=now)
+        return InferRequest(spec.model, "", (self.frame.rgb,), spec.options, tracking=now, lane=CAMERAS)
 
     def respond(self, answer: Answer) -> CameraResult:  # a worker thread
         stream, frame = self.stream, self.frame

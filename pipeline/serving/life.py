@@ -87,7 +87,7 @@ async def run(state: ServingState, call: Call[Response], client: str = "", *,
                 ticket = tracks.ticket(slot, tracking.options, client)
             try:
                 found = await pipe.submit(images, options, timeout_s=request.timeout_s,
-                                          deadline=request.deadline)
+                                          deadline=request.deadline, lane=request.lane)
             except BaseException:
                 if ticket is not None:
                     tracks.skip(ticket)

@@ -14,6 +14,10 @@ from ..errors import InvalidOptionError
 from ..postprocess import Detections, PostprocessOptions
 from ..tracking import TrackerOptions
 
+# The batcher's lanes (``batcher``: they share each model equally): what clients push, and
+# the frames of the cameras the server pulls itself, so neither can starve the other.
+PUSHED, CAMERAS = "pushed", "cameras"
+
 
 @dataclass(frozen=True)
 class Tracking:
@@ -56,6 +60,7 @@ class InferRequest:
     deadline: float | None = None
     tracking: Tracking | None = None
     outputs: tuple[str, ...] = ()
+    lane: str = PUSHED
 
     @classmethod
     def read(cls, model: str, version: str, images: Sequence[Any], params: Mapping[str, Any], *,

@@ -415,3 +415,77 @@ def test_a_requests_items_are_admitted_together():
     assert 0.15 < estimate < 0.35  # eight items at ~0.025 s
     assert refused_queued == 0  # none of the refused request's items was queued
     assert results == [2, [10, 12, 14]]
+
+
+def test_lanes_share_the_model_equally_whatever_one_lane_has_queued():
+    model = Recorder()
+    model.release.clear()
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0, max_queue_size=6)
+        running = asyncio.create_task(b.submit(0))
+        await model.running()
+        pushed = [asyncio.create_task(b.submit(i)) for i in (1, 2, 3, 4, 5, 6)]  # a full queue
+        await until(lambda: b.queued == 6)
+        cameras = [asyncio.create_task(b.submit(i, lane="cameras")) for i in (101, 102, 103)]
+        await until(lambda: b.queued == 9)  # its own bound: a full pushed lane refuses no camera
+        with pytest.raises(OverloadedError):
+            await b.submit(7)
+        model.release.set()
+        await asyncio.gather(running, *pushed, *cameras)
+        await b.close()
+
+    run(main())
+    order = [batch[0] for batch in model.batches]
+    # Every other image from each waiting lane, oldest first within a lane and on a tie.
+    assert order == [0, 1, 101, 2, 102, 3, 103, 4, 5, 6]
+
+
+def test_a_lane_that_was_idle_comes_back_level_not_owed():
+    model = Recorder()
+    model.release.clear()
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0)
+        running = asyncio.create_task(b.submit(0))
+        await model.running()
+        first = [asyncio.create_task(b.submit(i)) for i in (1, 2, 3)]
+        await until(lambda: b.queued == 3)
+        model.release.set()
+        await asyncio.gather(running, *first)  # four pushed images served, no camera waiting
+        model.release.clear()
+        blocker = asyncio.create_task(b.submit(4))
+        await until(lambda: len(model.batches) == 4)
+        await model.running()
+        later = [asyncio.create_task(b.submit(i)) for i in (5, 6)]
+        cameras = [asyncio.create_task(b.submit(i, lane="cameras")) for i in (101, 102)]
+        await until(lambda: b.queued == 4)
+        model.release.set()
+        await asyncio.gather(blocker, *later, *cameras)
+        await b.close()
+
+    run(main())
+    order = [batch[0] for batch in model.batches]
+    assert order[5:] == [5, 101, 6, 102]  # the cameras alternate: they are not owed four images
+
+
+def test_a_requests_expected_wait_counts_its_own_lane_and_the_others_interleaved():
+    model = Recorder(delay=0.05)
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0)
+        await b.submit(0)  # measured: ~0.05 s an item
+        model.release.clear()
+        running = asyncio.create_task(b.submit(1))
+        await model.running()
+        pushed = [asyncio.create_task(b.submit(i)) for i in range(2, 12)]
+        await until(lambda: b.queued == 10)
+        waits = b.expected_wait_s(), b.expected_wait_s(lane="cameras")
+        model.release.set()
+        await asyncio.gather(running, *pushed)
+        await b.close()
+        return waits
+
+    pushed_wait, camera_wait = run(main())
+    # Pushed: ten ahead. A camera: none of its own, and one pushed image interleaved.
+    assert pushed_wait > 4 * camera_wait and 0.03 < camera_wait < 0.15
