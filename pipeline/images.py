@@ -86,6 +86,11 @@ class Picture:
     rgb: np.ndarray
     size: tuple[int, int]
 
+    @property
+    def nbytes(self) -> int:
+        """What it holds in memory (the pixels), as an array's ``nbytes`` says."""
+        return self.rgb.nbytes
+
 
 def decode_image(data: bytes, long_side: int | None = None) -> Picture:
     """Decode encoded JPEG/PNG/... bytes; BadInputError if unusable.
@@ -154,6 +159,19 @@ def _reduced(img, size: tuple[int, int], long_side: int):
     # Pillow rounds a reduced size up (the last box averages what is left), so the result is
     # at least (current / factor) >= the needed size: the letterbox still only shrinks it.
     return img.reduce(factor) if factor >= 2 else img
+
+
+def reduced_size(size: tuple[int, int], long_side: int | None) -> tuple[int, int] | None:
+    """(height, width) to decode an image of ``size`` at, for a network of scale
+    ``long_side``: reduced by ``_reduction``'s factor (as Pillow's ``reduce`` rounds, up), or
+    None where it is under twice the size needed and is decoded whole. For decoders that scale
+    as they convert (a camera's frames, FFmpeg's scaler)."""
+    if long_side is None:
+        return None
+    factor = _reduction(size, size, long_side)
+    if factor < 2:
+        return None
+    return math.ceil(size[0] / factor), math.ceil(size[1] / factor)
 
 
 def _reduction(pixels: tuple[int, int], size: tuple[int, int], long_side: int) -> int:

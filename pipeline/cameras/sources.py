@@ -15,6 +15,12 @@ Vocabulary:
 - **sampling** (``max_fps``): every frame is decoded (H.264 needs the ones between), but only
   sampled frames are converted to RGB and queued: a frame is kept when its time reaches the
   next due time, one ``1 / max_fps`` after the last, so 10 fps sampled at 2 gives 2 fps;
+- **bounded memory**: a frame at least twice the size the model needs (``long_side``, its
+  input scale) is converted straight to a reduced size by FFmpeg's scaler (as images are
+  reduced before any float tensor: ``images.reduced_size``), its full size kept for the
+  results; and before frames of a size are decoded, ``admit(height, width)`` may refuse them
+  (the stream reserves their memory from the server's budget): the source then fails, saying
+  why;
 - **realtime pacing**: a recording played ``realtime`` (and any network recording: a
   network source stands for a camera) is delivered at its own frame rate, as a camera would;
   a file not played in real time goes as fast as the queue takes its frames;
@@ -25,7 +31,7 @@ Vocabulary:
   tell the last one from the caller's): ``starting`` (the first open), ``running`` (the
   first frame after an open), ``reconnecting`` (a network source lost or never connected;
   ``error`` says why, told again when the reason changes), ``failed`` (a file that cannot be
-  opened or decoded or has no video: final) and ``stopped`` (the end of a recording, or
+  opened or decoded or has no video, or frames ``admit`` refused: final) and ``stopped`` (the end of a recording, or
   ``stop()``: final). Nothing raises out of the thread: whatever goes wrong becomes a state;
 - **pause**: a file waits where it is and goes on from the same frame; a network source
   closes its connection and reopens it on resume (a fresh live view, not a backlog);
@@ -54,6 +60,7 @@ import numpy as np
 from ..backoff import Backoff
 from ..buffers import DropOldest
 from ..errors import BadInputError
+from ..images import Picture, reduced_size
 
 if TYPE_CHECKING:  # PyAV is imported where it decodes, in the sources' threads
     from av.container import InputContainer
@@ -94,12 +101,20 @@ class CapturedFrame:
     sampled or not, across reconnects. ``media_s``: seconds for tracking, rising: a
     recording's presentation time, a live source's ``time.monotonic()`` when decoded.
     ``captured``: ``time.time()`` when decoded (a paced recording: when its time came), epoch
-    seconds for capture-to-sink latency. ``rgb``: (H, W, 3) uint8."""
+    seconds for capture-to-sink latency. ``rgb``: (h, w, 3) uint8, reduced as it was converted
+    where the frame is far larger than the model needs; ``size``: the frame's full (height,
+    width) then (None: ``rgb`` is the whole frame)."""
 
     index: int
     media_s: float
     captured: float
     rgb: np.ndarray
+    size: tuple[int, int] | None = None
+
+    @property
+    def picture(self) -> Picture:
+        """The frame as the engine takes it: its pixels, and the size results are given in."""
+        return Picture(self.rgb, self.size or self.rgb.shape[:2])
 
 
 class FrameQueue:
@@ -132,6 +147,11 @@ class FrameQueue:
             self._on_drop(dropped)
         _wake(waiter)
         return True
+
+    @property
+    def size(self) -> int:
+        """The most frames that wait in it."""
+        return self._frames.size
 
     def close(self) -> None:
         with self._changed:
@@ -239,7 +259,8 @@ class Source:
 
     def __init__(self, location: str, *, network: bool, max_fps: float | None, realtime: bool, queue: FrameQueue,
                  on_state: Callable[[str, str | None], None], name: str = "",
-                 backoff_s: tuple[float, float] = (0.5, 10.0), timeout_s: float = 5.0):
+                 backoff_s: tuple[float, float] = (0.5, 10.0), timeout_s: float = 5.0,
+                 long_side: int | None = None, admit: Callable[[int, int], str | None] | None = None):
         if max_fps is not None and not max_fps > 0:
             raise BadInputError(f"max_fps must be above 0 (or none for every frame), not {max_fps}")
         if not 0 < backoff_s[0] <= backoff_s[1]:
@@ -252,6 +273,9 @@ class Source:
         self.realtime = realtime
         self.name = name or ("camera" if network else location)
         self.timeout_s = timeout_s
+        self.long_side = long_side
+        self._admit = admit
+        self._admitted: tuple[int, int] | None = None  # the frame size ``admit`` said yes to
         self.frames_decoded = 0
         self.reconnects = 0  # opens tried again after a network source failed or was lost
         self._queue = queue
@@ -329,6 +353,8 @@ class Source:
                     return ("stopped", None)
                 if how == "paused":
                     continue
+                if how == "refused":  # its frames do not fit the server: a retry would not either
+                    return ("failed", error)
             if self._stopping:  # an open or a read that stop() outlasted: no retry to tell of
                 return ("stopped", None)
             if not self.network:
@@ -356,7 +382,7 @@ class Source:
             return None, f"cannot open: {_reason(exc)}"
 
     def _decode(self, container: InputContainer) -> tuple[str, str | None]:
-        """Decode one open container: ("stopped" | "ended" | "paused" | "error", why)."""
+        """Decode one open container: ("stopped" | "ended" | "paused" | "error" | "refused", why)."""
         import av
 
         if not container.streams.video:
@@ -372,12 +398,19 @@ class Source:
         self._timeline.opened(float(rate) if rate else None)
         self._pace_anchor = None
         frames = 0
+        known = (stream.codec_context.height, stream.codec_context.width)
+        refused = self._refusal(known) if all(known) else None  # before a frame takes memory
+        if refused:
+            return "refused", refused
         try:
             for frame in container.decode(stream):
                 if self._stopping:
                     return "stopped", None
                 if self.network and self._paused:
                     return "paused", None
+                refused = self._refusal((frame.height, frame.width))
+                if refused:
+                    return "refused", refused
                 index, self.frames_decoded = self.frames_decoded, self.frames_decoded + 1
                 frames += 1
                 if frames == 1:
@@ -388,8 +421,7 @@ class Source:
                     continue
                 if not self._hold(media_s, paced):
                     return "stopped", None
-                captured = CapturedFrame(index, media_s, time.time(), frame.to_ndarray(format="rgb24"))
-                if not self._queue.put(captured):
+                if not self._queue.put(self._captured(frame, index, media_s)):
                     return "stopped", None
         except (av.FFmpegError, OSError) as exc:
             if isinstance(exc, av.ExitError):  # PyAV's timeout interrupted a read
@@ -398,6 +430,28 @@ class Source:
         if live:
             return "error", "the stream ended"
         return "ended", None
+
+    def _refusal(self, size: tuple[int, int]) -> str | None:
+        """Why frames of ``size`` (height, width) may not be decoded (``admit``'s answer, asked
+        again only when the size changes), or None."""
+        if self._admit is None or size == self._admitted:
+            return None
+        refused = self._admit(*size)
+        if refused is None:
+            self._admitted = size
+        return refused
+
+    def _captured(self, frame, index: int, media_s: float) -> CapturedFrame:
+        """The frame converted to RGB, by FFmpeg's scaler straight to the reduced size where it
+        is far larger than the model needs (``images.reduced_size``): no full-size RGB copy of
+        an 8K frame is ever made."""
+        size = (frame.height, frame.width)
+        target = reduced_size(size, self.long_side)
+        if target is None:
+            return CapturedFrame(index, media_s, time.time(), frame.to_ndarray(format="rgb24"))
+        rgb = frame.reformat(width=target[1], height=target[0], format="rgb24",
+                             interpolation="AREA").to_ndarray()
+        return CapturedFrame(index, media_s, time.time(), rgb, size)
 
     def _hold(self, media_s: float, paced: bool) -> bool:
         """Wait while a file is paused and, when ``paced``, until the frame's time comes.

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -43,9 +44,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .. import schema
+from .. import memory, schema
 from ..buffers import DropOldest
 from ..errors import AlreadyExistsError, LimitError, NotFoundError, ShuttingDownError, status_text
+from ..images import reduced_size
 from ..serving.life import run
 from ..serving.request import CAMERAS, Answer, InferRequest, Tracking
 from ..serving.state import ServingState
@@ -66,6 +68,10 @@ BATCHES_IN_TURN = 2
 SUBSCRIBER_BUFFER = 64
 MAX_SUBSCRIPTIONS = 64
 REMOVE_FLUSH_S = 2.0  # how long a removed stream's sinks may take to deliver what they hold
+# What a decoder holds per pixel of its frames, for the budget: about five YUV 4:2:0 frames
+# (the one decoded, its references, the scaler's). Measured with PyAV, two slice threads:
+# 3840x2160 H.264 6.8 bytes a pixel above the start, 8000x8000 MJPEG 3.2.
+DECODER_BYTES_PER_PIXEL = 8
 # Joining a source's thread can take its timeout (FFmpeg inside a read): threads of their own,
 # so stopping hung cameras never holds the workers that answer requests.
 _STOPPERS = ThreadPoolExecutor(4, thread_name_prefix="camera-stop")
@@ -167,7 +173,7 @@ class CameraCall:
     def read(self) -> InferRequest:
         spec, tracking = self.stream.spec, self.stream.tracking
         now = None if tracking is None else replace(tracking, timestamp=self.frame.media_s)
-        return InferRequest(spec.model, "", (self.frame.rgb,), spec.options, tracking=now, lane=CAMERAS)
+        return InferRequest(spec.model, "", (self.frame.picture,), spec.options, tracking=now, lane=CAMERAS)
 
     def respond(self, answer: Answer) -> CameraResult:  # a worker thread
         stream, frame = self.stream, self.frame
@@ -206,10 +212,14 @@ class CameraStream:
         loop = asyncio.get_running_loop()
         self.queue = FrameQueue(1 if live else FILE_QUEUE, drop_oldest=live,
                                 on_drop=lambda frame: loop.call_soon_threadsafe(self._dropped_waiting, frame))
+        self.long_side = owner.state.lookup(spec.model).info.input_size
+        self._reserved = 0  # bytes of the server's budget its frames hold (``_admit_frames``)
+        self._budget_lock = threading.Lock()  # the source's thread reserves, the loop releases
         self.source = Source(spec.location, network=spec.network, max_fps=spec.max_fps,
                              realtime=spec.realtime, queue=self.queue, name=stream_id,
                              on_state=lambda state, error: loop.call_soon_threadsafe(
-                                 self._source_state, state, error))
+                                 self._source_state, state, error),
+                             long_side=self.long_side, admit=self._admit_frames)
         self.sinks = [Sink(target, stream_id, buffer=owner.sink_buffer, ca_file=owner.sink_ca_file)
                       for target in spec.sinks]
         self.window: StreamWindow[CameraCall, CameraResult] = StreamWindow(
@@ -256,7 +266,10 @@ class CameraStream:
         end, a failure, a stop); its sinks go on delivering what they hold until removed."""
         if self._released:
             return
-        self._released = True
+        with self._budget_lock:
+            self._released = True
+            self.owner.state.limits.unreserve(self._reserved)
+            self._reserved = 0
         if self._turn is not None:  # a frame the window let go unanswered holds none
             self._turn.release()
         state = self.owner.state
@@ -288,6 +301,8 @@ class CameraStream:
                 await self._task
         finally:
             self._release()
+            # What its frames held goes back to the OS now, not at the next idle batcher.
+            await asyncio.get_running_loop().run_in_executor(_STOPPERS, memory.trim)
             if deadline is None:
                 deadline = time.monotonic() + REMOVE_FLUSH_S
             await asyncio.gather(*(sink.close(max(0.0, deadline - time.monotonic())) for sink in self.sinks))
@@ -297,6 +312,27 @@ class CameraStream:
             LOG.info("camera stream %s stopped: %d results; sinks: %d delivered, %d dropped, %d left",
                      self.id, self.counts["frames_out"], sum(x["delivered"] for x in sinks),
                      sum(x["dropped"] for x in sinks), sum(x["buffered"] for x in sinks))
+
+    def _admit_frames(self, height: int, width: int) -> str | None:
+        """(The source's thread, before frames of this size are decoded.) Reserve from the
+        server's bytes budget what they hold: the decoder's full-size frames
+        (``DECODER_BYTES_PER_PIXEL``) and the converted frames its queue may hold (the one in
+        the batcher counts as any request's). None, or why they do not fit."""
+        reduced = reduced_size((height, width), self.long_side) or (height, width)
+        need = height * width * DECODER_BYTES_PER_PIXEL + self.queue.size * reduced[0] * reduced[1] * 3
+        limits = self.owner.state.limits
+        with self._budget_lock:
+            if self._released:
+                return "the stream was stopped"
+            limits.unreserve(self._reserved)
+            if limits.reserve(need):
+                self._reserved = need
+                return None
+            self._reserved = self._reserved if limits.reserve(self._reserved) else 0
+            free = limits.max_bytes - limits.bytes_held
+        return (f"frames of {width}x{height} need about {need / 2**20:.0f} MB of the server's memory "
+                f"budget (--max-bytes-in-flight-mb, {limits.max_bytes / 2**20:.0f} MB), and "
+                f"{max(free, 0) / 2**20:.0f} MB of it are free")
 
     def pause(self) -> None:
         self.paused = True

@@ -4,6 +4,7 @@ the live trackers, the registered shared memory regions, and the drain (``Servin
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -36,7 +37,8 @@ class ClientLimits:
         self.limits = {"streams": max_streams, "requests in flight": max_in_flight}
         self.held: dict[str, Counter] = {kind: Counter() for kind in self.limits}
         self.max_bytes = max_bytes
-        self.bytes_held = 0
+        self.bytes_held = 0  # requests in flight and cameras' frames, in bytes
+        self._bytes_lock = threading.Lock()
 
     def acquire(self, kind: str, client: str) -> None:
         held, limit = self.held[kind], self.limits[kind]
@@ -62,14 +64,26 @@ class ClientLimits:
     @contextlib.contextmanager
     def holding(self, nbytes: int):
         """Counts a request's bytes while it is in flight; refuses it if they do not fit."""
-        if self.bytes_held + nbytes > self.max_bytes:
+        if not self.reserve(nbytes):
             raise OverloadedError(
                 f"the server holds {self.bytes_held / 2**20:.0f} MB of requests in flight and this one "
                 f"brings {nbytes / 2**20:.1f} MB (the limit is {self.max_bytes / 2**20:.0f} MB); retry later")
-        self.bytes_held += nbytes
         try:
             yield
         finally:
+            self.unreserve(nbytes)
+
+    def reserve(self, nbytes: int) -> bool:
+        """Take ``nbytes`` of the budget until ``unreserve``; False (nothing taken) when they do
+        not fit. Thread-safe: a camera's decoding thread reserves its frames (``CameraStream``)."""
+        with self._bytes_lock:
+            if self.bytes_held + nbytes > self.max_bytes:
+                return False
+            self.bytes_held += nbytes
+            return True
+
+    def unreserve(self, nbytes: int) -> None:
+        with self._bytes_lock:
             self.bytes_held -= nbytes
 
 
