@@ -48,6 +48,7 @@ numbers every decoded frame from 0, sampled or not, across reconnects.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import threading
 import time
@@ -85,6 +86,14 @@ FINAL_STATES = ("failed", "stopped")
 # source folder cannot reach the network; a URL only its own kind of network, never a file.
 PROTOCOLS = {"rtsp": "rtsp,rtsps,rtp,tcp,udp,tls", "http": "http,https,tcp,tls,crypto",
              "file": "file"}
+# The demuxers a file source may use: each reads its one file and nothing else. The protocols
+# alone cannot keep a file in the folder: a playlist (hls), a list (concat), a manifest (dash),
+# an image sequence (image2) or a session (sdp) names other files, and "file" reaches them all.
+# FFmpeg checks the probed format against this list before the demuxer opens anything, and
+# answers EINVAL; mov's references to other files (drefs) stay off, FFmpeg's default.
+FILE_FORMATS = "mov,matroska,avi,mpegts,flv,h264,hevc"
+NOT_ONE_FILE = ("cannot open: not one video file (a file source plays mp4, mov, mkv, avi, ts, flv or raw "
+                "H.264/H.265, never a playlist or a list of other files)")
 
 
 def _protocols(location: str, network: bool) -> str:
@@ -371,6 +380,8 @@ class Source:
         options = {"protocol_whitelist": _protocols(self.location, self.network)}
         if self.network:
             options["analyzeduration"] = str(ANALYZE_US)
+        else:
+            options["format_whitelist"] = FILE_FORMATS
         if self.location.lower().startswith(("rtsp://", "rtsps://")):
             options["rtsp_transport"] = "tcp"  # UDP loses packets (grey smears) and passes few firewalls
         started = time.monotonic()
@@ -379,6 +390,8 @@ class Source:
         except (av.FFmpegError, OSError) as exc:
             if time.monotonic() - started >= self.timeout_s:
                 return None, f"cannot open: no answer within {self.timeout_s:g} s ({_reason(exc)})"
+            if not self.network and exc.errno == errno.EINVAL:  # a format off FILE_FORMATS
+                return None, NOT_ONE_FILE
             return None, f"cannot open: {_reason(exc)}"
 
     def _decode(self, container: InputContainer) -> tuple[str, str | None]:

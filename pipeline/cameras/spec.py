@@ -10,11 +10,16 @@ the operator's stance, the same as for images by URL: files only from ``--stream
 (a relative path is inside it; an absolute one, after symbolic links are followed, must be);
 URLs only with ``--allow-stream-urls``, and then a host with a loopback, private or
 link-local address only where ``--stream-url-allow`` names it (``check_host``).
+
+An error repeats at most ``SHOWN_CHARS`` of what the client sent (``_shown``), and never the
+server's own paths: a mistake's answer and its log line stay short whatever was sent.
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +40,12 @@ MAX_SINKS = 8
 PARAMETERS = ("confidence", "iou_threshold", "max_detections", *TrackerOptions.KEYS)
 FIELDS = ("source", "model", "max_fps", "track", "realtime", "sinks", "parameters", "stream_id")
 _STREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # safe in a topic, key and path
+# A source is a path (PATH_MAX) or a URL no camera serves longer: a longer one is a mistake,
+# and would fill statuses and logs.
+MAX_SOURCE_CHARS = 4096
+MAX_HOST_CHARS = 253  # a DNS name's limit
+MAX_MODEL_CHARS = 255  # a model is a folder of the repository (NAME_MAX)
+SHOWN_CHARS = 100  # what an error repeats of a client's value: enough to recognise it
 
 
 @dataclass(frozen=True)
@@ -56,13 +67,15 @@ class SourceRules:
             try:
                 parts = urlsplit(source)
                 host, _ = parts.hostname, parts.port  # a bad port raises here, not later
-            except ValueError as exc:
-                raise BadInputError(f"source {redact(source)!r} is not a valid URL ({exc})") from None
-            if not host:
-                raise BadInputError(f"source {redact(source)!r} names no host")
+            except ValueError:  # its text may hold the password (netloc '...' contains ...)
+                raise BadInputError(f"source {_shown(redact(source))} is not a valid URL (a port that is "
+                                    "no number from 0 to 65535, a [ left open, or a character no host "
+                                    "may have)") from None
+            if not host or len(host) > MAX_HOST_CHARS:
+                raise BadInputError(f"source {_shown(redact(source))} names no valid host")
             return source, True
         if scheme and scheme != "file":
-            raise BadInputError(f"unknown source scheme {scheme!r}: use rtsp://, rtsps://, "
+            raise BadInputError(f"unknown source scheme {_shown(scheme)}: use rtsp://, rtsps://, "
                                 "http(s):// (HLS) or a file path")
         if self.source_dir is None:
             raise BadInputError("file sources are off on this server (start it with "
@@ -71,12 +84,17 @@ class SourceRules:
         path = Path(urlsplit(source).path if scheme else source)
         try:
             resolved = (root / path).resolve()  # an absolute path replaces root
-        except (ValueError, OSError) as exc:  # a NUL byte, a link loop
-            raise BadInputError(f"file source {source!r} is not a usable path ({exc})") from None
-        if not resolved.is_relative_to(root):
-            raise BadInputError(f"file source {source!r} is outside the stream source directory")
-        if not resolved.is_file():
-            raise BadInputError(f"file source {source!r} is not a file in the stream source directory")
+            inside = resolved.is_relative_to(root)
+            is_file = inside and resolved.is_file()
+        # A NUL byte (ValueError), a name or path too long, a link loop (RuntimeError from
+        # Python 3.11's resolve, OSError from later ones): their texts name the server's folder.
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise BadInputError(f"file source {_shown(source)} is not a usable path "
+                                f"({_path_problem(exc)})") from None
+        if not inside:
+            raise BadInputError(f"file source {_shown(source)} is outside the stream source directory")
+        if not is_file:
+            raise BadInputError(f"file source {_shown(source)} is not a file in the stream source directory")
         return str(resolved), False
 
     async def check(self, location: str) -> None:
@@ -122,11 +140,13 @@ class StreamSpec:
             raise BadInputError("a stream is a JSON object: {\"source\": ..., \"model\": ..., ...}")
         unknown = sorted(set(body) - set(FIELDS))
         if unknown:
-            raise BadInputError(f"unknown field(s) {', '.join(map(repr, unknown))}; a stream has "
-                                f"{', '.join(FIELDS)}")
+            raise BadInputError(f"unknown field(s) {_shown(unknown)}; a stream has {', '.join(FIELDS)}")
         source = body.get("source")
         if not isinstance(source, str) or not source.strip():
             raise BadInputError("'source' must be an rtsp://, rtsps://, http(s):// URL or a file path")
+        if len(source) > MAX_SOURCE_CHARS:
+            raise BadInputError(f"'source' {_shown(redact(source))} is {len(source)} characters long; "
+                                f"a source has at most {MAX_SOURCE_CHARS}")
         location, network = rules.locate(source.strip())
         parameters = _parameters(body)
         realtime = _flag(body, "realtime", True)
@@ -141,15 +161,15 @@ class StreamSpec:
 
 def _model(body: Mapping) -> str:
     model = body.get("model") or DEFAULT_MODEL
-    if not isinstance(model, str):
-        raise BadInputError(f"'model' must be a model's name, got {model!r}")
+    if not isinstance(model, str) or len(model) > MAX_MODEL_CHARS:
+        raise BadInputError(f"'model' must be a model's name, got {_shown(model)}")
     return model
 
 
 def _flag(body: Mapping, key: str, default: bool) -> bool:
     value = body.get(key, default)
     if not isinstance(value, bool):
-        raise BadInputError(f"{key!r} must be true or false, got {value!r}")
+        raise BadInputError(f"{key!r} must be true or false, got {_shown(value)}")
     return value
 
 
@@ -159,7 +179,7 @@ def _max_fps(body: Mapping) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_FPS:
         # NaN fails the range too
-        raise InvalidOptionError("max_fps", f"'max_fps' must be a number in (0, {MAX_FPS:g}], got {value!r}")
+        raise InvalidOptionError("max_fps", f"'max_fps' must be a number in (0, {MAX_FPS:g}], got {_shown(value)}")
     return float(value)
 
 
@@ -178,10 +198,10 @@ def _parameters(body: Mapping) -> dict[str, Any]:
         raise BadInputError("'parameters' must be an object, e.g. {\"confidence\": 0.4}")
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
-        raise BadInputError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; known: {', '.join(PARAMETERS)}")
+        raise BadInputError(f"unknown parameter(s) {_shown(unknown)}; known: {', '.join(PARAMETERS)}")
     for key, value in params.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InvalidOptionError(key, f"parameter {key!r} must be a finite number, got {value!r}")
+            raise InvalidOptionError(key, f"parameter {key!r} must be a finite number, got {_shown(value)}")
     return dict(params)
 
 
@@ -189,5 +209,22 @@ def _stream_id(body: Mapping) -> str:
     value = body.get("stream_id") or ""
     if not isinstance(value, str) or (value and not _STREAM_ID.match(value)):
         raise BadInputError(f"'stream_id' must be 1-64 letters, digits, '_', '.' or '-' (starting with "
-                            f"a letter or digit), got {value!r}")
+                            f"a letter or digit), got {_shown(value)}")
     return value
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` for an error message, cut to ``SHOWN_CHARS`` and "...": the answer to a
+    20 MB value, and its log line, stay short."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}..."
+
+
+def _path_problem(exc: BaseException) -> str:
+    """Why a path cannot be used, in words that do not repeat it (an OSError's text names the
+    path, the server's folder included)."""
+    if isinstance(exc, ValueError):
+        return "it holds a NUL byte"
+    if isinstance(exc, RuntimeError):  # Python 3.11's resolve says "Symlink loop from <path>"
+        return os.strerror(errno.ELOOP)
+    return os.strerror(exc.errno) if getattr(exc, "errno", None) else "the system cannot look it up"

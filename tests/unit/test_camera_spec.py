@@ -42,7 +42,7 @@ def test_a_file_is_found_in_the_source_folder_and_defaults_are_sane(rules, tmp_p
     ("/etc/passwd", "outside the stream source directory"),
     ("missing.mp4", "is not a file"),
     ("ftp://host/x.mp4", "unknown source scheme 'ftp'"),
-    ("rtsp:///no-host", "names no host"),
+    ("rtsp:///no-host", "names no valid host"),
     ("rtsp://[::1/cam", "not a valid URL"),
     ("rtsp://cam.example:99999/1", "not a valid URL"),
     ("lobby\x00.mp4", "not a usable path"),
@@ -51,6 +51,47 @@ def test_a_file_is_found_in_the_source_folder_and_defaults_are_sane(rules, tmp_p
 def test_sources_that_may_not_be_pulled_are_refused_with_the_reason(rules, source, words):
     with pytest.raises(BadInputError, match=words):
         read({"source": source}, rules)
+
+
+@pytest.mark.parametrize("source", [
+    pytest.param("a" * 256 + ".mp4", id="a name over NAME_MAX"),
+    pytest.param("/".join(["é" * 120] * 20) + "/x.mp4", id="over PATH_MAX in bytes, not in characters"),
+    pytest.param("loop.mp4", id="a link to itself"),
+    pytest.param("n" * 1000 + "\x00.mp4", id="a NUL byte after a long name"),
+])
+def test_a_path_the_system_cannot_use_is_refused_naming_no_folder(rules, tmp_path, source):
+    (tmp_path / "clips" / "loop.mp4").symlink_to("loop.mp4")
+    with pytest.raises(BadInputError, match="is not a usable path") as refused:
+        read({"source": source}, rules)
+    assert len(str(refused.value)) < 300 and str(tmp_path) not in str(refused.value)
+
+
+LONG = 5000  # characters of a client's value: more than any error may repeat
+SECRET = "rtsp://user:s3cret@"
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param({"source": "x" * (LONG * 1000)}, id="a source over the limit"),
+    pytest.param({"source": SECRET + "cam.example/" + "a" * LONG}, id="a URL over the limit"),
+    pytest.param({"source": "d/" * 1500}, id="a missing file"),
+    pytest.param({"source": "y" * 3000 + "://host/x"}, id="an unknown scheme"),
+    pytest.param({"source": SECRET + "[" + "a" * 3000}, id="not a valid URL"),
+    pytest.param({"source": "rtsp://user:s3cret\uff03@cam.example/" + "a" * 200}, id="not a valid URL's netloc"),
+    pytest.param({"source": SECRET + "h" * 300 + "/x"}, id="a host longer than a DNS name"),
+    pytest.param({"source": "lobby.mp4", "model": "m" * LONG}, id="model"),
+    pytest.param({"source": "lobby.mp4", "stream_id": "s" * LONG}, id="stream_id"),
+    pytest.param({"source": "lobby.mp4", "track": "t" * LONG}, id="track"),
+    pytest.param({"source": "lobby.mp4", "max_fps": "9" * LONG}, id="max_fps"),
+    pytest.param({"source": "lobby.mp4", "parameters": {"p" * LONG: 1}}, id="an unknown parameter"),
+    pytest.param({"source": "lobby.mp4", "parameters": {"confidence": "c" * LONG}}, id="a parameter's value"),
+    pytest.param({"source": "lobby.mp4", "f" * LONG: 1}, id="an unknown field"),
+])
+def test_an_error_repeats_a_short_prefix_of_what_was_sent_and_no_secret(rules, tmp_path, body):
+    with pytest.raises(BadInputError) as refused:
+        read(body, rules)
+    message = str(refused.value)
+    assert len(message) < 400 and "..." in message, message[:400]
+    assert "s3cret" not in message and str(tmp_path) not in message
 
 
 def test_each_kind_of_source_is_off_until_the_operator_turns_it_on(tmp_path):
