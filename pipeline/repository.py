@@ -2,12 +2,15 @@
 ``<root>/<model>/<version>/<model file>``.
 
 config.pbtxt is parsed with protobuf's text format into the ``ModelConfig`` message that
-tritonclient ships, and validated once, at start-up: an invalid file is refused with a message
-naming the file and the field.
+tritonclient ships, and validated: an invalid file is refused with a message naming the file
+and the field. Each folder is read on its own, as Triton does: a folder that cannot be read
+(or a pipeline whose network cannot) makes only its own model unusable
+(``ModelRepository.unusable``), never the repository.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,10 @@ DEFAULT_MODEL = "instance_segmentation"  # the pipeline model a request or strea
 # so the server's settings can offer them without importing the engine.
 MODEL_CONTROL_MODES = ("none", "explicit")
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+# A config.pbtxt is a few KiB of text; the parser never sees more than this, so a huge file
+# cannot hold a load (and the lock every load and unload takes) for long.
+CONFIG_LIMIT_BYTES = 1 << 20
+QUOTE_LIMIT = 300  # characters of a file's own text an error may carry to a client
 
 
 @dataclass(frozen=True)
@@ -88,39 +95,50 @@ class ModelEntry:
 
 
 class ModelRepository:
-    """All models under a root folder, validated at load."""
+    """The models under a root folder, each validated on its own: ``models`` the usable ones,
+    ``unusable`` the rest (folder name -> the ConfigError naming the file and field)."""
 
-    def __init__(self, root: Path, models: dict[str, ModelEntry]):
+    def __init__(self, root: Path, models: dict[str, ModelEntry], unusable: dict[str, ConfigError]):
         self.root = root
         self.models = models
+        self.unusable = unusable
 
     @classmethod
     def load(cls, root: str | Path) -> ModelRepository:
+        """Every ``<model>/config.pbtxt`` under ``root``; ConfigError only if ``root`` is not a
+        folder or holds none."""
         root = Path(root)
         if not root.is_dir():
             raise ConfigError(f"model repository {root} is not a folder")
-        models = {}
+        models, unusable = {}, {}
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            config_path = folder / "config.pbtxt"
-            if not config_path.is_file():
+            if not (folder / "config.pbtxt").is_file():
                 continue
-            entry = load_entry(folder)
-            models[entry.name] = entry
-        if not models:
+            try:
+                models[folder.name] = load_entry(folder)
+            except ConfigError as error:  # kept without its traceback: it held the file's text
+                unusable[folder.name] = error.with_traceback(None)
+        if not models and not unusable:
             raise ConfigError(f"model repository {root} holds no <model>/config.pbtxt")
-        repo = cls(root, models)
-        for entry in models.values():
+        repo = cls(root, models, unusable)
+        for name, entry in list(models.items()):
             if is_pipeline(entry):
-                repo.network_of(entry)  # names a network the repository has
+                try:
+                    repo.network_of(entry)  # names a usable network of the repository
+                except ConfigError as error:
+                    del models[name]
+                    unusable[name] = error.with_traceback(None)
         return repo
 
     def get(self, name: str) -> ModelEntry:
+        """A usable model; its ConfigError if it is unusable, NotFoundError if there is none."""
+        if name in self.unusable:
+            raise copy.copy(self.unusable[name])  # a copy: raising one object again grows its traceback
         try:
             return self.models[name]
         except KeyError:
-            raise NotFoundError(
-                f"unknown model {name!r}; the repository has: {', '.join(sorted(self.models))}"
-            ) from None
+            have = ", ".join(sorted([*self.models, *self.unusable]))
+            raise NotFoundError(f"unknown model {clipped(name)!r}; the repository has: {have}") from None
 
     def network_of(self, entry: ModelEntry) -> ModelEntry:
         """The network ``entry`` runs: a pipeline's ``network`` parameter, or the model itself
@@ -131,10 +149,18 @@ class ModelRepository:
         name = entry.parameter("network")
         if name is None:
             raise ConfigError(f"{entry.config_path}: parameters.network is required")
+        if name in self.unusable:
+            raise ConfigError(f"{entry.config_path}: parameters.network names {name!r}, which cannot "
+                              f"be loaded: {self.unusable[name]}")
+        # Folder names: '../..', '' or 'a/b' are never among them, so they are refused here.
         if name not in self.models:
-            raise ConfigError(f"{entry.config_path}: parameters.network names {name!r}, which is not "
-                              f"in the repository (have: {', '.join(sorted(self.models))})")
-        return self.models[name]
+            raise ConfigError(f"{entry.config_path}: parameters.network names {clipped(name)!r}, which "
+                              f"is not in the repository (have: {', '.join(sorted(self.models))})")
+        network = self.models[name]
+        if network.platform == "python":
+            raise ConfigError(f"{entry.config_path}: parameters.network names {name!r}, a Python-backend "
+                              "model, not a network")
+        return network
 
     def pipelines_running(self, network: str) -> list[str]:
         """The pipeline models whose network is ``network``."""
@@ -154,17 +180,49 @@ def runtime_of(entry: ModelEntry) -> str:
 
 
 def load_entry(folder: Path) -> ModelEntry:
+    """One model's folder, read and validated; ConfigError naming the file (and field) if it
+    cannot be used, whatever the file holds: protobuf's parser refuses out-of-range numbers and
+    nesting as ParseErrors (ModelConfig has no recursive message, so it never recurses deep)."""
     config_path = folder / "config.pbtxt"
     config = mc.ModelConfig()
     try:
-        text_format.Parse(config_path.read_text(), config)
+        text_format.Parse(read_config(config_path), config)
     except text_format.ParseError as exc:
-        raise ConfigError(f"{config_path}: {exc}") from None
+        raise ConfigError(f"{config_path}: {clipped(str(exc))}") from None  # it quotes the whole line
     validate(config, folder.name, config_path)
     if not config.name:
         config.name = folder.name
-    versions = tuple(sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()))
+    try:  # isdigit() alone takes '²', which int() does not
+        versions = tuple(sorted(int(p.name) for p in folder.iterdir()
+                                if p.is_dir() and p.name.isascii() and p.name.isdigit()))
+    except OSError as exc:
+        raise ConfigError(f"{folder}: cannot be listed: {exc.strerror}") from None
     return ModelEntry(config.name, folder, config, versions)
+
+
+def read_config(path: Path) -> str:
+    """A config.pbtxt's text; ConfigError if it cannot be read, is too large or is not UTF-8."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(CONFIG_LIMIT_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+    if len(data) > CONFIG_LIMIT_BYTES:
+        raise ConfigError(f"{path}: larger than {CONFIG_LIMIT_BYTES >> 10} KiB; a config.pbtxt is a few "
+                          "KiB of text")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})") from None
+
+
+def clipped(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text``, its middle left out past ``limit`` characters: where an error starts (file,
+    line) and what it says stay, kilobytes of a hostile file do not."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]} [... {len(text) - 2 * half} characters ...] {text[-half:]}"
 
 
 def parameters_of(config: mc.ModelConfig) -> dict[str, str]:
@@ -172,7 +230,7 @@ def parameters_of(config: mc.ModelConfig) -> dict[str, str]:
 
 
 def _fail(path: Path, field: str, message: str) -> ConfigError:
-    return ConfigError(f"{path}: field '{field}': {message}")
+    return ConfigError(f"{path}: field '{field}': {clipped(message)}")
 
 
 def validate(config: mc.ModelConfig, folder_name: str, path: Path) -> None:

@@ -14,6 +14,13 @@ the pipelines that use it: while a network is unloaded, its pipelines answer UNA
 saying so. Unloading frees the memory: the old version's batcher drains, nothing refers to
 it any more, and the allocator gives the pages back (``memory.trim``). A model a stream is
 using is not unloaded (end the stream first).
+
+A model whose folder cannot be used (``ModelRepository.unusable``: its config.pbtxt, or its
+network's) fails only itself, as in Triton: its load is refused with the reason, the index
+lists it UNAVAILABLE with the reason, a request for it is told the reason, and every other
+model loads and unloads as before. At start we follow Triton's default ``--exit-on-error``
+(true): a model the start must serve that cannot be served stops the server (mode none:
+every model of the repository; explicit: the ``--load-model`` ones).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ class ModelControl:
             raise ConfigError(f"model control mode must be one of {MODEL_CONTROL_MODES}, got {mode!r}")
         self.state, self.root, self.mode, self.device = state, Path(root), mode, device
         self.ledger = ledger or state.ledger
-        self.unloaded_networks: set[str] = set()
+        self.stopped: dict[str, str] = {}  # pipeline -> why it stopped serving (or never started)
         self._changing = asyncio.Lock()
 
     # At start ---------------------------------------------------------------------------
@@ -52,11 +59,21 @@ class ModelControl:
         """Every pipeline (mode none) or the named models (explicit), built in worker threads
         while the server already answers: a request for one meanwhile is told it is loading.
         They start serving together, once the last is built and warmed, so a server that
-        says ready has every model. ConfigError if a model cannot be served, or (mode none)
-        none can."""
+        says ready has every model. ConfigError if a model the start needs cannot be served
+        (mode none: any model of the repository, all of them named), or (mode none) there is
+        no pipeline; a broken model the start does not name (explicit) only stays unloaded."""
         async with self._changing:  # a RepositoryModelLoad meanwhile waits for these
             repository = await asyncio.to_thread(ModelRepository.load, self.root)
             if self.mode == "none":
+                # Triton's default (--exit-on-error true) stops a start that cannot load every
+                # model: a replica short of a model must not join a fleet and say ready, and
+                # mode none offers no load to bring the model in once it is fixed.
+                if repository.unusable:
+                    raise ConfigError(
+                        f"{self.root}: in model control mode none every model must load (as in Triton "
+                        "with --exit-on-error); fix or remove these, or serve the others with "
+                        "--model-control-mode explicit --load-model NAME: "
+                        + "; ".join(str(error) for error in repository.unusable.values()))
                 names = tuple(n for n, entry in repository.models.items() if is_pipeline(entry))
                 if not names:
                     raise ConfigError(f"{self.root}: no pipeline model to serve "
@@ -77,55 +94,67 @@ class ModelControl:
 
     async def load(self, name: str) -> None:
         """(Re)load a pipeline, or a network with the pipelines that use it. On failure the
-        serving versions stay; the error says why."""
+        serving versions stay; the error says why (and the index, for one not serving)."""
         self._check_mode("load")
         async with self._changing:
             repository = await asyncio.to_thread(ModelRepository.load, self.root)
-            pipelines = self._pipelines_of(repository, name)
-            network = name if not is_pipeline(repository.get(name)) else None
-            built = {}
-            for pipeline in pipelines:  # every new version before any swap: all or nothing
-                try:
-                    built[pipeline] = await asyncio.to_thread(self._build, repository, pipeline)
-                except BaseException:
-                    for pipe in built.values():
-                        await pipe.close(drain=False)
-                    raise
-            if network is not None:
-                self.unloaded_networks.discard(network)
-            for pipeline, pipe in built.items():
-                old = self.state.pipelines.get(pipeline)
-                self.state.pipelines[pipeline] = pipe  # new requests: the new version
-                self.state.unavailable.pop(pipeline, None)
-                if old is not None:
-                    await self._retire(old)  # the old one finishes what it accepted
-                LOG.info("model %s is READY (loaded%s)", pipeline, " again" if old else "")
-            self._describe_the_rest(repository)
+            try:
+                await self._load(repository, name)
+            finally:  # the index tells what this reading found, whether or not the load took
+                self._describe_the_rest(repository)
 
     async def unload(self, name: str) -> None:
         """Stop serving a pipeline, or a network and the pipelines that use it, and free them."""
         self._check_mode("unload")
         async with self._changing:
             repository = await asyncio.to_thread(ModelRepository.load, self.root)
-            entry = repository.get(name)
-            pipelines = [p for p in self._pipelines_of(repository, name) if p in self.state.pipelines]
-            busy = {p: n for p in pipelines if (n := self.state.ledger.streams_using(p))}
-            if busy:
-                raise ConfigError("; ".join(f"model {p!r} is in use by {n} open stream(s)"
-                                            for p, n in busy.items())
-                                  + ": end them before unloading")
-            reason = ("model {} is unloaded (load it with RepositoryModelLoad)" if is_pipeline(entry)
-                      else f"model {{}} cannot run: its network {name!r} is unloaded")
-            if not is_pipeline(entry):
-                self.unloaded_networks.add(name)
-            for pipeline in pipelines:
-                pipe = self.state.pipelines.pop(pipeline)
-                self.state.unavailable[pipeline] = UnavailableError(reason.format(repr(pipeline)))
-                await self._retire(pipe)
-                LOG.info("model %s is unloaded", pipeline)
-            self._describe_the_rest(repository)
+            try:
+                await self._unload(repository, name)
+            finally:
+                self._describe_the_rest(repository)
 
     # Inside ----------------------------------------------------------------------------
+
+    async def _load(self, repository: ModelRepository, name: str) -> None:
+        built = {}
+        for pipeline in self._pipelines_of(repository, name):  # every new version before any swap
+            try:
+                built[pipeline] = await asyncio.to_thread(self._build, repository, pipeline)
+            except BaseException as error:
+                for pipe in built.values():
+                    await pipe.close(drain=False)
+                if isinstance(error, PipelineError):
+                    self.stopped[pipeline] = f"model {pipeline!r} failed to load: {error}"
+                raise
+        for pipeline, pipe in built.items():
+            old = self.state.pipelines.get(pipeline)
+            self.state.pipelines[pipeline] = pipe  # new requests: the new version
+            self.state.unavailable.pop(pipeline, None)
+            self.stopped.pop(pipeline, None)
+            if old is not None:
+                await self._retire(old)  # the old one finishes what it accepted
+            LOG.info("model %s is READY (loaded%s)", pipeline, " again" if old else "")
+
+    async def _unload(self, repository: ModelRepository, name: str) -> None:
+        # What serves decides, not the files: a model whose config.pbtxt broke after it
+        # loaded still unloads.
+        if name in self.state.pipelines:
+            pipelines, reason = [name], "model {} is unloaded (load it with RepositoryModelLoad)"
+        else:
+            pipelines = [p for p, pipe in self.state.pipelines.items() if pipe.network_entry.name == name]
+            reason = f"model {{}} cannot run: its network {name!r} is unloaded"
+            if not pipelines and name not in repository.unusable:
+                repository.get(name)  # NotFoundError if the repository has no such model; else nothing to do
+        busy = {p: n for p in pipelines if (n := self.state.ledger.streams_using(p))}
+        if busy:
+            raise ConfigError("; ".join(f"model {p!r} is in use by {n} open stream(s)"
+                                        for p, n in busy.items())
+                              + ": end them before unloading")
+        for pipeline in pipelines:
+            pipe = self.state.pipelines.pop(pipeline)
+            self.stopped[pipeline] = reason.format(repr(pipeline))
+            await self._retire(pipe)
+            LOG.info("model %s is unloaded", pipeline)
 
     def _check_mode(self, what: str) -> None:
         if self.mode != "explicit":
@@ -158,13 +187,19 @@ class ModelControl:
         await asyncio.to_thread(_free)
 
     def _describe_the_rest(self, repository: ModelRepository) -> None:
-        """What a request for each model that is not serving is told."""
+        """What a request for each model of the repository that is not serving is told (and
+        the index says): why it cannot be loaded, why it stopped, or that it is not loaded."""
+        for gone in [n for n in self.state.unavailable if n not in repository.models and n not in repository.unusable]:
+            del self.state.unavailable[gone]  # its folder was removed: an unknown model now
+        for name, error in repository.unusable.items():
+            if name not in self.state.pipelines:
+                self.state.unavailable[name] = UnavailableError(f"model {name!r} cannot be loaded: {error}")
         for name, entry in repository.models.items():
-            if name in self.state.pipelines or isinstance(self.state.unavailable.get(name), UnavailableError):
+            if name in self.state.pipelines:
                 continue
             if is_pipeline(entry):
-                self.state.unavailable[name] = UnavailableError(
-                    f"model {name!r} is not loaded (load it with RepositoryModelLoad)")
+                self.state.unavailable[name] = UnavailableError(self.stopped.get(
+                    name, f"model {name!r} is not loaded (load it with RepositoryModelLoad)"))
                 continue
             users = [p for p, pipe in self.state.pipelines.items() if pipe.network_entry.name == name]
             why: PipelineError = NotFoundError(

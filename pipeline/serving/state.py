@@ -4,6 +4,7 @@ the live trackers, the registered shared memory regions, and the drain (``Servin
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -112,7 +113,9 @@ class ServingState:
 
     def lookup(self, name: str, version: str = "") -> Pipeline:
         if name in self.unavailable:
-            raise self.unavailable[name]
+            # A copy: raising the one stored object again would grow its traceback by each
+            # request's frames, and keep their locals (the request's images) alive.
+            raise copy.copy(self.unavailable[name])
         if name not in self.pipelines:
             have = ", ".join(sorted(self.pipelines))
             raise NotFoundError(f"unknown model {name!r}; this server serves: {have}")

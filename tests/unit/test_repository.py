@@ -1,7 +1,9 @@
-"""config.pbtxt parsing and validation: bad files are refused naming the file and field."""
+"""config.pbtxt parsing and validation: bad files are refused naming the file and field, each
+costing only its own model (and the pipelines that run it), never the repository."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +26,15 @@ def make_repo(tmp_path, network=GOOD_NETWORK, pipeline=GOOD_PIPELINE):
         (tmp_path / name / "1").mkdir(parents=True)
         (tmp_path / name / "config.pbtxt").write_text(text)
     return tmp_path
+
+
+def refusal(root, name: str) -> str:
+    """Why the repository at ``root`` (which loads) refuses its model ``name``."""
+    repository = ModelRepository.load(root)
+    assert name in repository.unusable and name not in repository.models
+    with pytest.raises(ConfigError) as info:
+        repository.get(name)
+    return str(info.value)
 
 
 def test_the_shipped_repository_parses_into_tritons_model_config():
@@ -57,22 +68,23 @@ def test_the_shipped_repository_parses_into_tritons_model_config():
 )
 def test_invalid_network_configs_name_file_and_field(tmp_path, edit, field):
     repo = make_repo(tmp_path, network=edit(GOOD_NETWORK))
-    with pytest.raises(ConfigError) as info:
-        ModelRepository.load(repo)
-    message = str(info.value)
+    message = refusal(repo, "yolov5s_seg")
     assert "yolov5s_seg/config.pbtxt" in message and f"'{field}'" in message
+    # The pipeline on it cannot run either, and says why.
+    assert refusal(repo, "instance_segmentation").startswith(
+        f"{repo}/instance_segmentation/config.pbtxt: parameters.network names 'yolov5s_seg', which "
+        f"cannot be loaded: {message}")
 
 
 def test_syntax_errors_name_the_line(tmp_path):
     repo = make_repo(tmp_path, network=GOOD_NETWORK.replace("max_batch_size: 8", "max_batch_size 8 {"))
-    with pytest.raises(ConfigError, match=r"yolov5s_seg/config.pbtxt: \d+:\d+"):
-        ModelRepository.load(repo)
+    assert re.search(r"yolov5s_seg/config.pbtxt: \d+:\d+", refusal(repo, "yolov5s_seg"))
 
 
 def test_pipeline_must_name_an_existing_network(tmp_path):
     repo = make_repo(tmp_path, pipeline=GOOD_PIPELINE.replace('"yolov5s_seg" }', '"missing" }'))
-    with pytest.raises(ConfigError, match="parameters.network names 'missing'"):
-        ModelRepository.load(repo)
+    assert "parameters.network names 'missing'" in refusal(repo, "instance_segmentation")
+    assert ModelRepository.load(repo).get("yolov5s_seg").platform == "pytorch_libtorch"  # still usable
 
 
 @pytest.mark.parametrize("old, new, field, words", [
@@ -84,21 +96,80 @@ def test_pipeline_must_name_an_existing_network(tmp_path):
 ])
 def test_pipeline_parameters_are_config_errors_naming_file_and_field(tmp_path, old, new, field, words):
     repo = make_repo(tmp_path, pipeline=GOOD_PIPELINE.replace(old, new))
-    with pytest.raises(ConfigError, match=words) as info:
-        ModelRepository.load(repo)
-    assert "instance_segmentation/config.pbtxt" in str(info.value) and f"'{field}'" in str(info.value)
+    message = refusal(repo, "instance_segmentation")
+    assert re.search(words, message)
+    assert "instance_segmentation/config.pbtxt" in message and f"'{field}'" in message
 
 
 def test_a_platform_we_cannot_run_is_refused_by_validation_naming_those_we_can(tmp_path):
     network = GOOD_NETWORK.replace('platform: "pytorch_libtorch"', 'platform: "tensorrt_plan"')
-    with pytest.raises(ConfigError, match="'platform'.*tensorrt_plan.*pytorch_libtorch.*onnxruntime_onnx.*openvino"):
-        ModelRepository.load(make_repo(tmp_path, network=network))
+    assert re.search("'platform'.*tensorrt_plan.*pytorch_libtorch.*onnxruntime_onnx.*openvino",
+                     refusal(make_repo(tmp_path, network=network), "yolov5s_seg"))
 
 
 def test_dynamic_batching_needs_a_batch_dimension(tmp_path):
     repo = make_repo(tmp_path, pipeline=GOOD_PIPELINE.replace("max_batch_size: 8", "max_batch_size: 0"))
-    with pytest.raises(ConfigError, match="'dynamic_batching'"):
-        ModelRepository.load(repo)
+    assert "'dynamic_batching'" in refusal(repo, "instance_segmentation")
+
+
+# Beside the good models, a folder "bad" with this config.pbtxt -> words its refusal has.
+HOSTILE = {
+    "binary": (bytes(range(128, 256)) * 32, "bad/config.pbtxt: not UTF-8 text (byte 0x80 at offset 0)"),
+    "1e21 dim": (GOOD_NETWORK.replace('"yolov5s_seg"', '"bad"').replace("dims: [ 3, -1, -1 ]",
+                                                                        "dims: [ 3, 1e21, -1 ]"),
+                 "Couldn't parse integer: 1e21"),
+    "20k-deep nesting": ("optimization " + "{ " * 20000 + "}" * 20000, "characters ...]"),
+    "a 4 KB name": (f'name: "{"x" * 4096}"', "characters ...]"),
+    "larger than 1 MiB": ("# a long comment\n" * 70000, "larger than 1024 KiB"),
+    "a network of ../../etc": (GOOD_PIPELINE.replace('"instance_segmentation"', '"bad"')
+                               .replace('"yolov5s_seg" }', '"../../etc" }'),
+                               "parameters.network names '../../etc', which is not in the repository"),
+    "a network that is a pipeline": (GOOD_PIPELINE.replace('"instance_segmentation"', '"bad"')
+                                     .replace('"yolov5s_seg" }', '"instance_segmentation" }'),
+                                     "names 'instance_segmentation', a Python-backend model, not a network"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_hostile_config_is_a_short_config_error_for_its_model_alone(tmp_path, name):
+    text, words = HOSTILE[name]
+    repo = make_repo(tmp_path)
+    (repo / "bad").mkdir()
+    (repo / "bad/config.pbtxt").write_bytes(text if isinstance(text, bytes) else text.encode())
+    message = refusal(repo, "bad")
+    assert words in message and len(message) < len(str(repo)) + 400, message
+    assert sorted(ModelRepository.load(repo).models) == ["instance_segmentation", "yolov5s_seg"]
+
+
+@pytest.mark.parametrize("call, words", [("open", "config.pbtxt: cannot be read: Permission denied"),
+                                         ("iterdir", "yolov5s_seg: cannot be listed: Permission denied")])
+def test_a_folder_that_cannot_be_read_is_refused_saying_so(tmp_path, monkeypatch, call, words):
+    repo = make_repo(tmp_path)
+    real = getattr(Path, call)
+
+    def denied(self, *args, **kwargs):  # as for a server that does not run as root
+        if "yolov5s_seg" in self.parts:
+            raise PermissionError(13, "Permission denied")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, call, denied)
+    assert refusal(repo, "yolov5s_seg").endswith(words)
+
+
+def test_version_folders_are_ascii_numbers(tmp_path):
+    repo = make_repo(tmp_path)
+    for version in ("3", "²", "١٢", "latest"):
+        (repo / "yolov5s_seg" / version).mkdir()
+    assert ModelRepository.load(repo).get("yolov5s_seg").versions == (1, 3)
+
+
+def test_a_repository_of_unusable_models_loads_and_says_so_and_an_empty_one_is_refused(tmp_path):
+    repo = make_repo(tmp_path / "bad", network=GOOD_NETWORK.replace("max_batch_size: 8", "max_batch_size: -1"))
+    assert not ModelRepository.load(repo).models
+    assert "field 'max_batch_size'" in refusal(repo, "yolov5s_seg")
+    (tmp_path / "empty" / "no_config").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="holds no <model>/config.pbtxt"):
+        ModelRepository.load(tmp_path / "empty")
 
 
 def test_missing_model_file_is_a_start_up_error_with_a_hint(tmp_path):
