@@ -140,5 +140,5 @@ def test_batch_limit_in_config_pins_the_batch_size(tmp_path):
 ])
 def test_an_unusable_batch_setting_is_refused_at_load_naming_the_parameter(tmp_path, params, words):
     with pytest.raises(ConfigError, match="config.pbtxt: field '") as info:
-        ModelRepository.load(with_parameters(tmp_path, **params))
+        ModelRepository.load(with_parameters(tmp_path, **params)).get(PIPELINE)
     assert words in str(info.value)
