@@ -44,7 +44,8 @@ class AlreadyExistsError(PipelineError):
 
 
 class ConfigError(PipelineError):
-    """A model repository or server setting is invalid; raised at start-up, never later."""
+    """A model repository or server setting is invalid: at start-up, or when a model is loaded
+    at run time (that model alone is refused; FAILED_PRECONDITION / 400)."""
 
 
 class OverloadedError(PipelineError):
