@@ -42,14 +42,15 @@ def rss_mb(pid: int) -> float:
 
 
 class Sampler(threading.Thread):
-    """The highest resident memory seen since it started (or since ``reset``)."""
+    """The highest resident memory of a process seen since it started, read every
+    ``interval_s``."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, interval_s: float = 0.1):
         super().__init__(daemon=True)
-        self.pid, self.peak, self.stop = pid, 0.0, threading.Event()
+        self.pid, self.interval_s, self.peak, self.stop = pid, interval_s, 0.0, threading.Event()
 
     def run(self) -> None:
-        while not self.stop.wait(0.1):
+        while not self.stop.wait(self.interval_s):
             self.peak = max(self.peak, rss_mb(self.pid))
 
 

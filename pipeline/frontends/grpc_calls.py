@@ -5,7 +5,8 @@ a streaming RPC's calls through a ``StreamWindow`` (limits, accounting, the drai
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import grpc
 
@@ -97,13 +98,18 @@ class MessageGuard(grpc.aio.ServerInterceptor):
     """A client's mistakes answered with a status and no traceback (grpc would log one per
     call, so a client could grow the log at will): an undecodable message is
     INVALID_ARGUMENT, a method of Triton's protocol this server does not implement (the
-    generated servicer's NotImplementedError) is UNIMPLEMENTED."""
+    generated servicer's NotImplementedError) is UNIMPLEMENTED. readers: deserializers that
+    replace the generated ones, by method name (``grpc_kserve.READERS``)."""
+
+    def __init__(self, readers: Mapping[str, Callable[[bytes], Any]] | None = None):
+        self.readers = dict(readers or {})
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return None
-        method, read = details.method, handler.request_deserializer
+        method = details.method
+        read = self.readers.get(method, handler.request_deserializer)
 
         def deserialize(data: bytes):
             try:

@@ -10,7 +10,8 @@ as a ``ModelInferResponse``. Errors become gRPC status codes through the one tab
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -26,6 +27,9 @@ from ..serving.state import VERSION, ServingState, client_of
 from . import kserve
 from .grpc_calls import answer_or_abort, grpc_status, serve_stream, unary_failure
 
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+
 
 def parameters_of(parameters) -> dict[str, Any]:
     """A message's (or a tensor's) parameters as plain Python values (str, int, float, bool)."""
@@ -36,13 +40,14 @@ def parameters_of(parameters) -> dict[str, Any]:
     return out
 
 
-def inputs_of(request: pb.ModelInferRequest, regions: SharedMemory) -> list[kserve.InputTensor]:
-    """The message's inputs; raw_input_contents, when given, holds one entry per input not in
-    shared memory (as Triton requires), else an extra entry would be ignored or an input read
-    from the wrong one."""
+def inputs_of(request: pb.ModelInferRequest, regions: SharedMemory,
+              raw: Sequence[bytes | memoryview] | None = None) -> list[kserve.InputTensor]:
+    """The message's inputs; raw_input_contents (``raw``, else the message's own), when given,
+    holds one entry per input not in shared memory (as Triton requires), else an extra entry
+    would be ignored or an input read from the wrong one."""
     params = [parameters_of(t.parameters) for t in request.inputs]
     in_message = [i for i, p in enumerate(params) if "shared_memory_region" not in p]
-    raw = request.raw_input_contents
+    raw = request.raw_input_contents if raw is None else raw
     if raw and len(raw) != len(in_message):
         raise BadInputError(f"{len(raw)} raw_input_contents for {len(in_message)} inputs not in shared "
                             "memory; send one per such input, in the inputs' order, or none")
@@ -57,10 +62,11 @@ def shared_outputs_of(message: pb.ModelInferRequest, regions: SharedMemory) -> k
     return kserve.SharedOutputs([(o.name, parameters_of(o.parameters)) for o in message.outputs], regions)
 
 
-def read_request(message: pb.ModelInferRequest, regions: SharedMemory,
-                 deadline: float | None = None) -> InferRequest:
-    """The message as the one typed request (BadInputError if unusable)."""
-    params, inputs = parameters_of(message.parameters), inputs_of(message, regions)
+def read_request(message: pb.ModelInferRequest, regions: SharedMemory, deadline: float | None = None,
+                 raw: Sequence[bytes | memoryview] | None = None) -> InferRequest:
+    """The message as the one typed request (BadInputError if unusable); ``raw``: its
+    raw_input_contents where they were kept apart (``InferMessage``)."""
+    params, inputs = parameters_of(message.parameters), inputs_of(message, regions, raw)
     outputs = [o.name for o in message.outputs]
     return kserve.request_of(message.model_name, message.model_version, params, inputs, outputs,
                              deadline)
@@ -85,19 +91,83 @@ def response_of(message: pb.ModelInferRequest, answer: Answer,
     return response
 
 
+@dataclass(frozen=True)
+class InferMessage:
+    """A ``ModelInferRequest`` as it arrived (``read_infer_message``): its raw input contents
+    as views of the received bytes, the rest of it parsed."""
+
+    message: pb.ModelInferRequest
+    raw: list[memoryview]
+
+
+def read_infer_message(data: bytes) -> InferMessage:
+    """The deserializer of ``ModelInfer`` and ``ModelStreamInfer``. Protobuf would copy each
+    raw input into the message and again into every ``bytes`` read out of it: a 58 MB frame
+    held three times. Here the raw inputs stay where gRPC put them, and only the rest (names,
+    shapes, parameters: small) is parsed. A message that is not one raises (MessageGuard
+    answers INVALID_ARGUMENT)."""
+    rest, raw = split_field(data, RAW_INPUT_CONTENTS)
+    return InferMessage(pb.ModelInferRequest.FromString(rest), raw)
+
+
+# The deserializers that replace protobuf's (``MessageGuard`` applies them), by method.
+READERS = {f"/{SERVICE}/ModelInfer": read_infer_message, f"/{SERVICE}/ModelStreamInfer": read_infer_message}
+
+
+def split_field(data: bytes, number: int) -> tuple[bytes, list[memoryview]]:
+    """A serialized message's top-level length-delimited field ``number``, each occurrence a
+    view of ``data`` (no copy), and the message's other fields as bytes. ValueError when
+    ``data`` is not protobuf's wire format."""
+    view, rest, taken, at = memoryview(data), [], [], 0
+    while at < len(view):
+        key, after = _varint(view, at)
+        kind = key & 7
+        if kind == 0:
+            _, end = _varint(view, after)
+        elif kind in (1, 5):
+            end = after + (8 if kind == 1 else 4)
+        elif kind == 2:
+            length, start = _varint(view, after)
+            end = start + length
+            if key >> 3 == number:
+                taken.append(view[start:end])
+        else:  # groups: no KServe message has them
+            raise ValueError(f"wire type {kind} at byte {at}")
+        if end > len(view):
+            raise ValueError(f"a field at byte {at} runs past the message's end")
+        if kind != 2 or key >> 3 != number:
+            rest.append(view[at:end])
+        at = end
+    return b"".join(rest), taken
+
+
+def _varint(view: memoryview, at: int) -> tuple[int, int]:
+    """(value, where it ends) of the varint at ``at``."""
+    value, shift = 0, 0
+    while True:
+        if at >= len(view) or shift > 63:
+            raise ValueError("a varint runs past the message's end")
+        byte = view[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+
+
 class KServeCall:
     """A ``ModelInferRequest`` as a ``serving.life.Call``: read once (its outputs bound for
     shared memory held from then on), answered as a ``ModelInferResponse``; its failure is
     the unary call's status."""
 
-    def __init__(self, message: pb.ModelInferRequest, regions: SharedMemory,
+    def __init__(self, received: InferMessage, regions: SharedMemory,
                  context: grpc.aio.ServicerContext | None = None, deadline: float | None = None):
-        self.message, self.regions, self.context, self.deadline = message, regions, context, deadline
-        self.model = message.model_name
+        self.message, self.raw = received.message, received.raw
+        self.regions, self.context, self.deadline = regions, context, deadline
+        self.model = self.message.model_name
         self.shared: kserve.SharedOutputs | None = None
 
     def read(self) -> InferRequest:
-        request = read_request(self.message, self.regions, self.deadline)
+        request = read_request(self.message, self.regions, self.deadline, self.raw)
         self.shared = shared_outputs_of(self.message, self.regions)
         return request
 
@@ -205,9 +275,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # Inference ---------------------------------------------------------------------
 
-    async def ModelInfer(self, request, context):
-        """One message through the shared request life. A gRPC deadline is the request's
-        too: a request still queued then is answered DEADLINE_EXCEEDED, never run."""
+    async def ModelInfer(self, request: InferMessage, context):
+        """One message (as ``read_infer_message`` read it) through the shared request life. A
+        gRPC deadline is the request's too: a request still queued then is answered
+        DEADLINE_EXCEEDED, never run."""
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         client = client_of(context.peer())

@@ -181,7 +181,7 @@ class InferCall:
             raise BadInputError("'parameters' must be an object")
         requested = _requested(document)
         self.document, self.binary_of = document, {name: binary for name, binary, _ in requested}
-        inputs = _inputs(document, body[split:], self.regions)
+        inputs = _inputs(document, memoryview(body)[split:], self.regions)  # views: no copy of a frame
         self.shared = kserve.SharedOutputs([(name, p) for name, _, p in requested], self.regions)
         return kserve.request_of(self.model, self.version, params, inputs, list(self.binary_of))
 
@@ -235,7 +235,7 @@ def _flat(values) -> list:
     return out
 
 
-def _inputs(document: dict, binary: bytes, regions: SharedMemory) -> list[kserve.InputTensor]:
+def _inputs(document: dict, binary: bytes | memoryview, regions: SharedMemory) -> list[kserve.InputTensor]:
     """The request's inputs, binary parts taken in order from after the JSON header; an
     input with ``shared_memory_*`` parameters is read from its region."""
     items = document.get("inputs")

@@ -42,7 +42,7 @@ SHARED_MEMORY_EXTENSION = "system_shared_memory"  # listed when --allow-shared-m
 INPUT = "IMAGE"
 
 
-def decode_bytes_tensor(raw: bytes) -> list[bytes]:
+def decode_bytes_tensor(raw: bytes | memoryview) -> list[bytes | memoryview]:
     """Triton's BYTES wire format: each element is a 4-byte little-endian length + bytes."""
     out, pos = [], 0
     while pos < len(raw):
@@ -65,18 +65,19 @@ def encode_bytes_tensor(items: Sequence[bytes]) -> bytes:
 
 @dataclass(frozen=True)
 class InputTensor:
-    """One input as a transport delivered it: raw bytes (binary / raw_input_contents) or
-    ``values`` (typed contents / JSON data), never both."""
+    """One input as a transport delivered it: raw bytes (binary / raw_input_contents: a view
+    of the message where the transport kept it) or ``values`` (typed contents / JSON data),
+    never both."""
 
     name: str
     datatype: str
     shape: list[int]
-    raw: bytes | None = None
+    raw: bytes | memoryview | None = None
     values: Sequence[Any] | None = None
 
 
 def input_tensor(name: str, datatype: str, shape: list[int], parameters: Mapping[str, Any],
-                 regions: SharedMemory, raw: bytes | None = None,
+                 regions: SharedMemory, raw: bytes | memoryview | None = None,
                  values: Sequence[Any] | None = None) -> InputTensor:
     """An input as a transport delivered it; one that names a shared memory region
     (``shared_memory_*`` parameters) is read from there now, so it carries raw bytes like any."""

@@ -41,7 +41,7 @@ from ..serving.state import ClientLimits, ServingState
 from ..serving.url_policy import AllowList
 from ..telemetry import Ledger
 from ..tracking import Tracks
-from . import http_cameras, http_kserve, http_roboflow, metrics
+from . import grpc_kserve, http_cameras, http_kserve, http_roboflow, metrics
 from .auth import Token, TokenInterceptor
 from .config import ServerConfig
 from .grpc_calls import MessageGuard
@@ -188,7 +188,8 @@ class PipelineServer:
                    ("grpc.max_connection_age_ms", ms(cfg.grpc_max_connection_age_s)),
                    ("grpc.max_connection_age_grace_ms", ms(cfg.grpc_max_connection_age_grace_s))]
         server = grpc.aio.server(options=options,
-                                 interceptors=[*([TokenInterceptor(token)] if token else []), MessageGuard()])
+                                 interceptors=[*([TokenInterceptor(token)] if token else []),
+                                               MessageGuard(grpc_kserve.READERS)])
         self._server = server
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.state, self.models), server)

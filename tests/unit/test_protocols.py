@@ -255,3 +255,28 @@ def test_raw_input_contents_must_be_one_per_input():
         grpc_kserve.read_request(message, SharedMemory())
     del message.raw_input_contents[1]
     assert [t.raw for t in grpc_kserve.inputs_of(message, SharedMemory())] == [kserve.encode_bytes_tensor([b"one"])]
+
+
+def test_a_grpc_message_keeps_its_raw_inputs_where_they_arrived():
+    message = pb.ModelInferRequest(model_name="m", id="7")
+    message.inputs.add(name="IMAGE", datatype="UINT8", shape=[1, 2, 2, 3])
+    message.outputs.add(name="BOXES")
+    message.parameters["confidence"].double_param = 0.5
+    pixels = bytes(range(12))
+    message.raw_input_contents.append(pixels)
+    data = message.SerializeToString()
+    received = grpc_kserve.read_infer_message(data)
+    assert received.message.model_name == "m" and received.message.id == "7"
+    assert not received.message.raw_input_contents  # not copied into the message
+    (raw,) = received.raw
+    assert isinstance(raw, memoryview) and raw.obj is data and bytes(raw) == pixels  # a view
+    request = grpc_kserve.read_request(received.message, SharedMemory(), raw=received.raw)
+    assert request.images[0].tolist() == np.frombuffer(pixels, np.uint8).reshape(2, 2, 3).tolist()
+    assert request.options == {"confidence": 0.5} and request.outputs == ("BOXES",)
+    assert grpc_kserve.read_infer_message(b"") == grpc_kserve.InferMessage(pb.ModelInferRequest(), [])
+
+
+@pytest.mark.parametrize("data", [b"\x3a\xff\xff\xff\xff\x0f", b"\x3a\x05ab", b"\x0b", b"\xff" * 12])
+def test_a_grpc_message_that_is_not_protobuf_is_refused(data):
+    with pytest.raises(ValueError):  # MessageGuard answers it INVALID_ARGUMENT
+        grpc_kserve.read_infer_message(data)
