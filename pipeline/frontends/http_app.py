@@ -66,6 +66,23 @@ def parse_json(data: bytes | str, what: str = "the body") -> Any:
         raise BadInputError(f"{what} nests too deeply to be read") from None
 
 
+async def whole_body(request: web.Request) -> bytes | memoryview:
+    """The body, read as it arrives into one buffer of its declared length: aiohttp's ``read``
+    grows a copy and then copies that again, holding a large frame three times at once. A
+    body without a length is read as aiohttp reads it. BadInputError if it ends early."""
+    length = request.content_length
+    if length is None:
+        return await request.read()
+    view, got = memoryview(bytearray(length)), 0
+    while got < length:
+        chunk = await request.content.readany()
+        if not chunk:
+            raise BadInputError(f"the body ended after {got} of its {length} bytes")
+        view[got : got + len(chunk)] = chunk  # aiohttp delivers no more than the length it read
+        got += len(chunk)
+    return view
+
+
 async def json_body(request: web.Request) -> Any:
     return parse_json(request.get(BODY_PREFIX, b"") + await request.read())
 

@@ -24,7 +24,7 @@ from ..serving.request import Answer, InferRequest
 from ..serving.shared_memory import NO_CUDA, SharedMemory
 from ..serving.state import VERSION, ServingState, client_of
 from . import kserve
-from .http_app import ERROR_FIELD, error_response, json_body, parse_json
+from .http_app import ERROR_FIELD, error_response, json_body, parse_json, whole_body
 
 JSON_HEADER = "Inference-Header-Content-Length"
 ERROR_KEY = "error"  # KServe's error document: {"error": message}
@@ -131,7 +131,7 @@ class _Handlers:
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)
-        call = InferCall(name, version, await request.read(), request.headers.get(JSON_HEADER),
+        call = InferCall(name, version, await whole_body(request), request.headers.get(JSON_HEADER),
                          self.state.shared_memory)
         return await run(self.state, call, client_of(request.remote or ""))
 
@@ -156,7 +156,7 @@ class InferCall:
     JSON document, then the binary inputs after it); ``respond`` answers with what the
     document asked for (a JSON header, binary outputs after it); ``fail`` with ``{"error"}``."""
 
-    def __init__(self, model: str, version: str, body: bytes, header_length: str | None,
+    def __init__(self, model: str, version: str, body: bytes | memoryview, header_length: str | None,
                  regions: SharedMemory):
         self.model, self.version, self.body, self.header_length = model, version, body, header_length
         self.regions = regions
@@ -173,7 +173,7 @@ class InferCall:
         except ValueError:
             raise BadInputError(f"{JSON_HEADER} {header_length!r} does not fit the body of "
                                 f"{len(body)} bytes") from None
-        document = parse_json(body[:split], "the inference request")
+        document = parse_json(bytes(body[:split]), "the inference request")
         if not isinstance(document, dict):
             raise BadInputError("the inference request must be a JSON object")
         params = document.get("parameters") or {}
