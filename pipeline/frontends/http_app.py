@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import BadInputError, TooLargeError, UnauthenticatedError, describe, status_of
+from ..errors import BadInputError, ShuttingDownError, TooLargeError, UnauthenticatedError, describe, status_of
 from ..serving.state import ServingState, client_of
 from .auth import OPEN_HTTP_PATHS, Token
 
@@ -146,13 +146,13 @@ def middlewares(state: ServingState, *, max_body: int, token: Token | None) -> l
         what = "the body" if length is None else f"the body of {length} bytes"
         return TooLargeError(f"{what} exceeds the {max_body}-byte limit (--max-message-mb)")
 
-    @web.middleware
-    async def errors(request: web.Request, handler):
-        """Every failure as JSON with a status from the one table; the server keeps serving."""
+    async def answer(request: web.Request, handler) -> web.StreamResponse:
         try:
             length = request.content_length
             if length is not None and length > max_body:
                 raise too_large(length)
+            if state.draining and request.body_exists:  # its body might never come: not waited for
+                raise ShuttingDownError("server is shutting down; retry on another replica")
             with state.in_progress():
                 return await handler(request)
         except web.HTTPRequestEntityTooLarge:
@@ -160,7 +160,21 @@ def middlewares(state: ServingState, *, max_body: int, token: Token | None) -> l
         except web.HTTPException as exc:  # aiohttp's own (404 route, 405 method)
             return web.json_response({setting(request, ERROR_FIELD, "error"): exc.reason}, status=exc.status)
         except Exception as exc:  # noqa: BLE001 - ours map through the table; the rest are 500s
+            if isinstance(exc, ConnectionError) and request.transport is None:
+                # The client left before its body was read: nobody to answer, nothing of ours failed.
+                LOG.debug("HTTP client %s left before its request was read (%s)", request.remote, exc)
+                return web.Response(status=499)  # nginx's "client closed request"; never sent
             return error_response(exc, setting(request, ERROR_FIELD, "error"))
+
+    @web.middleware
+    async def errors(request: web.Request, handler):
+        """Every failure as JSON with a status from the one table; the server keeps serving.
+        While it drains, a request with a body is refused at once, and every answer closes its
+        connection (the client's next request goes to another replica)."""
+        response = await answer(request, handler)
+        if state.draining:
+            response.force_close()
+        return response
 
     @web.middleware
     async def guard(request: web.Request, handler):

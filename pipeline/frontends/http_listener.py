@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -17,6 +18,7 @@ LOG = logging.getLogger(__name__)
 
 ACCEPT_ERROR = "socket.accept() out of system resource"  # asyncio's words for EMFILE and kin
 FD_RESERVE = 256  # open files kept for gRPC, the model, metrics and logs when HTTP is full
+CUT_S = 0.01  # at the drain's deadline, how long a handler has to end once cancelled
 
 
 class _ServerLog(logging.LoggerAdapter):
@@ -60,7 +62,8 @@ def open_file_budget() -> int:
 
 
 class HTTPServer:
-    """An aiohttp application served on the running loop: ``start`` then ``stop``.
+    """An aiohttp application served on the running loop: ``start``, ``stop_accepting`` when
+    the server drains, then ``stop`` by the drain's deadline.
 
     Its own listener hands connections to aiohttp (``_Connection``) so that a client cannot
     hold the server's sockets: at most ``max_connections`` open (lowered to fit the open-file
@@ -108,11 +111,29 @@ class HTTPServer:
         else:
             loop.default_exception_handler(context)
 
-    async def stop(self) -> None:
+    def stop_accepting(self) -> None:
+        """Take no new connection (the drain); open ones stay, their requests answered."""
         if self._listener is not None:
             self._listener.close()
+
+    async def stop(self, deadline: float) -> None:
+        """Close every connection: idle ones at once, busy ones once their request is answered,
+        and at ``deadline`` (``time.monotonic()``) whatever is still open, whatever its client
+        does. (aiohttp's own clean-up gives a handler that waits on a client's body its
+        ``shutdown_timeout``, 60 s, twice over.)"""
+        self.stop_accepting()
+        server = self.runner.server if self.runner is not None else None
+        if server is not None:
+            server.pre_shutdown()  # no request after the one in progress; idle ones stop waiting
+            left = deadline - time.monotonic()
+            # aiohttp's timeouts are not ours (rounded up to the second, given twice, and 0 is
+            # none at all): the deadline is kept here.
+            try:
+                await asyncio.wait_for(server.shutdown(left), max(0.0, left))
+            except TimeoutError:
+                await server.shutdown(CUT_S)  # handlers cancelled, connections closed
         if self.runner is not None:
-            await self.runner.cleanup()
+            await self.runner.cleanup()  # the app's shutdown and cleanup; no connection is left
         if self._loop is not None and self._loop.get_exception_handler() == self._loop_error:
             self._loop.set_exception_handler(self._previous_handler)
 

@@ -7,7 +7,8 @@ KServe v2 REST (``http_kserve``), in the same process and event loop, on the sam
 batcher. Prometheus metrics on a third. The cores are split once (``apply_thread_budget``)
 before anything loads. A server that cannot start undoes what it started and raises
 ConfigError. SIGTERM drains: health turns NOT_SERVING, new requests and streams are refused
-(UNAVAILABLE / 503), work in flight finishes within the grace period, then the process
+(UNAVAILABLE / 503), HTTP takes no new connection, work in flight finishes within the grace
+period, then whatever is still open is closed, whatever its client does, and the process
 exits 0.
 """
 
@@ -246,6 +247,8 @@ class PipelineServer:
         if self.cameras is not None:  # before draining: no camera frame is started only to be refused
             self.cameras.stop_reading()
         self.state.draining = True
+        if self._http is not None:  # open connections stay: each request on them is answered
+            self._http.stop_accepting()
         for service in READINESS_SERVICES:  # liveness stays SERVING: the pod is not hung
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         for window in list(self.state.streams):  # answer what they read, then end them
@@ -261,14 +264,15 @@ class PipelineServer:
         LOG.info("stopped")
 
     async def _close(self, grace_s: float) -> None:
-        """Stop whatever was started: cameras, gRPC (within ``grace_s``), HTTP, metrics, the
-        batchers."""
+        """Stop whatever was started: cameras, gRPC and HTTP (both within ``grace_s``, then
+        cut, whatever their clients do), metrics, the batchers."""
+        deadline = time.monotonic() + grace_s
         if self.cameras is not None:
             await self.cameras.close(time.monotonic())
         if self._server is not None:
             await self._server.stop(grace_s)
         if self._http is not None:
-            await self._http.stop()
+            await self._http.stop(deadline)
         if self._metrics is not None:  # its loop notices within half a second: do not wait
             metrics_server = self._metrics
 
