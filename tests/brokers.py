@@ -42,15 +42,17 @@ def unavailable(binary: str) -> str | None:
 @dataclass(frozen=True)
 class Certificates:
     """PEM files: a private CA (``ca``) and a server certificate for 127.0.0.1 (and for no
-    name: "localhost" is another name) signed by it (``cert``, its ``key``)."""
+    name but the one asked for: "localhost" is another name) signed by it (``cert``, its
+    ``key``)."""
 
     ca: Path
     cert: Path
     key: Path
 
 
-def make_certificates(folder: Path) -> Certificates:
-    """A CA and a server certificate, made by the openssl command in ``folder``."""
+def make_certificates(folder: Path, name: str | None = None) -> Certificates:
+    """A CA and a server certificate, made by the openssl command in ``folder``; for 127.0.0.1,
+    and for the host ``name`` too when given."""
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
 
@@ -59,7 +61,8 @@ def make_certificates(folder: Path) -> Certificates:
             "-subj", "/CN=rle-serving test CA", "-addext", "basicConstraints=critical,CA:TRUE",
             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     openssl("req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+    names = f"IP:127.0.0.1,DNS:{name}" if name else "IP:127.0.0.1"
+    (folder / "server.ext").write_text(f"subjectAltName={names}\nbasicConstraints=CA:FALSE\n"
                                        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
                                        "authorityKeyIdentifier=keyid\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
@@ -142,11 +145,16 @@ class _Server:
 
 
 class Mosquitto(_Server):
-    """Mosquitto on 127.0.0.1, anonymous clients allowed. Sessions persist across ``stop()``
-    and ``start()`` (saved on SIGTERM), so a subscriber with a persistent session gets what
-    was published after the restart even before it has reconnected."""
+    """Mosquitto on 127.0.0.1, anonymous clients allowed (unless ``anonymous`` is False: then
+    every client is refused, having no password file to match). Sessions persist across
+    ``stop()`` and ``start()`` (saved on SIGTERM), so a subscriber with a persistent session gets
+    what was published after the restart even before it has reconnected."""
 
     name = "mosquitto"
+
+    def __init__(self, port: int | None = None, tls: Certificates | None = None, anonymous: bool = True):
+        super().__init__(port, tls)
+        self.anonymous = anonymous
 
     def command(self) -> list[str]:
         config = self.folder / "mosquitto.conf"
@@ -154,7 +162,8 @@ class Mosquitto(_Server):
                f"keyfile {self.tls.key}\n") if self.tls else ""
         # Run as whoever runs the tests (as root, mosquitto would switch to its own user, which
         # cannot read the tests' certificates in their private folders).
-        config.write_text(f"user {getpass.getuser()}\nper_listener_settings false\nallow_anonymous true\n"
+        config.write_text(f"user {getpass.getuser()}\nper_listener_settings false\n"
+                          f"allow_anonymous {str(self.anonymous).lower()}\n"
                           f"listener {self.port} 127.0.0.1\n{tls}"
                           f"persistence true\npersistence_location {self.folder}/\n"
                           "log_dest stderr\nlog_type error\nlog_type warning\n")

@@ -1,6 +1,6 @@
 """Sink URLs: where a camera stream's results go, read once (``parse_sink``) into a
-``SinkTarget``; every mistake a BadInputError that says what is wrong and which schemes are
-known.
+``SinkTarget``, then, when the stream is added, checked against the server's address policy
+(``checked``); every mistake a BadInputError that says what is wrong.
 
 URL forms (``{stream_id}`` in a topic or key is replaced by the stream's id):
 
@@ -8,24 +8,35 @@ URL forms (``{stream_id}`` in a topic or key is replaced by the stream's id):
         application/json, one message per request; user:pass as HTTP Basic authentication
     mqtt(s)://[user:pass@]host[:1883|:8883][/topic]  MQTT 3.1.1 PUBLISH at QoS 1 (acknowledged);
         no topic: "rle-serving/{stream_id}"; a topic without "{stream_id}" gets
-        "/{stream_id}" appended (one topic per stream); "+" and "#" are refused
+        "/{stream_id}" appended (one topic per stream); "+", "#" and NUL are refused, and so
+        is a topic over MAX_TOPIC_BYTES (utf-8, the stream's id in it: MQTT's own limit)
     redis(s)://[user:pass@]host[:6379][/key][?maxlen=N&db=D]   Redis Streams: XADD key MAXLEN ~ N
-        (default 10000) with fields stream_id, frame_index, document; default key
-        "rle-serving:{stream_id}"; the path is the key, so the database is ``?db=``
+        (default 10000, at most MAX_MAXLEN) with fields stream_id, frame_index, document;
+        default key "rle-serving:{stream_id}"; the path is the key, so the database is ``?db=``
+        (0 to MAX_DB)
 
 The "s" schemes (https, mqtts, rediss) speak TLS (``transports.tls_context``).
 
+A sink's host is looked up once, when its stream is added (``checked``: the server's
+``--sink-url-allow`` policy, ``url_policy.sink_addresses``), and its transport connects to those
+addresses only (``SinkTarget.addresses``), on every reconnect too: a name whose addresses change
+later is not followed, which is the point (no second answer to trust); an operator whose brokers
+move lists them by name and re-adds the streams.
+
 Credentials in a URL (``user:pass@``) are used to connect but shown nowhere: ``redact`` takes
 them out of the status's URL, every log line and every error (a webhook's query values too,
-where tokens often travel); ``SinkTarget.scrub`` takes them out of any text.
+where tokens often travel).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from aiohttp.abc import ResolveResult
+
 from ..errors import BadInputError
+from ..serving.url_policy import AllowList, legacy_ipv4, sink_addresses
 
 KINDS = {"http": "webhook", "https": "webhook", "mqtt": "mqtt", "mqtts": "mqtt",  # scheme -> kind
          "redis": "redis", "rediss": "redis"}
@@ -36,6 +47,10 @@ DEFAULT_TOPIC = f"rle-serving/{STREAM_ID}"
 DEFAULT_KEY = f"rle-serving:{STREAM_ID}"
 DEFAULT_MAXLEN = 10_000
 REDIS_OPTIONS = ("maxlen", "db")
+MAX_TOPIC_BYTES = 65_535  # MQTT's: a topic's length is two bytes on the wire
+MAX_DB = 15  # redis-server's default "databases 16"; more is rare, and a typo retried forever
+MAX_MAXLEN = 10_000_000  # entries: days of a camera's results, gigabytes; more outgrows a Redis
+SHOWN_CHARS = 100  # of a sink's URL that its errors repeat: enough to recognise it
 
 
 @dataclass(frozen=True)
@@ -45,7 +60,9 @@ class SinkTarget:
     kind: "webhook", "mqtt" or "redis". url: as given, credentials and all (never shown: its
     repr is off); redacted: the same without them, for statuses, logs and errors. tls: the
     scheme is https, mqtts or rediss. name: the MQTT topic or Redis key, "{stream_id}" still
-    in it ("" for a webhook). maxlen, db: Redis only."""
+    in it ("" for a webhook). maxlen, db: Redis only. addresses: where to connect, the host's
+    addresses as ``checked`` found and allowed them (empty until then: a transport refuses an
+    unchecked target)."""
 
     kind: str
     url: str = field(repr=False)
@@ -58,22 +75,26 @@ class SinkTarget:
     name: str = ""
     maxlen: int = DEFAULT_MAXLEN
     db: int = 0
+    addresses: tuple[ResolveResult, ...] = field(default=(), repr=False, compare=False)
 
     def name_for(self, stream_id: str) -> str:
         """The topic or key for ``stream_id``."""
         return self.name.replace(STREAM_ID, stream_id)
 
-    def scrub(self, text: str) -> str:
-        """``text`` (an error's) with this URL's secrets taken out: the URL as given or without
-        its userinfo becomes the redacted one; a password (or a lone token) anywhere, raw or
-        percent-decoded, becomes "***"."""
-        scheme, userinfo, rest = _authority(self.url)
-        text = text.replace(self.url, self.redacted).replace(f"{scheme}://{rest}", self.redacted)
-        secret = userinfo.partition(":")[2] if ":" in userinfo else userinfo
-        for each in (secret, unquote(secret)):
-            if each:
-                text = text.replace(each, "***")
-        return text
+
+async def checked(target: SinkTarget, stream_id: str, allow: AllowList) -> SinkTarget:
+    """``target`` for the stream ``stream_id``, its host looked up once and every address allowed
+    by ``allow`` (the server's ``--sink-url-allow``), in ``addresses``. BadInputError naming the
+    sink: an MQTT topic too long for this stream's id, a host refused or not resolved."""
+    shown = _shown(target.redacted)
+    if target.kind == "mqtt" and len(target.name_for(stream_id).encode()) > MAX_TOPIC_BYTES:
+        raise BadInputError(f"sink {shown}: the MQTT topic is {len(target.name_for(stream_id).encode())} "
+                            f"bytes (utf-8, with the stream id in it); MQTT allows at most {MAX_TOPIC_BYTES}")
+    try:
+        addresses = await sink_addresses(target.host, target.port, allow)
+    except BadInputError as exc:
+        raise BadInputError(f"sink {shown}: {exc}") from None
+    return replace(target, addresses=tuple(addresses))
 
 
 def redact(url: str) -> str:
@@ -89,6 +110,12 @@ def redact(url: str) -> str:
         query = query.partition("#")[0]
         url = head + "?" + "&".join(f"{pair.partition('=')[0]}=***" for pair in query.split("&"))
     return url
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for an error, its first ``SHOWN_CHARS`` at most: a URL of any length
+    makes a short message."""
+    return repr(text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "...")
 
 
 def _authority(url: str) -> tuple[str, str, str]:
@@ -114,33 +141,37 @@ def parse_sink(url: object) -> SinkTarget:
         raise BadInputError(f"a sink is a URL such as mqtt://broker:1883/cameras, got {type(url).__name__}")
     if not url.strip():
         raise BadInputError("a sink is a URL such as mqtt://broker:1883/cameras, got an empty one")
-    shown = redact(url)
+    redacted = redact(url)
+    shown = _shown(redacted)
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme not in KINDS:
-        got = f"unknown scheme {scheme!r}" if scheme else "no scheme"
-        raise BadInputError(f"sink {shown!r}: {got}; known: {', '.join(f'{s}://' for s in KINDS)} "
+        got = f"unknown scheme {_shown(scheme)}" if scheme else "no scheme"
+        raise BadInputError(f"sink {shown}: {got}; known: {', '.join(f'{s}://' for s in KINDS)} "
                             "(Kafka is not supported)")
     if any(c.isspace() or not c.isprintable() for c in url):
-        raise BadInputError(f"sink {shown!r}: a URL has no spaces or control characters")
+        raise BadInputError(f"sink {shown}: a URL has no spaces or control characters")
     try:
         parts = urlsplit(url)
     except ValueError:  # "Invalid IPv6 URL"
-        raise BadInputError(f"sink {shown!r}: the host is not a valid name or [IPv6] address") from None
+        raise BadInputError(f"sink {shown}: the host is not a valid name or [IPv6] address") from None
     if KINDS[scheme] in ("mqtt", "redis") and "@" in url.partition("://")[2][len(parts.netloc):]:
-        raise BadInputError(f"sink {shown!r}: a user name or password with / ? # or @ in it must be "
+        raise BadInputError(f"sink {shown}: a user name or password with / ? # or @ in it must be "
                             "percent-encoded (%2F %3F %23 %40)")
     if not parts.hostname:
-        raise BadInputError(f"sink {shown!r}: no host (e.g. {scheme}://broker.example:"
+        raise BadInputError(f"sink {shown}: no host (e.g. {scheme}://broker.example:"
                             f"{DEFAULT_PORTS[scheme]}/...)")
     try:
         port = parts.port
     except ValueError:
         port = 0
     if port == 0:  # also what urlsplit refused: not a number, or out of range
-        raise BadInputError(f"sink {shown!r}: the port must be a number from 1 to 65535")
+        raise BadInputError(f"sink {shown}: the port must be a number from 1 to 65535")
+    if (address := legacy_ipv4(parts.hostname)) is not None:  # e.g. 2130706433: the resolver's, not a name
+        raise BadInputError(f"sink {shown}: the host {parts.hostname!r} is the IPv4 address {address} "
+                            "written as a number; write it as the address")
     if "#" in url:  # a fragment is never sent; in an MQTT topic it would be a wildcard
-        raise BadInputError(f"sink {shown!r}: a sink URL has no # (a fragment, or an MQTT wildcard)")
-    target = {"kind": KINDS[scheme], "url": url, "redacted": shown, "host": parts.hostname,
+        raise BadInputError(f"sink {shown}: a sink URL has no # (a fragment, or an MQTT wildcard)")
+    target = {"kind": KINDS[scheme], "url": url, "redacted": redacted, "host": parts.hostname,
               "port": port or DEFAULT_PORTS[scheme], "tls": scheme in TLS_SCHEMES,
               "username": unquote(parts.username) if parts.username else None,
               "password": unquote(parts.password) if parts.password else None}
@@ -153,32 +184,40 @@ def parse_sink(url: object) -> SinkTarget:
 
 def _topic(path: str, query: str, shown: str) -> str:
     if query:
-        raise BadInputError(f"sink {shown!r}: an MQTT sink takes no ?options (QoS is 1)")
-    topic = unquote(path[1:])  # the first "/" separates; a topic may itself start with one
+        raise BadInputError(f"sink {shown}: an MQTT sink takes no ?options (QoS is 1)")
+    try:  # the first "/" separates; a topic may itself start with one
+        topic = unquote(path[1:], errors="strict")
+    except UnicodeDecodeError:
+        raise BadInputError(f"sink {shown}: an MQTT topic is UTF-8 text; its %-escapes are not") from None
     if not topic:
         return DEFAULT_TOPIC
-    if any(c in topic for c in "+#\0"):
-        raise BadInputError(f"sink {shown!r}: an MQTT topic to publish to has no wildcards (+, #)")
+    if "\0" in topic:
+        raise BadInputError(f"sink {shown}: an MQTT topic has no NUL character (%00)")
+    if any(c in topic for c in "+#"):
+        raise BadInputError(f"sink {shown}: an MQTT topic to publish to has no wildcards (+, #)")
     return topic if STREAM_ID in topic else f"{topic.rstrip('/')}/{STREAM_ID}"
 
 
 def _redis(path: str, query: str, shown: str) -> dict:
     key = unquote(path[1:]) or DEFAULT_KEY
     if key.isdigit():
-        raise BadInputError(f"sink {shown!r}: the path of a Redis sink is the stream key, not a "
+        raise BadInputError(f"sink {shown}: the path of a Redis sink is the stream key, not a "
                             f"database number; write ?db={key} for a database")
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
-        raise BadInputError(f"sink {shown!r}: the query must be name=value pairs joined by &") from None
+        raise BadInputError(f"sink {shown}: the query must be name=value pairs joined by &") from None
     options: dict[str, int] = {}
     for name, value in pairs:
         if name not in REDIS_OPTIONS or name in options:
             problem = "repeated" if name in options else "unknown"
-            raise BadInputError(f"sink {shown!r}: {problem} option {name!r}; known: {', '.join(REDIS_OPTIONS)}")
-        least = 1 if name == "maxlen" else 0
-        if not (value.isascii() and value.isdigit()) or int(value) < least:
-            raise BadInputError(f"sink {shown!r}: {name} must be a whole number from {least}, got {value!r}")
+            raise BadInputError(f"sink {shown}: {problem} option {_shown(name)}; known: {', '.join(REDIS_OPTIONS)}")
+        least, most = (1, MAX_MAXLEN) if name == "maxlen" else (0, MAX_DB)
+        # The length first: int() of thousands of digits is refused (ValueError) or slow.
+        if not (value.isascii() and value.isdigit() and len(value) <= len(str(most))
+                and least <= int(value) <= most):
+            raise BadInputError(f"sink {shown}: {name} must be a whole number from {least} to {most}, "
+                                f"got {value[:20]!r}")
         options[name] = int(value)
     return {"name": key, **options}
 

@@ -23,9 +23,13 @@ at most ``buffer`` + ``IN_FLIGHT``; a stream that would rather wait awaits ``roo
 webhook refuses (``transports.Rejected``; ``last_error`` says so); whatever is still held when
 ``close(timeout_s)`` runs out of time; and messages offered after ``close``.
 
-A sink reaches whatever host its URL names, from the server's network: who may create streams
-with sinks is the adapters' concern. ``offer``, ``start`` and ``close`` are called on the event
-loop.
+``last_error`` and the log lines say what went wrong in our words (``transports.failure``),
+never the target's. What can happen per message (a refusal, an overflow, an outage that comes
+and goes) is logged through ``Throttled``: a line per interval per sink, with a count, however
+many frames a second fail.
+
+A sink reaches the addresses its target was allowed when its stream was added
+(``sink_targets.checked``). ``offer``, ``start`` and ``close`` are called on the event loop.
 """
 
 from __future__ import annotations
@@ -37,14 +41,15 @@ import logging
 from ..backoff import Backoff
 from ..buffers import DropOldest
 from ..errors import BadInputError
+from ..throttle import Throttled
 from .sink_targets import SinkTarget
-from .transports import SEND_TIMEOUT_S, TRANSPORTS, Rejected
+from .transports import SEND_TIMEOUT_S, TRANSPORTS, Rejected, failure
 
 log = logging.getLogger(__name__)
 
 BACKOFF_S = (0.2, 5.0)  # the pause after a failure: first, and the most it doubles to
 BATCH_BYTES = 1 << 20  # a batch holds at most this much (and one message at least)
-ERROR_CHARS = 300  # of an error's text kept in last_error and log lines
+CANCEL_AGAIN_S = 0.1  # close(): how long a cancelled delivery task may take to end before the next cancel
 
 
 class Sink:
@@ -74,6 +79,9 @@ class Sink:
         self._connected = False  # the last attempt reached the target (status: a webhook has no link)
         self._dropping = False  # the buffer overflowed since the last delivery (one log line)
         self._discarded = 0  # messages refused, offered after close, or left at close
+        # Each kind of line that a failing frame can bring: at most one per interval.
+        self._overflow_log, self._refusal_log = Throttled(log), Throttled(log)
+        self._outage_log, self._recovery_log = Throttled(log), Throttled(log)
         self.delivered = self.retries = 0
         self.last_error: str | None = None
 
@@ -98,8 +106,8 @@ class Sink:
             return
         if self._waiting.push(message) is not None and not self._dropping:
             self._dropping = True
-            log.warning("%r: %d messages wait already; dropping the oldest (counted in 'dropped')",
-                        self, self._waiting.size)
+            self._overflow_log.log(logging.WARNING, "%r: %d messages wait already; dropping the oldest "
+                                   "(counted in 'dropped')", self, self._waiting.size)
         self._wake.set()
 
     @property
@@ -125,6 +133,10 @@ class Sink:
             await asyncio.wait((task,), timeout=max(timeout_s, 0))
             if not task.done():
                 task.cancel()
+                # Python 3.11's wait_for loses a cancel that comes just as what it waits for
+                # ends (a connect refused at once), and the task goes on: cancelled again.
+                while not (await asyncio.wait((task,), timeout=CANCEL_AGAIN_S))[0]:
+                    task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         left = self._waiting.clear() + len(self._sending)
         if left:
@@ -162,8 +174,9 @@ class Sink:
                 self._connected = True
                 self._discarded += len(self._sending)
                 self._sending = []
-                self.last_error = self._describe(exc)
-                log.warning("%r: message refused, dropped: %s", self, self.last_error)
+                self.last_error = failure(exc)
+                self._refusal_log.log(logging.WARNING, "%r: a message was refused (%s) and dropped "
+                                      "(counted in 'dropped')", self, self.last_error)
                 continue
             except Exception as exc:  # whatever a transport raises is retried
                 self.retries += 1
@@ -172,12 +185,12 @@ class Sink:
                     self._waiting.put_back(self._sending[keep:])
                     self._sending = self._sending[:keep]
                 self._batch = len(self._sending)
-                self.last_error = self._describe(exc)
+                self.last_error = failure(exc)
                 if not failing:
                     failing = True
-                    log.warning("%r: %s; retrying (pauses of %g to %g s), %d messages may wait meanwhile",
-                                self, self.last_error, self._backoff.first_s, self._backoff.max_s,
-                                self._waiting.size)
+                    self._outage_log.log(logging.WARNING, "%r: %s; retrying (pauses of %g to %g s), %d "
+                                         "messages may wait meanwhile", self, self.last_error,
+                                         self._backoff.first_s, self._backoff.max_s, self._waiting.size)
                 await self._disconnect()
                 await self._pause(next(delays))
                 continue
@@ -188,7 +201,8 @@ class Sink:
             self._dropping = False
             if failing:
                 failing = False
-                log.info("%r: delivering again (after %d retries in all)", self, self.retries)
+                self._recovery_log.log(logging.INFO, "%r: delivering again (after %d retries in all)",
+                                       self, self.retries)
                 delays = self._backoff.delays()
 
     def _take(self) -> list[bytes]:
@@ -215,10 +229,6 @@ class Sink:
         try:
             await asyncio.wait_for(self._transport.disconnect(), SEND_TIMEOUT_S)
         except Exception as exc:  # a connection already broken may fail to close
-            log.debug("%r: disconnect: %s", self, self._describe(exc))
-
-    def _describe(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        return self.target.scrub(text)[:ERROR_CHARS]
+            log.debug("%r: disconnect: %s", self, failure(exc))
 
 

@@ -52,6 +52,8 @@ from ..serving.life import run
 from ..serving.request import CAMERAS, Answer, InferRequest, Tracking
 from ..serving.state import ServingState
 from ..serving.stream_window import StreamWindow
+from ..serving.url_policy import AllowList
+from .sink_targets import checked
 from .sinks import Sink
 from .sources import CapturedFrame, FrameQueue, Source
 from .spec import SourceRules, StreamSpec
@@ -456,13 +458,15 @@ class CameraStreams:
     removed, so their state stays visible), and the subscribers to their results."""
 
     def __init__(self, state: ServingState, rules: SourceRules, *, max_streams: int = 16,
-                 sink_buffer: int = 1000, sink_ca_file: str | None = None):
+                 sink_buffer: int = 1000, sink_ca_file: str | None = None, sink_allow: AllowList = AllowList()):
         self.state = state
         self.rules = rules
         self.max_streams = max_streams
         self.sink_buffer = sink_buffer
         self.sink_ca_file = sink_ca_file
+        self.sink_allow = sink_allow  # --sink-url-allow
         self._streams: dict[str, CameraStream] = {}
+        self._removing: set[str] = set()  # ids whose removal is under way
         self._subscribers: set[Subscription] = set()
         self._turns: dict[str, asyncio.Semaphore] = {}
 
@@ -476,11 +480,14 @@ class CameraStreams:
         return self._turns[model]
 
     async def add(self, spec: StreamSpec) -> CameraStream:
+        """Start a stream, once its source's host and every sink's are allowed (each looked up
+        once: the sinks connect to the addresses checked here)."""
         stream_id = self._admit(spec)
         if spec.network:
             await self.rules.check(spec.location)
-            stream_id = self._admit(spec, stream_id)  # again: the server may have changed meanwhile
-        stream = self._streams[stream_id] = CameraStream(stream_id, spec, self)
+        sinks = await asyncio.gather(*(checked(target, stream_id, self.sink_allow) for target in spec.sinks))
+        stream_id = self._admit(spec, stream_id)  # again: the server may have changed meanwhile
+        stream = self._streams[stream_id] = CameraStream(stream_id, replace(spec, sinks=tuple(sinks)), self)
         stream.start()
         LOG.info("camera stream %s: %s -> %s", stream_id, spec.display, spec.model)
         return stream
@@ -506,11 +513,17 @@ class CameraStreams:
         return list(self._streams.values())
 
     async def remove(self, stream_id: str) -> CameraStream:
-        """Stop a stream and forget it. Its id stays taken until it has stopped."""
+        """Stop a stream and forget it. Its id stays taken until it has stopped. One caller
+        removes it: another that asks while the removal is under way gets NotFoundError at once,
+        as it would a moment later, so each stream added is removed OK once."""
         stream = self.get(stream_id)
+        if stream_id in self._removing:
+            raise NotFoundError(f"camera stream {stream_id!r} is being removed already")
+        self._removing.add(stream_id)
         try:
             await stream.stop()
         finally:
+            self._removing.discard(stream_id)
             if self._streams.get(stream_id) is stream:
                 del self._streams[stream_id]
         LOG.info("camera stream %s removed", stream_id)

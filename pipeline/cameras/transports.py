@@ -10,13 +10,25 @@ trip of 50 ms away still takes a 30 fps camera's results; a webhook POSTs one at
 order. Kafka is not built: no Kafka broker can be run in this project's tests, and a kind that
 no test delivers through is not shipped.
 
+Where: the target's ``addresses``, looked up and allowed once, when its stream was added
+(``sink_targets.checked``), tried in order; no transport looks the name up again, on a
+reconnect neither (a name whose addresses change later is the operator's to allow-list), and a
+target never checked is refused when its transport is made.
+
 TLS (https, mqtts, rediss) verifies the target: its certificate must chain to a CA the system
 trusts or to one in ``ca_file`` (the server's ``--sink-ca-file``, for brokers with a private
-CA), and name the URL's host. There is no switch to skip verification: a sink sends a camera's
-results, and credentials, to whoever answers.
+CA), and name the URL's host, whichever of its addresses was reached (``tls_context``). There
+is no switch to skip verification: a sink sends a camera's results, and credentials, to
+whoever answers.
 
 A webhook answer other than 2xx is an error to retry, except a 4xx other than 408 and 429:
 that message is ``Rejected`` (sending it again would be refused again).
+
+What went wrong is told in our words (``failure``: "connection refused", "timed out", "TLS:
+certificate not trusted", "HTTP 503", ...), never in the target's: not its banner, status
+text or error replies, nor an exception's text, which may quote them. Whoever may add streams
+reads ``last_error``; it must not make the server a port scanner that reads other servers'
+answers back.
 """
 
 from __future__ import annotations
@@ -24,6 +36,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
+import functools
 import json
 import logging
 import socket
@@ -33,8 +47,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 import aiohttp
+from aiohttp.abc import ResolveResult
 from yarl import URL
 
+from ..serving.url_policy import pinned_connector
 from .sink_targets import SinkTarget
 
 log = logging.getLogger(__name__)
@@ -42,6 +58,15 @@ log = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 10.0  # one connect, send or disconnect; past it the attempt has failed
 IN_FLIGHT = 32  # messages sent before the first is acknowledged, in a batch (MQTT, Redis)
 RETRIED_4XX = frozenset({408, 429})  # Request Timeout, Too Many Requests: "later", not "never"
+LOST = "connection lost"
+PROTOCOL = "protocol error (not the server the URL's scheme names?)"
+TLS_UNTRUSTED = "TLS: certificate not trusted"
+TLS_OTHER_NAME = "TLS: certificate for another host"
+TLS_FAILED = "TLS handshake failed"
+_HOST_MISMATCH = frozenset({62, 64})  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH
+_ERRNOS = {errno.ECONNREFUSED: "connection refused", errno.ETIMEDOUT: "timed out",
+           errno.EHOSTUNREACH: "host unreachable", errno.ENETUNREACH: "network unreachable",
+           errno.ECONNRESET: LOST, errno.EPIPE: LOST, errno.ECONNABORTED: LOST}
 
 
 class Transport(Protocol):
@@ -61,7 +86,11 @@ class Transport(Protocol):
     async def disconnect(self) -> None: ...
 
 
-class Rejected(Exception):
+class Failed(Exception):
+    """A failure whose text is ours (``failure`` shows it as it is)."""
+
+
+class Rejected(Failed):
     """The target refused this message for good (sending it again would be refused again)."""
 
 
@@ -73,7 +102,8 @@ class WebhookTransport:
 
     def __init__(self, target: SinkTarget, stream_id: str, ca_file: str | None):
         self._url = URL(target.url).with_user(None)  # credentials go in a header, not the URL
-        self._tls = tls_context(ca_file) if target.tls else None
+        self._addresses = checked_addresses(target)
+        self._tls = tls_context(ca_file, target.host) if target.tls else None
         self._headers = {"Content-Type": "application/json"}
         if target.username is not None or target.password is not None:  # HTTP Basic (RFC 7617)
             pair = f"{target.username or ''}:{target.password or ''}".encode()
@@ -82,8 +112,9 @@ class WebhookTransport:
 
     async def connect(self) -> None:
         # No proxies from the environment (trust_env off), no redirects: a POST is not repeated
-        # somewhere else.
+        # somewhere else; no lookup: the checked addresses only.
         self._session = aiohttp.ClientSession(
+            connector=pinned_connector(self._url.raw_host, self._addresses),
             timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_S), headers=self._headers)
 
     async def send(self, messages: list[bytes]) -> None:
@@ -95,8 +126,8 @@ class WebhookTransport:
         if 200 <= status < 300:
             return
         if 400 <= status < 500 and status not in RETRIED_4XX:
-            raise Rejected(f"the webhook answered HTTP {status}")
-        raise ConnectionError(f"the webhook answered HTTP {status}")
+            raise Rejected(f"HTTP {status}")
+        raise Failed(f"HTTP {status}")
 
     async def disconnect(self) -> None:
         if self._session is not None:
@@ -112,29 +143,42 @@ class MqttTransport:
 
     def __init__(self, target: SinkTarget, stream_id: str, ca_file: str | None):
         self._target = target
+        self._addresses = checked_addresses(target)
         self._topic = target.name_for(stream_id)
-        self._tls = tls_context(ca_file) if target.tls else None
+        self._tls = tls_context(ca_file, target.host) if target.tls else None
         self._stack: contextlib.AsyncExitStack | None = None
         self._client = None
         self._lost: asyncio.Task | None = None
 
     async def connect(self) -> None:
         import aiomqtt
+        from aiomqtt.exceptions import MqttConnectError
 
-        target, stack = self._target, contextlib.AsyncExitStack()
-        # TCP_NODELAY: a batch's last PUBLISH goes at once, not after the first one's ACK (Nagle).
-        client = aiomqtt.Client(target.host, target.port, username=target.username, password=target.password,
-                                identifier=f"rle-serving-{uuid.uuid4().hex[:12]}", timeout=SEND_TIMEOUT_S,
-                                keepalive=30, max_inflight_messages=IN_FLIGHT, tls_context=self._tls,
-                                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-                                logger=log.getChild("mqtt"))
-        client.pending_calls_threshold = IN_FLIGHT  # a batch waiting for its PUBACKs is no news
-        self._client = await stack.enter_async_context(client)
-        self._stack = stack
-        # aiomqtt's message iterator is its public way to learn that the connection is lost
-        # (we subscribe to nothing, so it only ever ends, raising). A publish waiting for its
-        # PUBACK would otherwise wait the whole SEND_TIMEOUT_S when the broker goes away.
-        self._lost = asyncio.get_running_loop().create_task(self._watch())
+        target = self._target
+        for address in self._addresses:  # in the resolver's order, as a connection by name tries them
+            stack = contextlib.AsyncExitStack()
+            # TCP_NODELAY: a batch's last PUBLISH goes at once, not after the first one's ACK (Nagle).
+            client = aiomqtt.Client(address["host"], target.port, username=target.username,
+                                    password=target.password, identifier=f"rle-serving-{uuid.uuid4().hex[:12]}",
+                                    timeout=SEND_TIMEOUT_S, keepalive=30, max_inflight_messages=IN_FLIGHT,
+                                    tls_context=self._tls, logger=log.getChild("mqtt"),
+                                    socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+            client.pending_calls_threshold = IN_FLIGHT  # a batch waiting for its PUBACKs is no news
+            try:
+                self._client = await stack.enter_async_context(client)
+            except MqttConnectError as exc:  # the broker's CONNACK said no: a code, named by paho
+                failed = Failed(f"MQTT: the broker refused the connection ({exc.rc})")
+                continue
+            except aiomqtt.MqttError as exc:  # raised "from None", yet the error it stands for is its
+                failed = exc  # __context__, which ``failure`` reads (never the text)
+                continue
+            self._stack = stack
+            # aiomqtt's message iterator is its public way to learn that the connection is lost
+            # (we subscribe to nothing, so it only ever ends, raising). A publish waiting for its
+            # PUBACK would otherwise wait the whole SEND_TIMEOUT_S when the broker goes away.
+            self._lost = asyncio.get_running_loop().create_task(self._watch())
+            return
+        raise failed
 
     async def _watch(self) -> None:
         async for _ in self._client.messages:
@@ -150,7 +194,7 @@ class MqttTransport:
         try:
             done, _ = await asyncio.wait((acknowledged, self._lost), return_when=asyncio.FIRST_COMPLETED)
             if acknowledged not in done:
-                raise ConnectionError("the connection to the MQTT broker was lost")
+                raise Failed(LOST)
             acknowledged.result()
             sent = True
         finally:
@@ -179,32 +223,50 @@ class RedisStreamTransport:
 
     def __init__(self, target: SinkTarget, stream_id: str, ca_file: str | None):
         self._target = target
-        # redis-py takes no SSL context; its own is the system's, plus ssl_ca_certs.
-        self._tls = dict(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True,
-                         ssl_ca_certs=ca_file) if target.tls else {}
+        self._addresses = checked_addresses(target)
+        self._tls = tls_context(ca_file, target.host) if target.tls else None
         self._stream_id = stream_id
         self._key = target.name_for(stream_id)
         self._redis = None
 
     async def connect(self) -> None:
         from redis.asyncio import Redis
+        from redis.asyncio.connection import ConnectionPool
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
 
         target = self._target
-        # redis-py's own retries off: the Sink retries, with its backoff and its counters.
-        self._redis = Redis(host=target.host, port=target.port, db=target.db, username=target.username,
-                            password=target.password, socket_timeout=SEND_TIMEOUT_S,
-                            socket_connect_timeout=SEND_TIMEOUT_S, retry=Retry(NoBackoff(), 0), **self._tls)
-        await self._redis.ping()
+        for address in self._addresses:  # in the resolver's order, as a connection by name tries them
+            # redis-py's own retries off: the Sink retries, with its backoff and its counters.
+            client = Redis.from_pool(ConnectionPool(
+                connection_class=_redis_connection(), tls=self._tls, host=address["host"], port=target.port,
+                db=target.db, username=target.username, password=target.password, socket_timeout=SEND_TIMEOUT_S,
+                socket_connect_timeout=SEND_TIMEOUT_S, retry=Retry(NoBackoff(), 0)))
+            try:
+                await client.ping()
+            except RedisError as exc:
+                await client.aclose()
+                failed = _redis_failure(exc) or exc
+                continue
+            self._redis = client
+            return
+        raise failed
 
     async def send(self, messages: list[bytes]) -> None:
+        from redis.exceptions import RedisError
+
         assert self._redis is not None
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for message in messages:
-                fields = {"stream_id": self._stream_id, "frame_index": frame_index(message), "document": message}
-                pipe.xadd(self._key, fields, maxlen=self._target.maxlen, approximate=True)
-            await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for message in messages:
+                    fields = {"stream_id": self._stream_id, "frame_index": frame_index(message), "document": message}
+                    pipe.xadd(self._key, fields, maxlen=self._target.maxlen, approximate=True)
+                await pipe.execute()
+        except RedisError as exc:
+            if (told := _redis_failure(exc)) is None:
+                raise
+            raise told from exc
 
     async def disconnect(self) -> None:
         if self._redis is not None:
@@ -212,13 +274,105 @@ class RedisStreamTransport:
             await client.aclose()
 
 
-def tls_context(ca_file: str | None) -> ssl.SSLContext:
-    """A client context that verifies the target's certificate and name against the system's
-    CAs and those in ``ca_file``."""
-    context = ssl.create_default_context()
+def checked_addresses(target: SinkTarget) -> list[ResolveResult]:
+    """Where ``target``'s transport may connect: the addresses ``sink_targets.checked`` allowed.
+    ValueError for a target never checked (a mistake of the code that made the Sink)."""
+    if not target.addresses:
+        raise ValueError(f"{target.redacted}: a sink connects only to the addresses checked when "
+                         "its stream is added (sink_targets.checked)")
+    return list(target.addresses)
+
+
+class _NamedContext(ssl.SSLContext):
+    """A client context that verifies the certificate against ``server_name`` whatever the
+    client passes: the MQTT and Redis clients connect to a checked address, and would name
+    that (paho wraps a socket, asyncio a BIO)."""
+
+    server_name = ""
+
+    def wrap_socket(self, *args, **kwargs):
+        return super().wrap_socket(*args, **{**kwargs, "server_hostname": self.server_name})
+
+    def wrap_bio(self, *args, **kwargs):
+        return super().wrap_bio(*args, **{**kwargs, "server_hostname": self.server_name})
+
+
+def tls_context(ca_file: str | None, server_name: str) -> ssl.SSLContext:
+    """A client context that verifies the target's certificate against the system's CAs and
+    those in ``ca_file``, and that it names ``server_name`` (the URL's host)."""
+    context = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname, as create_default_context's
+    context.load_default_certs()
     if ca_file:
         context.load_verify_locations(cafile=ca_file)
+    context.server_name = server_name.rstrip(".")
     return context
+
+
+@functools.cache
+def _redis_connection() -> type:
+    """redis-py's TCP connection, with TLS from our context when given one: its own TLS
+    connection makes its context itself, which would name the address it connects to."""
+    from redis.asyncio.connection import Connection
+
+    class PinnedConnection(Connection):
+        def __init__(self, *, tls: ssl.SSLContext | None = None, **kwargs):
+            self._tls = tls
+            super().__init__(**kwargs)
+
+        def _connection_arguments(self):
+            return {**super()._connection_arguments(), "ssl": self._tls}
+
+    return PinnedConnection
+
+
+def failure(exc: BaseException) -> str:
+    """What went wrong with a sink's target, in our words only (see the module): the exception
+    and those it was raised from are matched by kind, and none of their texts is used."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for each in chain:
+        if isinstance(each, Failed):
+            return str(each)
+    certificates = [e for e in chain if isinstance(e, ssl.SSLCertVerificationError)]
+    if certificates:
+        mismatch = any(getattr(e, "verify_code", None) in _HOST_MISMATCH for e in certificates)
+        return TLS_OTHER_NAME if mismatch else TLS_UNTRUSTED
+    if any(isinstance(e, ssl.SSLError) for e in chain):
+        return TLS_FAILED
+    if any(isinstance(e, socket.gaierror) for e in chain):
+        return "name not resolved"
+    for each in chain:
+        if isinstance(each, OSError) and each.errno in _ERRNOS:
+            return _ERRNOS[each.errno]
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return "connection refused"
+    if any(isinstance(e, TimeoutError) for e in chain):
+        return "timed out"
+    if any(isinstance(e, (ConnectionError, aiohttp.ServerDisconnectedError)) for e in chain):
+        return LOST
+    if any(isinstance(e, aiohttp.ClientResponseError) for e in chain):  # not an HTTP answer
+        return PROTOCOL
+    return f"failed ({type(chain[0]).__name__})"
+
+
+def _redis_failure(exc: Exception) -> Exception | None:
+    """A redis-py error as one ``failure`` knows (their texts quote the server's replies);
+    None where ``failure`` reads it as it is (a connection error raised from an OSError)."""
+    from redis import exceptions
+
+    if isinstance(exc, exceptions.AuthenticationError):
+        return Failed("authentication failed")
+    if isinstance(exc, exceptions.InvalidResponse):
+        return Failed(PROTOCOL)
+    if isinstance(exc, exceptions.ResponseError):
+        return Failed("Redis refused the command")
+    if isinstance(exc, exceptions.TimeoutError):
+        return TimeoutError()
+    if isinstance(exc, exceptions.ConnectionError) and not isinstance(exc.__cause__ or exc.__context__, OSError):
+        return Failed(LOST)
+    return None
 
 
 def frame_index(message: bytes) -> str:

@@ -125,6 +125,15 @@ class ServerConfig:
     sink_ca_file: str | None = setting(None, "CA certificates that https://, mqtts:// and rediss:// sinks "
                                        "trust besides the system's, for brokers with a private CA",
                                        metavar="PEM")
+    sink_url_allow: tuple[str, ...] = setting((), "a network (10.0.0.0/8) or a host name sinks may reach; "
+                                              "given, sinks reach what it lists and nothing else (a "
+                                              "link-local or cloud metadata address too, if listed). Not "
+                                              "given, sinks reach any address but link-local, cloud metadata "
+                                              "(169.254.169.254, fd00:ec2::254, metadata.google.internal, "
+                                              "...), multicast, reserved or unspecified ones: private and "
+                                              "loopback ones included, where brokers live",
+                                              metavar="CIDR_OR_HOST",
+                                              default_means="all but link-local, metadata, multicast, reserved")
     model_control_mode: str = setting("none", "none: every pipeline model is loaded at start, for good; "
                                       "explicit: the --load-model ones, and the rest loaded and unloaded "
                                       "at run time: Triton's RepositoryModelLoad/Unload, "
@@ -208,7 +217,8 @@ class ServerConfig:
         if self.metrics_token_required and not self.token:
             raise ConfigError("--metrics-token-required needs --token (the token /metrics asks for)")
         for flag, entries in (("--image-url-allow", self.image_url_allow),
-                              ("--stream-url-allow", self.stream_url_allow)):
+                              ("--stream-url-allow", self.stream_url_allow),
+                              ("--sink-url-allow", self.sink_url_allow)):
             if entries:
                 from ..serving.url_policy import AllowList
 

@@ -140,7 +140,8 @@ class PipelineServer:
         rules = SourceRules(Path(cfg.stream_source_dir) if cfg.stream_source_dir else None,
                             cfg.allow_stream_urls, AllowList.parse(cfg.stream_url_allow))
         self.cameras = CameraStreams(self.state, rules, max_streams=cfg.max_ingest_streams,
-                                     sink_buffer=cfg.sink_buffer, sink_ca_file=cfg.sink_ca_file)
+                                     sink_buffer=cfg.sink_buffer, sink_ca_file=cfg.sink_ca_file,
+                                     sink_allow=AllowList.parse(cfg.sink_url_allow))
         for service in READINESS_SERVICES:  # "" is SERVING by default
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)

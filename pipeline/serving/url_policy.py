@@ -10,6 +10,13 @@ way; the body is bounded in bytes and the whole fetch in time (``TIMEOUT_S``).
 
 Every failure is a BadInputError with generic text: the upstream's status, body or error never
 reach the client (they would make a port-scan oracle). The operator gets one log line saying why.
+
+Sinks (webhooks, MQTT, Redis: ``sink_addresses``) connect where a client says too, but their
+brokers live on private networks, so private and loopback addresses stay open to them: what is
+refused is link-local, cloud metadata (``CLOUD_METADATA``), multicast, reserved and unspecified
+addresses, unless ``--sink-url-allow`` lists them; given at all, that list is the only place sinks
+may go (``AllowList.sink_refusal``). The same one lookup, and the same pinning (``pinned_connector``
+for aiohttp; the MQTT and Redis transports connect to the checked address themselves).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import ipaddress
 import logging
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -47,6 +54,21 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # a gateway maps these onto the IPv4 in the low bits
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)\Z")  # "_": container service names have them
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # Linux connects 0.0.0.0 to the host itself
+# Cloud metadata services, one request away from the host's credentials: refused to sinks
+# unless --sink-url-allow names them. Most addresses are link-local anyway; two are not, and
+# naming them all makes the operator's log say what was asked for.
+CLOUD_METADATA = ("169.254.169.254",  # AWS, GCP, Azure, Oracle, DigitalOcean, OpenStack
+                  "169.254.170.2",  # AWS ECS task credentials
+                  "fd00:ec2::254",  # AWS over IPv6 (a private address otherwise)
+                  "100.100.100.200",  # Alibaba Cloud (carrier-grade NAT space otherwise)
+                  "metadata.google.internal", "metadata.goog", "metadata",  # GCP's names
+                  "instance-data.ec2.internal", "instance-data")  # AWS's
+_METADATA_NAMES = frozenset(e for e in CLOUD_METADATA if not e[-1].isdigit() and ":" not in e)
+_METADATA_ADDRESSES = frozenset(ipaddress.ip_address(e) for e in set(CLOUD_METADATA) - _METADATA_NAMES)
+SINK_NOT_ALLOWED = ("its host is not allowed (link-local, cloud metadata, multicast, reserved or "
+                    "unspecified address); see --sink-url-allow")
+SINK_NOT_LISTED = "its host is not in --sink-url-allow, the only hosts sinks may reach on this server"
 
 
 def not_fetched(max_body: int) -> str:
@@ -70,6 +92,28 @@ def not_public(address: Address) -> str | None:
             return kind.replace("_", "-")
     if not address.is_global:  # e.g. 100.64.0.0/10, carrier-grade NAT
         return "not global"
+    return None
+
+
+def unsafe_for_sinks(address: Address) -> str | None:
+    """Why a sink may not reach ``address`` unless --sink-url-allow lists it ("link-local",
+    "cloud metadata", ...); None when it may: public, private and loopback addresses."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # the IPv4 address is the one reached
+            return unsafe_for_sinks(address.ipv4_mapped)
+        if address in _NAT64:
+            return unsafe_for_sinks(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        if address.sixtofour is not None and unsafe_for_sinks(address.sixtofour):
+            return f"{unsafe_for_sinks(address.sixtofour)} (embedded {address.sixtofour})"
+    if address in _METADATA_ADDRESSES:
+        return "cloud metadata"
+    if address.is_loopback:  # before "reserved": Python counts ::1 in ::/8
+        return None
+    if address in _THIS_NETWORK:
+        return "unspecified"
+    for kind in ("unspecified", "link_local", "multicast", "reserved"):
+        if getattr(address, f"is_{kind}"):
+            return kind.replace("_", "-")
     return None
 
 
@@ -101,10 +145,30 @@ class AllowList:
 
     def permits(self, host: str, address: Address) -> bool:
         """Whether ``address``, one of ``host``'s, may be fetched."""
-        if not_public(address) is None or _host_name(host) in self.hosts:
+        return not_public(address) is None or self.lists(host, address)
+
+    def lists(self, host: str, address: Address) -> bool:
+        """Whether ``host`` is named here, or ``address`` (or the IPv4 address inside an
+        IPv4-mapped one) lies in a network listed here."""
+        if _host_name(host) in self.hosts:
             return True
         mapped = getattr(address, "ipv4_mapped", None)
         return any(a in net for net in self.networks for a in (address, mapped) if a is not None)
+
+    def refusal(self, host: str, address: Address) -> str | None:
+        """For an image or a camera: why ``address`` may not be fetched; None when it may."""
+        return None if self.permits(host, address) else f"{address} is {not_public(address)}"
+
+    def sink_refusal(self, host: str, address: Address) -> str | None:
+        """For a sink, with this list as ``--sink-url-allow``: why ``address`` may not be
+        reached; None when it may. An empty list refuses only what ``unsafe_for_sinks`` names;
+        a list given narrows sinks to what it lists."""
+        if self.lists(host, address):
+            return None
+        if self.networks or self.hosts:
+            return f"{address} is not in --sink-url-allow"
+        why = unsafe_for_sinks(address)
+        return f"{address} is {why}" if why else None
 
 
 async def fetch_image(url: object, *, max_body: int, allow: AllowList) -> bytes:
@@ -137,13 +201,50 @@ async def check_host(host: str, port: int | None, allow: AllowList, *, flag: str
     made later looks the name up again (FFmpeg's own resolver), so a name server that changes
     its answer in between is not caught: allow-list cameras by address where that matters."""
     try:
-        await asyncio.wait_for(_vetted(host, port, allow), TIMEOUT_S)
+        await asyncio.wait_for(_vetted(host, port, allow.refusal), TIMEOUT_S)
     except _Refused as exc:
         log.warning("source refused: host %r: %s", host, exc)
         raise BadInputError(f"the source's host is not allowed (private, loopback or link-local "
                             f"address); see {flag}") from None
     except (OSError, asyncio.TimeoutError, UnicodeError, ValueError):
         raise BadInputError(f"the source's host {host!r} could not be resolved") from None
+
+
+async def sink_addresses(host: str, port: int, allow: AllowList) -> list[ResolveResult]:
+    """For a sink: ``host``'s addresses, looked up once, each allowed by ``allow`` as
+    ``--sink-url-allow`` (``AllowList.sink_refusal``), for the transport to connect to and to
+    nothing else. Raises BadInputError (SINK_NOT_ALLOWED, SINK_NOT_LISTED, or not resolved);
+    the operator's log line says which address was refused and why."""
+    name = _host_name(host)
+    if name in _METADATA_NAMES and name not in allow.hosts:  # refused before any lookup
+        log.warning("sink refused: host %r is a cloud metadata name", host)
+        raise BadInputError(SINK_NOT_LISTED if allow.networks or allow.hosts else SINK_NOT_ALLOWED)
+    try:
+        return await asyncio.wait_for(_vetted(host, port, allow.sink_refusal), TIMEOUT_S)
+    except _Refused as exc:
+        log.warning("sink refused: host %r: %s", host, exc)
+        raise BadInputError(SINK_NOT_LISTED if allow.networks or allow.hosts else SINK_NOT_ALLOWED) from None
+    except (OSError, asyncio.TimeoutError, UnicodeError, ValueError):
+        raise BadInputError(f"its host {host!r} could not be resolved") from None
+
+
+def legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address ``host`` stands for when written in a legacy numeric form that the
+    system's resolver still reads (2130706433, 0x7f000001, 0177.0.0.1, 127.1); None for a
+    dotted quad as written, or a name."""
+    try:
+        address = ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError):  # not a number inet_aton reads (ValueError: a NUL in it)
+        return None
+    return None if str(address) == host else address
+
+
+def pinned_connector(host: str, addresses: list[ResolveResult]) -> aiohttp.TCPConnector:
+    """An aiohttp connector whose connections to ``host`` go to ``addresses`` (checked by
+    ``sink_addresses``), with no lookup of its own."""
+    resolver = _PinnedResolver()
+    resolver.pinned[host] = list(addresses)
+    return aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
 
 
 class _Refused(Exception):
@@ -168,7 +269,7 @@ async def _fetch(url: str, max_body: int, allow: AllowList, where: list[str]) ->
             where[0] = f"{host}:{current.port}"
             if current.scheme not in ("http", "https") or not host:
                 raise _Failed(f"not an http(s) URL with a host: scheme {current.scheme!r}")
-            resolver.pinned[host] = await _vetted(host, current.port, allow)
+            resolver.pinned[host] = await _vetted(host, current.port, allow.refusal)
             async with session.get(current, allow_redirects=False) as response:
                 if response.status in _REDIRECTS and "Location" in response.headers:
                     current = current.join(URL(response.headers["Location"]))
@@ -179,14 +280,15 @@ async def _fetch(url: str, max_body: int, allow: AllowList, where: list[str]) ->
         raise _Failed(f"more than {MAX_REDIRECTS} redirects")
 
 
-async def _vetted(host: str, port: int | None, allow: AllowList) -> list[ResolveResult]:
-    """``host``'s addresses, every one checked; raises _Refused when one may not be fetched."""
+async def _vetted(host: str, port: int | None,
+                  refusal: Callable[[str, Address], str | None]) -> list[ResolveResult]:
+    """``host``'s addresses, every one checked; raises _Refused with the first ``refusal``."""
     infos = await asyncio.get_running_loop().run_in_executor(_LOOKUPS, lookup, host, port)
     vetted: list[ResolveResult] = []
     for family, _, proto, _, sockaddr in infos:
-        address = ipaddress.ip_address(sockaddr[0])
-        if not allow.permits(host, address):
-            raise _Refused(f"{address} is {not_public(address)}")
+        address = ipaddress.ip_address(sockaddr[0].partition("%")[0])  # fe80::1%eth0: its scope aside
+        if why := refusal(host, address):
+            raise _Refused(why)
         vetted.append({"hostname": host, "host": sockaddr[0], "port": port or 0, "family": family,
                        "proto": proto, "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV})
     return vetted
