@@ -26,8 +26,9 @@ import json
 import time
 
 from pipeline.cameras import sinks
-from pipeline.cameras.sink_targets import parse_sink
+from pipeline.cameras.sink_targets import checked, parse_sink
 from pipeline.cameras.sinks import Sink
+from pipeline.serving.url_policy import AllowList
 from tests.brokers import (
     MOSQUITTO,
     REDIS_SERVER,
@@ -54,7 +55,7 @@ def document(index: int, size: int) -> bytes:
 
 async def drive(url: str, rate: float, seconds: float, size: int) -> dict:
     """Offer ``rate`` documents a second for ``seconds``; what the sink made of them."""
-    sink = Sink(parse_sink(url), "cam", buffer=100_000)
+    sink = Sink(await checked(parse_sink(url), "cam", AllowList()), "cam", buffer=100_000)
     offered: dict[int, float] = {}
     latencies: list[float] = []
     send = sink._transport.send  # timed here: when each batch is acknowledged
