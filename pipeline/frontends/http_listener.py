@@ -130,7 +130,7 @@ class HTTPServer:
             # none at all): the deadline is kept here.
             try:
                 await asyncio.wait_for(server.shutdown(left), max(0.0, left))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
                 await server.shutdown(CUT_S)  # handlers cancelled, connections closed
         if self.runner is not None:
             await self.runner.cleanup()  # the app's shutdown and cleanup; no connection is left
