@@ -8,9 +8,23 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+import requests
 
 from ..conftest import RunningServer, running_server  # noqa: F401 - the tests' import
 from ..fakes import fake_repository
+
+
+def http(server, method: str, path: str, body=None, headers=None) -> tuple[int, object]:
+    """One call to an in-process server's HTTP port: (status, its JSON answer)."""
+    reply = requests.request(method, f"http://127.0.0.1:{server.server.http_port}{path}", json=body,
+                             headers=headers, timeout=60)
+    return reply.status_code, reply.json()
+
+
+def remove_streams(server, headers=None) -> None:
+    """Every camera stream of the server removed, each answered 200."""
+    for stream in http(server, "GET", "/v1/streams", headers=headers)[1]["streams"]:
+        assert http(server, "DELETE", f"/v1/streams/{stream['stream_id']}", headers=headers)[0] == 200
 
 
 @pytest.fixture(scope="session")

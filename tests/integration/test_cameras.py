@@ -32,6 +32,8 @@ from pipeline.errors import AlreadyExistsError, LimitError
 from ..brokers import Mosquitto, MqttSubscriber, RedisServer, WebhookReceiver, make_certificates, unavailable
 from ..cameras import HlsServer, RtspServer, free_port, hls_unavailable, make_clip, rtsp_unavailable, scene_clip
 from ..conftest import ROOT, holds_for, running_server
+from .conftest import http as shared_http
+from .conftest import remove_streams
 
 TOKEN = "cam-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -67,9 +69,7 @@ def cams(cam_server):
 
 
 def http(server, method: str, path: str, body=None, headers=AUTH):
-    reply = requests.request(method, f"http://127.0.0.1:{server.server.http_port}{path}", json=body,
-                             headers=headers, timeout=30)
-    return reply.status_code, reply.json()
+    return shared_http(server, method, path, body, headers)
 
 
 def wait_for(condition, timeout_s: float = 20.0, what: str = "the condition"):
@@ -90,8 +90,7 @@ def status(server, stream_id: str) -> dict:
 
 
 def remove_all(server) -> None:
-    for stream in http(server, "GET", "/v1/streams")[1]["streams"]:
-        assert http(server, "DELETE", f"/v1/streams/{stream['stream_id']}")[0] == 200
+    remove_streams(server, AUTH)
 
 
 def need(reason: str | None) -> None:

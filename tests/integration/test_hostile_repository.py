@@ -10,24 +10,21 @@ its default --exit-on-error: ``--load-model good`` serves whatever else is broke
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import shutil
 
-import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.http as triton_http
-from tritonclient.utils import InferenceServerException
 
 from pipeline.errors import ConfigError
 from pipeline.frontends.config import ServerConfig
 from pipeline.frontends.server import PipelineServer
 
-from ..fakes import NETWORK, NETWORK_CONFIG, PIPELINE, fake_repository, png, scene
+from ..fakes import NETWORK, NETWORK_CONFIG, PIPELINE, fake_repository
 from .conftest import running_server
+from .test_model_control import detections, refused
 
-PICTURE = png(scene(240, 320, red=(20, 40, 100, 120), blue=(200, 100, 300, 200)))
 MOST = 600  # characters a reason may have, the folder's path included
 
 
@@ -87,16 +84,6 @@ def beside_bad(tmp_path_factory):
         rest.close()
 
 
-def detections(client, model=PIPELINE) -> list[dict]:
-    tensor = triton.InferInput("IMAGE", [1, 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[PICTURE]], dtype=object))
-    return json.loads(client.infer(model, [tensor]).as_numpy("DETECTIONS")[0, 0])["predictions"]
-
-
-def refused(call) -> InferenceServerException:
-    with pytest.raises(InferenceServerException) as info:
-        call()
-    return info.value
 
 
 def told(message: str, name: str, words: str) -> None:

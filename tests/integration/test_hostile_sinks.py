@@ -22,7 +22,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 
 from clients.client import ClientError, SegmentationClient
 from pipeline.serving import url_policy
@@ -30,7 +29,8 @@ from pipeline.throttle import LOG_INTERVAL_S
 
 from ..brokers import MOSQUITTO, REDIS_SERVER, Mosquitto, MqttSubscriber, RedisServer, WebhookReceiver, unavailable
 from ..cameras import free_port, scene_clip
-from ..conftest import running_server
+from ..conftest import running_server, wait_until
+from .conftest import http, remove_streams
 
 FRAMES = 30  # of scene.mp4: 3 s at 10 fps
 # What a target might send back: none of it may reach a status, an error or a log line.
@@ -55,26 +55,13 @@ def server(fake_root, clips):
 def cams(server):
     """The server, its streams removed after each test."""
     yield server
-    for stream in http(server, "GET", "/v1/streams")[1]["streams"]:
-        http(server, "DELETE", f"/v1/streams/{stream['stream_id']}")
+    remove_streams(server)
 
 
-def http(server, method: str, path: str, body=None):
-    reply = requests.request(method, f"http://127.0.0.1:{server.server.http_port}{path}", json=body, timeout=30)
-    return reply.status_code, reply.json()
 
 
 def add(server, sinks: list[str], **fields):
     return http(server, "POST", "/v1/streams", {"source": "scene.mp4", "sinks": sinks, **fields})
-
-
-def wait_for(condition, timeout_s: float = 30.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not come within {timeout_s} s")
-        time.sleep(0.05)
-    return value
 
 
 def status(server, stream_id: str) -> dict:
@@ -158,14 +145,14 @@ def test_private_and_loopback_sinks_are_allowed_by_default(cams):
         code, body = add(cams, [hook.url(), "mqtt://10.255.255.1/t", "redis://[fd12::7]/k"], stream_id="ok",
                          realtime=False)
         assert code == 201, body
-        wait_for(lambda: len(hook.bodies) == FRAMES, what="every frame at the loopback webhook")
+        wait_until(lambda: len(hook.bodies) == FRAMES, 30)
 
 
 def test_sink_url_allow_narrows_sinks_to_what_it_lists(fake_root, clips):
     with running_server(model_repository=str(fake_root), stream_source_dir=str(clips),
                         sink_url_allow=("127.0.0.1", "169.254.7.0/24")) as narrow, WebhookReceiver() as hook:
         assert add(narrow, [hook.url()], stream_id="listed", realtime=False)[0] == 201
-        wait_for(lambda: len(hook.bodies) == FRAMES, what="every frame at the listed webhook")
+        wait_until(lambda: len(hook.bodies) == FRAMES, 30)
         assert add(narrow, ["http://169.254.7.7:9/"], stream_id="link-local-listed")[0] == 201
         for url in ("mqtt://10.1.2.3/t", "http://169.254.169.254/", "http://[::1]:8000/"):
             code, body = add(narrow, [url])
@@ -196,15 +183,14 @@ def test_sinks_connect_to_the_address_checked_when_the_stream_was_added(cams, mo
         assert code == 201, body
         assert asked == ["brokers.test"] * 3  # once per sink, when the stream was added
         answers["brokers.test"] = "169.254.169.254"  # a rebinding answer, never asked for
-        wait_for(lambda: status(cams, "pinned")["sinks"][1]["retries"] >= 2, what="the MQTT sink's failures")
+        wait_until(lambda: status(cams, "pinned")["sinks"][1]["retries"] >= 2, 30)
         broker.start()
-        done = wait_for(lambda: (s := status(cams, "pinned"))["state"] == "stopped"
-                        and [k["delivered"] for k in s["sinks"]] == [FRAMES] * 3 and s, what="every frame")
+        done = wait_until(lambda: (s := status(cams, "pinned"))["state"] == "stopped"
+                        and [k["delivered"] for k in s["sinks"]] == [FRAMES] * 3 and s, 30)
         assert asked == ["brokers.test"] * 3
         assert [k["dropped"] for k in done["sinks"]] == [0, 0, 0]
         assert len(hook.bodies) == FRAMES and len(redis_server.entries("k")) == FRAMES
-        wait_for(lambda: set(json.loads(p)["frame_index"] for p in subscriber.payloads()) >= set(range(FRAMES)),
-                 what="every frame at the broker's subscriber")
+        wait_until(lambda: set(json.loads(p)["frame_index"] for p in subscriber.payloads()) >= set(range(FRAMES)), 30)
 
 
 # ---------------------------------------------------------------- what last_error says (item 4)
@@ -225,8 +211,7 @@ def test_last_error_says_the_kind_of_failure_and_nothing_the_target_sent(cams, c
         }
         code, body = add(cams, list(told), stream_id="told", max_fps=5)
         assert code == 201, body
-        done = wait_for(lambda: (s := status(cams, "told")) and all(k["last_error"] for k in s["sinks"]) and s,
-                        what="every sink's first failure")
+        done = wait_until(lambda: (s := status(cams, "told")) and all(k["last_error"] for k in s["sinks"]) and s, 30)
         assert {k["url"]: k["last_error"] for k in done["sinks"]} == told
         listed = json.dumps(http(cams, "GET", "/v1/streams")[1])
         assert http(cams, "DELETE", "/v1/streams/told")[0] == 200
@@ -241,8 +226,7 @@ def test_a_webhook_refusing_every_message_costs_a_log_line_per_interval(cams, ca
         hook.fail_next(10_000, status=400)
         started = time.monotonic()
         assert add(cams, [hook.url()], stream_id="refused", realtime=False)[0] == 201
-        done = wait_for(lambda: (s := status(cams, "refused"))["sinks"][0]["dropped"] == FRAMES and s,
-                        what="every frame refused")
+        done = wait_until(lambda: (s := status(cams, "refused"))["sinks"][0]["dropped"] == FRAMES and s, 30)
         intervals = 1 + int((time.monotonic() - started) / LOG_INTERVAL_S)  # one, unless the machine crawls
     assert (done["sinks"][0]["delivered"], done["sinks"][0]["last_error"], hook.failed) == (0, "HTTP 400", FRAMES)
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
@@ -280,8 +264,7 @@ def removing(cams, stream_id: str):
     the removal flushes for REMOVE_FLUSH_S), ready to be removed."""
     code, body = add(cams, [f"http://127.0.0.1:{free_port()}/"], stream_id=stream_id, max_fps=10)
     assert code == 201, body
-    wait_for(lambda: (s := status(cams, stream_id)["sinks"][0])["retries"] >= 1 and s["buffered"] >= 1,
-             what="results held by the sink")
+    wait_until(lambda: (s := status(cams, stream_id)["sinks"][0])["retries"] >= 1 and s["buffered"] >= 1, 30)
 
 
 def test_a_removal_under_way_is_answered_ok_once_and_not_found_to_the_others_over_http_and_grpc(cams):
@@ -289,7 +272,7 @@ def test_a_removal_under_way_is_answered_ok_once_and_not_found_to_the_others_ove
     with ThreadPoolExecutor(1) as pool, SegmentationClient(cams.address) as client:
         removing(cams, "over-http")
         first = pool.submit(http, cams, "DELETE", "/v1/streams/over-http")
-        wait_for(lambda: cameras.get("over-http")._stopping is not None, what="the removal under way")
+        wait_until(lambda: cameras.get("over-http")._stopping is not None, 30)
         code, body = http(cams, "DELETE", "/v1/streams/over-http")
         assert code == 404 and "is being removed already" in body["error"], body
         assert not first.done()  # answered at once, not when the removal ended
@@ -298,7 +281,7 @@ def test_a_removal_under_way_is_answered_ok_once_and_not_found_to_the_others_ove
 
         removing(cams, "over-grpc")
         first = pool.submit(client.remove_stream, "over-grpc")
-        wait_for(lambda: cameras.get("over-grpc")._stopping is not None, what="the removal under way")
+        wait_until(lambda: cameras.get("over-grpc")._stopping is not None, 30)
         with pytest.raises(ClientError) as caught:
             client.remove_stream("over-grpc")
         assert caught.value.code == "NOT_FOUND" and "is being removed already" in caught.value.message

@@ -15,13 +15,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import requests
 
 from clients.client import ClientError, SegmentationClient
 
 from ..cameras import hls_unavailable, scene_clip
 from ..conftest import wait_until
-from .conftest import running_server
+from .conftest import http, remove_streams, running_server
 
 FRAMES = 30  # scene_clip's 3 s at 10 fps
 LONG = 20 * 1024 * 1024  # a 20 MB source, well under the 64 MB body limit
@@ -80,13 +79,9 @@ def cam_server(fake_root, base):
 def cams(cam_server):
     """The server, its streams removed after each test, however it ended."""
     yield cam_server
-    for stream in http(cam_server, "GET", "/v1/streams")[1]["streams"]:
-        http(cam_server, "DELETE", f"/v1/streams/{stream['stream_id']}")
+    remove_streams(cam_server)
 
 
-def http(server, method: str, path: str, body=None) -> tuple[int, dict]:
-    reply = requests.request(method, f"http://127.0.0.1:{server.server.http_port}{path}", json=body, timeout=60)
-    return reply.status_code, reply.json()
 
 
 def ended(server, stream_id: str, frames: int = 0, timeout_s: float = 30.0) -> dict:
