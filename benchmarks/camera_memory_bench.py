@@ -14,7 +14,6 @@ the start), how many streams ran and failed (and why), and the results they deli
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -25,9 +24,7 @@ from pathlib import Path
 
 import requests
 
-from pipeline.tools.launch import local_server
-
-from .common import ROOT, arguments, out_path
+from .common import add_server_root, arguments, checkout_server, out_path
 
 CODECS = {"mjpeg": ("avi", ["-c:v", "mjpeg", "-q:v", "8"]),
           "h264": ("mp4", ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"])}
@@ -71,19 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=float, default=2.0, help="the clip's frame rate")
     parser.add_argument("--budget-mb", type=int, default=1024, help="the server's --max-bytes-in-flight-mb")
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--server-root", type=Path, default=ROOT,
-                        help="the checkout whose server runs (its code and model_repository/)")
+    add_server_root(parser)
     args = parser.parse_args(argv)
     root = args.server_root.resolve()
     folder = Path(tempfile.mkdtemp(prefix="camera-memory-"))
     try:
         print(f"making a {args.size} {args.codec} clip ...", flush=True)
         name = clip(folder, args.size, args.codec, args.seconds + 10, args.fps)
-        env = {**os.environ, "PYTHONPATH": str(root)}
         with open(out_path("camera_memory_bench_server.log"), "w") as log, \
-                local_server("--model-repository", str(root / "model_repository"), "--stream-source-dir",
-                             str(folder), "--max-ingest-streams", str(args.streams), "--max-bytes-in-flight-mb",
-                             str(args.budget_mb), http=True, log=log, cwd=root, env=env) as server:
+                checkout_server(root, "--stream-source-dir", str(folder), "--max-ingest-streams", str(args.streams),
+                                "--max-bytes-in-flight-mb", str(args.budget_mb), http=True, log=log) as server:
             pid, base = server.process.pid, f"http://127.0.0.1:{server.http_port}/v1/streams"
             time.sleep(2)
             start = rss_mb(pid)

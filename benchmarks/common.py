@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clients.cli import SEND_QUALITY
 from pipeline.images import encode_jpeg
+from pipeline.tools.launch import local_server
 from pipeline.tools.samples import NAMES, sample_rgb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,20 @@ def arguments(doc: str) -> argparse.ArgumentParser:
     lines = doc.splitlines()
     return argparse.ArgumentParser(description=lines[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n".join(lines[1:]))
+
+
+def add_server_root(parser: argparse.ArgumentParser) -> None:
+    """``--server-root``: the checkout whose server a benchmark runs (``checkout_server``)."""
+    parser.add_argument("--server-root", type=Path, default=ROOT,
+                        help="the checkout whose server runs (its code and model_repository/)")
+
+
+def checkout_server(root: Path, *flags: str, **options):
+    """``local_server`` run from the checkout ``root``: its code first on the path and its
+    model_repository/, so one benchmark measures two versions of the server alike."""
+    root = root.resolve()
+    return local_server("--model-repository", str(root / "model_repository"), *flags, cwd=root,
+                        env={**os.environ, "PYTHONPATH": str(root)}, **options)
 
 
 # ------------------------------------------------------------------------------- frames

@@ -20,7 +20,6 @@ the others starve shows as results near zero beside its demand.
 from __future__ import annotations
 
 import base64
-import os
 import shutil
 import sys
 import tempfile
@@ -31,11 +30,11 @@ from pathlib import Path
 import requests
 
 from clients.client import SegmentationClient
-from pipeline.tools.launch import free_port, local_server
+from pipeline.tools.launch import free_port
 from pipeline.tools.samples import NAMES
 from tests.cameras import make_clip
 
-from .common import ROOT, arguments, out_path, scrape, workload
+from .common import add_server_root, arguments, checkout_server, out_path, scrape, workload
 
 MODEL = "instance_segmentation"
 
@@ -81,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-loops", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=5.0)
-    parser.add_argument("--server-root", type=Path, default=ROOT,
-                        help="the checkout whose server runs (its code and model_repository/)")
+    add_server_root(parser)
     args = parser.parse_args(argv)
     root = args.server_root.resolve()
     clip_seconds = args.warmup + args.seconds + 15  # the files still play when the run ends
@@ -93,12 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                                   photos=NAMES[i % len(NAMES):] + NAMES[:i % len(NAMES)]), folder / f"cam{i}.mp4")
     photos = workload("photos")
     metrics_port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(root)}
     try:
         with open(out_path("mixed_bench_server.log"), "w") as log, \
-                local_server("--model-repository", str(root / "model_repository"), "--stream-source-dir",
-                             str(folder), "--max-ingest-streams", str(args.cameras), "--metrics-port",
-                             str(metrics_port), http=True, log=log, cwd=root, env=env) as server:
+                checkout_server(root, "--stream-source-dir", str(folder), "--max-ingest-streams",
+                                str(args.cameras), "--metrics-port", str(metrics_port), http=True, log=log) as server:
             streams = f"http://127.0.0.1:{server.http_port}/v1/streams"
             stop = threading.Event()
             video: list = []

@@ -15,18 +15,14 @@ memory each byte a request brings costs at its worst.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
-from pipeline.tools.launch import local_server
-
 from .camera_memory_bench import Sampler, rss_mb
-from .common import ROOT, arguments, out_path
+from .common import add_server_root, arguments, checkout_server, out_path
 
 MODEL = "instance_segmentation"
 
@@ -62,16 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mb", type=float, default=58.0, help="each request's image, MB")
     parser.add_argument("--transport", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--server-root", type=Path, default=ROOT,
-                        help="the checkout whose server runs (its code and model_repository/)")
+    add_server_root(parser)
     args = parser.parse_args(argv)
     root = args.server_root.resolve()
     side = int(math.sqrt(args.mb * 2**20 / 3))
     image = np.random.default_rng(0).integers(0, 256, (1, side, side, 3), dtype=np.uint8)
-    env = {**os.environ, "PYTHONPATH": str(root)}
     with open(out_path("request_memory_bench_server.log"), "w") as log, \
-            local_server("--model-repository", str(root / "model_repository"), http=True, log=log,
-                         cwd=root, env=env) as server:
+            checkout_server(args.server_root, http=True, log=log) as server:
         address = server.address if args.transport == "grpc" else f"127.0.0.1:{server.http_port}"
         time.sleep(2)
         start = rss_mb(server.process.pid)
