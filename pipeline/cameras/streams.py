@@ -185,14 +185,15 @@ class CameraCall:
             doc = {"stream_id": stream.id, "frame_index": frame.index, "timestamp": frame.captured,
                    **schema.document(det, answer.pipe.class_names, "rle")}
             message = json.dumps(doc, separators=(",", ":")).encode()
-        return CameraResult(stream.id, frame.index, frame.captured, answer, message, rgb=stream.picture(frame))
+        return CameraResult(stream.id, frame.index, frame.captured, answer, message,
+                            rgb=stream.frame_for_subscribers(frame))
 
     def fail(self, error: BaseException) -> CameraResult:
         stream, frame = self.stream, self.frame
         stream.answer_given(self.turn)  # a frame never started gives its turn back here
         return CameraResult(stream.id, frame.index, frame.captured,
                             error=status_text(error, cancelled="the stream was stopped"),
-                            rgb=stream.picture(frame))
+                            rgb=stream.frame_for_subscribers(frame))
 
 
 class CameraStream:
@@ -387,7 +388,7 @@ class CameraStream:
         finally:
             self.answer_given(call.turn)
 
-    def picture(self, frame: CapturedFrame) -> np.ndarray | None:
+    def frame_for_subscribers(self, frame: CapturedFrame) -> np.ndarray | None:
         """The frame, kept with its result only while a subscriber asked for frames."""
         return frame.rgb if self.owner.wants_frames(self.id) else None
 
