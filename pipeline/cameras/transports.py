@@ -1,21 +1,20 @@
 """What each kind of sink knows: connect, send a batch, disconnect (``WebhookTransport``,
-``MqttTransport``, ``RedisStreamTransport``, found by kind in ``TRANSPORTS``). Buffering,
+``MqttTransport``, ``RedisStreamTransport``, ``KafkaTransport``, found by kind in ``TRANSPORTS``). Buffering,
 batches, retries, counting and closing are the ``sinks.Sink``'s, the same for every kind, so
 a new kind is one small class.
 
 A batch is what was waiting, up to the transport's ``batch`` (and ``sinks.BATCH_BYTES``): the
-MQTT and Redis ones put up to ``IN_FLIGHT`` messages on the wire before the first answer comes
-back (PUBLISHes awaiting their PUBACKs, one pipelined round trip of XADDs), so a broker a round
-trip of 50 ms away still takes a 30 fps camera's results; a webhook POSTs one at a time, in
-order. Kafka is not built: no Kafka broker can be run in this project's tests, and a kind that
-no test delivers through is not shipped.
+MQTT, Redis and Kafka ones put up to ``IN_FLIGHT`` messages on the wire before the first answer
+comes back (PUBLISHes awaiting their PUBACKs, one pipelined round trip of XADDs, records the
+Kafka producer packs into produce requests), so a broker a round trip of 50 ms away still takes
+a 30 fps camera's results; a webhook POSTs one at a time, in order.
 
 Where: the target's ``addresses``, looked up and allowed once, when its stream was added
 (``sink_targets.checked``), tried in order; no transport looks the name up again, on a
 reconnect neither (a name whose addresses change later is the operator's to allow-list), and a
 target never checked is refused when its transport is made.
 
-TLS (https, mqtts, rediss) verifies the target: its certificate must chain to a CA the system
+TLS (https, mqtts, rediss, kafkas) verifies the target: its certificate must chain to a CA the system
 trusts or to one in ``ca_file`` (the server's ``--sink-ca-file``, for brokers with a private
 CA), and name the URL's host, whichever of its addresses was reached (``tls_context``). There
 is no switch to skip verification: a sink sends a camera's results, and credentials, to
@@ -63,6 +62,7 @@ PROTOCOL = "protocol error (not the server the URL's scheme names?)"
 TLS_UNTRUSTED = "TLS: certificate not trusted"
 TLS_OTHER_NAME = "TLS: certificate for another host"
 TLS_FAILED = "TLS handshake failed"
+UNKNOWN_TOPIC, TOPIC_NOT_AUTHORIZED = 3, 29  # Kafka's error codes: UNKNOWN_TOPIC_OR_PARTITION, TOPIC_AUTHORIZATION_FAILED
 _HOST_MISMATCH = frozenset({62, 64})  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH
 _ERRNOS = {errno.ECONNREFUSED: "connection refused", errno.ETIMEDOUT: "timed out",
            errno.EHOSTUNREACH: "host unreachable", errno.ENETUNREACH: "network unreachable",
@@ -274,6 +274,154 @@ class RedisStreamTransport:
             await client.aclose()
 
 
+class KafkaTransport:
+    """A batch as one produce request of records to the target's topic, each record's key the
+    stream's id, on the partition Kafka's default partitioner gives that key (murmur2, as every
+    Kafka client computes it: a stream's records share a partition, in order), acknowledged by
+    every in-sync replica (acks=all).
+
+    The client is aiokafka (asyncio, as the server is: no thread of its own, as librdkafka has
+    under confluent-kafka), its connection and protocol layer only: its producer queues and
+    retries records itself, and would hold a connection lost for its whole request timeout
+    (and its stop() as long) before a failure reached the Sink. Here a batch is one request,
+    answered or failed (a lost connection fails it at once), and every retry is the Sink's.
+
+    A sink never creates a topic: brokers that create topics on demand would make one of a
+    mistyped URL. It asks for its topic without creating it, on each connect, and a topic the
+    broker does not have is an error that says so, retried like any other (a topic created
+    later is delivered to).
+
+    Kafka clients connect where the broker says brokers are (its advertised listeners): only
+    brokers at the URL's host (its name or a checked address) and port are allowed, each
+    reached at the checked address (``_pin``); a cluster that names any other is refused with
+    an error that says so."""
+
+    batch = IN_FLIGHT
+
+    def __init__(self, target: SinkTarget, stream_id: str, ca_file: str | None):
+        self._target = target
+        self._addresses = checked_addresses(target)
+        self._tls = tls_context(ca_file, target.host) if target.tls else None
+        self._topic = target.name_for(stream_id)
+        self._key = stream_id.encode()
+        self._client = None
+        self._partition = self._leader = -1
+
+    async def connect(self) -> None:
+        from aiokafka import AIOKafkaClient
+        from aiokafka.errors import KafkaError
+
+        target = self._target
+        for address in self._addresses:  # in the resolver's order, as a connection by name tries them
+            host = address["host"]
+            try:  # TCP and TLS first, on their own: aiokafka's bootstrap error keeps no cause to tell
+                _, writer = await asyncio.open_connection(host, target.port, ssl=self._tls)
+            except OSError as exc:  # ssl.SSLError is one
+                failed = exc
+                continue
+            writer.close()
+            client = AIOKafkaClient(
+                bootstrap_servers=f"[{host}]:{target.port}" if ":" in host else f"{host}:{target.port}",
+                client_id="rle-serving", request_timeout_ms=int(SEND_TIMEOUT_S * 1000),
+                security_protocol="SSL" if self._tls else "PLAINTEXT", ssl_context=self._tls)
+            try:
+                await client.bootstrap()
+            except KafkaError:  # TCP (and TLS) were answered: the server does not speak Kafka
+                await client.close()
+                failed = Failed(PROTOCOL)
+                continue
+            self._client = client
+            try:
+                self._pin(host)
+                await self._find_partition()
+            except BaseException:
+                await self.disconnect()
+                raise
+            return
+        raise failed
+
+    def _pin(self, address: str) -> None:
+        """Send the client to ``address`` (a checked one) for every broker the cluster names,
+        all of which must be at the URL's host and port."""
+        cluster = self._client.cluster
+        ours = {self._target.host, *(a["host"] for a in self._addresses)}
+        if any(b.host not in ours or b.port != self._target.port for b in cluster.brokers()):
+            raise Failed("Kafka: the broker names brokers at other hosts or ports than the URL's "
+                         "(a sink connects to its URL's host only)")
+        named = cluster.broker_metadata
+
+        def pinned(node_id):
+            broker = named(node_id)
+            if broker is None or broker.host not in ours or broker.port != self._target.port:
+                return None  # to aiokafka: a broker it does not know
+            return broker._replace(host=address)
+
+        # The one seam aiokafka has: the client asks the cluster where a broker is before each
+        # connection; a name looked up again there could answer an address never checked.
+        cluster.broker_metadata = pinned
+
+    async def _find_partition(self) -> None:
+        """The topic's partition for our key and its leader, asked without creating the topic."""
+        from aiokafka.partitioner import DefaultPartitioner
+        from aiokafka.protocol.metadata import MetadataRequest
+
+        client = self._client
+        answer = await client.send(client.get_random_node(),
+                                   MetadataRequest([self._topic], allow_auto_topic_creation=False))
+        # A topic is (error_code, name, ..., partitions); a partition (error_code, id, leader, ...).
+        found = [(topic[0], topic[-1]) for topic in answer.topics if topic[1] == self._topic]
+        code, partitions = found[0] if found else (UNKNOWN_TOPIC, [])
+        if code == UNKNOWN_TOPIC:
+            raise Failed(f"Kafka: no topic {self._topic!r} on the broker (create it: a sink does not create topics)")
+        if code == TOPIC_NOT_AUTHORIZED:
+            raise Failed(f"Kafka: not authorized for the topic {self._topic!r}")
+        if code != 0 or not partitions:
+            raise Failed(f"Kafka: the broker refused the topic {self._topic!r}")
+        leaders = {partition[1]: partition[2] for partition in partitions}
+        self._partition = DefaultPartitioner()(self._key, sorted(leaders), [p for p, lead in leaders.items() if lead >= 0])
+        self._leader = leaders[self._partition]
+        if self._leader < 0:
+            raise Failed("Kafka: the topic's partition has no leader now")
+
+    async def send(self, messages: list[bytes]) -> None:
+        from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NodeNotReadyError
+        from aiokafka.protocol.produce import ProduceRequest
+        from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+        assert self._client is not None
+        records = DefaultRecordBatchBuilder(2, 0, is_transactional=0, producer_id=-1, producer_epoch=-1,
+                                            base_sequence=-1, batch_size=1 << 30)  # the Sink bounds a batch
+        for offset, message in enumerate(messages):
+            records.append(offset, None, key=self._key, value=message, headers=[])
+        request = ProduceRequest(transactional_id=None, required_acks=-1, timeout=int(SEND_TIMEOUT_S * 1000),
+                                 topics=[(self._topic, [(self._partition, bytes(records.build()))])])
+        try:
+            answer = await self._client.send(self._leader, request)
+        except (KafkaConnectionError, NodeNotReadyError) as exc:
+            raise Failed(LOST) from exc
+        except KafkaTimeoutError as exc:
+            raise TimeoutError() from exc
+        except KafkaError as exc:  # by kind only: a broker's error texts are its own
+            raise Failed(f"Kafka: {type(exc).__name__}") from exc
+        # Each partition's answer is (id, error_code, ...); ours is the only one asked.
+        codes = {partition[1] for _, partitions in answer.topics for partition in partitions}
+        if codes != {0}:
+            names = sorted(kafka_error_name(code) for code in codes - {0})
+            raise Failed(f"Kafka: the broker refused the records ({', '.join(names) or 'no answer'})")
+
+    async def disconnect(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+
+def kafka_error_name(code: int) -> str:
+    """A Kafka error code's name as aiokafka's table has it (e.g. NotLeaderForPartitionError)."""
+    from aiokafka.errors import for_code
+
+    return for_code(code).__name__
+
+
 def checked_addresses(target: SinkTarget) -> list[ResolveResult]:
     """Where ``target``'s transport may connect: the addresses ``sink_targets.checked`` allowed.
     ValueError for a target never checked (a mistake of the code that made the Sink)."""
@@ -386,5 +534,5 @@ def frame_index(message: bytes) -> str:
 
 
 TRANSPORTS: dict[str, Callable[[SinkTarget, str, str | None], Transport]] = {
-    "webhook": WebhookTransport, "mqtt": MqttTransport, "redis": RedisStreamTransport}
+    "webhook": WebhookTransport, "mqtt": MqttTransport, "redis": RedisStreamTransport, "kafka": KafkaTransport}
 

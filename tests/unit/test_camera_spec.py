@@ -114,7 +114,7 @@ def test_a_private_camera_needs_its_address_listed():
     ({"max_fps": 0}, "max_fps"), ({"max_fps": -2}, "max_fps"), ({"max_fps": 1e6}, "max_fps"),
     ({"max_fps": float("nan")}, "max_fps"), ({"max_fps": "5"}, "max_fps"), ({"max_fps": True}, "max_fps"),
     ({"track": "yes"}, "'track' must be true or false"),
-    ({"sinks": ["kafka://broker/topic"]}, "kafka"), ({"sinks": "mqtt://h/t"}, "list of URLs"),
+    ({"sinks": ["amqp://broker/queue"]}, "amqp"), ({"sinks": "mqtt://h/t"}, "list of URLs"),
     ({"sinks": ["mqtt://h/t"] * 9}, "at most 8 sinks"),
     ({"parameters": {"confidence": 2}}, "confidence"), ({"parameters": {"colour": 1}}, "unknown parameter"),
     ({"parameters": {"lost_track_seconds": -1}}, "lost_track_seconds"),

@@ -50,11 +50,15 @@ URL = f"http://alice:{SECRET}@example.test:8080/hook"
     ("mqtts://broker/cameras", "mqtt", "broker", 8883, "cameras/{stream_id}"),
     ("MQTTS://broker:8884", "mqtt", "broker", 8884, "rle-serving/{stream_id}"),
     ("rediss://cache/results", "redis", "cache", 6379, "results"),
+    ("kafka://broker", "kafka", "broker", 9092, "rle-serving"),
+    ("kafka://broker:9093/cams", "kafka", "broker", 9093, "cams"),
+    ("kafka://broker/site.{stream_id}_results", "kafka", "broker", 9092, "site.{stream_id}_results"),
+    ("KAFKAS://broker/cams", "kafka", "broker", 9092, "cams"),
 ])
 def test_every_scheme_reads_with_its_defaults(url, kind, host, port, name):
     target = parse_sink(url)
     assert (target.kind, target.host, target.port, target.name) == (kind, host, port, name)
-    assert target.tls == url.lower().startswith(("https", "mqtts", "rediss"))
+    assert target.tls == url.lower().startswith(("https", "mqtts", "rediss", "kafkas"))
     assert (target.maxlen, target.db, target.username, target.password) == (10_000, 0, None, None)
     assert target.url == url and target.redacted == redact(url)
 
@@ -65,6 +69,8 @@ def test_stream_id_is_put_in_topics_and_keys():
     assert parse_sink("mqtt://b").name_for("cam-1") == "rle-serving/cam-1"
     assert parse_sink("redis://r").name_for("cam-1") == "rle-serving:cam-1"
     assert parse_sink("redis://r/all-cameras").name_for("cam-1") == "all-cameras"  # one key: stream_id is a field
+    assert parse_sink("kafka://k/cams").name_for("cam-1") == "cams"  # one topic: stream_id is the record's key
+    assert parse_sink("kafka://k/cams-{stream_id}").name_for("cam-1") == "cams-cam-1"
 
 
 def test_redis_options_and_credentials_are_read():
@@ -78,8 +84,8 @@ def test_redis_options_and_credentials_are_read():
     (None, "a sink is a URL such as mqtt://broker:1883/cameras, got NoneType"),
     (42, "got int"),
     ("  ", "got an empty one"),
-    ("kafka://broker:9092/topic", "unknown scheme 'kafka'; known: http://, https://, mqtt://, mqtts://, "
-                                  "redis://, rediss:// .Kafka is not supported"),
+    ("amqp://broker/q", "unknown scheme 'amqp'; known: http://, https://, mqtt://, mqtts://, "
+                        "redis://, rediss://, kafka://, kafkas://$"),
     ("broker:1883", "no scheme; known: http://"),
     ("ftp://h/x", "unknown scheme 'ftp'"),
     ("mqtt://", "no host .e.g. mqtt://broker.example:1883/"),
@@ -120,6 +126,14 @@ def test_redis_options_and_credentials_are_read():
     ("mqtts://b/cams/+", "no wildcards"),
     ("mqtts://b/cams?qos=2", "takes no .options"),
     ("rediss://r/3", "not a database number; write .db=3"),
+    ("kafka://k/cams/today", "a Kafka topic is letters, digits, '.', '_' and '-'"),
+    ("kafka://k/caf%C3%A9", "a Kafka topic is letters, digits"),
+    ("kafka://k/..", "not '.' or '..'"),
+    ("kafka://k/" + "t" * 250, "a Kafka topic is at most 249 characters"),
+    ("kafka://k/cams?acks=1", "a Kafka sink takes no .options"),
+    ("kafka://user:pw@k/cams", "a Kafka sink takes no user name or password .SASL is not supported."),
+    ("kafkas://token@k/cams", "a Kafka sink takes no user name or password"),
+    ("kafka://k:0/cams", "the port must be a number from 1 to 65535"),
 ])
 def test_bad_sink_urls_say_what_is_wrong(url, message):
     with pytest.raises(BadInputError, match=message):
@@ -146,6 +160,8 @@ def test_an_error_repeats_the_start_of_a_long_url_only(url):
     ("https://u:pw@h/hook?token=abc&x", "https://u:***@h/hook?token=***&x=***"),
     ("http://h/p@th", "http://h/p@th"),  # an "@" in a webhook's path is not a credential
     ("mqtt://b/t", "mqtt://b/t"),
+    ("kafkas://user:pw@k/cams", "kafkas://user:***@k/cams"),
+    ("kafka://k/cams?x=1", "kafka://k/cams?x=***"),
     ("not a url", "not a url"),
 ])
 def test_redaction_keeps_secrets_out(url, shown):
@@ -277,7 +293,16 @@ def test_an_mqtt_topic_is_refused_over_65535_bytes_with_the_stream_id_in_it(dns)
         check(url, stream_id="cam-123")
 
 
-@pytest.mark.parametrize("kind, url", [("webhook", "http://h/x"), ("mqtt", "mqtt://b/t"), ("redis", "redis://r/k")])
+def test_a_kafka_topic_is_refused_over_249_characters_with_the_stream_id_in_it(dns):
+    url = "kafka://127.0.0.1/" + "t" * (249 - len("cam-1")) + "{stream_id}"
+    assert len(check(url).name_for("cam-1")) == 249
+    with pytest.raises(BadInputError, match="the Kafka topic is 251 characters .with the stream id in it.; "
+                                            "Kafka allows at most 249"):
+        check(url, stream_id="cam-123")
+
+
+@pytest.mark.parametrize("kind, url", [("webhook", "http://h/x"), ("mqtt", "mqtt://b/t"), ("redis", "redis://r/k"),
+                                       ("kafka", "kafka://k/t")])
 def test_a_transport_refuses_a_target_never_checked(kind, url):
     with pytest.raises(ValueError, match="only to the addresses checked"):
         TRANSPORTS[kind](parse_sink(url), "cam-1", None)
