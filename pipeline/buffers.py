@@ -10,7 +10,7 @@ Not thread-safe and never waits: an owner that shares it between threads locks a
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -63,3 +63,7 @@ class DropOldest(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __iter__(self) -> Iterator[T]:
+        """The items waiting, oldest first, left in (a history read, not consumed)."""
+        return iter(list(self._items))

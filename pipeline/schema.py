@@ -116,12 +116,13 @@ def document(det: Detections, class_names: Sequence[str], mask_format: str = "rl
 # --------------------------------------------------------------------------- polygons
 
 
-def window_mask(runs: RunLengths, i: int, box) -> tuple[np.ndarray, int, int]:
-    """Mask i cut to its box window (h, w) uint8, with the window's (top, left)."""
+def window_mask(runs: np.ndarray, size: tuple[int, int], box) -> tuple[np.ndarray, int, int]:
+    """A mask (column-major ``runs`` of ``size`` (H, W)) cut to its box window: (h, w) uint8,
+    with the window's (top, left)."""
     from .rle import box_windows, dense
 
-    top, left, bottom, right = box_windows(np.asarray(box)[None], runs.size)[0]
-    full = dense(runs.runs(i), runs.size)
+    top, left, bottom, right = box_windows(np.asarray(box)[None], size)[0]
+    full = dense(runs, size)
     return full[top:bottom, left:right], int(top), int(left)
 
 
@@ -150,7 +151,13 @@ def outer_contour(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def polygon(runs: RunLengths, i: int, box) -> list[dict]:
-    crop, top, left = window_mask(runs, i, box)
+    return outline(runs.runs(i), runs.size, box)
+
+
+def outline(runs: np.ndarray, size: tuple[int, int], box) -> list[dict]:
+    """The ``points`` of one mask (column-major ``runs`` of ``size``) within its xyxy box:
+    ``outer_contour`` in image pixels."""
+    crop, top, left = window_mask(runs, size, box)
     return [{"x": float(x + left), "y": float(y + top)} for x, y in outer_contour(crop)]
 
 

@@ -30,6 +30,9 @@ many frames a second fail.
 
 A sink reaches the addresses its target was allowed when its stream was added
 (``sink_targets.checked``). ``offer``, ``start`` and ``close`` are called on the event loop.
+
+A ``MemorySink`` keeps a stream's messages in the server for a reader to take (an inference
+pipeline's ``consume``): the same face, with nothing to connect to and nothing retried.
 """
 
 from __future__ import annotations
@@ -232,3 +235,67 @@ class Sink:
             log.debug("%r: disconnect: %s", self, failure(exc))
 
 
+
+
+class MemorySink:
+    """A sink whose target is the server's own memory: the latest ``buffer`` messages wait
+    there until their reader ``take``s them (an inference pipeline's ``consume``). Offered,
+    started, closed and counted as a ``Sink`` is, so a stream treats both alike: when
+    ``buffer`` wait, the oldest is dropped and counted (a live stream), or a file played as
+    fast as possible waits for ``room()`` (nothing dropped). ``close`` keeps what waits: a
+    stream that ended is still read to its last result."""
+
+    kind = "memory"
+
+    def __init__(self, stream_id: str, buffer: int):
+        if buffer < 1:
+            raise BadInputError(f"a memory sink holds at least 1 message, got {buffer}")
+        self.stream_id = stream_id
+        self._waiting: DropOldest[bytes] = DropOldest(buffer)
+        self._room = asyncio.Event()  # a message was taken, or close() was called
+        self._closed = False
+        self._discarded = 0  # offered after close
+        self.delivered = 0  # taken by the reader
+
+    def __repr__(self) -> str:
+        return f"memory sink of stream {self.stream_id!r}"
+
+    def start(self) -> None:
+        """Nothing to connect: here for the ``Sink`` contract."""
+
+    @property
+    def dropped(self) -> int:
+        return self._waiting.dropped + self._discarded
+
+    @property
+    def full(self) -> bool:
+        return self._waiting.full
+
+    def offer(self, message: bytes) -> None:
+        if self._closed:
+            self._discarded += 1
+        else:
+            self._waiting.push(message)
+
+    def take(self) -> bytes | None:
+        """The oldest waiting message, taken out; None when none waits."""
+        if not self._waiting:
+            return None
+        self.delivered += 1
+        self._room.set()
+        return self._waiting.pop()
+
+    async def room(self) -> None:
+        while self.full and not self._closed:
+            self._room.clear()
+            await self._room.wait()
+
+    async def close(self, timeout_s: float) -> None:
+        """Take no more messages; those waiting stay to be taken."""
+        self._closed = True
+        self._room.set()
+
+    def status(self) -> dict:
+        """The same fields as a ``Sink``'s: "delivered" are the messages taken."""
+        return {"url": "memory:", "kind": self.kind, "connected": True, "delivered": self.delivered,
+                "dropped": self.dropped, "buffered": len(self._waiting), "retries": 0, "last_error": None}

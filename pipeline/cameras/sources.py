@@ -126,6 +126,17 @@ class CapturedFrame:
         return Picture(self.rgb, self.size or self.rgb.shape[:2])
 
 
+@dataclass(frozen=True)
+class SourceProperties:
+    """What the latest open of a source found: its frames' full size in pixels, the frame rate
+    its container declares (0.0: none) and its frame count (0: unknown, as for a live source)."""
+
+    width: int
+    height: int
+    fps: float
+    total_frames: int
+
+
 class FrameQueue:
     """Frames from a decoding thread to one consumer on an event loop, at most ``size`` waiting.
 
@@ -287,6 +298,7 @@ class Source:
         self._admitted: tuple[int, int] | None = None  # the frame size ``admit`` said yes to
         self.frames_decoded = 0
         self.reconnects = 0  # opens tried again after a network source failed or was lost
+        self.properties: SourceProperties | None = None  # each open's (``_decode``); None before
         self._queue = queue
         self._on_state = on_state
         self._sampler = _Sampler(max_fps)
@@ -412,6 +424,7 @@ class Source:
         self._pace_anchor = None
         frames = 0
         known = (stream.codec_context.height, stream.codec_context.width)
+        self.properties = SourceProperties(known[1], known[0], float(rate) if rate else 0.0, stream.frames or 0)
         refused = self._refusal(known) if all(known) else None  # before a frame takes memory
         if refused:
             return "refused", refused

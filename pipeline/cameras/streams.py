@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -54,7 +54,7 @@ from ..serving.state import ServingState
 from ..serving.stream_window import StreamWindow
 from ..serving.url_policy import AllowList
 from .sink_targets import checked
-from .sinks import Sink
+from .sinks import MemorySink, Sink
 from .sources import CapturedFrame, FrameQueue, Source
 from .spec import SourceRules, StreamSpec
 
@@ -78,6 +78,7 @@ DECODER_BYTES_PER_PIXEL = 8
 # so stopping hung cameras never holds the workers that answer requests.
 _STOPPERS = ThreadPoolExecutor(4, thread_name_prefix="camera-stop")
 RATE_SPAN_S = 5.0
+STATE_CHANGES = FRAME_TIMES = 64  # the latest kept of each, for a stream's history and latencies
 COUNTS = ("frames_sampled", "frames_out", "frames_dropped", "frame_errors", "subscriber_dropped")
 
 
@@ -95,6 +96,24 @@ class CameraResult:
     error: str = ""
     dropped: bool = False
     rgb: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """One change of a stream's state: when (epoch seconds), to what, and why (an error)."""
+
+    timestamp: float
+    state: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class FrameTimes:
+    """When one answered frame was decoded, went into the batcher and was answered (epoch s)."""
+
+    decoded: float
+    started: float
+    answered: float
 
 
 class RateMeter:
@@ -199,7 +218,8 @@ class CameraCall:
 class CameraStream:
     """One stream: its source, queue, window, sinks and counts (see the module's vocabulary)."""
 
-    def __init__(self, stream_id: str, spec: StreamSpec, owner: CameraStreams):
+    def __init__(self, stream_id: str, spec: StreamSpec, owner: CameraStreams,
+                 own_sinks: Sequence[Sink | MemorySink] = ()):
         self.id = stream_id
         self.spec = spec
         self.owner = owner
@@ -210,6 +230,8 @@ class CameraStream:
         self.paused = False
         self.counts: Counter = Counter()
         self.rate_in, self.rate_out = RateMeter(), RateMeter()
+        self.changes: DropOldest[StateChange] = DropOldest(STATE_CHANGES)
+        self.times: DropOldest[FrameTimes] = DropOldest(FRAME_TIMES)
         self._last_index = -1
         self.live = live = spec.network or spec.realtime
         loop = asyncio.get_running_loop()
@@ -224,7 +246,7 @@ class CameraStream:
                                  self._source_state, state, error),
                              long_side=self.long_side, admit=self._admit_frames)
         self.sinks = [Sink(target, stream_id, buffer=owner.sink_buffer, ca_file=owner.sink_ca_file)
-                      for target in spec.sinks]
+                      for target in spec.sinks] + list(own_sinks)
         self.window: StreamWindow[CameraCall, CameraResult] = StreamWindow(
             self._process, CameraCall.fail, window=1 if live else FILE_WINDOW)
         self._answered = asyncio.Event()  # a live stream's frame in the batcher is answered
@@ -259,6 +281,7 @@ class CameraStream:
         except Exception as exc:  # noqa: BLE001 - a stream's fault must not reach the others
             LOG.exception("camera stream %s failed", self.id)
             self.state, self.last_error = "failed", f"internal error: {exc}"
+            self.changes.push(StateChange(time.time(), self.state, self.last_error))
             asyncio.get_running_loop().run_in_executor(_STOPPERS, self.source.stop)
         finally:
             self._release()
@@ -340,10 +363,12 @@ class CameraStream:
     def pause(self) -> None:
         self.paused = True
         self.source.pause()
+        self.changes.push(StateChange(time.time(), "paused"))
 
     def resume(self) -> None:
         self.paused = False
         self.source.resume()
+        self.changes.push(StateChange(time.time(), self.state))
 
     # ------------------------------------------------------------------ frames
 
@@ -383,10 +408,14 @@ class CameraStream:
             self._answered.set()
 
     async def _process(self, call: CameraCall) -> CameraResult:
+        started = time.time()
         try:
-            return await run(self.owner.state, call, self.client)
+            result = await run(self.owner.state, call, self.client)
         finally:
             self.answer_given(call.turn)
+        if result.answer is not None:
+            self.times.push(FrameTimes(call.frame.captured, started, time.time()))
+        return result
 
     def frame_for_subscribers(self, frame: CapturedFrame) -> np.ndarray | None:
         """The frame, kept with its result only while a subscriber asked for frames."""
@@ -436,6 +465,7 @@ class CameraStream:
         self.state = state
         if error:
             self.last_error = error
+        self.changes.push(StateChange(time.time(), state, error))
 
     # ------------------------------------------------------------------ status
 
@@ -480,15 +510,17 @@ class CameraStreams:
             self._turns[model] = asyncio.Semaphore(BATCHES_IN_TURN * limit)
         return self._turns[model]
 
-    async def add(self, spec: StreamSpec) -> CameraStream:
+    async def add(self, spec: StreamSpec, own_sinks: Sequence[Sink | MemorySink] = ()) -> CameraStream:
         """Start a stream, once its source's host and every sink's are allowed (each looked up
-        once: the sinks connect to the addresses checked here)."""
+        once: the sinks connect to the addresses checked here). ``own_sinks``: sinks the server
+        made itself, beside the spec's (an inference pipeline's ``MemorySink``)."""
         stream_id = self._admit(spec)
         if spec.network:
             await self.rules.check(spec.location)
         sinks = await asyncio.gather(*(checked(target, stream_id, self.sink_allow) for target in spec.sinks))
         stream_id = self._admit(spec, stream_id)  # again: the server may have changed meanwhile
-        stream = self._streams[stream_id] = CameraStream(stream_id, replace(spec, sinks=tuple(sinks)), self)
+        stream = self._streams[stream_id] = CameraStream(stream_id, replace(spec, sinks=tuple(sinks)), self,
+                                                          own_sinks)
         stream.start()
         LOG.info("camera stream %s: %s -> %s", stream_id, spec.display, spec.model)
         return stream

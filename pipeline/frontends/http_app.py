@@ -135,6 +135,14 @@ async def _read_prefix(request: web.Request, limit: int) -> bytes:
     return prefix
 
 
+def _key_may_be_in_body(request: web.Request) -> bool:
+    """The matched app lists the request's path, or its route's pattern
+    (``/inference_pipelines/{pipeline_id}/status``), in BODY_KEY_PATHS."""
+    paths = setting(request, BODY_KEY_PATHS, ())
+    resource = request.match_info.route.resource
+    return request.path in paths or (resource is not None and resource.canonical in paths)
+
+
 def error_response(error: BaseException, field: str) -> web.Response:
     """``error`` as an app's error document (``{field: message}``), its status from the one
     table in ``pipeline.errors``: every HTTP failure, a call's ``fail`` too."""
@@ -183,7 +191,7 @@ def middlewares(state: ServingState, *, max_body: int, token: Token | None) -> l
             request[AUTHORIZED] = token.accepts(request.headers.get("Authorization", ""),
                                                 request.query.get("api_key"))
             if not request[AUTHORIZED]:
-                if request.path not in setting(request, BODY_KEY_PATHS, ()):
+                if not _key_may_be_in_body(request):
                     raise UnauthenticatedError(NO_TOKEN)
                 prefix = await _read_prefix(request, KEY_PREFIX_BYTES)
                 if not token.accepts(api_key=leading_api_key(prefix)):

@@ -53,6 +53,16 @@ def add_routes(app: web.Application, state: ServingState, *, token: Token | None
     r.add_get("/{model}/{version}", api.v0)
 
 
+def repository_model(state: ServingState, model_id: Any) -> str:
+    """The repository's model that Roboflow's ``model_id`` (``<model>/<version>``) names."""
+    if not isinstance(model_id, str) or model_id.count("/") != 1:
+        raise BadInputError(f"model_id must be '<model>/<version>', e.g. "
+                            f"'instance_segmentation/{VERSION}', got {model_id!r}")
+    name, version = model_id.split("/")
+    state.lookup(name, version)  # NotFoundError names what is served
+    return name
+
+
 class _Handlers:
     def __init__(self, state: ServingState, token: Token | None, max_body: int,
                  allow_image_urls: bool, image_url_allow: AllowList = AllowList()):
@@ -67,14 +77,6 @@ class _Handlers:
                             "batch_size": pipe.max_batch_size}
                            for name, pipe in sorted(self.state.pipelines.items())]}
 
-    def _model(self, model_id: Any) -> str:
-        if not isinstance(model_id, str) or model_id.count("/") != 1:
-            raise BadInputError(f"model_id must be '<model>/<version>', e.g. "
-                                f"'instance_segmentation/{VERSION}', got {model_id!r}")
-        name, version = model_id.split("/")
-        self.state.lookup(name, version)  # NotFoundError names what is served
-        return name
-
     async def registry(self, request):
         return web.json_response(self._registered())
 
@@ -83,11 +85,11 @@ class _Handlers:
         if not isinstance(body, dict):
             raise BadInputError("the body must be a JSON object {model_id, api_key}")
         body_key_ok(request, self.token, body)
-        self._model(body.get("model_id"))
+        repository_model(self.state, body.get("model_id"))
         return web.json_response(self._registered())
 
     async def v0(self, request: web.Request) -> web.StreamResponse:
-        name = self._model(f"{request.match_info['model']}/{request.match_info['version']}")
+        name = repository_model(self.state, f"{request.match_info['model']}/{request.match_info['version']}")
         query = request.query
         params = _parameters(query, legacy=True)
         output = query.get("format", "json")
@@ -101,7 +103,7 @@ class _Handlers:
         if not isinstance(body, dict):
             raise BadInputError("the body must be a JSON object {model_id, image, ...}")
         body_key_ok(request, self.token, body)
-        name = self._model(body.get("model_id"))
+        name = repository_model(self.state, body.get("model_id"))
         many = isinstance(body.get("image"), list)
         given = body.get("image") if many else [body.get("image")]
         if not given or given == [None]:

@@ -32,6 +32,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from .. import memory, rle
 from ..cameras.spec import SourceRules
+from ..cameras.pipelines import Pipelines
 from ..cameras.streams import CameraStreams
 from ..errors import ConfigError, ShuttingDownError
 from ..proto import video_pb2, video_pb2_grpc
@@ -42,7 +43,7 @@ from ..serving.state import ClientLimits, ServingState
 from ..serving.url_policy import AllowList
 from ..telemetry import Ledger
 from ..tracking import Tracks
-from . import grpc_kserve, http_cameras, http_kserve, http_roboflow, metrics
+from . import grpc_kserve, http_cameras, http_kserve, http_pipelines, http_roboflow, metrics
 from .auth import Token, TokenInterceptor
 from .config import ServerConfig
 from .grpc_calls import MessageGuard
@@ -222,6 +223,7 @@ class PipelineServer:
         app = web.Application(client_max_size=max_body,
                               middlewares=middlewares(self.state, max_body=max_body, token=token))
         app.add_subapp("/v1/streams", http_cameras.app(self.cameras))  # before Roboflow's catch-all
+        app.add_subapp(http_pipelines.PREFIX, http_pipelines.app(Pipelines(self.cameras), self.state, token))
         http_roboflow.add_routes(app, self.state, token=token, max_body=max_body,
                                  allow_image_urls=cfg.allow_image_urls,
                                  image_url_allow=cfg.image_url_allow)
