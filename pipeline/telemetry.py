@@ -59,6 +59,20 @@ class Histogram:
         self.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += weight  # le: bound >= seconds
         self.sum_s += seconds * weight
 
+    def quantile(self, q: float) -> float | None:
+        """The ``q`` quantile (0..1) in seconds as Prometheus' ``histogram_quantile`` estimates
+        it: linear within the bucket the rank falls in; the largest bound for ranks in the
+        +Inf bucket; None with no observations."""
+        total = sum(self.counts)
+        if not total:
+            return None
+        rank, below, lower = q * total, 0, 0.0
+        for bound, count in zip(LATENCY_BUCKETS_S, self.counts):
+            if count and below + count >= rank:
+                return lower + (bound - lower) * (rank - below) / count
+            below, lower = below + count, bound
+        return LATENCY_BUCKETS_S[-1]
+
 
 @dataclass
 class ModelTotals:
@@ -97,6 +111,7 @@ class Ledger:
         # a stream naming no loaded model adds no series (it leaves when the stream ends).
         self._model_streams: Counter = Counter()
         self._frames_dropped = 0
+        self._requests_by_api: Counter = Counter()  # (api, "ok" or the failure's reason) -> requests
 
     def _model(self, model: str) -> ModelTotals:
         return self._models.setdefault(model, ModelTotals())
@@ -123,11 +138,13 @@ class Ledger:
                     latency[name].observe(report.stages[stage], report.size)
 
     def record_request(self, model: str, *, images: int, duration_s: float, output_s: float = 0.0,
-                       failure: str | None = None) -> None:
-        """One request's outcome: ``failure`` is None or its status name (lower case). The
-        request and output histograms count answered requests only: failures (fast refusals
-        among them) would flatter the latency; they are counted by reason instead."""
+                       failure: str | None = None, api: str = "") -> None:
+        """One request's outcome: ``failure`` is None or its status name (lower case); ``api``:
+        the way it came in (a ``serving.life.Call``'s). The request and output histograms count
+        answered requests only: failures (fast refusals among them) would flatter the latency;
+        they are counted by reason instead."""
         with self._lock:
+            self._requests_by_api[(api, failure or "ok")] += 1
             t = self._model(model)
             if failure is None:
                 t.requests_ok += 1
@@ -178,6 +195,11 @@ class Ledger:
     def frames_dropped(self, count: int = 1) -> None:
         with self._lock:
             self._frames_dropped += count
+
+    def requests_by_api(self) -> dict[tuple[str, str], int]:
+        """Requests so far by (api, outcome): "ok", or the failure's reason."""
+        with self._lock:
+            return dict(self._requests_by_api)
 
     def totals(self, model: str) -> ModelTotals:
         """A copy of one model's totals (zeros if it has done nothing yet)."""

@@ -53,6 +53,7 @@ from ..serving.request import CAMERAS, Answer, InferRequest, Tracking
 from ..serving.state import ServingState
 from ..serving.stream_window import StreamWindow
 from ..serving.url_policy import AllowList
+from ..telemetry import Histogram
 from .sink_targets import checked
 from .sinks import MemorySink, Sink
 from .sources import CapturedFrame, FrameQueue, Source
@@ -187,6 +188,8 @@ class CameraCall:
     (its parameters read once, when the stream was added), answered as a ``CameraResult``,
     its failure one too. A live frame holds its ``turn`` until it is answered."""
 
+    api = API  # the books' name for the way it came in
+
     def __init__(self, stream: CameraStream, frame: CapturedFrame, turn: Turn | None):
         self.stream, self.frame, self.turn = stream, frame, turn
         self.model = stream.spec.model
@@ -232,6 +235,7 @@ class CameraStream:
         self.rate_in, self.rate_out = RateMeter(), RateMeter()
         self.changes: DropOldest[StateChange] = DropOldest(STATE_CHANGES)
         self.times: DropOldest[FrameTimes] = DropOldest(FRAME_TIMES)
+        self.lag = Histogram()  # seconds from a frame's decoding to its result's delivery
         self._last_index = -1
         self.live = live = spec.network or spec.realtime
         loop = asyncio.get_running_loop()
@@ -452,6 +456,7 @@ class CameraStream:
         if result.answer is not None:
             self.counts["frames_out"] += 1
             self.rate_out.add()
+            self.lag.observe(time.time() - result.timestamp)
             for sink in self.sinks:
                 sink.offer(result.message)
         elif result.error:

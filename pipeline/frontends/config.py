@@ -82,6 +82,9 @@ class ServerConfig:
                                          metavar="SECONDS")
     max_http_connections: int = setting(1000, "HTTP connections open at once, lowered to fit the open-file "
                                         "limit; beyond it a new connection is closed at once", metavar="N")
+    no_dashboard: bool = setting(False, "turn off the live page /dashboard on the HTTP port and its "
+                                 "endpoints (404); with --token it asks for the token and shows "
+                                 "nothing without it")
     metrics_token_required: bool = setting(False, "require the --token bearer token on /metrics too; "
                                            "otherwise it is open, as Prometheus scrapes without one, "
                                            "and served over TLS when TLS is set")

@@ -159,6 +159,8 @@ class KServeCall:
     shared memory held from then on), answered as a ``ModelInferResponse``; its failure is
     the unary call's status."""
 
+    api = "kserve_grpc"  # the books' name for the way it came in
+
     def __init__(self, received: InferMessage, regions: SharedMemory,
                  context: grpc.aio.ServicerContext | None = None, deadline: float | None = None):
         self.message, self.raw = received.message, received.raw

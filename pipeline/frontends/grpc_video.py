@@ -101,6 +101,8 @@ class FrameCall:
     ``dropped``). arrived: when it was read, so ``server_ms`` includes waiting in the window.
     call: the stream call it came in; tracked: that call's trackers, freed when it ends."""
 
+    api = "video_grpc"  # the books' name for the way it came in
+
     def __init__(self, frame: vpb.Frame, arrived: float, regions: SharedMemory, call: int, client: str,
                  tracked: set[tuple[str, str]]):
         self.frame, self.arrived, self.regions = frame, arrived, regions

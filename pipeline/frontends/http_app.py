@@ -149,7 +149,10 @@ def error_response(error: BaseException, field: str) -> web.Response:
     return web.json_response({field: describe(error)}, status=status_of(error).http)
 
 
-def middlewares(state: ServingState, *, max_body: int, token: Token | None) -> list:
+def middlewares(state: ServingState, *, max_body: int, token: Token | None,
+                open_pages: frozenset[str] = frozenset()) -> list:
+    """``open_pages``: paths GET without the token (a page that holds no data and asks for
+    the token itself: the dashboard's shell)."""
     def too_large(length: int | None = None) -> TooLargeError:
         what = "the body" if length is None else f"the body of {length} bytes"
         return TooLargeError(f"{what} exceeds the {max_body}-byte limit (--max-message-mb)")
@@ -187,7 +190,8 @@ def middlewares(state: ServingState, *, max_body: int, token: Token | None) -> l
     @web.middleware
     async def guard(request: web.Request, handler):
         """The bearer token (or the SDK's api_key), and the connection's share of the server."""
-        if token is not None and not request.path.startswith(OPEN_HTTP_PATHS):
+        opened = request.method in ("GET", "HEAD") and request.path in open_pages
+        if token is not None and not request.path.startswith(OPEN_HTTP_PATHS) and not opened:
             request[AUTHORIZED] = token.accepts(request.headers.get("Authorization", ""),
                                                 request.query.get("api_key"))
             if not request[AUTHORIZED]:

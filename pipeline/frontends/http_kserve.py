@@ -156,6 +156,8 @@ class InferCall:
     JSON document, then the binary inputs after it); ``respond`` answers with what the
     document asked for (a JSON header, binary outputs after it); ``fail`` with ``{"error"}``."""
 
+    api = "kserve_http"  # the books' name for the way it came in
+
     def __init__(self, model: str, version: str, body: bytes | memoryview, header_length: str | None,
                  regions: SharedMemory):
         self.model, self.version, self.body, self.header_length = model, version, body, header_length

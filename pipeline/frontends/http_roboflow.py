@@ -159,6 +159,8 @@ class RoboflowCall:
     per image (a list when the request sent a list: ``many``), or with the first image drawn
     as JPEG (``draw``: v0's ``format=image``); a failure is ``{"message": ...}``."""
 
+    api = "roboflow_http"  # the books' name for the way it came in
+
     def __init__(self, model: str, params: dict, images: list[bytes], *, many: bool, draw: bool = False):
         self.model, self.params, self.images, self.many, self.draw = model, params, images, many, draw
         self.started = time.monotonic()

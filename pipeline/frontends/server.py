@@ -46,6 +46,7 @@ from ..tracking import Tracks
 from . import grpc_kserve, http_cameras, http_kserve, http_pipelines, http_roboflow, metrics
 from .auth import Token, TokenInterceptor
 from .config import ServerConfig
+from .dashboard import PAGES, Dashboard
 from .grpc_calls import MessageGuard
 from .grpc_cameras import CameraService
 from .grpc_kserve import InferenceService
@@ -108,6 +109,7 @@ class PipelineServer:
         self._metrics = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
+        self.started = time.time()
 
     async def start(self, serve_metrics: bool = True) -> PipelineServer:
         """Listen, load, then report SERVING; on any failure undo what was started and raise.
@@ -220,10 +222,15 @@ class PipelineServer:
         """Roboflow's API on the root app (its paths share no prefix), KServe v2 REST at /v2."""
         cfg = self.config
         max_body = cfg.max_message_mb * 1024 * 1024
+        page = None if cfg.no_dashboard else Dashboard(self.state, self.cameras, threads=self.threads,
+                                                       started=self.started)
         app = web.Application(client_max_size=max_body,
-                              middlewares=middlewares(self.state, max_body=max_body, token=token))
+                              middlewares=middlewares(self.state, max_body=max_body, token=token,
+                                                      open_pages=PAGES if page else frozenset()))
         app.add_subapp("/v1/streams", http_cameras.app(self.cameras))  # before Roboflow's catch-all
         app.add_subapp(http_pipelines.PREFIX, http_pipelines.app(Pipelines(self.cameras), self.state, token))
+        if page is not None:
+            page.add_routes(app)
         http_roboflow.add_routes(app, self.state, token=token, max_body=max_body,
                                  allow_image_urls=cfg.allow_image_urls,
                                  image_url_allow=cfg.image_url_allow)

@@ -30,6 +30,7 @@ class Call(Protocol[Response]):
     """One request as its adapter holds it.
 
     model: the model its message names, for the books even when it cannot be read.
+    api: the way it came in, for the books (``Ledger.requests_by_api``).
     read(): the request, read from the message (BadInputError if unusable); called once.
     respond(answer): the protocol's response, built in a worker thread (JSON, polygons and
     tensors are CPU work). fail(error): the protocol's answer to ``error``, on the event
@@ -37,6 +38,7 @@ class Call(Protocol[Response]):
     cancelled or stopped before it ran) a CancelledError or ShuttingDownError."""
 
     model: str
+    api: str
 
     def read(self) -> InferRequest: ...
 
@@ -100,7 +102,7 @@ async def run(state: ServingState, call: Call[Response], client: str = "", *,
         if model in state.pipelines:
             reason = status_of(exc).grpc.lower() if isinstance(exc, Exception) else "cancelled"
             ledger.record_request(model, images=len(images), duration_s=time.monotonic() - started,
-                                  failure=reason)
+                                  failure=reason, api=call.api)
         if not isinstance(exc, Exception):
             raise
         if hold is not None and isinstance(exc, DeadlineError) and exc.retry_after_s:
@@ -113,5 +115,5 @@ async def run(state: ServingState, call: Call[Response], client: str = "", *,
             held.held -= 1
     done = time.monotonic()
     ledger.record_request(model, images=len(images), duration_s=done - started,
-                          output_s=done - built)
+                          output_s=done - built, api=call.api)
     return response

@@ -25,6 +25,7 @@ class FakeCall:
     """A call whose reading fails with ``error`` (the window reads it when it starts it)."""
 
     model = "model"
+    api = "fake"
 
     def __init__(self, i: int, error: Exception, started: list[float]):
         self.i, self.error, self.started = i, error, started
