@@ -1,7 +1,8 @@
 """The engine: a pipeline model from the repository, run with dynamic batching.
 
-    images -> header probe (images) -> DynamicBatcher (batcher) -> decode / letterbox
-      -> network (runner) -> NMS + box-aware masks (postprocess)
+    images -> header probe (images) -> DynamicBatcher (batcher) -> decode, resize
+      (the network's Preprocess) -> network (runner) -> its head's detections (heads)
+      -> masks (postprocess)
       -> run lengths for the whole batch (rle) -> one host copy
       -> ASCII packing + response documents (schema)
 
@@ -29,7 +30,7 @@ import numpy as np
 from . import memory, rle, schema
 from .batcher import DynamicBatcher, QueuePolicy
 from .errors import BadInputError, PipelineError
-from .images import Letterbox, PixelBudget, as_picture, letterbox, letterbox_geometry, probe
+from .images import PixelBudget, Placement, as_picture, probe
 from .postprocess import Detections, PostprocessOptions, postprocess
 from .repository import DEFAULT_MODEL, ModelEntry, ModelRepository, instance_count, pinned_batch_limit
 from .runners import load_runner, resolve_device
@@ -44,7 +45,7 @@ class Accepted:
     where it will sit in the network input, and what the request asked for."""
 
     source: Any
-    geometry: Letterbox
+    geometry: Placement
     options: PostprocessOptions
 
 
@@ -93,13 +94,18 @@ class Pipeline:
         # Requests using this version now: a frontend counts them, so a replaced version is
         # freed only once it has answered them (see serving/control.py).
         self.held = 0
-        LOG.info("%s: network %s on %s, %d classes, scale %d (%s), batches of up to %d "
-                 "(max_batch_size %d)", entry.name, network.name, device, self.info.num_classes,
-                 self.info.input_size, f"any size, stride {self.info.stride}" if self.info.stride
-                 else "square", self.batch_limit, self.max_batch_size)
+        LOG.info("%s: network %s on %s, %d classes, %s, batches of up to %d (max_batch_size %d)",
+                 entry.name, network.name, device, self.info.num_classes,
+                 self.info.preprocess.describe(), self.batch_limit, self.max_batch_size)
 
     def _batch_limit(self) -> int:
-        """Pinned in config.pbtxt, else measured now (``calibration.choose_batch_size``)."""
+        """The file's own batch size where it fixes one, else pinned in config.pbtxt, else
+        measured now (``calibration.choose_batch_size``)."""
+        fixed = self.info.fixed_batch
+        if fixed:
+            LOG.info("%s: %s fixes its batch size at %d: batches of %d whatever max_batch_size "
+                     "(%d) says", self.name, self.runner.path.name, fixed, fixed, self.max_batch_size)
+            return fixed
         pinned = pinned_batch_limit(self.entry.config, self.entry.config_path)
         if pinned is not None:
             return pinned
@@ -147,18 +153,16 @@ class Pipeline:
         source, size = probe(image)
         if pixels is not None:
             pixels.take(*size)
-        geometry = letterbox_geometry(*size, self.info.input_size, self.info.stride)
-        return Accepted(source, geometry, options or self.defaults)
+        return Accepted(source, self.info.preprocess.place(*size), options or self.defaults)
 
     def prepare(self, accepted: Accepted):
-        """Decode (reduced, before any float tensor, when it is far larger) and letterbox: the
-        (3, input_h, input_w) float32 tensor on the device."""
-        picture = as_picture(accepted.source, long_side=self.info.input_size)
+        """Decode (reduced, before any float tensor, when it is far larger) and prepare as the
+        network's Preprocess says: the (3, input_h, input_w) float32 tensor on the device."""
+        picture = as_picture(accepted.source, long_side=self.info.preprocess.decode_side())
         if picture.size != (accepted.geometry.height, accepted.geometry.width):
             raise BadInputError(f"image decodes to {picture.size[1]}x{picture.size[0]} but its "
                                 f"header says {accepted.geometry.width}x{accepted.geometry.height}")
-        tensor, _ = letterbox(picture, self.info.input_size, self.device,
-                              geometry=accepted.geometry)
+        tensor, _ = self.info.preprocess.tensor(picture, self.device, accepted.geometry)
         return tensor
 
     def run_batch(self, pairs: Sequence[tuple[int, Accepted]],
@@ -183,10 +187,10 @@ class Pipeline:
         stages["preprocess"] = network_start - start
         if not ready:
             return failed
-        pred, proto = self.runner(torch.stack(tensors))
+        outputs = self.runner(torch.stack(tensors))
         stages["network"] = time.perf_counter() - network_start
-        dets = postprocess(pred, proto, [a.geometry for _, a in ready],
-                           [a.options for _, a in ready], self.info.num_classes, stages)
+        dets = postprocess(outputs, self.runner.head, [a.geometry for _, a in ready],
+                           [a.options for _, a in ready], stages)
         return [(request_id, det) for (request_id, _), det in zip(ready, dets)] + failed
 
     def render(self, det: Detections, options: PostprocessOptions | None = None) -> dict:

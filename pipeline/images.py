@@ -1,4 +1,4 @@
-"""Images: bytes -> RGB pixels -> letterboxed network input, and RGB pixels -> JPEG bytes.
+"""Images: bytes -> RGB pixels -> the network input, and RGB pixels -> JPEG bytes.
 
 Decoding is Pillow on the host (EXIF orientation applied, as photo apps show it), for the
 formats in ``ALLOWED_FORMATS`` only. An image far larger than the network input is reduced
@@ -6,11 +6,20 @@ before any float tensor exists: a JPEG is decoded at a reduced DCT scale (1/2, 1
 other format is box-averaged by an integer factor on its 8-bit pixels. The network sees at
 most the letterbox's inner size anyway, and only the original size is needed afterwards
 (boxes and masks are in original-image pixels). 16-bit and float images are scaled to 8 bits,
-not clipped. Letterboxing is torch, so it runs on whichever device the network uses.
+not clipped. Resizing is torch, so it runs on whichever device the network uses.
 
-Letterbox shapes: a network exported for any size (``stride`` given) gets the smallest
-rectangle of multiples of the stride that holds the image at the network's scale (640 x 384
-for a 16:9 frame, as ultralytics' "rect" inference); a fixed-size network gets its square.
+A network's ``Preprocess`` says how an image becomes its input, one code path for every
+family (config.pbtxt ``parameters`` override the family's defaults, see ``heads``):
+
+- ``letterbox`` (YOLO): scaled so its long side is the network's scale, padded with
+  ``pad_value``; a network exported for any size (``stride`` given) gets the smallest
+  rectangle of multiples of the stride that holds the image (640 x 384 for a 16:9 frame, as
+  ultralytics' "rect" inference); a fixed-size network gets its square;
+- ``stretch`` (DETR): resized to the network's square whatever its aspect, no padding;
+
+both bilinear without antialiasing, then pixel values over 255, minus ``mean``, over ``std``
+(per RGB channel: a network that wants 0..255 has std 1/255). Where the image lands is its
+``Placement``.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ MAX_REQUEST_PIXELS = 8192 * 8192
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 _UNDECODABLE = ("image bytes are not a decodable image in an accepted format "
                 "(JPEG, PNG, WebP, BMP, TIFF or GIF)")
-PAD_VALUE = 114 / 255  # YOLO's grey letterbox padding
+RESIZES = ("letterbox", "stretch")
 JPEG_QUALITY = 85  # frames and overlays sent as JPEG: small, and masks stay legible
 # EXIF orientations that swap width and height (transposed, rotated 90 or 270 degrees).
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
@@ -44,24 +53,25 @@ _ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)  # those that move pixels (1 is as stored)
 
 
 @dataclass(frozen=True)
-class Letterbox:
-    """How an original (height, width) image sits inside the (input_h, input_w) network input.
+class Placement:
+    """Where an original (height, width) image sits in the (input_h, input_w) network input.
 
-    Input pixel coordinates = original * gain + (left, top); ``inner`` is the resized image's
-    (height, width) inside the input.
+    Input pixel coordinates = original * (gain_y, gain_x) + (top, left); ``inner`` is the
+    resized image's (height, width) inside the input.
     """
 
     height: int
     width: int
     input_h: int
     input_w: int
-    gain: float
+    gain_y: float
+    gain_x: float
     top: int
     left: int
     inner: tuple[int, int]
 
 
-def letterbox_geometry(height: int, width: int, size: int, stride: int | None = None) -> Letterbox:
+def letterbox_geometry(height: int, width: int, size: int, stride: int | None = None) -> Placement:
     """Where an image goes in the network input: scaled so its long side is ``size``, padded
     to ``size`` x ``size``, or (with ``stride``) to the next multiples of the stride."""
     gain = min(size / height, size / width)
@@ -72,7 +82,70 @@ def letterbox_geometry(height: int, width: int, size: int, stride: int | None = 
         input_h = input_w = size
     left = round((input_w - inner_w) / 2 - 0.1)
     top = round((input_h - inner_h) / 2 - 0.1)
-    return Letterbox(height, width, input_h, input_w, gain, top, left, (inner_h, inner_w))
+    return Placement(height, width, input_h, input_w, gain, gain, top, left, (inner_h, inner_w))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes a network's input (see the module's docstring).
+
+    size: the network's scale (config.pbtxt's ``input_scale``). stride: a letterbox to
+    multiples of it (any-size networks), else the square. mean, std: per RGB channel, on
+    values in [0, 1]. pad_value: the letterbox's padding, in pixel values (0..255).
+    """
+
+    size: int
+    stride: int | None = None
+    resize: str = "letterbox"
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    pad_value: float = 114.0
+
+    def place(self, height: int, width: int) -> Placement:
+        if self.resize == "stretch":
+            s = self.size
+            return Placement(height, width, s, s, s / height, s / width, 0, 0, (s, s))
+        return letterbox_geometry(height, width, self.size, self.stride)
+
+    def decode_side(self) -> int | None:
+        """The long side an image may be decoded reduced to (``decode_image``): a letterbox
+        needs its long side at the scale; a stretch may enlarge its short side, so it is
+        decoded whole."""
+        return self.size if self.resize == "letterbox" else None
+
+    def describe(self) -> str:
+        shape = f"any size, stride {self.stride}" if self.stride else f"{self.size} x {self.size}"
+        normal = "" if self.mean == (0, 0, 0) and self.std == (1, 1, 1) else \
+            f", mean {list(self.mean)}, std {list(self.std)}"
+        pad = f", pad {self.pad_value:g}" if self.resize == "letterbox" else ""
+        return f"{self.resize} to {self.size} ({shape}){normal}{pad}"
+
+    def tensor(self, image: np.ndarray | Picture, device: object = "cpu",
+               placement: Placement | None = None):
+        """(3, input_h, input_w) float32 tensor on ``device``, and its Placement.
+
+        image: (H, W, 3) uint8 RGB, or a Picture (its pixels may be a reduced decode; the
+        placement is its full size's)."""
+        import torch
+        import torch.nn.functional as F
+
+        picture = image if isinstance(image, Picture) else Picture(image, image.shape[:2])
+        where = placement or self.place(*picture.size)
+        rgb = picture.rgb  # torch wants writable, C-ordered memory: a message's view is neither
+        rgb = rgb if rgb.flags.c_contiguous and rgb.flags.writeable else np.array(rgb, order="C")
+        pixels = torch.from_numpy(rgb).to(device, non_blocking=True)
+        chw = pixels.permute(2, 0, 1).unsqueeze(0).float().div_(255)
+        if picture.rgb.shape[:2] != where.inner:
+            chw = F.interpolate(chw, size=where.inner, mode="bilinear", align_corners=False)
+        out = torch.full((3, where.input_h, where.input_w), self.pad_value / 255,
+                         dtype=torch.float32, device=chw.device)
+        ih, iw = where.inner
+        out[:, where.top : where.top + ih, where.left : where.left + iw] = chw[0]
+        if self.mean != (0, 0, 0) or self.std != (1, 1, 1):
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=out.device)[:, None, None]
+            std = torch.tensor(self.std, dtype=torch.float32, device=out.device)[:, None, None]
+            out.sub_(mean).div_(std)
+        return out, where
 
 
 @dataclass(frozen=True)
@@ -284,28 +357,9 @@ def _reduced_picture(picture: Picture, long_side: int | None) -> Picture:
 
 
 def letterbox(image: np.ndarray | Picture, size: int, device: object = "cpu",
-              stride: int | None = None, geometry: Letterbox | None = None):
-    """(3, input_h, input_w) float32 tensor in [0, 1] on ``device``, and its Letterbox.
-
-    image: (H, W, 3) uint8 RGB, or a Picture (its pixels may be a reduced decode; the
-    geometry is its full size's). geometry: if already known (``letterbox_geometry``).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    picture = image if isinstance(image, Picture) else Picture(image, image.shape[:2])
-    geo = geometry or letterbox_geometry(*picture.size, size, stride)
-    rgb = picture.rgb  # torch wants writable, C-ordered memory: a message's view is neither
-    rgb = rgb if rgb.flags.c_contiguous and rgb.flags.writeable else np.array(rgb, order="C")
-    pixels = torch.from_numpy(rgb).to(device, non_blocking=True)
-    chw = pixels.permute(2, 0, 1).unsqueeze(0).float().div_(255)
-    if picture.rgb.shape[:2] != geo.inner:
-        chw = F.interpolate(chw, size=geo.inner, mode="bilinear", align_corners=False)
-    out = torch.full((3, geo.input_h, geo.input_w), PAD_VALUE, dtype=torch.float32,
-                     device=chw.device)
-    ih, iw = geo.inner
-    out[:, geo.top : geo.top + ih, geo.left : geo.left + iw] = chw[0]
-    return out, geo
+              stride: int | None = None):
+    """YOLO's input: ``Preprocess(size, stride).tensor`` (tensor in [0, 1], its Placement)."""
+    return Preprocess(size, stride).tensor(image, device)
 
 
 def encode_jpeg(image, quality: int = JPEG_QUALITY) -> bytes:

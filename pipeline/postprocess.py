@@ -1,19 +1,22 @@
-"""Post-processing for the YOLO-seg head, one batch at a time: candidates, class-aware NMS,
-box-aware masks, run lengths.
+"""Post-processing, one batch at a time, whatever the network's head: the detections each
+image keeps (the head's ``select``), boxes in original pixels, masks, run lengths.
 
-Input for a batch of B images (torch, on the network's device):
-  pred  (B, A, 5 + C + M): cx, cy, w, h, objectness, C class scores, M mask coefficients,
-        in letterboxed-input pixels;
-  proto (B, M, Ph, Pw): mask prototypes covering each whole input at stride input / Ph.
+A head (``pipeline.heads``) turns the batch's outputs into ``Kept``: the detections kept,
+image by image best first, with boxes in network-input pixels and their masks as
+``MaskLogits``: logits over the whole network input, either cut to each detection's box
+(YOLO's prototype masks, as ultralytics crops them) or not (a DETR query's mask is wherever
+the model marks it).
 
-Masks are never made at full frame size. For each kept box we sample the prototype mask
-logits (coefficients @ prototypes) bilinearly at the centre of every ORIGINAL-image pixel
-inside the box, threshold at logit 0 (sigmoid 0.5), and hand the crops of every image of the
-batch to ONE run-lengths call of the codec, which reads only them.
+Masks are never made at full frame size. For each detection we sample its mask logits
+bilinearly at the centre of every ORIGINAL-image pixel inside its window, threshold at logit 0
+(sigmoid 0.5), and hand the crops of every image of the batch to ONE run-lengths call of the
+codec, which reads only them. A window is the detection's box for a box-cut mask, else the
+smallest crop that can hold the mask (from its logits' positive cells; bilinear upsampling
+reaches at most one cell beyond them).
 
 Device-to-host traffic is per batch, never per image or per mask: every copy goes through
-``to_host`` (the candidates per image, the NMS overlaps, the kept detections, and the codec's
-one copy of all run lengths), so a test can count them on the CPU.
+``to_host`` (the candidates per image, the NMS overlaps, the kept detections, the masks'
+extents, and the codec's one copy of all run lengths), so a test can count them on the CPU.
 """
 
 from __future__ import annotations
@@ -22,19 +25,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from . import rle
 from .errors import InvalidOptionError
-from .images import Letterbox
+from .images import Placement
 
 # Sampling grids are made for at most this many pixels at once (about 50 MB of float32).
 _SAMPLE_BUDGET_PIXELS = 1 << 22
-# More candidates than this per image after the confidence filter are cut to the best-scoring
-# ones before NMS (the IoU matrix is candidates squared).
-MAX_NMS_CANDIDATES = 3000
 MASK_FORMATS = ("rle", "polygon")
 MAX_DETECTIONS_LIMIT = 10000
 
@@ -140,109 +140,78 @@ def to_host(tensor) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Kept:
-    """The detections that survive NMS, for the whole batch, image by image, best first.
+    """The detections a head keeps for the whole batch, image by image, best first.
 
-    boxes: (K, 4) xyxy in input pixels, scores (K,), classes (K,), coefficients (K, M): on the
-    device. image: (K,) host int64, the image of each detection (non-decreasing).
+    boxes: (K, 4) xyxy in input pixels, scores (K,), classes (K,): on the device. masks: their
+    MaskLogits. image: (K,) host int64, the image of each detection (non-decreasing).
     """
 
     boxes: Any
     scores: Any
     classes: Any
-    coefficients: Any
+    masks: MaskLogits
     image: np.ndarray
 
 
-def select(pred, options: Sequence[PostprocessOptions], num_classes: int) -> Kept:
-    """Candidates above each image's confidence, then greedy class-aware NMS per image."""
-    import torch
+class MaskLogits(Protocol):
+    """The kept detections' mask logits, each over its image's whole network input.
 
-    device = pred.device
-    threshold = torch.tensor([o.confidence for o in options], device=device,
-                             dtype=pred.dtype)[:, None]
-    objectness = pred[..., 4]
-    class_scores, classes = (pred[..., 5 : 5 + num_classes] * pred[..., 4:5]).max(-1)
-    image, anchor = torch.nonzero((objectness > threshold) & (class_scores > threshold),
-                                  as_tuple=True)
-    scores = class_scores[image, anchor]
-    # Best first within each image: sort by score, then stably by image.
-    order = scores.argsort(descending=True)
-    order = order[image[order].argsort(stable=True)]
-    image, anchor, scores = image[order], anchor[order], scores[order]
-    per_image = to_host(torch.bincount(image, minlength=len(options)))
-    starts = np.concatenate([[0], np.cumsum(per_image)[:-1]])
-    rank = torch.arange(len(image), device=device) - torch.as_tensor(starts, device=device)[image]
-    capped = rank < MAX_NMS_CANDIDATES
-    image, anchor, scores, rank = image[capped], anchor[capped], scores[capped], rank[capped]
-    per_image = np.minimum(per_image, MAX_NMS_CANDIDATES)
-    starts = np.concatenate([[0], np.cumsum(per_image)[:-1]])
-    rows = pred[image, anchor]
-    cx, cy, w, h = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
-    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-    classes = classes[image, anchor]
-    overlaps = _overlaps(boxes, classes, image, rank, per_image, options)
-    kept: list[int] = []
-    counts = []
-    for b, o in enumerate(options):
-        survivors = _greedy(overlaps[b, : per_image[b], : per_image[b]], o.max_detections)
-        kept.extend(starts[b] + np.asarray(survivors, np.int64))
-        counts.append(len(survivors))
-    index = torch.as_tensor(np.asarray(kept, np.int64), device=device)
-    return Kept(boxes[index], scores[index], classes[index], rows[index, 5 + num_classes :],
-                np.repeat(np.arange(len(options)), counts))
+    confined: a mask is cut to its detection's box."""
+
+    confined: bool
+
+    def logits(self, image: int, start: int, end: int) -> Any:
+        """(end - start, h, w) logits of detections start..end, all of batch image ``image``."""
 
 
-def _overlaps(boxes, classes, image, rank, per_image: np.ndarray,
-              options: Sequence[PostprocessOptions]) -> np.ndarray:
-    """(B, Kmax, Kmax) host bools: candidate pairs of one image and one class overlapping
-    above that image's IoU threshold. One device-to-host copy for the batch."""
-    import torch
-
-    size = int(per_image.max()) if per_image.size else 0
-    padded = torch.zeros((len(options), size, 4), dtype=boxes.dtype, device=boxes.device)
-    # Boxes of different classes are moved apart so they never overlap.
-    padded[image, rank] = boxes + (classes.to(boxes.dtype) * 8192.0)[:, None]
-    lt = torch.maximum(padded[:, :, None, :2], padded[:, None, :, :2])
-    rb = torch.minimum(padded[:, :, None, 2:], padded[:, None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area = (padded[..., 2:] - padded[..., :2]).clamp(min=0).prod(-1)
-    iou = inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-9)
-    thresholds = torch.tensor([o.iou_threshold for o in options], dtype=iou.dtype,
-                              device=iou.device)
-    return to_host(iou > thresholds[:, None, None])
-
-
-def _greedy(overlaps: np.ndarray, limit: int) -> list[int]:
-    """Indices kept by greedy NMS over candidates sorted best first (host loop)."""
-    suppressed = np.zeros(len(overlaps), bool)
-    keep: list[int] = []
-    for i in range(len(overlaps)):
-        if len(keep) == limit:
-            break
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= overlaps[i]
-    return keep
-
-
-def to_original(boxes, geometries: Sequence[Letterbox], image: np.ndarray):
+def to_original(boxes, geometries: Sequence[Placement], image: np.ndarray):
     """xyxy input-pixel boxes -> original-image pixels, clipped to each box's image."""
     import torch
 
-    geo = np.array([[g.left, g.top, g.gain, g.width, g.height] for g in geometries],
-                   np.float64).reshape(-1, 5)[image]
+    geo = np.array([[g.left, g.top, g.gain_x, g.gain_y, g.width, g.height] for g in geometries],
+                   np.float64).reshape(-1, 6)[image]
     offset = torch.as_tensor(geo[:, [0, 1, 0, 1]], dtype=boxes.dtype, device=boxes.device)
-    gain = torch.as_tensor(geo[:, 2:3], dtype=boxes.dtype, device=boxes.device)
-    limit = torch.as_tensor(geo[:, [3, 4, 3, 4]], dtype=boxes.dtype, device=boxes.device)
+    gain = torch.as_tensor(geo[:, [2, 3, 2, 3]], dtype=boxes.dtype, device=boxes.device)
+    limit = torch.as_tensor(geo[:, [4, 5, 4, 5]], dtype=boxes.dtype, device=boxes.device)
     return torch.minimum(((boxes - offset) / gain).clamp(min=0), limit)
 
 
-def mask_tiles(coefficients, proto, windows: np.ndarray, ids: np.ndarray,
-               geo: Letterbox) -> list[rle.Tiles]:
+def mask_windows(logits, geometries: Sequence[Placement], image: np.ndarray) -> np.ndarray:
+    """(K, 4) host (top, left, bottom, right) original-pixel windows that hold each mask whole:
+    its positive logit cells, one cell more on every side (bilinear upsampling reads a
+    neighbour), placed in its image. logits (K, h, w), every detection of the batch: one
+    device-to-host copy."""
+    import torch
+
+    k, h, w = logits.shape
+    if k == 0:
+        return np.zeros((0, 4), np.int64)
+    positive = logits > 0
+    rows, cols = positive.any(2), positive.any(1)
+    first_row = torch.where(rows.any(1), rows.float().argmax(1), h)
+    last_row = h - 1 - rows.flip(1).float().argmax(1)
+    first_col = torch.where(cols.any(1), cols.float().argmax(1), w)
+    last_col = w - 1 - cols.flip(1).float().argmax(1)
+    cells = to_host(torch.stack([first_row, first_col, last_row, last_col], 1)).astype(np.float64)
+    empty = cells[:, 0] >= h
+    geo = np.array([[g.input_h / h, g.input_w / w, g.top, g.left, g.gain_y, g.gain_x, g.height,
+                     g.width] for g in geometries], np.float64).reshape(-1, 8)[image]
+    cell_h, cell_w, top, left, gain_y, gain_x, height, width = geo.T
+    windows = np.stack([
+        np.floor(((cells[:, 0] - 1) * cell_h - top) / gain_y),
+        np.floor(((cells[:, 1] - 1) * cell_w - left) / gain_x),
+        np.ceil(((cells[:, 2] + 2) * cell_h - top) / gain_y),
+        np.ceil(((cells[:, 3] + 2) * cell_w - left) / gain_x),
+    ], 1)
+    windows = np.clip(windows, 0, np.stack([height, width, height, width], 1)).astype(np.int64)
+    windows[empty] = 0
+    return windows
+
+
+def mask_tiles(logits, windows: np.ndarray, ids: np.ndarray, geo: Placement) -> list[rle.Tiles]:
     """One image's masks as codec tiles, sampled only inside each detection's window.
 
-    coefficients (k, M) and proto (M, Ph, Pw): torch, one device. windows: (k, 4) host
+    logits (k, h, w): torch, over the image's whole network input. windows: (k, 4) host
     (top, left, bottom, right) in original pixels. ids: (k,) the detections' batch ids.
     """
     import torch
@@ -252,8 +221,7 @@ def mask_tiles(coefficients, proto, windows: np.ndarray, ids: np.ndarray,
     k = len(ids)
     if k == 0:
         return []
-    m, ph, pw = proto.shape
-    logits = (coefficients @ proto.reshape(m, -1)).reshape(k, 1, ph, pw)
+    logits = logits[:, None]
     sizes = windows[:, 2:] - windows[:, :2]
     dev = logits.device
     tiles = []
@@ -266,8 +234,8 @@ def mask_tiles(coefficients, proto, windows: np.ndarray, ids: np.ndarray,
         cols = torch.as_tensor(lefts, device=dev)[:, None] + torch.arange(tw, device=dev)
         # Original pixel centre x + 0.5 sits at input x_in = (x + 0.5) * gain + left, which in
         # grid_sample's normalised coordinates (align_corners=False) is 2 x_in / input_w - 1.
-        gx = (cols + 0.5) * (2 * geo.gain / geo.input_w) + (2 * geo.left / geo.input_w - 1)
-        gy = (rows + 0.5) * (2 * geo.gain / geo.input_h) + (2 * geo.top / geo.input_h - 1)
+        gx = (cols + 0.5) * (2 * geo.gain_x / geo.input_w) + (2 * geo.left / geo.input_w - 1)
+        gy = (rows + 0.5) * (2 * geo.gain_y / geo.input_h) + (2 * geo.top / geo.input_h - 1)
         grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
         sampled = F.grid_sample(logits[members], grid.to(logits.dtype), mode="bilinear",
                                 padding_mode="border", align_corners=False)[:, 0]
@@ -297,26 +265,33 @@ def _chunks_by_area(sizes: np.ndarray) -> list[np.ndarray]:
     return chunks
 
 
-def postprocess(pred, proto, geometries: Sequence[Letterbox],
-                options: Sequence[PostprocessOptions], num_classes: int,
-                stages: dict | None = None) -> list[Detections]:
-    """A batch's network outputs -> Detections per image (boxes, scores, classes, masks).
+def postprocess(outputs: Mapping[str, Any], head, geometries: Sequence[Placement],
+                options: Sequence[PostprocessOptions], stages: dict | None = None) -> list[Detections]:
+    """A batch's network outputs (by name) -> Detections per image (boxes, scores, classes,
+    masks). head: the network's (``pipeline.heads``); every image of a batch has one input
+    shape.
 
     stages: optional dict; seconds are added under "postprocess" and "rle".
     """
     import torch
 
     start = time.perf_counter()
-    kept = select(pred, options, num_classes)
+    kept = head.select(outputs, options, (geometries[0].input_h, geometries[0].input_w))
     boxes = to_original(kept.boxes, geometries, kept.image)
     found = to_host(torch.cat([boxes, kept.scores[:, None], kept.classes[:, None].to(boxes.dtype)],
                               1)) if len(kept.image) else np.zeros((0, 6), np.float32)
     frames = [(g.height, g.width) for g in geometries]
     bounds = np.searchsorted(kept.image, np.arange(len(geometries) + 1))
+    if not kept.masks.confined:
+        every = [kept.masks.logits(b, s, e) for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        extents = mask_windows(torch.cat(every), geometries, kept.image)
     tiles: list[rle.Tiles] = []
     for b, (geo, s, e) in enumerate(zip(geometries, bounds[:-1], bounds[1:])):
-        windows = rle.box_windows(found[s:e, :4], frames[b])
-        tiles.extend(mask_tiles(kept.coefficients[s:e], proto[b], windows, np.arange(s, e), geo))
+        if s == e:
+            continue
+        windows = (rle.box_windows(found[s:e, :4], frames[b]) if kept.masks.confined
+                   else extents[s:e])
+        tiles.extend(mask_tiles(kept.masks.logits(b, s, e), windows, np.arange(s, e), geo))
     sampled = time.perf_counter()
     masks = rle.batch_run_lengths(tiles, frames, kept.image)
     done = time.perf_counter()

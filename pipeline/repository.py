@@ -81,13 +81,20 @@ class ModelEntry:
         """config.pbtxt ``parameters`` as key -> string value."""
         return parameters_of(self.config)
 
-    def labels(self) -> list[str] | None:
+    def label_file(self) -> Path | None:
+        """The class names' file: an output's ``label_filename`` (Triton's way), else a
+        ``labels.txt`` beside config.pbtxt; one name per line, in class order."""
         for output in self.config.output:
-            if output.label_filename:
-                path = self.path / output.label_filename
-                if path.is_file():
-                    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-        return None
+            if output.label_filename and (self.path / output.label_filename).is_file():
+                return self.path / output.label_filename
+        beside = self.path / "labels.txt"
+        return beside if beside.is_file() else None
+
+    def labels(self) -> list[str] | None:
+        path = self.label_file()
+        if path is None:
+            return None
+        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()] or None
 
     def queue_size_limit(self) -> int:
         """0 = unbounded (Triton's meaning); we bound it anyway in the batcher."""

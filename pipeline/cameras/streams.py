@@ -241,7 +241,7 @@ class CameraStream:
         loop = asyncio.get_running_loop()
         self.queue = FrameQueue(1 if live else FILE_QUEUE, drop_oldest=live,
                                 on_drop=lambda frame: loop.call_soon_threadsafe(self._dropped_waiting, frame))
-        self.long_side = owner.state.lookup(spec.model).info.input_size
+        self.long_side = owner.state.lookup(spec.model).info.preprocess.decode_side()
         self._reserved = 0  # bytes of the server's budget its frames hold (``_admit_frames``)
         self._budget_lock = threading.Lock()  # the source's thread reserves, the loop releases
         self.source = Source(spec.location, network=spec.network, max_fps=spec.max_fps,

@@ -1,8 +1,9 @@
 """Network runners: a network file from the repository on one device, checked at load time.
 
-One interface, ``Runner``: (B, 3, h, w) float32 RGB in [0, 1] in, ``(pred, proto)`` out as
-torch tensors in the YOLOv5-seg layout, whatever runs it and whichever head the network has.
-Each runtime is a small module of its own, imported only when a model needs it:
+One interface, ``Runner``: a (B, 3, h, w) float32 batch prepared as the network's
+``Preprocess`` says in, its outputs out as torch tensors by name, whatever runs it; the
+network's head (``heads``) reads them. Each runtime is a small module of its own, imported
+only when a model needs it:
 
 - ``torchscript``: Triton's ``pytorch_libtorch`` (``<version>/model.pt``);
 - ``onnx``: ``onnxruntime_onnx`` (``model.onnx``, ONNX Runtime; the CUDA and TensorRT
@@ -11,7 +12,8 @@ Each runtime is a small module of its own, imported only when a model needs it:
 
 What they share is here: the check of a network against its config.pbtxt (and, as Triton's
 auto-complete does, filling in the inputs and outputs a config leaves out from the file), the
-head (``heads``), the class names, and the batch size measured at load (``calibration``). Nothing is unpickled:
+head and pre-processing (``heads``), the class names, a batch size fixed in the file, and the
+batch size measured at load (``calibration``). Nothing is unpickled:
 TorchScript, ONNX and OpenVINO IR hold no Python code to run.
 """
 
@@ -31,7 +33,8 @@ import torch
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..errors import ConfigError, ModelError
-from ..heads import Head, find_head
+from ..heads import Head, family_of, find_head, preprocess_for
+from ..images import Preprocess
 from ..repository import ModelEntry, runtime_of
 from .calibration import NEIGHBOURS_SHARE, Run, busy_s, choose_batch_size
 
@@ -40,20 +43,28 @@ LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class NetworkInfo:
-    """What pre- and post-processing need to know about a YOLO-seg network.
+    """What pre- and post-processing need to know about a network.
 
-    input_size: the scale it works at (an image's long side is letterboxed to it). stride:
-    None for a fixed input_size x input_size input; else the network runs at any height and
-    width divisible by it, and each image gets the smallest such rectangle that holds it.
-    head: the output layout the network has (see ``heads``).
+    preprocess: how an image becomes its input (its scale, stride, resize, normalisation).
+    head: its output layout's family (see ``heads``). fixed_batch: the batch size its file
+    fixes, else None.
     """
 
-    input_size: int
-    stride: int | None
+    preprocess: Preprocess
     num_classes: int
-    num_coefficients: int
     class_names: tuple[str, ...]
-    head: str = "yolov5"
+    head: str = "yolo"
+    fixed_batch: int | None = None
+
+    @property
+    def input_size(self) -> int:
+        """The scale it works at (a letterbox's long side, a stretch's square)."""
+        return self.preprocess.size
+
+    @property
+    def stride(self) -> int | None:
+        """None for a fixed square input; else any height and width divisible by it."""
+        return self.preprocess.stride
 
 
 @dataclass(frozen=True)
@@ -91,10 +102,10 @@ _MEASURED_BATCHES: dict[tuple, tuple[int, dict[int, float]]] = {}
 
 
 class Runner:
-    """Runs a YOLO-seg network: (B, 3, h, w) float32 on ``device`` -> (pred, proto) torch
-    tensors, pred in the YOLOv5 layout (B, A, 5 + C + M). A runtime module subclasses it with
-    ``_load`` (the file -> its session, its declared inputs and outputs, its metadata) and
-    ``_run`` (images -> the network's raw outputs, in any order)."""
+    """Runs a network: (B, 3, h, w) float32 on ``device`` -> its outputs by name, torch
+    tensors on the device. A runtime module subclasses it with ``_load`` (the file -> its
+    session, its declared inputs and outputs, its metadata) and ``_run`` (images -> the
+    network's raw outputs, in the file's order)."""
 
     head: Head  # what the outputs say, learnt at load
 
@@ -104,6 +115,8 @@ class Runner:
         self.path = entry.model_file()
         self._lock = threading.Lock()  # one batch at a time per instance
         self.inputs, self.outputs, meta = self._load()
+        batch = self.inputs[0].dims[0] if self.inputs and len(self.inputs[0].dims) == 4 else -1
+        self.fixed_batch = batch if batch > 0 else None
         self.info = self._check_against_config(meta)
 
     # What a runtime provides ----------------------------------------------------------
@@ -116,72 +129,85 @@ class Runner:
 
     # What every runtime shares -----------------------------------------------------
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images: (B, 3, h, w) float32 on self.device -> (pred, proto) on self.device, pred
-        in the YOLOv5 layout."""
-        pred, proto = self.raw(images)
-        return self.head.normalize(pred), proto
-
-    def raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network's own (pred, proto), its errors as ModelError."""
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images: (B, 3, h, w) float32 on self.device -> the outputs by name (the file's,
+        else output0, output1, ...), each (B, ...); errors as ModelError. A file with a fixed
+        batch size gets a smaller batch padded to it."""
+        count = len(images)
+        if self.fixed_batch and count < self.fixed_batch:
+            padding = images.new_zeros((self.fixed_batch - count, *images.shape[1:]))
+            images = torch.cat([images, padding])
         try:
             with self._lock, torch.inference_mode():
                 outputs = self._run(images)
         except Exception as exc:
-            raise ModelError(f"{self.entry.name} failed on a batch of {len(images)}: "
+            raise ModelError(f"{self.entry.name} failed on a batch of {count}: "
                              f"{last_line(exc)}") from exc
-        return _pred_and_proto(outputs)
+        names = [t.name for t in self.outputs] if len(self.outputs) == len(outputs) else \
+            [f"output{i}" for i in range(len(outputs))]
+        return {name: output[:count] for name, output in zip(names, outputs)}
 
     def _check_against_config(self, meta: dict) -> NetworkInfo:
         """Fill in what the config leaves out from the file (Triton's auto-complete), check
         what it declares against the file, and run dummy batches to learn the head."""
         config, where = self.entry.config, self.entry.config_path
         self._complete_config()
-        if len(config.input) != 1 or len(config.output) != 2:
+        declared = self.entry.parameter("head")
+        family = family_of(len(self.outputs) or len(config.output), declared, where)
+        wanted = 3 if family == "detr" else 2
+        if len(config.input) != 1 or len(config.output) != wanted:
             raise ConfigError(
-                f"{where}: a YOLO-seg network has 1 input and 2 outputs "
-                f"(pred, proto); config declares {len(config.input)} and {len(config.output)}"
-            )
+                f"{where}: a {family} network has 1 input and {wanted} outputs "
+                f"({'boxes, class logits, masks' if family == 'detr' else 'detections, prototypes'})"
+                f"; config declares {len(config.input)} and {len(config.output)}")
         self._check_names(where)
-        if sorted(len(o.dims) for o in config.output) != [2, 3]:
-            raise ConfigError(f"{where}: field 'output': a YOLO-seg network's outputs are the "
-                              "detections (2 dims after the batch) and the prototypes (3 dims); "
-                              f"config declares {[list(o.dims) for o in config.output]}")
         dims = list(config.input[0].dims)
-        size, stride = _scale(meta), _int(meta.get("stride"))
-        if dims[:1] == [3] and dims[1:] == [-1, -1]:
-            if not size or not stride:
-                raise ConfigError(f"{where}: input[0].dims [3, -1, -1] needs a network exported "
-                                  f"for any size with its scale and stride in {self.path.name}'s "
-                                  "metadata (input_size and stride, as `python -m pipeline.convert` "
-                                  "writes them); else declare dims [3, S, S]")
-            shapes = [(size, size), (size - 2 * stride, size)]  # a square and a rectangle
-        elif len(dims) == 3 and dims[0] == 3 and dims[1] == dims[2] and dims[1] > 0:
-            size, stride = dims[1], None
-            shapes = [(size, size)]
-        else:
+        if not (len(dims) == 3 and dims[0] == 3 and (dims[1:] == [-1, -1] or dims[1] == dims[2] > 0)):
             raise ConfigError(f"{where}: input[0].dims must be [3, S, S] or [3, -1, -1], got {dims}")
-        names = self.entry.labels() or _class_names(meta)  # the config's label file first
+        preprocess, said = preprocess_for(family, self.entry.parameters, _scale(meta),
+                                          _int(meta.get("stride")), dims, where)
+        size, stride = preprocess.size, preprocess.stride
+        shapes = [(size, size), (size - 2 * stride, size)] if stride else [(size, size)]
+        labels = self.entry.labels()  # the config's label file, or labels.txt beside it
+        names = labels or _class_names(meta)
         for h, w in shapes:
             try:
-                pred, proto = self.raw(torch.zeros(1, 3, h, w, device=self.device))
+                outputs = self(torch.zeros(1, 3, h, w, device=self.device))
             except ModelError as exc:
-                raise ConfigError(f"{where}: the network does not run at {h}x{w} ({exc}); if it "
-                                  "was exported for one size, declare dims [3, S, S]") from None
-            for i, output in enumerate(config.output):
-                want, got = list(output.dims), list((pred if len(output.dims) == 2 else proto).shape[1:])
-                if len(want) != len(got) or any(w not in (-1, g) for w, g in zip(want, got)):
-                    raise ConfigError(f"{where}: field 'output[{i}].dims': {output.name} {want} do "
-                                      f"not match the network's {got} at {h}x{w}")
-        self.head = find_head(pred.shape, proto.shape, len(names) if names else None,
-                              self.entry.parameter("head"), where)
-        num_coefficients = int(proto.shape[1])
-        num_classes = self.head.num_classes
+                raise ConfigError(f"{where}: {self.path.name} does not run at {h}x{w} ({exc}); "
+                                  "if it was exported for one size, declare dims [3, S, S] (or "
+                                  "set parameters input_scale and stride)") from None
+            self._check_output_dims(outputs, f"{h}x{w}", where)
+        shapes_by_name = {k: tuple(v.shape) for k, v in outputs.items()}
+        self.head = find_head(shapes_by_name, len(names) if names else None, declared,
+                              f"{where} ({self.path.name})", end2end=_true(meta.get("end2end")))
+        num_classes = self.head.num_classes or len(names or ())
         names = names or [str(i) for i in range(num_classes)]
         if len(names) != num_classes:
             raise ConfigError(f"{where}: {len(names)} class names for {num_classes} classes")
-        return NetworkInfo(int(size), int(stride) if stride else None, num_classes,
-                           num_coefficients, tuple(names), self.head.name)
+        LOG.info("%s: %s head, outputs %s; input: %s (%s); class names %s%s", self.entry.name,
+                 self.head.name, ", ".join(f"{k} {list(v)}" for k, v in shapes_by_name.items()),
+                 preprocess.describe(), "; ".join(said),
+                 f"from {self.entry.label_file()}" if labels else
+                 ("from the file's metadata" if names and _class_names(meta) else
+                  "unknown: classes are reported by number"),
+                 f"; the file fixes its batch size at {self.fixed_batch}" if self.fixed_batch else "")
+        return NetworkInfo(preprocess, num_classes, tuple(names), self.head.name, self.fixed_batch)
+
+    def _check_output_dims(self, outputs: dict[str, torch.Tensor], at: str, where) -> None:
+        """Each declared output's dims against what the network gave (by name where the file
+        names them, else by rank)."""
+        for i, output in enumerate(self.entry.config.output):
+            found = outputs.get(output.name)
+            if found is None:
+                same_rank = [v for v in outputs.values() if v.dim() == len(output.dims) + 1]
+                if len(same_rank) != 1:
+                    continue
+                found = same_rank[0]
+            want, got = list(output.dims), list(found.shape[1:])
+            if len(want) != len(got) or any(w not in (-1, g) for w, g in zip(want, got)):
+                raise ConfigError(f"{where}: field 'output[{i}].dims': {output.name} {want} do "
+                                  f"not match the network's {got} at {at}")
 
     def _complete_config(self) -> None:
         """Inputs and outputs the config leaves out, read from the file (Triton's auto-complete)."""
@@ -244,20 +270,15 @@ def last_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
 
 
-def _pred_and_proto(outputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The detections (3-D) and the prototypes (4-D), in whichever order a runtime gives them."""
-    by_rank = {o.dim(): o for o in outputs}
-    if len(outputs) != 2 or set(by_rank) != {3, 4}:
-        shapes = [list(o.shape) for o in outputs]
-        raise ModelError(f"a YOLO-seg network returns detections (3-D) and prototypes (4-D), got {shapes}")
-    return by_rank[3], by_rank[4]
-
-
 def _int(value: Any) -> int | None:
     try:
         return int(ast.literal_eval(value) if isinstance(value, str) else value) if value else None
     except (ValueError, SyntaxError, TypeError):
         return None
+
+
+def _true(value: Any) -> bool:
+    return value is True or str(value).strip().lower() == "true"
 
 
 def _scale(meta: dict) -> int | None:

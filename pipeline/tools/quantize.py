@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..images import Preprocess
 from ..repository import DEFAULT_MODEL
 from .samples import NAMES, calibration_rgb, sample_bytes
 
@@ -33,17 +34,16 @@ LOG = logging.getLogger(__name__)
 DECODE_PATTERNS = [".*decoder.*"]
 
 
-def calibration_inputs(input_size: int, stride: int | None) -> list[np.ndarray]:
-    """(1, 3, h, w) float32 network inputs: each calibration photo, flipped and cropped,
-    letterboxed by the serving code."""
-    from ..images import letterbox
-
+def calibration_inputs(preprocess: Preprocess, batch: int | None = None) -> list[np.ndarray]:
+    """(B, 3, h, w) float32 network inputs: each calibration photo, flipped and cropped,
+    prepared by the serving code as the network wants (its ``Preprocess``). batch: a file's
+    fixed batch size (each input repeats its photo), else 1."""
     inputs = []
     for rgb in calibration_rgb():
         h, w = rgb.shape[:2]
         for picture in (rgb, rgb[:, ::-1], rgb[h // 6 : h - h // 6, w // 6 : w - w // 6]):
-            tensor, _ = letterbox(np.ascontiguousarray(picture), input_size, "cpu", stride=stride)
-            inputs.append(tensor[None].numpy())
+            tensor, _ = preprocess.tensor(np.ascontiguousarray(picture), "cpu")
+            inputs.append(tensor[None].expand(batch or 1, -1, -1, -1).numpy())
     return inputs
 
 
@@ -58,7 +58,7 @@ def quantize(repository: Path, network: str, pipeline: str, suffix: str = "_int8
     repo = ModelRepository.load(repository)
     source = repo.get(network)
     info = load_runner(source, "cpu").info
-    inputs = calibration_inputs(info.input_size, info.stride)
+    inputs = calibration_inputs(info.preprocess, info.fixed_batch)
     started = time.perf_counter()
     model = ov.Core().read_model(str(source.model_file()))
     quantized = nncf.quantize(model, nncf.Dataset(inputs), preset=nncf.QuantizationPreset.MIXED,

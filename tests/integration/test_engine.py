@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as coco_mask
 
+from pipeline.heads.yolo import by_rank
 from pipeline.images import letterbox
-from pipeline.postprocess import select, to_original
+from pipeline.postprocess import to_original
 
 
 def classes_of(doc):
@@ -64,10 +65,11 @@ def reference_masks(pipeline, rgb):
     size = pipeline.info.input_size
     tensor, geo = letterbox(rgb, size, stride=pipeline.info.stride)
     with torch.inference_mode():
-        pred, proto = pipeline.runner(tensor[None])
-    kept = select(pred, [pipeline.defaults], pipeline.info.num_classes)
+        outputs = pipeline.runner(tensor[None])
+    _, proto = by_rank(outputs)
+    kept = pipeline.runner.head.select(outputs, [pipeline.defaults], tensor.shape[1:])
     m, ph, pw = proto.shape[1:]
-    masks = (kept.coefficients @ proto[0].reshape(m, -1)).sigmoid().reshape(-1, ph, pw)
+    masks = (kept.masks.coefficients @ proto[0].reshape(m, -1)).sigmoid().reshape(-1, ph, pw)
     masks = F.interpolate(masks[None], size=(geo.input_h, geo.input_w), mode="bilinear",
                           align_corners=False)[0]
     ih, iw = geo.inner

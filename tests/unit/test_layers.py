@@ -22,7 +22,7 @@ from ..conftest import ROOT
 
 # part -> the packages whose modules it holds (a package's own sub-packages are listed apart)
 PACKAGES = {
-    "core": ("pipeline", "pipeline.rle", "pipeline.proto", "pipeline.runners"),
+    "core": ("pipeline", "pipeline.rle", "pipeline.proto", "pipeline.runners", "pipeline.heads"),
     "serving": ("pipeline.serving",),
     "cameras": ("pipeline.cameras",),
     "frontends": ("pipeline.frontends",),
