@@ -115,8 +115,8 @@ def preprocess_for(family: str, params: Mapping[str, str], meta_size: int | None
         said.append(f"scale {size}, stride {stride} from the file's metadata")
     else:
         size, stride = DEFAULT_SCALE, DEFAULT_STRIDE
-        said.append(f"scale {size}, stride {stride}: the {family} family's defaults (the file "
-                    "says neither; parameters input_scale and stride override them)")
+        said.append(f"scale {size}, stride {stride}: the {family} family's defaults, as the "
+                    "file says neither (config parameters input_scale and stride override them)")
     if params.get("input_scale") is not None:
         size = _whole(params, "input_scale", where)
     if params.get("stride") is not None:

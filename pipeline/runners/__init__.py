@@ -185,7 +185,7 @@ class Runner:
         names = names or [str(i) for i in range(num_classes)]
         if len(names) != num_classes:
             raise ConfigError(f"{where}: {len(names)} class names for {num_classes} classes")
-        LOG.info("%s: %s head, outputs %s; input: %s (%s); class names %s%s", self.entry.name,
+        LOG.info("%s: %s head, outputs %s; input: %s; from %s; class names %s%s", self.entry.name,
                  self.head.name, ", ".join(f"{k} {list(v)}" for k, v in shapes_by_name.items()),
                  preprocess.describe(), "; ".join(said),
                  f"from {self.entry.label_file()}" if labels else
