@@ -253,20 +253,22 @@ class RedisServer(_Server):
 
 class Tansu(_Server):
     """tansu, a Kafka-protocol broker, on 127.0.0.1, keeping its topics in memory: a restart
-    starts without any. It advertises itself at the port its clients came to; given ``tls=``,
+    starts without any. It advertises itself at the port its clients came to (or at
+    ``advertised``, "host:port", where a test wants it to send clients elsewhere); given ``tls=``,
     a ``DelayedLink`` (no delay) speaks TLS on ``tls_port`` in front of it (tansu's own TLS
     listener does not work in this version), and the broker advertises that port instead, so
     every client, ``records`` included, goes through it."""
 
     name = "tansu"
 
-    def __init__(self, port: int | None = None, tls: Certificates | None = None):
+    def __init__(self, port: int | None = None, tls: Certificates | None = None, advertised: str | None = None):
         super().__init__(port, tls)
+        self.advertised = advertised or f"127.0.0.1:{self.tls_port or self.port}"
         self._link = DelayedLink(self.port, 0.0, tls=tls, port=self.tls_port) if tls else None
 
     def command(self) -> list[str]:
         return [TANSU, "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}", "--advertised-listener-url",
-                f"tcp://127.0.0.1:{self.tls_port or self.port}", "--storage-engine", "memory://tansu/"]
+                f"tcp://{self.advertised}", "--storage-engine", "memory://tansu/"]
 
     def start(self, timeout_s: float = 10.0) -> None:
         if self._link is not None and self._link._loop is None:
@@ -291,17 +293,9 @@ class Tansu(_Server):
                 "ssl_context": ssl.create_default_context(cafile=str(self.tls.ca))}
 
     def create_topic(self, topic: str, partitions: int = 1) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-        async def create() -> None:
-            admin = AIOKafkaAdminClient(**self._client_options())
-            await admin.start()
-            try:
-                await admin.create_topics([NewTopic(topic, partitions, 1)])
-            finally:
-                await admin.close()
-
-        _run_apart(create())
+        """Make ``topic`` (tansu's own command, straight to its plain port)."""
+        subprocess.run([TANSU, "topic", "create", topic, "--broker", f"tcp://127.0.0.1:{self.port}",
+                        "--partitions", str(partitions)], check=True, capture_output=True, timeout=30)
 
     def records(self, topic: str) -> list[tuple[int, bytes, bytes]]:
         """Every record of ``topic`` as (partition, key, value), by partition, then offset;

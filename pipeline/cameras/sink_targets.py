@@ -69,9 +69,9 @@ class SinkTarget:
     kind: "webhook", "mqtt", "redis" or "kafka". url: as given, credentials and all (never
     shown: its repr is off); redacted: the same without them, for statuses, logs and errors.
     tls: the scheme is https, mqtts, rediss or kafkas. name: the MQTT or Kafka topic or the
-    Redis key, "{stream_id}" still in it ("" for a webhook). maxlen, db: Redis only. addresses: where to connect, the host's
-    addresses as ``checked`` found and allowed them (empty until then: a transport refuses an
-    unchecked target)."""
+    Redis key, "{stream_id}" still in it ("" for a webhook). maxlen, db: Redis only.
+    addresses: where to connect, the host's addresses as ``checked`` found and allowed them
+    (empty until then: a transport refuses an unchecked target)."""
 
     kind: str
     url: str = field(repr=False)
@@ -132,7 +132,7 @@ def _shown(text: str) -> str:
 
 def _authority(url: str) -> tuple[str, str, str]:
     """(scheme, userinfo, everything after the "@"); userinfo "" when there is none. For
-    mqtt and redis, where nothing after the host may hold an "@", the last "@" ends the
+    mqtt, redis and kafka, where nothing after the host may hold an "@", the last "@" ends the
     userinfo, so a password with an unescaped "/" is still found whole."""
     scheme, sep, rest = url.partition("://")
     if not sep:

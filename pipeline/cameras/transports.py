@@ -62,7 +62,7 @@ PROTOCOL = "protocol error (not the server the URL's scheme names?)"
 TLS_UNTRUSTED = "TLS: certificate not trusted"
 TLS_OTHER_NAME = "TLS: certificate for another host"
 TLS_FAILED = "TLS handshake failed"
-UNKNOWN_TOPIC, TOPIC_NOT_AUTHORIZED = 3, 29  # Kafka's error codes: UNKNOWN_TOPIC_OR_PARTITION, TOPIC_AUTHORIZATION_FAILED
+UNKNOWN_TOPIC, TOPIC_NOT_AUTHORIZED = 3, 29  # Kafka's UNKNOWN_TOPIC_OR_PARTITION, TOPIC_AUTHORIZATION_FAILED
 _HOST_MISMATCH = frozenset({62, 64})  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH
 _ERRNOS = {errno.ECONNREFUSED: "connection refused", errno.ETIMEDOUT: "timed out",
            errno.EHOSTUNREACH: "host unreachable", errno.ENETUNREACH: "network unreachable",
@@ -365,9 +365,8 @@ class KafkaTransport:
         from aiokafka.partitioner import DefaultPartitioner
         from aiokafka.protocol.metadata import MetadataRequest
 
-        client = self._client
-        answer = await client.send(client.get_random_node(),
-                                   MetadataRequest([self._topic], allow_auto_topic_creation=False))
+        answer = await self._ask(self._client.get_random_node(),
+                                 MetadataRequest([self._topic], allow_auto_topic_creation=False))
         # A topic is (error_code, name, ..., partitions); a partition (error_code, id, leader, ...).
         found = [(topic[0], topic[-1]) for topic in answer.topics if topic[1] == self._topic]
         code, partitions = found[0] if found else (UNKNOWN_TOPIC, [])
@@ -378,13 +377,26 @@ class KafkaTransport:
         if code != 0 or not partitions:
             raise Failed(f"Kafka: the broker refused the topic {self._topic!r}")
         leaders = {partition[1]: partition[2] for partition in partitions}
-        self._partition = DefaultPartitioner()(self._key, sorted(leaders), [p for p, lead in leaders.items() if lead >= 0])
+        led = [partition for partition, leader in leaders.items() if leader >= 0]
+        self._partition = DefaultPartitioner()(self._key, sorted(leaders), led)
         self._leader = leaders[self._partition]
         if self._leader < 0:
             raise Failed("Kafka: the topic's partition has no leader now")
 
-    async def send(self, messages: list[bytes]) -> None:
+    async def _ask(self, node_id, request):
+        """The broker's answer to ``request``; its failures as ``failure`` tells them."""
         from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NodeNotReadyError
+
+        try:
+            return await self._client.send(node_id, request)
+        except (KafkaConnectionError, NodeNotReadyError) as exc:
+            raise Failed(LOST) from exc
+        except KafkaTimeoutError as exc:
+            raise TimeoutError() from exc
+        except KafkaError as exc:  # by kind only: a broker's error texts are its own
+            raise Failed(f"Kafka: {type(exc).__name__}") from exc
+
+    async def send(self, messages: list[bytes]) -> None:
         from aiokafka.protocol.produce import ProduceRequest
         from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -395,14 +407,7 @@ class KafkaTransport:
             records.append(offset, None, key=self._key, value=message, headers=[])
         request = ProduceRequest(transactional_id=None, required_acks=-1, timeout=int(SEND_TIMEOUT_S * 1000),
                                  topics=[(self._topic, [(self._partition, bytes(records.build()))])])
-        try:
-            answer = await self._client.send(self._leader, request)
-        except (KafkaConnectionError, NodeNotReadyError) as exc:
-            raise Failed(LOST) from exc
-        except KafkaTimeoutError as exc:
-            raise TimeoutError() from exc
-        except KafkaError as exc:  # by kind only: a broker's error texts are its own
-            raise Failed(f"Kafka: {type(exc).__name__}") from exc
+        answer = await self._ask(self._leader, request)
         # Each partition's answer is (id, error_code, ...); ours is the only one asked.
         codes = {partition[1] for _, partitions in answer.topics for partition in partitions}
         if codes != {0}:
