@@ -174,6 +174,8 @@ def exposed_series() -> set[str]:
     ledger.record_batch("m", BatchReport(2, (5e-3, 0.2), 0.1, {"preprocess": 0.01, "rle": 0.002},
                                          failed=False))
     ledger.record_request("m", images=2, duration_s=0.3, output_s=0.01)
+    ledger.record_request("m", images=1, duration_s=0.001, failure="resource_exhausted")
+    ledger.stream_opened("camera")
     ledger.add_load("m", 3, 2)
     ledger.model_stream_opened("m")
     registry = CollectorRegistry()
