@@ -1,13 +1,14 @@
-"""Sinks far from the server: a camera's results to MQTT, Redis and a webhook a round trip away.
+"""Sinks far from the server: a camera's results to MQTT, Redis, Kafka and a webhook a round trip away.
 
 A camera stream offers one result document per frame to its sink at ``--rate`` per second for
-``--seconds``. The broker (mosquitto, redis-server) or webhook receiver (``tests/brokers.py``)
-runs here, reached through ``DelayedLink``: a TCP relay that holds every byte half the round
+``--seconds``. The broker (mosquitto, redis-server, tansu for Kafka) or webhook receiver
+(``tests/brokers.py``) runs here, reached through ``DelayedLink``: a TCP relay that holds every byte half the round
 trip each way, as a broker in another region or across a VPN would. Two ways, in one run:
 
 - **batched** (the sinks as shipped): what waits goes as one batch of up to
   ``sinks.IN_FLIGHT``: MQTT PUBLISHes sent before their PUBACKs come, Redis XADDs in one
-  pipelined round trip; a webhook POSTs one at a time either way (ordered delivery);
+  pipelined round trip, Kafka records in one produce request; a webhook POSTs one at a time
+  either way (ordered delivery);
 - **one at a time**: the same sinks with batches of one, as a hand-written paho
   ``publish`` + ``wait_for_publish`` or redis-py ``xadd`` loop sends: one round trip per result.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 
@@ -29,19 +31,23 @@ from pipeline.cameras import sinks
 from pipeline.cameras.sink_targets import checked, parse_sink
 from pipeline.cameras.sinks import Sink
 from pipeline.serving.url_policy import AllowList
+from pipeline.tools.launch import free_port
 from tests.brokers import (
     MOSQUITTO,
     REDIS_SERVER,
+    TANSU,
     DelayedLink,
     Mosquitto,
     RedisServer,
+    Tansu,
     WebhookReceiver,
     unavailable,
 )
 
 from .common import percentile
 
-KINDS = {"mqtt": (MOSQUITTO, Mosquitto), "redis": (REDIS_SERVER, RedisServer), "webhook": (None, WebhookReceiver)}
+KINDS = {"mqtt": (MOSQUITTO, Mosquitto), "redis": (REDIS_SERVER, RedisServer), "kafka": (TANSU, Tansu),
+         "webhook": (None, WebhookReceiver)}
 WAYS = ("batched", "one at a time")
 
 
@@ -81,6 +87,22 @@ async def drive(url: str, rate: float, seconds: float, size: int) -> dict:
             "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)}
 
 
+@contextlib.contextmanager
+def far_target(kind: str, rtt_ms: float):
+    """The sink URL of a ``kind`` target ``rtt_ms`` away (its server running, until the end)."""
+    with contextlib.ExitStack() as stack:
+        if kind == "kafka":  # Kafka clients go where the broker says it is: the far end of the link
+            port = free_port()
+            link = stack.enter_context(DelayedLink(port, rtt_ms / 2000))
+            broker = stack.enter_context(Tansu(port=port, advertised=f"127.0.0.1:{link.port}"))
+            broker.create_topic("bench")
+            yield link.url_of(broker.url("bench"))
+            return
+        server = stack.enter_context(KINDS[kind][1]())
+        link = stack.enter_context(DelayedLink(server.port, rtt_ms / 2000))
+        yield link.url_of(server.url("/hook") if kind == "webhook" else server.url("bench"))
+
+
 def one_way(way: str, kind: str, url: str, args) -> dict:
     transport = sinks.TRANSPORTS[kind]
     shipped = transport.batch
@@ -106,13 +128,12 @@ def main() -> None:
     rows = []
     plan = [(k, s, r) for k in args.kinds for s in args.sizes for r in args.rtt_ms]
     for step, (kind, size, rtt_ms) in enumerate(plan, 1):
-        binary, server_type = KINDS[kind]
+        binary = KINDS[kind][0]
         if binary and (reason := unavailable(binary)):
             print(f"skipping {kind}: {reason}")
             continue
         args.size = size
-        with server_type() as server, DelayedLink(server.port, rtt_ms / 2000) as link:
-            url = link.url_of(server.url("/hook") if kind == "webhook" else server.url("bench"))
+        with far_target(kind, rtt_ms) as url:
             result = {way: one_way(way, kind, url, args) for way in WAYS}
         rows.append((kind, size, rtt_ms, result))
         b, o = result["batched"], result["one at a time"]

@@ -25,7 +25,7 @@ from pipeline.serving import url_policy
 from pipeline.serving.url_policy import AllowList
 
 from ..brokers import TANSU, Tansu, make_certificates, unavailable
-from ..cameras import scene_clip
+from ..cameras import free_port, scene_clip
 from ..conftest import running_server, until, wait_until
 from .conftest import http, remove_streams
 
@@ -193,7 +193,7 @@ def test_kafkas_delivers_to_a_broker_the_ca_vouches_for_and_to_no_other(tmp_path
 def test_the_client_goes_to_the_checked_address_of_a_broker_advertised_by_name(lookup):
     if reason := unavailable(TANSU):
         pytest.skip(reason)
-    port = url_policy_free_port()
+    port = free_port()
     with Tansu(port=port, advertised=f"{NAMED}:{port}") as broker:
         broker.create_topic("cams")
         sent = deliver(f"kafka://{NAMED}:{port}/cams")
@@ -203,14 +203,8 @@ def test_the_client_goes_to_the_checked_address_of_a_broker_advertised_by_name(l
 def test_a_broker_that_sends_clients_elsewhere_is_refused_saying_so():
     if reason := unavailable(TANSU):
         pytest.skip(reason)
-    with Tansu(advertised=f"127.0.0.1:{url_policy_free_port()}") as broker:
+    with Tansu(advertised=f"127.0.0.1:{free_port()}") as broker:
         refused = deliver(broker.url("cams"), count=1)
     assert (refused["delivered"], refused["connected"]) == (0, False)
     assert refused["last_error"] == ("Kafka: the broker names brokers at other hosts or ports than the URL's "
                                      "(a sink connects to its URL's host only)")
-
-
-def url_policy_free_port() -> int:
-    from pipeline.tools.launch import free_port
-
-    return free_port()
