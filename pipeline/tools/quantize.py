@@ -148,15 +148,15 @@ def report(repository: Path, fp32: str, int8: str) -> str:
     networks = [pipes[name].network_entry.name for name in (fp32, int8)]
     del pipes
     times = measure(repository, networks)
-    speed = {shape: times[networks[0]][(*shape, 1)] / times[networks[1]][(*shape, 1)]
-             for shape in ((640, 640), (384, 640))}
+    speed = {frame: times[networks[0]][frame, 1] / times[networks[1]][frame, 1]
+             for frame in ("square", "16:9")}
     return (f"{int8} against {fp32} on {len(images)} images it was not calibrated on:\n"
             f"  FP32 detections (confidence >= 0.5) matched by class with box IoU >= 0.8: "
             f"{matched}/{wanted} ({100 * matched / max(wanted, 1):.1f}%)\n"
             f"  median mask IoU of the matched pairs: {statistics.median(mask_ious or [0]):.3f}\n"
-            f"  network speed-up at batch 1: {speed[640, 640]:.2f}x at 640x640, "
-            f"{speed[384, 640]:.2f}x at 640x384 ({networks[0]} {times[networks[0]][640, 640, 1]:.1f} ms, "
-            f"{networks[1]} {times[networks[1]][640, 640, 1]:.1f} ms at 640x640)")
+            f"  network speed-up at batch 1: {speed['square']:.2f}x on a square photo, "
+            f"{speed['16:9']:.2f}x on a 16:9 frame ({networks[0]} {times[networks[0]]['square', 1]:.1f} ms, "
+            f"{networks[1]} {times[networks[1]]['square', 1]:.1f} ms on the square)")
 
 
 def main(argv: list[str] | None = None) -> int:

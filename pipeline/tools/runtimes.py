@@ -5,8 +5,11 @@ runners that serve it, and point the pipeline at the fastest (``--choose``).
         --networks yolov5s_seg yolov5s_seg_onnx yolov5s_seg_openvino --choose
 
 Prints, per network, milliseconds per frame at batch 1 and at the batch size the server
-would measure as best, at 640x640 and at 640x384 (a 16:9 frame), with the server's thread
-count (every core); the networks take turns, round after round, each keeping its best time.
+would measure as best, for a square photo and a 16:9 frame as the network's pre-processing
+places them (640x640 and 640x384 for a YOLO exported for any size; its square for a fixed
+one, such as RF-DETR's), with the server's thread count (every core); the networks take
+turns, round after round, each keeping its best time. Any family times: networks of one
+family compare in ``--choose``.
 The choice is by the mean of the batch-1 figures: measured, not assumed, so a machine whose
 best runtime differs gets its own. A form has to be 5% faster than the pipeline's current
 network to replace it, so noise does not flip the choice run to run.
@@ -23,12 +26,13 @@ from pathlib import Path
 from ..repository import DEFAULT_MODEL
 
 LOG = logging.getLogger(__name__)
-SHAPES = ((640, 640), (384, 640))
+FRAMES = {"square": (1080, 1080), "16:9": (720, 1280)}  # (height, width) of what is placed
 MARGIN = 0.05
 
 
 def measure(repository: Path, networks: list[str], rounds: int = 7) -> dict[str, dict]:
-    """network -> {"batch": best batch size, (h, w, batch): ms per frame}.
+    """network -> {"batch": best batch size, "input": {frame: (h, w)}, (frame, batch): ms
+    per frame}, frame one of ``FRAMES``.
 
     The networks take turns, round after round, and each keeps its best time: a busy moment
     of a shared machine slows one round of every network, not one network's every run."""
@@ -42,40 +46,40 @@ def measure(repository: Path, networks: list[str], rounds: int = 7) -> dict[str,
     torch.set_num_threads(cores())
     repo = ModelRepository.load(repository)
     runners = {name: load_runner(repo.get(name), "cpu") for name in networks}
-    out = {}
+    out, inputs = {}, {}
     for name, runner in runners.items():
-        best, _ = runner.best_batch_size(max(1, repo.get(name).config.max_batch_size))
-        out[name] = {"batch": best}
-    inputs = {(h, w, b): torch.rand(b, 3, h, w) for h, w in SHAPES
-              for b in sorted({1, *(row["batch"] for row in out.values())})}
-    for images in inputs.values():
-        for runner in runners.values():
+        best = runner.info.fixed_batch or runner.best_batch_size(
+            max(1, repo.get(name).config.max_batch_size))[0]
+        places = {frame: runner.info.preprocess.place(*size) for frame, size in FRAMES.items()}
+        out[name] = {"batch": best, "input": {f: (p.input_h, p.input_w) for f, p in places.items()}}
+        inputs[name] = {(frame, b): torch.rand(b, 3, *out[name]["input"][frame])
+                        for frame in FRAMES for b in sorted({1, best})}
+        for images in inputs[name].values():
             runner(images)  # warm-up
     for _ in range(rounds):
         for name, runner in runners.items():
-            for (h, w, b), images in inputs.items():
-                if b not in (1, out[name]["batch"]):
-                    continue
+            for key, images in inputs[name].items():
                 start = time.perf_counter()
                 runner(images)
-                ms = (time.perf_counter() - start) * 1e3 / b
-                out[name][h, w, b] = min(out[name].get((h, w, b), ms), ms)
+                ms = (time.perf_counter() - start) * 1e3 / len(images)
+                out[name][key] = min(out[name].get(key, ms), ms)
     return out
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| network | runtime | 640x640 b1 | 640x384 b1 | best batch | 640x640 best | 640x384 best |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| network | runtime | input (square, 16:9) | square b1 | 16:9 b1 | best batch "
+             "| square best | 16:9 best |", "|---|---|---|---|---|---|---|---|"]
     for name, row in results.items():
         b = row["batch"]
-        lines.append(f"| {name} | {row.get('runtime', '')} | {row[640, 640, 1]:.1f} | {row[384, 640, 1]:.1f} "
-                     f"| {b} | {row[640, 640, b]:.1f} | {row[384, 640, b]:.1f} |")
+        shapes = ", ".join(f"{w}x{h}" for h, w in row["input"].values())
+        lines.append(f"| {name} | {row.get('runtime', '')} | {shapes} | {row['square', 1]:.1f} "
+                     f"| {row['16:9', 1]:.1f} | {b} | {row['square', b]:.1f} | {row['16:9', b]:.1f} |")
     return "\n".join(lines)
 
 
 def fastest(results: dict[str, dict], current: str | None) -> str:
     """The network with the least mean batch-1 time, unless the current one is within MARGIN."""
-    score = {name: (row[640, 640, 1] + row[384, 640, 1]) / 2 for name, row in results.items()}
+    score = {name: (row["square", 1] + row["16:9", 1]) / 2 for name, row in results.items()}
     best = min(score, key=score.get)
     if current in score and score[best] > (1 - MARGIN) * score[current]:
         return current
