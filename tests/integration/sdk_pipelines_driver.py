@@ -7,9 +7,9 @@ PLAN: a JSON list of [method, kwargs]: a method of ``InferenceHTTPClient`` (kwar
 takes them; the string "$pipeline_id" stands for the id the last start answered), or one of
 two steps a user's loop would be: ["consume_frames", {"frames": N, "timeout_s": T}] consumes
 until N frames came (or T seconds passed) and answers every non-empty result; ["wait_state",
-{"state": S, "timeout_s": T}] reads the status until every source is in state S. Prints, per
-step in order, {"result": ...} or {"error": {"type", "message", "status_code"}}, as one JSON
-list. The code below is what a user of the SDK writes; nothing of this project is imported.
+{"state": S, "timeout_s": T, "pipeline": ID}] reads the status (of the last one started, without
+"pipeline") until every source is in state S. Prints, per step in order, {"result": ...} or
+{"error": {"type", "message", "status_code"}}, as one JSON list. The code below is what a user of the SDK writes; nothing of this project is imported.
 """
 
 import json
@@ -41,10 +41,10 @@ def consume_frames(frames, timeout_s):
     return results
 
 
-def wait_state(state, timeout_s):
+def wait_state(state, timeout_s, pipeline=None):
     deadline = time.monotonic() + timeout_s
     while True:
-        status = client.get_inference_pipeline_status(pipeline_id=pipeline_id)
+        status = client.get_inference_pipeline_status(pipeline_id=pipeline or pipeline_id)
         states = [source["state"] for source in status["report"]["sources_metadata"]]
         if all(s == state for s in states) or time.monotonic() > deadline:
             return status
