@@ -9,7 +9,8 @@ two steps a user's loop would be: ["consume_frames", {"frames": N, "timeout_s": 
 until N frames came (or T seconds passed) and answers every non-empty result; ["wait_state",
 {"state": S, "timeout_s": T, "pipeline": ID}] reads the status (of the last one started, without
 "pipeline") until every source is in state S. Prints, per step in order, {"result": ...} or
-{"error": {"type", "message", "status_code"}}, as one JSON list. The code below is what a user of the SDK writes; nothing of this project is imported.
+{"error": {"type", "message", "status_code"}}, as one JSON list. The code below is what a user
+of the SDK writes; nothing of this project is imported.
 """
 
 import json
