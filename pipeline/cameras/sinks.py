@@ -1,4 +1,4 @@
-"""Delivering a camera stream's results to the outside: webhooks, MQTT and Redis Streams.
+"""Delivering a camera stream's results to the outside: webhooks, MQTT, Redis Streams and Kafka.
 
 Vocabulary:
 
