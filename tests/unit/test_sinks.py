@@ -218,6 +218,7 @@ def check(url: str, allow: AllowList = AllowList(), stream_id: str = "cam-1"):
     "http://[::ffff:169.254.169.254]/", "http://[2002:a9fe:a9fe::]/", "http://[64:ff9b::a9fe:a9fe]/",
     "http://0.0.0.0:6379/", "http://[::]/", "mqtt://224.0.0.1/t", "mqtt://[ff02::1]/t", "redis://240.0.0.1/k",
     "http://255.255.255.255/", "http://wrapped.example/",  # a name with a metadata address among its own
+    "kafka://169.254.169.254/t", "kafkas://[fe80::1]:9093/t",
 ])
 def test_link_local_metadata_and_other_special_addresses_are_refused_by_default(url, dns):
     answers, _ = dns
@@ -240,6 +241,7 @@ def test_cloud_metadata_names_are_refused_without_a_lookup(host, dns):
     ("mqtt://127.0.0.1:1883/t", ["127.0.0.1"]), ("redis://[::1]/k", ["::1"]),
     ("http://10.20.0.7/hook", ["10.20.0.7"]), ("mqtt://broker.lan/t", ["192.168.1.20", "fd12::20"]),
     ("https://hooks.example/x", ["93.184.216.34"]), ("redis://cgnat.example/k", ["100.64.3.4"]),
+    ("kafka://broker.lan/cams", ["192.168.1.20", "fd12::20"]),
 ])
 def test_private_loopback_and_public_hosts_are_allowed_and_pinned_by_default(url, addresses, dns):
     answers, asked = dns
