@@ -347,19 +347,13 @@ def as_picture(image: object, long_side: int | None = None) -> Picture:
 
 def _reduced_picture(picture: Picture, long_side: int | None) -> Picture:
     """``_reduced`` for pixels already in memory. Never a copy otherwise: a raw frame waits
-    in the queue as a view of its message (``letterbox`` copies what torch cannot take)."""
+    in the queue as a view of its message (``Preprocess.tensor`` copies what torch cannot take)."""
     from PIL import Image
 
     if long_side is not None and _reduction(picture.rgb.shape[:2], picture.size, long_side) >= 2:
         smaller = _reduced(Image.fromarray(picture.rgb), picture.size, long_side)
         return Picture(np.array(smaller), picture.size)
     return picture
-
-
-def letterbox(image: np.ndarray | Picture, size: int, device: object = "cpu",
-              stride: int | None = None):
-    """YOLO's input: ``Preprocess(size, stride).tensor`` (tensor in [0, 1], its Placement)."""
-    return Preprocess(size, stride).tensor(image, device)
 
 
 def encode_jpeg(image, quality: int = JPEG_QUALITY) -> bytes:

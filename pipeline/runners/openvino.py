@@ -48,7 +48,8 @@ class OpenVinoRunner(Runner):
 def _metadata(model, path) -> dict:
     """Scale, stride and class names: the converter's runtime info (``names``,
     ``input_size``, ``stride``), else what an ultralytics export leaves: its
-    ``model_info/labels`` and the ``metadata.yaml`` beside the file."""
+    ``model_info/labels`` and the ``metadata.yaml`` beside the file (with ``end2end``, a
+    YOLO26 export's ranked rows)."""
     meta = {key: model.get_rt_info([key]).astype(str) for key in ("names", "input_size", "stride")
             if model.has_rt_info([key])}
     if "names" not in meta and model.has_rt_info(["model_info", "labels"]):
@@ -61,7 +62,7 @@ def _metadata(model, path) -> dict:
             found = yaml.safe_load(beside.read_text()) or {}
         except Exception:  # noqa: BLE001 - no PyYAML, or not YAML: the rest still serves
             found = {}
-        for key in ("names", "stride", "imgsz"):
+        for key in ("names", "stride", "imgsz", "end2end"):
             if key in found:
                 meta.setdefault(key, found[key])
     return meta

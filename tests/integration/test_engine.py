@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from pycocotools import mask as coco_mask
 
 from pipeline.heads.yolo import by_rank
-from pipeline.images import letterbox
 from pipeline.postprocess import to_original
 
 
@@ -62,8 +61,7 @@ def reference_masks(pipeline, rgb):
     """The straightforward way (ultralytics' process_mask_native): full-resolution sigmoid
     masks at the network input, un-letterboxed and resized to the original size, cropped to
     the box there, thresholded at 0.5, then pycocotools."""
-    size = pipeline.info.input_size
-    tensor, geo = letterbox(rgb, size, stride=pipeline.info.stride)
+    tensor, geo = pipeline.info.preprocess.tensor(rgb)
     with torch.inference_mode():
         outputs = pipeline.runner(tensor[None])
     _, proto = by_rank(outputs)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import BadInputError
-from pipeline.images import ALLOWED_FORMATS, as_picture, decode_image, letterbox, probe
+from pipeline.images import ALLOWED_FORMATS, Preprocess, as_picture, decode_image, probe
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:
@@ -42,8 +42,8 @@ def test_a_png_far_larger_than_the_network_is_reduced_before_the_float_tensor():
     assert picture.rgb.shape == (683, 512, 3)
     assert max(picture.rgb.shape[:2]) < 2 * 640
 
-    reduced, geo = letterbox(picture, 640, stride=32)
-    full, full_geo = letterbox(big, 640, stride=32)
+    reduced, geo = Preprocess(640, 32).tensor(picture)
+    full, full_geo = Preprocess(640, 32).tensor(big)
     assert geo == full_geo and reduced.shape == full.shape == (3, 640, 480)
     assert float((reduced - full).abs().mean()) < 2 / 255
 
@@ -182,7 +182,7 @@ def test_a_raw_frame_far_larger_than_the_input_is_reduced_before_any_float_tenso
     """A raw 4K frame (a read-only view of the message, as KServe's raw tensors are) is
     box-averaged on its 8-bit pixels like a decoded one, not made a full-size float tensor;
     a frame under twice the input is used as it is."""
-    from pipeline.images import as_picture, letterbox
+    from pipeline.images import as_picture
 
     ys, xs = np.mgrid[0:2160, 0:3840]
     frame = np.stack([xs * 255 // 3839, ys * 255 // 2159, (xs + ys) % 256], axis=-1).astype(np.uint8)
@@ -191,8 +191,8 @@ def test_a_raw_frame_far_larger_than_the_input_is_reduced_before_any_float_tenso
     picture = as_picture(view, long_side=640)
     assert picture.size == (2160, 3840) and max(picture.rgb.shape[:2]) < 2 * 640
     assert picture.rgb.flags.writeable
-    reduced, _ = letterbox(picture, 640)
-    full, _ = letterbox(frame, 640)
+    reduced, _ = Preprocess(640).tensor(picture)
+    full, _ = Preprocess(640).tensor(frame)
     assert float((reduced - full).abs().mean()) < 2 / 255
     small = np.zeros((600, 1000, 3), np.uint8)
     assert as_picture(small, long_side=640).rgb is small
@@ -201,12 +201,12 @@ def test_a_raw_frame_far_larger_than_the_input_is_reduced_before_any_float_tenso
 def test_a_raw_frame_waits_in_the_queue_as_a_view_of_its_message():
     """The header check keeps a read-only raw frame as it came (no copy held while it is
     queued); letterboxing copies only what torch needs, and gives the same tensor."""
-    from pipeline.images import letterbox, probe
+    from pipeline.images import probe
 
     frame = np.arange(240 * 320 * 3, dtype=np.uint32).astype(np.uint8).reshape(240, 320, 3)
     view = np.frombuffer(frame.tobytes(), np.uint8).reshape(frame.shape)  # read-only
     source, size = probe(view)
     assert size == (240, 320) and np.shares_memory(source.rgb, view)
-    from_view, _ = letterbox(source, 640)
-    from_copy, _ = letterbox(frame, 640)
+    from_view, _ = Preprocess(640).tensor(source)
+    from_copy, _ = Preprocess(640).tensor(frame)
     assert bool((from_view == from_copy).all())
