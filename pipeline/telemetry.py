@@ -111,6 +111,7 @@ class Ledger:
         # a stream naming no loaded model adds no series (it leaves when the stream ends).
         self._model_streams: Counter = Counter()
         self._frames_dropped = 0
+        self._stream_errors: Counter = Counter()  # (model, code): camera sources' failures
         self._requests_by_api: Counter = Counter()  # (api, "ok" or the failure's reason) -> requests
 
     def _model(self, model: str) -> ModelTotals:
@@ -200,6 +201,16 @@ class Ledger:
         """Requests so far by (api, outcome): "ok", or the failure's reason."""
         with self._lock:
             return dict(self._requests_by_api)
+
+    def stream_error(self, model: str, code: str) -> None:
+        """A camera stream's source failed (or failed otherwise), ``code`` saying how."""
+        with self._lock:
+            self._stream_errors[model, code] += 1
+
+    def stream_errors(self) -> dict[tuple[str, str], int]:
+        """Camera sources' failures by (model, code), a copy."""
+        with self._lock:
+            return dict(self._stream_errors)
 
     def totals(self, model: str) -> ModelTotals:
         """A copy of one model's totals (zeros if it has done nothing yet)."""

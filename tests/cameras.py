@@ -8,9 +8,10 @@ its own (``tests/rtsp_server.py``), the HLS playlist and segments are FFmpeg's.
   clip of coloured blocks for the fake network (known detections);
 - ``RtspServer``: mounts ``/NAME`` that each loop a clip forever, in real time, without
   re-encoding; ``stop()`` kills it (a camera dying) and ``start()`` brings it back on the
-  same port. ``rtsp_unavailable()`` says why it cannot run here, for ``pytest.skip``;
+  same port; with ``user`` it asks for a password. ``rtsp_unavailable()`` says why it cannot
+  run here, for ``pytest.skip``;
 - ``HlsServer``: a clip cut by ``ffmpeg`` into a VOD playlist of ~1 s segments, served over
-  HTTP on 127.0.0.1 from a thread. ``hls_unavailable()`` says why it cannot run here.
+  HTTP (or HTTPS) on 127.0.0.1 from a thread. ``hls_unavailable()`` says why it cannot run here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import functools
 import hashlib
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -199,20 +201,25 @@ class RtspServer:
     """GStreamer's RTSP server in a process of its own, serving ``rtsp://127.0.0.1:PORT/NAME``
     for each ``clips[NAME]`` (an H.264 MP4 without B-frames, as ``make_clip`` makes them),
     looped forever in real time; every client of a mount watches one shared media. ``stop()`` kills the process (SIGKILL: a camera losing
-    power, no RTSP goodbye); ``start()`` again serves on the same port."""
+    power, no RTSP goodbye); ``start()`` again serves on the same port. ``user``: (name,
+    password) every client must give, as a camera with a password asks (``url(name, user=...)``
+    puts them in the URL)."""
 
-    def __init__(self, clips: dict[str, Path], port: int | None = None):
+    def __init__(self, clips: dict[str, Path], port: int | None = None, user: tuple[str, str] | None = None):
         self.clips = dict(clips)
         self.port = port
+        self.user = user
         self._process: subprocess.Popen | None = None
         self._log = None
 
-    def url(self, name: str) -> str:
+    def url(self, name: str, user: tuple[str, str] | None = None) -> str:
+        """The mount's URL, with ``user`` (name, password) in it when given."""
         if name not in self.clips:
             raise KeyError(f"no mount {name!r}; have {', '.join(self.clips)}")
         if self.port is None:
             raise RuntimeError("the RTSP server has not started yet: its port is not known")
-        return f"rtsp://127.0.0.1:{self.port}/{name}"
+        credentials = f"{user[0]}:{user[1]}@" if user else ""
+        return f"rtsp://{credentials}127.0.0.1:{self.port}/{name}"
 
     def start(self, timeout_s: float = 20.0) -> RtspServer:
         """Start serving and return once the server listens (its port then known)."""
@@ -222,7 +229,8 @@ class RtspServer:
         # GStreamer's warnings go to a file: a pipe nobody reads would fill and stall the server.
         self._log = tempfile.TemporaryFile(mode="w+")
         self._process = subprocess.Popen(
-            [SYSTEM_PYTHON, str(RTSP_SCRIPT), "--port", str(self.port or 0), *mounts],
+            [SYSTEM_PYTHON, str(RTSP_SCRIPT), "--port", str(self.port or 0),
+             *(["--user", ":".join(self.user)] if self.user else []), *mounts],
             stdout=subprocess.PIPE, stderr=self._log, text=True,
             env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})  # not the venv's
         listening = _first_line(self._process, timeout_s)
@@ -276,10 +284,12 @@ def hls_unavailable() -> str | None:
 class HlsServer:
     """A clip as an HLS VOD playlist (``index.m3u8``, ~1 s MPEG-TS segments cut at the clip's
     keyframes by ``ffmpeg -c copy``: no re-encoding), served over HTTP on 127.0.0.1 from a
-    thread of this process. The playlist ends (``#EXT-X-ENDLIST``): a reader plays it once."""
+    thread of this process (over HTTPS with ``tls``: the (certificate, key) PEM files it
+    shows). The playlist ends (``#EXT-X-ENDLIST``): a reader plays it once."""
 
-    def __init__(self, clip: Path, folder: Path | None = None):
+    def __init__(self, clip: Path, folder: Path | None = None, tls: tuple[Path, Path] | None = None):
         self.clip = clip
+        self.tls = tls
         self._owned = folder is None  # a folder of its own is removed on stop
         self.folder = Path(tempfile.mkdtemp(prefix="hls-")) if folder is None else folder
         self._http: ThreadingHTTPServer | None = None
@@ -288,7 +298,8 @@ class HlsServer:
     def url(self) -> str:
         if self._http is None:
             raise RuntimeError("the HLS server has not started")
-        return f"http://127.0.0.1:{self._http.server_address[1]}/index.m3u8"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self._http.server_address[1]}/index.m3u8"
 
     def start(self) -> HlsServer:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -300,6 +311,10 @@ class HlsServer:
         if cut.returncode != 0:
             raise RuntimeError(f"ffmpeg could not cut {self.clip} into HLS: {cut.stderr[-2000:]}")
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietFiles, directory=str(self.folder)))
+        if self.tls:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*self.tls)
+            self._http.socket = context.wrap_socket(self._http.socket, server_side=True)
         threading.Thread(target=self._http.serve_forever, name="hls-server", daemon=True).start()
         return self
 

@@ -33,6 +33,13 @@ Vocabulary:
   ``error`` says why, told again when the reason changes), ``failed`` (a file that cannot be
   opened or decoded or has no video, or frames ``admit`` refused: final) and ``stopped`` (the end of a recording, or
   ``stop()``: final). Nothing raises out of the thread: whatever goes wrong becomes a state;
+  its ``error`` is a ``source_errors.SourceError``: words for people and a code for programs
+  (``CONNECTION_FAILED``, ``AUTH_FAILED``, ``TIMEOUT``, ...), classified from what FFmpeg raised;
+- **TLS** (rtsps://, https://): the certificate must chain to a CA the system trusts or to one
+  in ``ca_file`` (the server's ``--stream-ca-file``: a camera's own self-signed certificate
+  may be one) and name the URL's host; FFmpeg checks neither unless told (``tls_verify``).
+  FFmpeg's HLS reader fetches segments without passing these on: a playlist's segments on
+  another host than the playlist's are not verified;
 - **pause**: a file waits where it is and goes on from the same frame; a network source
   closes its connection and reopens it on resume (a fresh live view, not a backlog);
 - **stop**: the source's waits (pacing, backoff, pause, a full queue) end at once. FFmpeg
@@ -62,6 +69,7 @@ from ..backoff import Backoff
 from ..buffers import DropOldest
 from ..errors import BadInputError
 from ..images import Picture, reduced_size
+from .source_errors import CODEC_UNSUPPORTED, CONNECTION_FAILED, TIMEOUT, SourceError, classify
 
 if TYPE_CHECKING:  # PyAV is imported where it decodes, in the sources' threads
     from av.container import InputContainer
@@ -92,8 +100,21 @@ PROTOCOLS = {"rtsp": "rtsp,rtsps,rtp,tcp,udp,tls", "http": "http,https,tcp,tls,c
 # FFmpeg checks the probed format against this list before the demuxer opens anything, and
 # answers EINVAL; mov's references to other files (drefs) stay off, FFmpeg's default.
 FILE_FORMATS = "mov,matroska,avi,mpegts,flv,h264,hevc"
-NOT_ONE_FILE = ("cannot open: not one video file (a file source plays mp4, mov, mkv, avi, ts, flv or raw "
-                "H.264/H.265, never a playlist or a list of other files)")
+NOT_ONE_FILE = SourceError("cannot open: not one video file (a file source plays mp4, mov, mkv, avi, ts, flv or "
+                           "raw H.264/H.265, never a playlist or a list of other files)", CODEC_UNSUPPORTED)
+
+
+def _keep_ffmpeg_errors() -> None:
+    """Have PyAV keep FFmpeg's last error line for its exceptions (``exc.log``): which TLS
+    failure it was is said there only (``source_errors.classify``). PyAV ignores FFmpeg's log
+    unless a level is set; PANIC passes error lines to PyAV to keep and logs nothing else. An
+    application that set a level itself keeps it. The line kept is the process's last, from
+    whichever thread: a TLS line is read only for an EIO of a TLS open, which makes a line
+    from another source's failure at that very moment the one mix-up left."""
+    import av.logging
+
+    if av.logging.get_level() is None:
+        av.logging.set_level(av.logging.PANIC)
 
 
 def _protocols(location: str, network: bool) -> str:
@@ -275,12 +296,14 @@ class Source:
 
     ``location``: a path or a URL (rtsp://, rtsps://, http(s):// for HLS). ``on_state`` is
     called from the thread. ``timeout_s`` bounds every open and every read; ``backoff_s`` is
-    the first and the longest wait between reconnects."""
+    the first and the longest wait between reconnects; ``ca_file``: PEM certificates a TLS
+    source may chain to besides the system's."""
 
     def __init__(self, location: str, *, network: bool, max_fps: float | None, realtime: bool, queue: FrameQueue,
-                 on_state: Callable[[str, str | None], None], name: str = "",
+                 on_state: Callable[[str, SourceError | None], None], name: str = "",
                  backoff_s: tuple[float, float] = (0.5, 10.0), timeout_s: float = 5.0,
-                 long_side: int | None = None, admit: Callable[[int, int], str | None] | None = None):
+                 long_side: int | None = None, admit: Callable[[int, int], str | None] | None = None,
+                 ca_file: str | None = None):
         if max_fps is not None and not max_fps > 0:
             raise BadInputError(f"max_fps must be above 0 (or none for every frame), not {max_fps}")
         if not 0 < backoff_s[0] <= backoff_s[1]:
@@ -294,6 +317,7 @@ class Source:
         self.name = name or ("camera" if network else location)
         self.timeout_s = timeout_s
         self.long_side = long_side
+        self.ca_file = ca_file
         self._admit = admit
         self._admitted: tuple[int, int] | None = None  # the frame size ``admit`` said yes to
         self.frames_decoded = 0
@@ -309,7 +333,7 @@ class Source:
         self._pace_anchor: tuple[float, float] | None = None  # (monotonic, media_s) of a paced frame
         self._delays = self.backoff.delays()  # from first_s again once an open gives a frame
         self._told = threading.Lock()
-        self._last_told: tuple[str, str | None] | None = None
+        self._last_told: tuple[str, SourceError | None] | None = None
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ control (any thread)
@@ -350,18 +374,18 @@ class Source:
     # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
-        final: tuple[str, str | None] = ("stopped", None)
+        final: tuple[str, SourceError | None] = ("stopped", None)
         try:
             self._tell("starting", None)
             final = self._play()
         except Exception as exc:  # noqa: BLE001 - our own fault: this source fails, the server goes on
             LOG.exception("source %s failed", self.name)
-            final = ("failed", f"internal error: {type(exc).__name__}: {exc}")
+            final = ("failed", SourceError(f"internal error: {type(exc).__name__}: {exc}", None))
         finally:
             self._tell(*final)  # before the queue ends: its reader learns why it ended
             self._queue.close()
 
-    def _play(self) -> tuple[str, str | None]:
+    def _play(self) -> tuple[str, SourceError | None]:
         """Open, decode, reopen as the module says, until a final state; returns it."""
         while True:
             if not self._wait_while_paused():
@@ -385,13 +409,18 @@ class Source:
                 return ("stopped", None)
             self.reconnects += 1
 
-    def _open(self) -> tuple[InputContainer | None, str | None]:
+    def _open(self) -> tuple[InputContainer | None, SourceError | None]:
         """(container, None), or (None, why it could not be opened)."""
         import av
 
+        _keep_ffmpeg_errors()
         options = {"protocol_whitelist": _protocols(self.location, self.network)}
         if self.network:
             options["analyzeduration"] = str(ANALYZE_US)
+            # Every TLS connection it makes (rtsps, https, an http playlist's redirect to https).
+            options["tls_verify"] = "1"
+            if self.ca_file:
+                options["ca_file"] = self.ca_file
         else:
             options["format_whitelist"] = FILE_FORMATS
         if self.location.lower().startswith(("rtsp://", "rtsps://")):
@@ -400,21 +429,25 @@ class Source:
         try:
             return av.open(self.location, options=options, timeout=(self.timeout_s, self.timeout_s)), None
         except (av.FFmpegError, OSError) as exc:
-            if time.monotonic() - started >= self.timeout_s:
-                return None, f"cannot open: no answer within {self.timeout_s:g} s ({_reason(exc)})"
-            if not self.network and exc.errno == errno.EINVAL:  # a format off FILE_FORMATS
+            timed_out = time.monotonic() - started >= self.timeout_s
+            if not timed_out and not self.network and exc.errno == errno.EINVAL:  # a format off FILE_FORMATS
                 return None, NOT_ONE_FILE
-            return None, f"cannot open: {_reason(exc)}"
+            code, words = classify(exc, timed_out=timed_out)
+            if timed_out:
+                return None, SourceError(f"cannot open: no answer within {self.timeout_s:g} s ({words})", code)
+            return None, SourceError(f"cannot open: {words}", code)
 
-    def _decode(self, container: InputContainer) -> tuple[str, str | None]:
+    def _decode(self, container: InputContainer) -> tuple[str, SourceError | None]:
         """Decode one open container: ("stopped" | "ended" | "paused" | "error" | "refused", why)."""
         import av
 
         if not container.streams.video:
-            return "error", "no video stream"
+            return "error", SourceError("no video stream", CODEC_UNSUPPORTED)
         if self._stopping:
             return "stopped", None
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # PyAV makes none where FFmpeg has no decoder for the codec
+            return "error", SourceError("cannot decode: no decoder for its codec", CODEC_UNSUPPORTED)
         stream.thread_type = "SLICE"
         stream.codec_context.thread_count = DECODE_THREADS
         live = self.network and container.duration is None
@@ -427,7 +460,7 @@ class Source:
         self.properties = SourceProperties(known[1], known[0], float(rate) if rate else 0.0, stream.frames or 0)
         refused = self._refusal(known) if all(known) else None  # before a frame takes memory
         if refused:
-            return "refused", refused
+            return "refused", SourceError(refused, None)
         try:
             for frame in container.decode(stream):
                 if self._stopping:
@@ -436,7 +469,7 @@ class Source:
                     return "paused", None
                 refused = self._refusal((frame.height, frame.width))
                 if refused:
-                    return "refused", refused
+                    return "refused", SourceError(refused, None)
                 index, self.frames_decoded = self.frames_decoded, self.frames_decoded + 1
                 frames += 1
                 if frames == 1:
@@ -451,10 +484,11 @@ class Source:
                     return "stopped", None
         except (av.FFmpegError, OSError) as exc:
             if isinstance(exc, av.ExitError):  # PyAV's timeout interrupted a read
-                return "error", f"no frame within {self.timeout_s:g} s"
-            return "error", f"cannot decode: {_reason(exc)}"
+                return "error", SourceError(f"no frame within {self.timeout_s:g} s", TIMEOUT)
+            code, words = classify(exc, opening=False)
+            return "error", SourceError(f"cannot decode: {words}", code)
         if live:
-            return "error", "the stream ended"
+            return "error", SourceError("the stream ended", CONNECTION_FAILED)
         return "ended", None
 
     def _refusal(self, size: tuple[int, int]) -> str | None:
@@ -511,7 +545,7 @@ class Source:
         with self._changed:
             return not self._changed.wait_for(lambda: self._stopping, seconds)
 
-    def _tell(self, state: str, error: str | None) -> None:
+    def _tell(self, state: str, error: SourceError | None) -> None:
         """``on_state``, once per change, never after a final state; its errors are logged."""
         with self._told:
             last = self._last_told
@@ -519,15 +553,11 @@ class Source:
                 return
             self._last_told = (state, error)
             if state == "reconnecting":
-                LOG.warning("source %s reconnecting: %s", self.name, error)
+                LOG.warning("source %s reconnecting: %s (%s)", self.name, error.text, error.code)
             else:
-                LOG.info("source %s %s%s", self.name, state, f": {error}" if error else "")
+                LOG.info("source %s %s%s", self.name, state, f": {error.text} ({error.code})" if error else "")
             try:
                 self._on_state(state, error)
             except Exception:  # noqa: BLE001 - the listener's fault must not end the source
                 LOG.exception("source %s: on_state failed", self.name)
 
-
-def _reason(exc: BaseException) -> str:
-    """FFmpeg's words for an error, without the location (a camera URL may hold a password)."""
-    return getattr(exc, "strerror", None) or type(exc).__name__

@@ -51,11 +51,12 @@ SHOWN_CHARS = 100  # what an error repeats of a client's value: enough to recogn
 @dataclass(frozen=True)
 class SourceRules:
     """Where the server may pull from: ``--stream-source-dir``, ``--allow-stream-urls``,
-    ``--stream-url-allow``."""
+    ``--stream-url-allow``; and whom a TLS source may be: ``--stream-ca-file``."""
 
     source_dir: Path | None = None
     allow_urls: bool = False
     url_allow: AllowList = AllowList()
+    ca_file: str | None = None
 
     def locate(self, source: str) -> tuple[str, bool]:
         """What the decoder opens for ``source`` and whether it is a network source."""

@@ -23,7 +23,9 @@ Vocabulary:
   of all, each through a bounded buffer whose overflow is counted.
 
 One stream's failure touches no other: each decodes in its own thread, and a source that
-fails or reconnects shows it in its ``state`` and ``last_error``. Removing a stream stops its
+fails or reconnects shows it in its ``state``, ``last_error`` (words) and ``error_code`` (one
+of ``source_errors.CODES``, for programs; null again once it runs), each failure counted in
+Prometheus by code. Removing a stream stops its
 source, lets frames already in the batcher finish and reach the sinks, flushes them
 briefly and frees its tracker; a drain (``close``) does the same for every stream within the
 grace period.
@@ -56,6 +58,7 @@ from ..serving.url_policy import AllowList
 from ..telemetry import Histogram
 from .sink_targets import checked
 from .sinks import MemorySink, Sink
+from .source_errors import SourceError
 from .sources import CapturedFrame, FrameQueue, Source
 from .spec import SourceRules, StreamSpec
 
@@ -230,6 +233,7 @@ class CameraStream:
         self.client = f"{API}/{stream_id}"  # its share of the server's limits and its tracker's owner
         self.state = "starting"
         self.last_error: str | None = None
+        self.error_code: str | None = None  # why the source is not delivering now (source_errors.CODES)
         self.paused = False
         self.counts: Counter = Counter()
         self.rate_in, self.rate_out = RateMeter(), RateMeter()
@@ -248,7 +252,7 @@ class CameraStream:
                              realtime=spec.realtime, queue=self.queue, name=stream_id,
                              on_state=lambda state, error: loop.call_soon_threadsafe(
                                  self._source_state, state, error),
-                             long_side=self.long_side, admit=self._admit_frames)
+                             long_side=self.long_side, admit=self._admit_frames, ca_file=owner.rules.ca_file)
         self.sinks = [Sink(target, stream_id, buffer=owner.sink_buffer, ca_file=owner.sink_ca_file)
                       for target in spec.sinks] + list(own_sinks)
         self.window: StreamWindow[CameraCall, CameraResult] = StreamWindow(
@@ -464,13 +468,18 @@ class CameraStream:
             self.last_error = f"frame {result.frame_index}: {result.error}"
         self.owner.publish(self, result)
 
-    def _source_state(self, state: str, error: str | None) -> None:
+    def _source_state(self, state: str, error: SourceError | None) -> None:
         if self.state == "failed":  # our own failure (``_run``) is final too
             return
         self.state = state
+        # The code is the present state's reason (none while it starts, runs or has stopped);
+        # last_error stays, the last thing that went wrong.
+        self.error_code = error.code if error else None
         if error:
-            self.last_error = error
-        self.changes.push(StateChange(time.time(), state, error))
+            self.last_error = error.text
+            if error.code:  # told once per failure and per change of reason, not per retry
+                self.owner.state.ledger.stream_error(self.spec.model, error.code)
+        self.changes.push(StateChange(time.time(), state, error.text if error else None))
 
     # ------------------------------------------------------------------ status
 
@@ -479,7 +488,8 @@ class CameraStream:
         return {
             "stream_id": self.id, "source": spec.display, "model": spec.model,
             "state": "paused" if self.paused and self.state not in ("failed", "stopped") else self.state,
-            "last_error": self.last_error, "max_fps": spec.max_fps, "track": spec.track,
+            "last_error": self.last_error, "error_code": self.error_code, "max_fps": spec.max_fps,
+            "track": spec.track,
             "realtime": spec.realtime, "parameters": dict(spec.parameters),
             "sinks": [sink.status() for sink in self.sinks],
             "frames_decoded": self.source.frames_decoded,

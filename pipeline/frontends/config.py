@@ -118,6 +118,10 @@ class ServerConfig:
                                                 "host whose loopback, private or link-local addresses a "
                                                 "stream may pull from; they are refused otherwise, and most "
                                                 "cameras sit on private networks: list theirs", metavar="CIDR_OR_HOST")
+    stream_ca_file: str | None = setting(None, "CA certificates that rtsps:// and https:// stream sources "
+                                         "may chain to besides the system's (a camera's own self-signed "
+                                         "certificate may be one); a source's certificate is always verified",
+                                         metavar="PEM")
     max_ingest_streams: int = setting(16, "camera streams at once, stopped ones included until removed; "
                                       "beyond it adding one is refused RESOURCE_EXHAUSTED / 429; 0: no "
                                       "camera streams", metavar="N")
@@ -196,6 +200,8 @@ class ServerConfig:
                               "--sink-buffer >= 1")
         if self.sink_ca_file is not None:
             _check_ca_file("--sink-ca-file", self.sink_ca_file)
+        if self.stream_ca_file is not None:
+            _check_ca_file("--stream-ca-file", self.stream_ca_file)
         if self.stream_url_allow and not self.allow_stream_urls:
             raise ConfigError("--stream-url-allow needs --allow-stream-urls")
         if self.model_control_mode not in MODEL_CONTROL_MODES:

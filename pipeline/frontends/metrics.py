@@ -157,6 +157,12 @@ class LedgerCollector(Collector):
         for api, count in streams.items():
             open_streams.add_metric([api], count)
         yield open_streams
+        stream_errors = CounterMetricFamily(
+            "rle_serving_stream_errors", "Camera streams' source failures, by error_code (counted when a "
+            "source fails and when its reason changes, not per retry)", labels=["model", "code"])
+        for (model, code), count in self.ledger.stream_errors().items():
+            stream_errors.add_metric([model, code], count)
+        yield stream_errors
 
 
 CONNECTION_TIMEOUT_S = 10.0  # a scrape's TLS handshake and request are due within this

@@ -141,7 +141,7 @@ class PipelineServer:
         self.models = ModelControl(self.state, cfg.model_repository, mode=cfg.model_control_mode,
                                    device=cfg.device, ledger=self.ledger)
         rules = SourceRules(Path(cfg.stream_source_dir) if cfg.stream_source_dir else None,
-                            cfg.allow_stream_urls, AllowList.parse(cfg.stream_url_allow))
+                            cfg.allow_stream_urls, AllowList.parse(cfg.stream_url_allow), cfg.stream_ca_file)
         self.cameras = CameraStreams(self.state, rules, max_streams=cfg.max_ingest_streams,
                                      sink_buffer=cfg.sink_buffer, sink_ca_file=cfg.sink_ca_file,
                                      sink_allow=AllowList.parse(cfg.sink_url_allow))

@@ -11,6 +11,7 @@ import asyncio
 import pytest
 
 from clients.client import SegmentationClient
+from pipeline.cameras.source_errors import SourceError
 from pipeline.cameras.sources import FrameQueue, Source
 
 from ..cameras import scene_clip
@@ -57,7 +58,7 @@ def test_frames_the_source_may_not_hold_fail_it_before_any_is_delivered(clips):
         return "no room"
 
     frames, states = asyncio.run(decoded(str(clips / "large.mp4"), admit=admit))
-    assert frames == [] and asked == [(768, 1280)] and states[-1] == ("failed", "no room")
+    assert frames == [] and asked == [(768, 1280)] and states[-1] == ("failed", SourceError("no room", None))
 
 
 def test_a_camera_answers_at_its_frames_full_size(fake_root, clips):

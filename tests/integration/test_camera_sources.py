@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from pipeline.cameras.source_errors import CODEC_UNSUPPORTED, CONNECTION_FAILED, NOT_FOUND, SourceError
 from pipeline.cameras.sources import CapturedFrame, FrameQueue, Source
 
 from ..cameras import HlsServer, RtspServer, free_port, hls_unavailable, make_clip, rtsp_unavailable
@@ -149,10 +150,12 @@ def test_a_file_that_is_not_a_video_fails_and_a_missing_one_too(tmp_path):
         await watched.ended()
         return watched
 
-    for location, reason in ((text, "Invalid data"), (tmp_path / "absent.mp4", "No such file")):
+    for location, reason, code in ((text, "Invalid data", CODEC_UNSUPPORTED),
+                                   (tmp_path / "absent.mp4", "No such file", NOT_FOUND)):
         watched = run(main(str(location)))
         assert watched.names == ["starting", "failed"] and watched.frames == []
-        assert reason in watched.states[-1][1] and str(tmp_path) not in watched.states[-1][1]
+        told = watched.states[-1][1]
+        assert reason in told.text and str(tmp_path) not in told.text and told.code == code
 
 
 def test_drop_oldest_keeps_the_newest_and_counts_every_drop(clip):
@@ -241,8 +244,9 @@ def test_rtsp_reconnects_when_its_camera_dies_and_another_camera_keeps_its_rate(
     errors = [error for state, error in a.states if state == "reconnecting"]
     # The kernel closes a killed server's socket: an end of stream, or a reset when the
     # server had unread bytes (FFmpeg's RTCP reports).
-    assert errors[0] == "the stream ended" or errors[0].startswith("cannot decode")
-    assert any("Connection refused" in error for error in errors)
+    assert errors[0].text == "the stream ended" or errors[0].text.startswith("cannot decode")
+    assert any("Connection refused" in error.text for error in errors)
+    assert {error.code for error in errors} == {CONNECTION_FAILED}
     assert a.names[:3] == ["starting", "running", "reconnecting"]
     assert a.names[-2:] == ["running", "stopped"] and "reconnecting" not in b.names
     indices = [f.index for f in a.frames]
@@ -287,7 +291,8 @@ def test_a_camera_that_refuses_keeps_retrying_and_stops_at_once():
     watched, stop_s = run(main())
     assert stop_s < 0.5
     assert watched.names[:2] == ["starting", "reconnecting"] and watched.names[-1] == "stopped"
-    assert watched.states[1][1] == "cannot open: Connection refused" and watched.frames == []
+    assert watched.states[1][1] == SourceError("cannot open: Connection refused", CONNECTION_FAILED)
+    assert watched.frames == []
 
 
 def test_an_open_that_hangs_ends_within_the_timeout_once_stopped():

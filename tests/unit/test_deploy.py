@@ -178,6 +178,7 @@ def exposed_series() -> set[str]:
     ledger.stream_opened("camera")
     ledger.add_load("m", 3, 2)
     ledger.model_stream_opened("m")
+    ledger.stream_error("m", "TIMEOUT")
     registry = CollectorRegistry()
     registry.register(LedgerCollector(ledger))
     text = generate_latest(registry).decode()
