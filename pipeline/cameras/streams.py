@@ -109,6 +109,7 @@ class StateChange:
     timestamp: float
     state: str
     error: str | None = None
+    code: str | None = None  # the error's (``source_errors.CODES``)
 
 
 @dataclass(frozen=True)
@@ -479,7 +480,7 @@ class CameraStream:
             self.last_error = error.text
             if error.code:  # told once per failure and per change of reason, not per retry
                 self.owner.state.ledger.stream_error(self.spec.model, error.code)
-        self.changes.push(StateChange(time.time(), state, error.text if error else None))
+        self.changes.push(StateChange(time.time(), state, error.text if error else None, self.error_code))
 
     # ------------------------------------------------------------------ status
 

@@ -239,7 +239,8 @@ def report(pipeline: Pipeline) -> dict:
                             "context": "video_source"})
             if change.error:
                 updates.append({"timestamp": _iso(change.timestamp), "severity": ERROR, "event_type": "SOURCE_ERROR",
-                                "payload": {"source_id": source_id, "error_message": change.error},
+                                "payload": {"source_id": source_id, "error_message": change.error,
+                                            "error_code": change.code},
                                 "context": "video_source"})
             previous = new
     updates.sort(key=lambda update: update["timestamp"])
@@ -275,4 +276,5 @@ def _source(stream: CameraStream, source_id: int) -> dict:
             "buffer_size": stream.queue.size, "state": STATES.get(status["state"], status["state"].upper()),
             "buffer_filling_strategy": "DROP_OLDEST" if stream.live else "WAIT",
             "buffer_consumption_strategy": "EAGER" if stream.live else "LAZY",
-            "source_id": source_id, "stream_id": stream.id, "last_error": status["last_error"]}
+            "source_id": source_id, "stream_id": stream.id, "last_error": status["last_error"],
+            "error_code": status["error_code"]}

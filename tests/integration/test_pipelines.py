@@ -22,6 +22,8 @@ import av
 import pytest
 import requests
 
+from pipeline.cameras.source_errors import CODES
+
 from ..cameras import RtspServer, rtsp_unavailable, scene_clip
 from ..conftest import ROOT, running_server
 from .conftest import http as shared_http
@@ -273,9 +275,15 @@ def test_terminate_ends_a_pipeline_whose_camera_is_gone(pipes, clips):
         assert answers[1]["result"]["report"]["sources_metadata"][0]["state"] == "RUNNING", answers
         properties = answers[1]["result"]["report"]["sources_metadata"][0]["source_properties"]
         assert properties["is_file"] is False and properties["is_reconnectable"] is True
+        assert properties["width"] == 320 and properties["height"] == 192
     finally:
         camera.stop()  # the camera dies (SIGKILL: no goodbye)
     pipeline_id = answers[0]["result"]["context"]["pipeline_id"]
+    (lost,) = sdk(pipes, [["wait_state", {"state": "RESTARTING", "timeout_s": 30, "pipeline": pipeline_id}]])
+    (source,) = lost["result"]["report"]["sources_metadata"]
+    assert source["state"] == "RESTARTING" and source["error_code"] in CODES, source
+    errors = [u for u in lost["result"]["report"]["video_source_status_updates"] if u["event_type"] == "SOURCE_ERROR"]
+    assert errors and errors[-1]["payload"]["error_code"] == source["error_code"]
     began = time.monotonic()
     answers = sdk(pipes, [["terminate_inference_pipeline", {"pipeline_id": pipeline_id}],
                           ["list_inference_pipelines", {}]])
