@@ -31,8 +31,8 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from .. import memory, rle
-from ..cameras.spec import SourceRules
 from ..cameras.pipelines import Pipelines
+from ..cameras.spec import SourceRules
 from ..cameras.streams import CameraStreams
 from ..errors import ConfigError, ShuttingDownError
 from ..proto import video_pb2, video_pb2_grpc
