@@ -5,7 +5,7 @@ Outputs: ``dets`` (B, Q, 4) boxes as normalised cx, cy, w, h of the network inpu
 ``masks`` (B, Q, h, w) mask logits over the whole input (h = S / 4), foreground above 0.
 
 No NMS: each image keeps its top-k (query, class) pairs by sigmoid score, k its
-``max_detections``, above its confidence. A query's mask is not cut to its box: it is
+``max_detections`` (rfdetr's ``num_select``, 300 by default, as ours), above its confidence. A query's mask is not cut to its box: it is
 upsampled bilinearly to the image and thresholded at 0 (``postprocess``), only inside the
 smallest window its positive cells allow.
 """
@@ -51,7 +51,10 @@ class DetrHead:
         device = logits.device
         batch, queries, classes = logits.shape
         k = min(max(o.max_detections for o in options), queries * classes)
-        top, index = logits.sigmoid().reshape(batch, -1).topk(k, dim=1)
+        scores = logits.sigmoid().reshape(batch, -1)
+        # Ties go to the lower (query, class) index, as rfdetr's own decoders break them.
+        index = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+        top = scores.gather(1, index)
         threshold = torch.tensor([o.confidence for o in options], device=device,
                                  dtype=top.dtype)[:, None]
         limit = torch.tensor([o.max_detections for o in options], device=device)[:, None]
