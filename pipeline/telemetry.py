@@ -112,6 +112,8 @@ class Ledger:
         self._model_streams: Counter = Counter()
         self._frames_dropped = 0
         self._stream_errors: Counter = Counter()  # (model, code): camera sources' failures
+        self._camera_streams: Counter = Counter()  # live: (model, state, code) -> camera streams
+        self._sink_messages: Counter = Counter()  # (kind, "delivered" or "dropped") -> messages
         self._requests_by_api: Counter = Counter()  # (api, "ok" or the failure's reason) -> requests
 
     def _model(self, model: str) -> ModelTotals:
@@ -211,6 +213,33 @@ class Ledger:
         """Camera sources' failures by (model, code), a copy."""
         with self._lock:
             return dict(self._stream_errors)
+
+    def camera_stream_moved(self, model: str, was: tuple[str, str] | None, now: tuple[str, str] | None) -> None:
+        """A camera stream of ``model`` went from (state, error code or "") ``was`` to ``now``;
+        None: it was not yet counted, or is no more (removed)."""
+        with self._lock:
+            if was is not None:
+                self._camera_streams[(model, *was)] -= 1
+                if not self._camera_streams[(model, *was)]:
+                    del self._camera_streams[(model, *was)]
+            if now is not None:
+                self._camera_streams[(model, *now)] += 1
+
+    def camera_streams(self) -> dict[tuple[str, str, str], int]:
+        """The server's camera streams by (model, state, error code or ""), a copy."""
+        with self._lock:
+            return dict(self._camera_streams)
+
+    def sink_messages(self, kind: str, outcome: str, count: int = 1) -> None:
+        """A sink of ``kind`` delivered or dropped (``outcome``) ``count`` messages: kept when its
+        stream is removed, so a scrape after a removal still adds up."""
+        with self._lock:
+            self._sink_messages[kind, outcome] += count
+
+    def sink_message_counts(self) -> dict[tuple[str, str], int]:
+        """Sinks' messages so far by (kind, outcome), a copy."""
+        with self._lock:
+            return dict(self._sink_messages)
 
     def totals(self, model: str) -> ModelTotals:
         """A copy of one model's totals (zeros if it has done nothing yet)."""

@@ -30,6 +30,8 @@ many frames a second fail.
 
 A sink reaches the addresses its target was allowed when its stream was added
 (``sink_targets.checked``). ``offer``, ``start`` and ``close`` are called on the event loop.
+A stream's sinks also count what became of each message in the server's ledger (``start``), by
+kind, so Prometheus' totals outlive the stream.
 
 A ``MemorySink`` keeps a stream's messages in the server for a reader to take (an inference
 pipeline's ``consume``): the same face, with nothing to connect to and nothing retried.
@@ -44,11 +46,13 @@ import logging
 from ..backoff import Backoff
 from ..buffers import DropOldest
 from ..errors import BadInputError
+from ..telemetry import Ledger
 from ..throttle import Throttled
 from .sink_targets import SinkTarget
 from .transports import SEND_TIMEOUT_S, TRANSPORTS, Rejected, failure
 
 log = logging.getLogger(__name__)
+DELIVERED, DROPPED = "delivered", "dropped"  # the ledger's outcomes of a message (``Ledger.sink_messages``)
 
 BACKOFF_S = (0.2, 5.0)  # the pause after a failure: first, and the most it doubles to
 BATCH_BYTES = 1 << 20  # a batch holds at most this much (and one message at least)
@@ -82,6 +86,7 @@ class Sink:
         self._connected = False  # the last attempt reached the target (status: a webhook has no link)
         self._dropping = False  # the buffer overflowed since the last delivery (one log line)
         self._discarded = 0  # messages refused, offered after close, or left at close
+        self._ledger: Ledger | None = None  # where its counts go too (``start``)
         # Each kind of line that a failing frame can bring: at most one per interval.
         self._overflow_log, self._refusal_log = Throttled(log), Throttled(log)
         self._outage_log, self._recovery_log = Throttled(log), Throttled(log)
@@ -91,8 +96,10 @@ class Sink:
     def __repr__(self) -> str:
         return f"{self.target.kind} sink {self.target.redacted} of stream {self.stream_id!r}"
 
-    def start(self) -> None:
-        """Start the delivery task (on the event loop; once)."""
+    def start(self, ledger: Ledger | None = None) -> None:
+        """Start the delivery task (on the event loop; once), counting what becomes of each
+        message in ``ledger`` too (a stream's sinks: the server's; a sink alone needs none)."""
+        self._ledger = ledger
         if self._task is None and not self._closing.is_set():
             self._task = asyncio.get_running_loop().create_task(self._deliver(), name=repr(self))
 
@@ -105,13 +112,20 @@ class Sink:
     def offer(self, message: bytes) -> None:
         """Queue one message; when ``buffer`` are waiting, the oldest is dropped and counted."""
         if self._closing.is_set():
-            self._discarded += 1
+            self._discard(1)
             return
-        if self._waiting.push(message) is not None and not self._dropping:
-            self._dropping = True
-            self._overflow_log.log(logging.WARNING, "%r: %d messages wait already; dropping the oldest "
-                                   "(counted in 'dropped')", self, self._waiting.size)
+        if self._waiting.push(message) is not None:
+            _book(self._ledger, self.target.kind, DROPPED, 1)
+            if not self._dropping:
+                self._dropping = True
+                self._overflow_log.log(logging.WARNING, "%r: %d messages wait already; dropping the oldest "
+                                       "(counted in 'dropped')", self, self._waiting.size)
         self._wake.set()
+
+    def _discard(self, count: int) -> None:
+        """``count`` messages that will never be delivered, beside those the buffer pushed out."""
+        self._discarded += count
+        _book(self._ledger, self.target.kind, DROPPED, count)
 
     @property
     def full(self) -> bool:
@@ -144,7 +158,7 @@ class Sink:
         left = self._waiting.clear() + len(self._sending)
         if left:
             log.warning("%r: closed with %d messages undelivered (counted in 'dropped')", self, left)
-            self._discarded += left
+            self._discard(left)
             self._sending = []
         await self._disconnect()
 
@@ -175,7 +189,7 @@ class Sink:
                 await asyncio.wait_for(self._transport.send(self._sending), SEND_TIMEOUT_S)
             except Rejected as exc:  # a webhook's: a batch of one
                 self._connected = True
-                self._discarded += len(self._sending)
+                self._discard(len(self._sending))
                 self._sending = []
                 self.last_error = failure(exc)
                 self._refusal_log.log(logging.WARNING, "%r: a message was refused (%s) and dropped "
@@ -199,6 +213,7 @@ class Sink:
                 continue
             self._connected = True
             self.delivered += len(self._sending)
+            _book(self._ledger, self.target.kind, DELIVERED, len(self._sending))
             self._sending = []
             self._batch = min(self._transport.batch, 2 * self._batch)
             self._dropping = False
@@ -255,13 +270,15 @@ class MemorySink:
         self._room = asyncio.Event()  # a message was taken, or close() was called
         self._closed = False
         self._discarded = 0  # offered after close
+        self._ledger: Ledger | None = None  # where its counts go too (``start``)
         self.delivered = 0  # taken by the reader
 
     def __repr__(self) -> str:
         return f"memory sink of stream {self.stream_id!r}"
 
-    def start(self) -> None:
-        """Nothing to connect: here for the ``Sink`` contract."""
+    def start(self, ledger: Ledger | None = None) -> None:
+        """Nothing to connect: counts in ``ledger`` too, as a ``Sink`` does."""
+        self._ledger = ledger
 
     @property
     def dropped(self) -> int:
@@ -274,14 +291,16 @@ class MemorySink:
     def offer(self, message: bytes) -> None:
         if self._closed:
             self._discarded += 1
-        else:
-            self._waiting.push(message)
+            _book(self._ledger, self.kind, DROPPED, 1)
+        elif self._waiting.push(message) is not None:
+            _book(self._ledger, self.kind, DROPPED, 1)
 
     def take(self) -> bytes | None:
         """The oldest waiting message, taken out; None when none waits."""
         if not self._waiting:
             return None
         self.delivered += 1
+        _book(self._ledger, self.kind, DELIVERED, 1)
         self._room.set()
         return self._waiting.pop()
 
@@ -299,3 +318,9 @@ class MemorySink:
         """The same fields as a ``Sink``'s: "delivered" are the messages taken."""
         return {"url": "memory:", "kind": self.kind, "connected": True, "delivered": self.delivered,
                 "dropped": self.dropped, "buffered": len(self._waiting), "retries": 0, "last_error": None}
+
+
+def _book(ledger: Ledger | None, kind: str, outcome: str, count: int) -> None:
+    """What became of ``count`` messages of a sink of ``kind``, in the server's ledger."""
+    if ledger is not None and count:
+        ledger.sink_messages(kind, outcome, count)

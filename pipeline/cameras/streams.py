@@ -25,10 +25,10 @@ Vocabulary:
 One stream's failure touches no other: each decodes in its own thread, and a source that
 fails or reconnects shows it in its ``state``, ``last_error`` (words) and ``error_code`` (one
 of ``source_errors.CODES``, for programs; null again once it runs), each failure counted in
-Prometheus by code. Removing a stream stops its
-source, lets frames already in the batcher finish and reach the sinks, flushes them
-briefly and frees its tracker; a drain (``close``) does the same for every stream within the
-grace period.
+Prometheus by code, and every stream counted there by its state and code until removed.
+Removing a stream stops its source, lets frames already in the batcher finish and reach the
+sinks, flushes them briefly and frees its tracker; a drain (``close``) does the same for
+every stream within the grace period.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ from ..serving.request import CAMERAS, Answer, InferRequest, Tracking
 from ..serving.state import ServingState
 from ..serving.stream_window import StreamWindow
 from ..serving.url_policy import AllowList
-from ..telemetry import Histogram
 from .sink_targets import checked
 from .sinks import MemorySink, Sink
 from .source_errors import SourceError
@@ -114,7 +113,9 @@ class StateChange:
 
 @dataclass(frozen=True)
 class FrameTimes:
-    """When one answered frame was decoded, went into the batcher and was answered (epoch s)."""
+    """When one answered frame was decoded, went into the batcher and was answered (epoch s):
+    a stream's one record of its latency, read by the dashboard (lag p50/p99) and by Roboflow's
+    latency reports (means), over the latest ``FRAME_TIMES`` frames."""
 
     decoded: float
     started: float
@@ -240,7 +241,8 @@ class CameraStream:
         self.rate_in, self.rate_out = RateMeter(), RateMeter()
         self.changes: DropOldest[StateChange] = DropOldest(STATE_CHANGES)
         self.times: DropOldest[FrameTimes] = DropOldest(FRAME_TIMES)
-        self.lag = Histogram()  # seconds from a frame's decoding to its result's delivery
+        self._booked: tuple[str, str] | None = None  # (state, code) the ledger counts it under
+        self._forgotten = False  # removed: counted no more, whatever a late callback says
         self._last_index = -1
         self.live = live = spec.network or spec.realtime
         loop = asyncio.get_running_loop()
@@ -277,7 +279,8 @@ class CameraStream:
         ledger.stream_opened(API)
         ledger.model_stream_opened(self.spec.model)
         for sink in self.sinks:
-            sink.start()
+            sink.start(ledger)
+        self._book_state()
         self.source.start()
         self._task = asyncio.create_task(self._run(), name=f"camera-{self.id}")
 
@@ -291,6 +294,7 @@ class CameraStream:
             LOG.exception("camera stream %s failed", self.id)
             self.state, self.last_error = "failed", f"internal error: {exc}"
             self.changes.push(StateChange(time.time(), self.state, self.last_error))
+            self._book_state()
             asyncio.get_running_loop().run_in_executor(_STOPPERS, self.source.stop)
         finally:
             self._release()
@@ -343,6 +347,7 @@ class CameraStream:
             await asyncio.gather(*(sink.close(max(0.0, deadline - time.monotonic())) for sink in self.sinks))
             if self.state not in ("failed", "stopped"):
                 self.state = "stopped"
+                self._book_state()
             sinks = [sink.status() for sink in self.sinks]
             LOG.info("camera stream %s stopped: %d results; sinks: %d delivered, %d dropped, %d left",
                      self.id, self.counts["frames_out"], sum(x["delivered"] for x in sinks),
@@ -373,11 +378,13 @@ class CameraStream:
         self.paused = True
         self.source.pause()
         self.changes.push(StateChange(time.time(), "paused"))
+        self._book_state()
 
     def resume(self) -> None:
         self.paused = False
         self.source.resume()
         self.changes.push(StateChange(time.time(), self.state))
+        self._book_state()
 
     # ------------------------------------------------------------------ frames
 
@@ -461,7 +468,6 @@ class CameraStream:
         if result.answer is not None:
             self.counts["frames_out"] += 1
             self.rate_out.add()
-            self.lag.observe(time.time() - result.timestamp)
             for sink in self.sinks:
                 sink.offer(result.message)
         elif result.error:
@@ -481,6 +487,27 @@ class CameraStream:
             if error.code:  # told once per failure and per change of reason, not per retry
                 self.owner.state.ledger.stream_error(self.spec.model, error.code)
         self.changes.push(StateChange(time.time(), state, error.text if error else None, self.error_code))
+        self._book_state()
+
+    def _book_state(self) -> None:
+        """Move this stream in the ledger's count of streams by state and code (Prometheus'
+        ``rle_serving_camera_streams``) to where its status shows it now; called wherever
+        either changes, so the count needs no walk over the streams at scrape time."""
+        now = (self.shown_state, self.error_code or "")
+        if now != self._booked and not self._forgotten:
+            self.owner.state.ledger.camera_stream_moved(self.spec.model, self._booked, now)
+            self._booked = now
+
+    def forget(self) -> None:
+        """Out of the ledger's count of streams by state (the stream was removed)."""
+        if not self._forgotten:
+            self._forgotten = True
+            self.owner.state.ledger.camera_stream_moved(self.spec.model, self._booked, None)
+
+    @property
+    def shown_state(self) -> str:
+        """The state its status shows: "paused" while paused and neither failed nor stopped."""
+        return "paused" if self.paused and self.state not in ("failed", "stopped") else self.state
 
     # ------------------------------------------------------------------ status
 
@@ -488,7 +515,7 @@ class CameraStream:
         spec = self.spec
         return {
             "stream_id": self.id, "source": spec.display, "model": spec.model,
-            "state": "paused" if self.paused and self.state not in ("failed", "stopped") else self.state,
+            "state": self.shown_state,
             "last_error": self.last_error, "error_code": self.error_code, "max_fps": spec.max_fps,
             "track": spec.track,
             "realtime": spec.realtime, "parameters": dict(spec.parameters),
@@ -575,6 +602,7 @@ class CameraStreams:
             self._removing.discard(stream_id)
             if self._streams.get(stream_id) is stream:
                 del self._streams[stream_id]
+                stream.forget()
         LOG.info("camera stream %s removed", stream_id)
         return stream
 
@@ -618,5 +646,7 @@ class CameraStreams:
         streams = list(self._streams.values())
         await asyncio.gather(*(stream.stop(deadline) for stream in streams))
         self._streams.clear()
+        for stream in streams:
+            stream.forget()
         for subscription in self._subscribers:
             subscription.end()

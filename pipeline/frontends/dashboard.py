@@ -9,7 +9,8 @@ the token, keeps it in the tab's sessionStorage and sends it as ``Authorization:
 (never in a URL). Its actions call the camera API itself (``/v1/streams``).
 
 What the document holds is read from the books that exist: the streams' status (the camera
-API's own), their lag histograms, the ledger's per-model totals and requests by way in.
+API's own), their latest frames' times (``CameraStream.times``, which Roboflow's latency
+reports read too), the ledger's per-model totals and requests by way in.
 Frames come from one subscription to every stream's results with frames (the gRPC
 ``Subscribe`` mechanism), opened while the page is watched and closed ``IDLE_S`` after the
 last poll, so a server nobody watches keeps no frames for it. ``--no-dashboard`` mounts none
@@ -29,7 +30,7 @@ import numpy as np
 from aiohttp import web
 
 from .. import schema
-from ..cameras.streams import CameraResult, CameraStreams, Subscription
+from ..cameras.streams import CameraResult, CameraStream, CameraStreams, Subscription
 from ..errors import LimitError, NotFoundError
 from ..images import encode_jpeg
 from ..repository import runtime_of
@@ -48,6 +49,13 @@ _STATIC = resources.files(__package__) / "static"
 def _ms(histogram: Histogram, q: float) -> float | None:
     seconds = histogram.quantile(q)
     return None if seconds is None else round(seconds * 1000, 1)
+
+
+def _lag_ms(stream: CameraStream, q: float) -> float | None:
+    """The ``q`` quantile (0..1) of the stream's lag, decoded to answered, over its latest
+    answered frames (``FRAME_TIMES``: how late it is now, not since it started), in ms."""
+    lags = [t.answered - t.decoded for t in stream.times]
+    return round(float(np.quantile(lags, q)) * 1000, 1) if lags else None
 
 
 def _resident_mb() -> float | None:
@@ -201,11 +209,11 @@ class Dashboard:
                 "compute_p99_ms": _ms(totals.latency["compute_infer"], 0.99)})
         return rows
 
-    def _stream(self, stream) -> dict:
+    def _stream(self, stream: CameraStream) -> dict:
         status = stream.status()
         latest = self._latest.get(stream.id)
         return {**{key: status.get(key) for key in (
                     "stream_id", "source", "model", "state", "error_code", "last_error", "fps_in", "fps_out",
                     "frames_dropped", "frames_out", "sinks")},
-                "lag_p50_ms": _ms(stream.lag, 0.5), "lag_p99_ms": _ms(stream.lag, 0.99),
+                "lag_p50_ms": _lag_ms(stream, 0.5), "lag_p99_ms": _lag_ms(stream, 0.99),
                 "frame_index": None if latest is None else latest.frame_index}

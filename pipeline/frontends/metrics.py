@@ -163,6 +163,19 @@ class LedgerCollector(Collector):
         for (model, code), count in self.ledger.stream_errors().items():
             stream_errors.add_metric([model, code], count)
         yield stream_errors
+        camera_streams = GaugeMetricFamily(
+            "rle_serving_camera_streams", "Camera streams by state and error_code (\"\" while it has none); "
+            "stopped and failed ones count until removed", labels=["model", "state", "code"])
+        for (model, state, code), count in self.ledger.camera_streams().items():
+            camera_streams.add_metric([model, state, code], count)
+        yield camera_streams
+        sink_messages = CounterMetricFamily(
+            "rle_serving_sink_messages", "Camera streams' sink messages by the sink's kind, delivered or "
+            "dropped (never to be delivered: pushed out of a full buffer, refused, left at close)",
+            labels=["kind", "outcome"])
+        for (kind, outcome), count in self.ledger.sink_message_counts().items():
+            sink_messages.add_metric([kind, outcome], count)
+        yield sink_messages
 
 
 CONNECTION_TIMEOUT_S = 10.0  # a scrape's TLS handshake and request are due within this

@@ -19,14 +19,16 @@ import asyncio
 import io
 import json
 import os
+import time
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
 
 from ..browser import Chromium, unavailable
 from ..cameras import scene_clip
-from ..conftest import ROOT, running_server
+from ..conftest import ROOT, running_server, wait_until
 
 TOKEN = "dash-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -136,3 +138,21 @@ def test_no_dashboard_leaves_no_page_and_no_endpoint(fake_root, clips):
         assert state["streams"] == [] and state["server"]["version"]
         missing = requests.get(url(server, "/dashboard/api/frames/nowhere"), timeout=30)
         assert missing.status_code == 404 and "nowhere" in str(missing.json())
+
+
+
+def test_a_streams_lag_is_read_from_its_latest_frames_times(fake_root, clips):
+    """lag p50/p99: decoded to answered over the stream's latest answered frames, the same
+    times Roboflow's latency reports average (``CameraStream.times``)."""
+    with running_server(model_repository=str(fake_root), stream_source_dir=str(clips)) as server:
+        add_stream(server, "lag")
+        wait_until(lambda: requests.get(url(server, "/v1/streams/lag"), timeout=30).json()["frames_out"] >= 5, 30)
+        assert requests.post(url(server, "/v1/streams/lag/pause"), timeout=30).status_code == 200
+        time.sleep(0.5)  # the frame in the batcher, if any, answered: the times hold still
+        stream = requests.get(url(server, "/dashboard/api/state"), timeout=30).json()["streams"][0]
+        times = list(server.server.cameras.get("lag").times)
+        assert len(times) >= 5 and times == list(server.server.cameras.get("lag").times)
+        lags = [t.answered - t.decoded for t in times]
+        assert 0 < stream["lag_p50_ms"] <= stream["lag_p99_ms"]
+        assert (stream["lag_p50_ms"], stream["lag_p99_ms"]) == tuple(
+            round(float(np.quantile(lags, q)) * 1000, 1) for q in (0.5, 0.99))

@@ -179,6 +179,8 @@ def exposed_series() -> set[str]:
     ledger.add_load("m", 3, 2)
     ledger.model_stream_opened("m")
     ledger.stream_error("m", "TIMEOUT")
+    ledger.camera_stream_moved("m", None, ("reconnecting", "TIMEOUT"))
+    ledger.sink_messages("webhook", "dropped")
     registry = CollectorRegistry()
     registry.register(LedgerCollector(ledger))
     text = generate_latest(registry).decode()

@@ -19,7 +19,8 @@ def test_every_panel_queries_series_the_server_exposes():
     assert all(p["targets"] for p in BOARD["panels"])
     named = {n for q in QUERIES for n in SERIES.findall(q)}
     assert {"nv_inference_count", "nv_inference_pending_request_count", "rle_serving_queue_duration_seconds_bucket",
-            "rle_serving_compute_infer_duration_seconds_bucket", "nv_inference_request_failure"} <= named
+            "rle_serving_compute_infer_duration_seconds_bucket", "nv_inference_request_failure",
+            "rle_serving_camera_streams", "rle_serving_stream_errors_total", "rle_serving_sink_messages_total"} <= named
     assert named <= exposed_series(), named - exposed_series()
 
 

@@ -101,7 +101,7 @@ async function showFrame(card, stream) {
 function drawStream(stream) {
   const card = cards.get(stream.stream_id) || newCard(stream.stream_id);
   const state = el("span", stream.state, "state-" + stream.state);
-  const sinks = stream.sinks.map((s) => `${s.target}: ${s.delivered} delivered, ${s.buffered} buffered, ${s.dropped} dropped`);
+  const sinks = stream.sinks.map((s) => `${s.kind} ${s.url}: ${s.delivered} delivered, ${s.buffered} buffered, ${s.dropped} dropped`);
   const lines = [
     ["source", stream.source], ["model", stream.model], ["state", state],
     ["fps in / out", pair(stream.fps_in, stream.fps_out)], ["frames out", stream.frames_out],
