@@ -111,8 +111,9 @@ def print_table(streams: list[dict]) -> None:
     for row in [list(COLUMNS), *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     for s in streams:
-        if s.get("last_error"):
-            print(f"{s['stream_id']}: last error: {s['last_error']}")
+        if s.get("last_error"):  # the code is the present failure's (none once it runs again)
+            code = f" [{s['error_code']}]" if s.get("error_code") else ""
+            print(f"{s['stream_id']}: last error{code}: {s['last_error']}")
 
 
 def watch(client: SegmentationClient, args: argparse.Namespace) -> int:
