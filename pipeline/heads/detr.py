@@ -5,9 +5,10 @@ Outputs: ``dets`` (B, Q, 4) boxes as normalised cx, cy, w, h of the network inpu
 ``masks`` (B, Q, h, w) mask logits over the whole input (h = S / 4), foreground above 0.
 
 No NMS: each image keeps its top-k (query, class) pairs by sigmoid score, k its
-``max_detections`` (rfdetr's ``num_select``, 300 by default, as ours), above its confidence. A query's mask is not cut to its box: it is
-upsampled bilinearly to the image and thresholded at 0 (``postprocess``), only inside the
-smallest window its positive cells allow.
+``max_detections`` (rfdetr's ``num_select``, 300 by default, as ours), above its
+confidence. A query's mask is not cut to its box: it is upsampled bilinearly to the image
+and thresholded at 0 (``postprocess``), only inside the smallest window its positive cells
+allow.
 """
 
 from __future__ import annotations
