@@ -25,7 +25,7 @@ SDK_STAMP := $(SDK_VENV)/.installed-stamp
 CLIENT_VENV  := .venv-client
 CLIENT_STAMP := $(CLIENT_VENV)/.installed-stamp
 
-.PHONY: setup model model-int8 triton-env client-env sdk-env services triton lint unit test test-client test-gpu image-test bench run proto docs lock clean help
+.PHONY: setup model model-int8 triton-env client-env sdk-env exports services triton lint unit test test-client test-gpu image-test bench run proto docs lock clean help
 
 help:
 	@echo "make run    set up, then run the main job on the embedded default"
@@ -84,7 +84,8 @@ $(SDK_STAMP): tests/requirements-sdk.txt
 sdk-env: $(SDK_STAMP)
 
 # Ultralytics (AGPL: a test tool, never shipped) in an environment of its own, torch pinned:
-# it exports an untrained YOLO11n-seg to ONNX and OpenVINO for the YOLOv8/11-seg head's tests.
+# it exports an untrained YOLO11n-seg to ONNX and OpenVINO for the YOLOv8/11-seg head's tests,
+# and YOLO26n-seg (NMS-free) with its own predict() as the YOLO26 head's reference.
 ULTRA_VENV  := .venv-ultralytics
 ULTRA_STAMP := $(ULTRA_VENV)/.installed-stamp
 YOLO11      := .cache/models/yolo11n-seg.onnx
@@ -95,6 +96,37 @@ $(ULTRA_STAMP): tests/requirements-ultralytics.txt
 
 $(YOLO11): $(ULTRA_STAMP) tests/export_yolo11.py
 	$(ULTRA_VENV)/bin/python tests/export_yolo11.py .cache/models
+
+# The photos and 16:9 frames the exported models' references are made on, written once from
+# .venv so the exporters and our tests read the same bytes (tests/reference_images.py).
+REFERENCE_IMAGES := .cache/models/reference-images/.written
+$(REFERENCE_IMAGES): tests/reference_images.py | $(STAMP)
+	$(BIN)/python -m tests.reference_images $(@D)
+	touch $@
+
+# YOLO26n-seg end2end ONNX + OpenVINO, ultralytics' predict() on the reference images, and one
+# image's raw outputs (tests/export_yolo26.py); its summary, written last, is the target.
+YOLO26 := .cache/models/yolo26n-seg.json
+$(YOLO26): $(ULTRA_STAMP) $(REFERENCE_IMAGES) tests/export_yolo26.py
+	$(ULTRA_VENV)/bin/python tests/export_yolo26.py .cache/models
+
+# Roboflow's rfdetr (Apache-2.0) in an environment of its own: PyPI's torch build (~5 GB; 1.5 min
+# to install here). It exports an RF-DETR-Seg-Nano with seeded random weights to ONNX (dynamic
+# and batch 1) and OpenVINO IR, and writes its own predict() on the reference images as the DETR
+# head's reference (tests/export_rfdetr.py, ~1 min); its summary, written last, is the target.
+RFDETR_VENV  := .venv-rfdetr
+RFDETR_STAMP := $(RFDETR_VENV)/.installed-stamp
+RFDETR       := .cache/models/rfdetr-seg-nano.json
+$(RFDETR_STAMP): tests/requirements-rfdetr.txt
+	test -x $(RFDETR_VENV)/bin/python || $(PYTHON) -m venv $(RFDETR_VENV)
+	$(RFDETR_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/requirements-rfdetr.txt
+	touch $(RFDETR_STAMP)
+
+$(RFDETR): $(RFDETR_STAMP) $(REFERENCE_IMAGES) tests/export_rfdetr.py
+	$(RFDETR_VENV)/bin/python tests/export_rfdetr.py .cache/models
+
+# Every exported model the heads' tests read, with its reference.
+exports: $(YOLO11) $(YOLO26) $(RFDETR)
 
 # The real camera and broker servers the camera tests and benchmark start themselves (Debian's
 # packages): GStreamer's RTSP server (run by the system python3 with gi), ffmpeg (HLS
@@ -192,4 +224,4 @@ proto: setup
 	sed -i 's/^import video_pb2 as/from . import video_pb2 as/' pipeline/proto/video_pb2_grpc.py
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) $(CLIENT_VENV) $(SDK_VENV) $(ULTRA_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(TRITON_VENV) $(CLIENT_VENV) $(SDK_VENV) $(ULTRA_VENV) $(RFDETR_VENV) .pytest_cache .hypothesis
