@@ -170,7 +170,7 @@ unit: setup
 # Everything: lint, the client's suite in the light client env, then the server's suite with
 # its coverage floor (lines of pipeline/ and clients/ run in-process).
 COVERAGE_FLOOR := 80
-test: lint services $(MODEL) $(INT8) $(SECOND_MODEL) $(YOLO11) $(TRITON_STAMP) $(SDK_STAMP) test-client
+test: lint services $(MODEL) $(INT8) $(SECOND_MODEL) exports $(TRITON_STAMP) $(SDK_STAMP) test-client
 	$(BIN)/python -m pytest --ignore=tests/client --cov=pipeline --cov=clients \
 		--cov-report=term:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)
 
