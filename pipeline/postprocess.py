@@ -154,14 +154,19 @@ class Kept:
 
 
 class MaskLogits(Protocol):
-    """The kept detections' mask logits, each over its image's whole network input.
+    """The kept detections' masks as logits, each over its image's whole network input, one
+    row per mask, rows in image order.
 
-    confined: a mask is cut to its detection's box."""
+    confined: a mask is cut to its detection's box (then each detection has its own row).
+    rows: (K,) host, the row each detection's mask is (detections may share one: a DETR
+    query kept for two classes). image: (rows,) host, each row's image."""
 
     confined: bool
+    rows: np.ndarray
+    image: np.ndarray
 
-    def logits(self, image: int, start: int, end: int) -> Any:
-        """(end - start, h, w) logits of detections start..end, all of batch image ``image``."""
+    def logits(self, start: int, end: int) -> Any:
+        """(end - start, h, w) logits of rows start..end."""
 
 
 def to_original(boxes, geometries: Sequence[Placement], image: np.ndarray):
@@ -208,18 +213,19 @@ def mask_windows(logits, geometries: Sequence[Placement], image: np.ndarray) -> 
     return windows
 
 
-def mask_tiles(logits, windows: np.ndarray, ids: np.ndarray, geo: Placement) -> list[rle.Tiles]:
-    """One image's masks as codec tiles, sampled only inside each detection's window.
+def mask_tiles(logits, windows: np.ndarray, ids: np.ndarray, rows: np.ndarray,
+               geo: Placement) -> list[rle.Tiles]:
+    """One image's masks as codec tiles, each row sampled once, only inside its window.
 
-    logits (k, h, w): torch, over the image's whole network input. windows: (k, 4) host
-    (top, left, bottom, right) in original pixels. ids: (k,) the detections' batch ids.
+    logits (r, h, w): torch, over the image's whole network input. windows: (r, 4) host (top,
+    left, bottom, right) in original pixels. ids: (k,) the detections' batch ids; rows: (k,)
+    the row of ``logits`` each one's mask is.
     """
     import torch
     import torch.nn.functional as F
 
     H, W = geo.height, geo.width
-    k = len(ids)
-    if k == 0:
+    if len(ids) == 0:
         return []
     logits = logits[:, None]
     sizes = windows[:, 2:] - windows[:, :2]
@@ -230,21 +236,28 @@ def mask_tiles(logits, windows: np.ndarray, ids: np.ndarray, geo: Placement) -> 
         tw = max(1, int(sizes[members, 1].max()))
         tops = np.minimum(windows[members, 0], max(H - th, 0))
         lefts = np.minimum(windows[members, 1], max(W - tw, 0))
-        rows = torch.as_tensor(tops, device=dev)[:, None] + torch.arange(th, device=dev)
-        cols = torch.as_tensor(lefts, device=dev)[:, None] + torch.arange(tw, device=dev)
+        ys = torch.as_tensor(tops, device=dev)[:, None] + torch.arange(th, device=dev)
+        xs = torch.as_tensor(lefts, device=dev)[:, None] + torch.arange(tw, device=dev)
         # Original pixel centre x + 0.5 sits at input x_in = (x + 0.5) * gain + left, which in
         # grid_sample's normalised coordinates (align_corners=False) is 2 x_in / input_w - 1.
-        gx = (cols + 0.5) * (2 * geo.gain_x / geo.input_w) + (2 * geo.left / geo.input_w - 1)
-        gy = (rows + 0.5) * (2 * geo.gain_y / geo.input_h) + (2 * geo.top / geo.input_h - 1)
+        gx = (xs + 0.5) * (2 * geo.gain_x / geo.input_w) + (2 * geo.left / geo.input_w - 1)
+        gy = (ys + 0.5) * (2 * geo.gain_y / geo.input_h) + (2 * geo.top / geo.input_h - 1)
         grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
         sampled = F.grid_sample(logits[members], grid.to(logits.dtype), mode="bilinear",
                                 padding_mode="border", align_corners=False)[:, 0]
         win = torch.as_tensor(windows[members], device=dev)
-        inside = ((rows >= win[:, 0:1]) & (rows < win[:, 2:3]))[:, :, None] & (
-            (cols >= win[:, 1:2]) & (cols < win[:, 3:4])
+        inside = ((ys >= win[:, 0:1]) & (ys < win[:, 2:3]))[:, :, None] & (
+            (xs >= win[:, 1:2]) & (xs < win[:, 3:4])
         )[:, None, :]
-        tiles.append(rle.Tiles((sampled > 0) & inside,
-                               np.stack([tops, lefts], 1).astype(np.int64), ids[members]))
+        masks = (sampled > 0) & inside
+        place = np.full(len(windows), -1)
+        place[members] = np.arange(len(members))
+        users = np.nonzero(place[rows] >= 0)[0]  # the detections whose masks are in this chunk
+        at = place[rows[users]]
+        if len(users) != len(members) or not np.array_equal(at, np.arange(len(members))):
+            masks = masks[torch.as_tensor(at, device=dev)]
+        origins = np.stack([tops, lefts], 1).astype(np.int64)[at]
+        tiles.append(rle.Tiles(masks, origins, ids[users]))
     return tiles
 
 
@@ -282,18 +295,21 @@ def postprocess(outputs: Mapping[str, Any], head, geometries: Sequence[Placement
                               1)) if len(kept.image) else np.zeros((0, 6), np.float32)
     frames = [(g.height, g.width) for g in geometries]
     bounds = np.searchsorted(kept.image, np.arange(len(geometries) + 1))
-    if not kept.masks.confined:
-        every = [kept.masks.logits(b, s, e) for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
-        extents = mask_windows(torch.cat(every), geometries, kept.image)
+    masks = kept.masks
+    row_bounds = np.searchsorted(masks.image, np.arange(len(geometries) + 1))
+    if not masks.confined:
+        extents = mask_windows(masks.logits(0, row_bounds[-1]), geometries, masks.image)
     tiles: list[rle.Tiles] = []
-    for b, (geo, s, e) in enumerate(zip(geometries, bounds[:-1], bounds[1:])):
+    for b, geo in enumerate(geometries):
+        s, e, rs, re = bounds[b], bounds[b + 1], row_bounds[b], row_bounds[b + 1]
         if s == e:
             continue
-        windows = (rle.box_windows(found[s:e, :4], frames[b]) if kept.masks.confined
-                   else extents[s:e])
-        tiles.extend(mask_tiles(kept.masks.logits(b, s, e), windows, np.arange(s, e), geo))
+        windows = (rle.box_windows(found[s:e, :4], frames[b]) if masks.confined
+                   else extents[rs:re])
+        tiles.extend(mask_tiles(masks.logits(rs, re), windows, np.arange(s, e),
+                                masks.rows[s:e] - rs, geo))
     sampled = time.perf_counter()
-    masks = rle.batch_run_lengths(tiles, frames, kept.image)
+    runs = rle.batch_run_lengths(tiles, frames, kept.image)
     done = time.perf_counter()
     if stages is not None:
         stages["postprocess"] = stages.get("postprocess", 0.0) + sampled - start
@@ -301,6 +317,6 @@ def postprocess(outputs: Mapping[str, Any], head, geometries: Sequence[Placement
     return [
         Detections(boxes=found[s:e, :4].astype(np.float32),
                    scores=found[s:e, 4].astype(np.float32),
-                   class_ids=found[s:e, 5].astype(np.int64), masks=masks[b], image_size=frames[b])
+                   class_ids=found[s:e, 5].astype(np.int64), masks=runs[b], image_size=frames[b])
         for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))
     ]

@@ -5,8 +5,8 @@ Outputs: ``dets`` (B, Q, 4) boxes as normalised cx, cy, w, h of the network inpu
 ``masks`` (B, Q, h, w) mask logits over the whole input (h = S / 4), foreground above 0.
 
 No NMS: each image keeps its top-k (query, class) pairs by sigmoid score, k its
-``max_detections`` (rfdetr's ``num_select``, 300 by default, as ours), above its
-confidence. A query's mask is not cut to its box: it is upsampled bilinearly to the image
+``max_detections`` and at most the query count (rfdetr's ``num_select`` is its query count),
+above its confidence. A query's mask is not cut to its box: it is upsampled bilinearly to the image
 and thresholded at 0 (``postprocess``), only inside the smallest window its positive cells
 allow.
 """
@@ -27,12 +27,16 @@ from ..postprocess import Kept, PostprocessOptions
 
 @dataclass(frozen=True)
 class QueryMasks:
-    """The kept detections' own mask logits, (K, h, w), in batch order."""
+    """The kept queries' own mask logits, (U, h, w), one row per (image, query) kept, in image
+    order: a query kept for two classes is one mask, sampled once. rows: (K,) each
+    detection's; image: (U,) each row's."""
 
     masks: Any
+    rows: np.ndarray
+    image: np.ndarray
     confined = False
 
-    def logits(self, image: int, start: int, end: int):
+    def logits(self, start: int, end: int):
         return self.masks[start:end]
 
 
@@ -51,7 +55,7 @@ class DetrHead:
         boxes, logits, masks = outputs[self.boxes], outputs[self.labels], outputs[self.masks]
         device = logits.device
         batch, queries, classes = logits.shape
-        k = min(max(o.max_detections for o in options), queries * classes)
+        k = min(max(o.max_detections for o in options), queries)
         scores = logits.sigmoid().reshape(batch, -1)
         # Ties go to the lower (query, class) index, as rfdetr's own decoders break them.
         index = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
@@ -67,8 +71,12 @@ class DetrHead:
         height, width = input_hw
         xyxy = torch.stack([(cx - w / 2) * width, (cy - h / 2) * height,
                             (cx + w / 2) * width, (cy + h / 2) * height], 1)
-        return Kept(xyxy, top[image, place], cls, QueryMasks(masks[image, query]),
-                    postprocess.to_host(image).astype(np.int64))
+        kept = postprocess.to_host(torch.stack([image, query])).astype(np.int64)
+        pairs, rows = np.unique(kept[0] * queries + kept[1], return_inverse=True)
+        at = torch.as_tensor(pairs, device=device)
+        return Kept(xyxy, top[image, place], cls,
+                    QueryMasks(masks[at // queries, at % queries], rows.reshape(-1), pairs // queries),
+                    kept[0])
 
 
 def find(shapes: Mapping[str, Sequence[int]], num_classes: int | None, where) -> DetrHead:

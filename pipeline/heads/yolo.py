@@ -47,15 +47,25 @@ def by_rank(outputs: Mapping[str, Any]) -> tuple[Any, Any]:
 @dataclass(frozen=True)
 class PrototypeMasks:
     """Kept detections' coefficients (K, M) and the batch's prototypes (B, M, Ph, Pw): a
-    mask's logits are its coefficients times its image's prototypes, cut to its box."""
+    mask's logits are its coefficients times its image's prototypes, cut to its box. One row
+    per detection; image: (K,) host, each one's image."""
 
     coefficients: Any
     proto: Any
+    image: np.ndarray
     confined = True
 
-    def logits(self, image: int, start: int, end: int):
+    @property
+    def rows(self) -> np.ndarray:
+        return np.arange(len(self.image))
+
+    def logits(self, start: int, end: int):
+        """Rows of one image (the only way post-processing asks for box-cut masks)."""
         m, ph, pw = self.proto.shape[1:]
-        return (self.coefficients[start:end] @ self.proto[image].reshape(m, -1)).reshape(-1, ph, pw)
+        if start == end:
+            return self.coefficients.new_zeros((0, ph, pw))
+        prototypes = self.proto[int(self.image[start])].reshape(m, -1)
+        return (self.coefficients[start:end] @ prototypes).reshape(-1, ph, pw)
 
 
 @dataclass(frozen=True)
@@ -113,9 +123,9 @@ class YoloHead:
             kept.extend(starts[b] + np.asarray(survivors, np.int64))
             counts.append(len(survivors))
         index = torch.as_tensor(np.asarray(kept, np.int64), device=device)
+        images = np.repeat(np.arange(len(options)), counts)
         return Kept(boxes[index], scores[index], classes[index],
-                    PrototypeMasks(rows[index, 5 + num_classes :], proto),
-                    np.repeat(np.arange(len(options)), counts))
+                    PrototypeMasks(rows[index, 5 + num_classes :], proto, images), images)
 
 
 def _overlaps(boxes, classes, image, rank, per_image: np.ndarray,

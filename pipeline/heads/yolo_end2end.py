@@ -49,8 +49,9 @@ class EndToEndHead:
         rank = torch.arange(pred.shape[1], device=device)[None, :]
         image, row = torch.nonzero((pred[..., 4] > threshold) & (rank < limit), as_tuple=True)
         rows = pred[image, row]
+        images = postprocess.to_host(image).astype(np.int64)
         return Kept(rows[:, :4], rows[:, 4], rows[:, 5].round().long(),
-                    PrototypeMasks(rows[:, 6:], proto), postprocess.to_host(image).astype(np.int64))
+                    PrototypeMasks(rows[:, 6:], proto, images), images)
 
 
 def find(shapes: Mapping[str, Sequence[int]], num_classes: int | None, where) -> EndToEndHead:

@@ -142,6 +142,10 @@ def test_detr_keeps_the_top_query_class_pairs_above_confidence_with_normalised_b
         np.testing.assert_allclose(box, [(cx - w / 2) * W, (cy - h / 2) * H,
                                          (cx + w / 2) * W, (cy + h / 2) * H], rtol=1e-5)
     assert len(dets[1]) == 2  # its own max_detections
+    twice = [i for i, (_, q, _) in enumerate(pairs) if q == 1]  # query 1, two classes: one mask
+    assert len(twice) == 2 and dets[0].counts[twice[0]] == dets[0].counts[twice[1]]
+    many = pp.postprocess(outputs, DETR, geos, [PostprocessOptions(confidence=0.0)] * 2)
+    assert len(many[0]) == QUERIES  # top-k is at most the query count, as rfdetr's num_select
 
 
 @pytest.mark.parametrize("batch", [1, 3])
