@@ -103,6 +103,7 @@ def test_the_family_before_running_comes_from_the_output_count_or_the_config():
     ("yolo", {}, (None, None), [3, -1, -1], Preprocess(640, 32)),
     ("yolo", {"input_scale": "1280", "stride": "64"}, (None, None), [3, -1, -1], Preprocess(1280, 64)),
     ("yolo", {"pad_value": "0"}, (640, 32), [3, -1, -1], Preprocess(640, 32, pad_value=0.0)),
+    ("yolo", {"stride": "0"}, (640, 32), [3, -1, -1], Preprocess(640)),  # served square
     # a fixed square: its dims
     ("yolo", {}, (None, None), [3, 320, 320], Preprocess(320)),
     # DETR: a stretch with ImageNet's normalisation; the config may say otherwise
