@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.repository import ModelRepository, runtime_of
 from pipeline.tools.launch import local_server
 from pipeline.tools.runtimes import measure, table
 
@@ -122,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                         print(row(label, streams, name, result, base), flush=True)
             print("\n# per model: the network alone (ms per frame, this machine's threads) and our "
                   "server at 1 stream on photos")
-            print(table(measure(root, list(NETWORKS), rounds=5)))
+            times = measure(root, list(NETWORKS), rounds=5)
+            for name, timed in times.items():
+                timed["runtime"] = runtime_of(ModelRepository.load(root).get(name))
+            print(table(times))
             print("\n| model | frames/s | p50 ms | p99 ms |\n|---|---|---|---|")
             images = workload("photos")
             for network in NETWORKS:
