@@ -69,10 +69,8 @@ def quantize(repository: Path, network: str, pipeline: str, suffix: str = "_int8
     folder = repository / int8_network
     (folder / "1").mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(folder / "1" / "model.xml"), compress_to_fp16=False)
-    config = source.config_path.read_text().replace(f'"{network}"', f'"{int8_network}"')
-    (folder / "config.pbtxt").write_text(
-        f"# {int8_network}: {network} quantised to INT8 by `python -m pipeline.tools.quantize`.\n"
-        + config)
+    (folder / "config.pbtxt").write_text(int8_config(source.config_path.read_text(), network,
+                                                     int8_network))
     for labels in source.path.glob("*.txt"):
         shutil.copy(labels, folder / labels.name)
     int8_pipeline = pipeline + suffix
@@ -87,6 +85,16 @@ def quantize(repository: Path, network: str, pipeline: str, suffix: str = "_int8
     LOG.info("wrote %s and %s in %.1f s (%d calibration inputs)", int8_network, int8_pipeline,
              time.perf_counter() - started, len(inputs))
     return int8_network, int8_pipeline
+
+
+def int8_config(text: str, network: str, int8_network: str) -> str:
+    """The INT8 network's config.pbtxt from its source's: its own name, OpenVINO's backend
+    (the source may be an ONNX file), and the file at its default name, model.xml."""
+    text = text.replace(f'"{network}"', f'"{int8_network}"')
+    text = re.sub(r'default_model_filename:\s*"[^"]*"\n?', "", text)
+    text = re.sub(r'(platform|backend):\s*"[^"]*"', 'backend: "openvino"', text)
+    return (f"# {int8_network}: {network} quantised to INT8 by `python -m pipeline.tools.quantize`.\n"
+            + text)
 
 
 def evaluation_images() -> dict[str, np.ndarray]:
@@ -163,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tools.quantize",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--network", default="yolov5s_seg_openvino", help="the FP32 OpenVINO network")
+    parser.add_argument("--network", default="yolov5s_seg_openvino",
+                        help="the FP32 network, any family: an OpenVINO IR (or an ONNX file OpenVINO reads)")
     parser.add_argument("--pipeline", default=DEFAULT_MODEL, help="the FP32 pipeline")
     parser.add_argument("--no-report", action="store_true", help="skip measuring the agreement")
     args = parser.parse_args(argv)

@@ -40,3 +40,14 @@ def test_agreement_counts_matches_by_class_and_box_and_measures_their_masks():
     candidate = [{"predictions": [prediction("cat", 2, 2, 4, 4, half), prediction("dog", 3, 2, 4, 4, full)]}]
     wanted, matched, ious = agreement(reference, candidate)
     assert (wanted, matched, ious) == (2, 1, [0.5])  # the cup is under 0.5; the dog's box IoU is 0.6
+
+
+def test_an_int8_config_names_itself_and_openvinos_file_whatever_its_source_was():
+    from pipeline.tools.quantize import int8_config
+
+    source = ('name: "yolo26_onnx"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+              'default_model_filename: "yolo26n-seg.onnx"\n')
+    config = int8_config(source, "yolo26_onnx", "yolo26_int8")
+    assert 'name: "yolo26_int8"' in config and 'backend: "openvino"' in config
+    assert "platform" not in config and "default_model_filename" not in config
+    assert "max_batch_size: 8" in config
