@@ -208,3 +208,30 @@ def test_a_broker_that_sends_clients_elsewhere_is_refused_saying_so():
     assert (refused["delivered"], refused["connected"]) == (0, False)
     assert refused["last_error"] == ("Kafka: the broker names brokers at other hosts or ports than the URL's "
                                      "(a sink connects to its URL's host only)")
+
+
+def test_the_docs_kafka_example_runs(cams, clips, tansu, tmp_path):
+    """docs/cameras.md's Kafka example, as written but for the addresses: a file's frames,
+    keyed by the stream's id, read back with aiokafka."""
+    import re
+    import subprocess
+    import sys
+
+    from ..conftest import ROOT
+
+    (snippet,) = [code for code in re.findall(r"```python\n(.*?)```", (ROOT / "docs/cameras.md").read_text(), re.S)
+                  if "kafka://" in code]
+    (clips / "clip.mp4").write_bytes((clips / "scene.mp4").read_bytes())
+    tansu.create_topic("cameras")
+    code = (snippet.replace("localhost:8000", f"127.0.0.1:{cams.server.http_port}")
+            .replace("localhost:9092", f"127.0.0.1:{tansu.port}"))
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+    finally:
+        http(cams, "DELETE", "/v1/streams/door")
+    assert run.returncode == 0, run.stderr
+    lines = [line.split() for line in run.stdout.splitlines()]
+    assert len(lines) == 10 and all(key == "door" for key, _, _ in lines)
+    assert [int(index) for _, index, _ in lines] == sorted(int(index) for _, index, _ in lines)
+    assert all(int(found) > 0 for _, _, found in lines)  # the clip's blobs, found
