@@ -187,7 +187,7 @@ class Sink:
                     await asyncio.wait_for(self._transport.connect(), SEND_TIMEOUT_S)
                     self._linked = True
                 await asyncio.wait_for(self._transport.send(self._sending), SEND_TIMEOUT_S)
-            except Rejected as exc:  # a webhook's: a batch of one
+            except Rejected as exc:  # a batch of one: a webhook's, or a Kafka record too large
                 self._connected = True
                 self._discard(len(self._sending))
                 self._sending = []

@@ -21,7 +21,8 @@ is no switch to skip verification: a sink sends a camera's results, and credenti
 whoever answers.
 
 A webhook answer other than 2xx is an error to retry, except a 4xx other than 408 and 429:
-that message is ``Rejected`` (sending it again would be refused again).
+that message is ``Rejected`` (sending it again would be refused again); so is a Kafka record
+the broker calls too large, once its batch is down to that one record.
 
 What went wrong is told in our words (``failure``: "connection refused", "timed out", "TLS:
 certificate not trusted", "HTTP 503", ...), never in the target's: not its banner, status
@@ -84,6 +85,11 @@ class Transport(Protocol):
     async def send(self, messages: list[bytes]) -> None: ...
 
     async def disconnect(self) -> None: ...
+
+
+# Kafka's MESSAGE_TOO_LARGE and RECORD_LIST_TOO_LARGE: a record over the broker's
+# message.max.bytes (1 MB by default), which no retry delivers.
+TOO_LARGE = {10, 18}
 
 
 class Failed(Exception):
@@ -412,7 +418,10 @@ class KafkaTransport:
         codes = {partition[1] for _, partitions in answer.topics for partition in partitions}
         if codes != {0}:
             names = sorted(kafka_error_name(code) for code in codes - {0})
-            raise Failed(f"Kafka: the broker refused the records ({', '.join(names) or 'no answer'})")
+            refused = f"Kafka: the broker refused the records ({', '.join(names) or 'no answer'})"
+            if len(messages) == 1 and codes & TOO_LARGE:  # it would be refused again, for ever
+                raise Rejected(refused)
+            raise Failed(refused)  # a batch too large is halved and sent again (the Sink)
 
     async def disconnect(self) -> None:
         if self._client is not None:

@@ -726,3 +726,31 @@ def test_a_sink_never_started_drops_what_it_holds_on_close(memory):
 def test_the_buffer_holds_at_least_one_message(memory):
     with pytest.raises(BadInputError, match="at least 1 message"):
         Sink(parse_sink(URL), "cam-1", buffer=0)
+
+
+@pytest.mark.parametrize("count, code, refused_for_good", [
+    (1, 10, True),    # MESSAGE_TOO_LARGE: that record is never taken
+    (1, 18, True),    # RECORD_LIST_TOO_LARGE
+    (4, 10, False),   # a batch: the Sink halves it and sends again
+    (1, 7, False),    # REQUEST_TIMED_OUT: retried
+])
+def test_a_kafka_record_too_large_is_refused_for_good_not_retried_for_ever(count, code, refused_for_good):
+    """A fake answer in place of the broker's: a record over its size limit would block its
+    stream's sink for ever if it were retried (tansu takes any size, so a unit test)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pipeline.cameras import transports
+
+    transport = transports.KafkaTransport.__new__(transports.KafkaTransport)
+    transport._client, transport._topic, transport._key = object(), "cams", b"door"
+    transport._partition = transport._leader = 0
+
+    async def ask(leader, request):
+        return SimpleNamespace(topics=[("cams", [(0, code, -1)])])
+
+    transport._ask = ask
+    with pytest.raises(transports.Failed) as info:
+        asyncio.run(transport.send([b"{}"] * count))
+    assert isinstance(info.value, transports.Rejected) == refused_for_good
+    assert "the broker refused the records" in str(info.value)
