@@ -1,6 +1,8 @@
 """The live page, ``/dashboard``, in a real browser: Debian's headless chromium (``tests/browser``)
 against an in-process server running a real camera stream (a file, decoded by FFmpeg, played
-in real time; the fake network, so the masks are known blobs).
+in real time). The live stream runs the real default model (yolov5s-seg) on a clip of the
+sample photos, as a user sees it; the token and ``--no-dashboard`` tests check access, not
+masks, and run the fake network (``tests/fakes.py``), which answers in milliseconds.
 
 Checked: once the page's scripts ran, the DOM names the stream, its state and its model, and
 its latest frame (masks drawn) is shown; pausing from the page pauses the stream (as the camera
@@ -26,14 +28,17 @@ import pytest
 import requests
 from PIL import Image
 
+from pipeline.repository import runtime_of
+from pipeline.schema import rows
+
 from ..browser import Chromium, unavailable
-from ..cameras import scene_clip
+from ..cameras import make_clip, scene_clip
 from ..conftest import ROOT, running_server, wait_until
 
 TOKEN = "dash-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ARTEFACTS = ROOT / ".cache/artefacts"
-MODEL = "instance_segmentation"  # the fake repository's pipeline
+MODEL = "instance_segmentation"  # the pipeline's name in the shipped and the fake repository
 needs_chromium = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 
 
@@ -44,14 +49,44 @@ def clips(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def photo_clips(tmp_path_factory):
+    """A folder with ``street.mp4``: the bus photo (a bus, people) panning slowly, longer
+    than the test, so the stream stays live."""
+    folder = tmp_path_factory.mktemp("dashboard-photos")
+    make_clip(folder / "street.mp4", seconds=90, fps=10, size=(640, 480), photos=("bus",))
+    return folder
+
+
 def url(server, path: str) -> str:
     return f"http://127.0.0.1:{server.server.http_port}{path}"
 
 
-def add_stream(server, stream_id: str, headers=None) -> None:
+def add_stream(server, stream_id: str, headers=None, source: str = "scene.mp4") -> None:
     reply = requests.post(url(server, "/v1/streams"), headers=headers, timeout=30,
-                          json={"source": "scene.mp4", "stream_id": stream_id, "track": True})
+                          json={"source": source, "stream_id": stream_id, "track": True})
     assert reply.status_code == 201, reply.text
+
+
+def wait_until_tracked(server, stream_id: str, wanted: set[str], timeout_s: float = 60.0) -> None:
+    """Return once an answered frame of the stream has each class of ``wanted`` with a
+    confirmed tracker id (what the drawn frame labels), read from the stream's results as a
+    subscriber gets them; AssertionError if the stream ends first, TimeoutError after
+    ``timeout_s``."""
+    async def watch() -> None:
+        subscription = server.server.cameras.subscribe(stream_id)
+        try:
+            async for result in subscription:
+                if result.answer is not None:
+                    (det,) = result.answer.detections
+                    found = {row.class_name for row in rows(det, result.answer.pipe.class_names)
+                             if row.tracker_id >= 0}
+                    if wanted <= found:
+                        return
+        finally:
+            server.server.cameras.unsubscribe(subscription)
+        raise AssertionError(f"the stream {stream_id!r} ended before it tracked {wanted}")
+    server.call(asyncio.wait_for(watch(), timeout_s), timeout=timeout_s + 5)
 
 
 def shown_frame(stream_id: str) -> str:
@@ -67,9 +102,13 @@ def small_png(png: bytes) -> bytes:
 
 
 @needs_chromium
-def test_the_page_shows_a_live_stream_with_its_frame_and_pauses_it(fake_root, clips):
-    with running_server(model_repository=str(fake_root), stream_source_dir=str(clips)) as server:
-        add_stream(server, "lobby")
+def test_the_page_shows_a_live_stream_with_its_frame_and_pauses_it(photo_clips):
+    with running_server(stream_source_dir=str(photo_clips)) as server:  # the shipped repository
+        add_stream(server, "lobby", source="street.mp4")
+        # The page opens once the tracker has confirmed people and the bus: the frames it
+        # shows (the screenshot's) have their masks and ids drawn.
+        wait_until_tracked(server, "lobby", {"person", "bus"})
+        runtime = runtime_of(server.server.state.pipelines[MODEL].network_entry)
 
         async def look() -> bytes:
             async with Chromium() as browser:
@@ -77,8 +116,8 @@ def test_the_page_shows_a_live_stream_with_its_frame_and_pauses_it(fake_root, cl
                 await browser.wait_for("document.body.innerText.includes('fps in')")
                 text = await browser.evaluate("document.body.innerText")
                 card = await browser.evaluate("document.querySelector('[data-stream-id=\"lobby\"]').innerText")
-                assert "lobby" in card and "running" in card and MODEL in card and "scene.mp4" in card
-                assert "torchscript" in text and "camera" in text  # the models' and requests' tables
+                assert "lobby" in card and "running" in card and MODEL in card and "street.mp4" in card
+                assert f"{MODEL}\tREADY\t{runtime}" in text and "camera" in text  # the models', requests' tables
                 assert await browser.wait_for(shown_frame("lobby")) > 0
                 shot = await browser.screenshot()
                 await browser.evaluate("document.querySelector('button[data-action=pause][data-stream=lobby]').click()")
