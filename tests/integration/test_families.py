@@ -26,6 +26,7 @@ import pytest
 from pycocotools import mask as coco_mask
 
 from pipeline.engine import Pipeline
+from pipeline.tools.quantize import box_iou
 
 from ..conftest import ROOT
 from .test_runtimes import pipeline_over
@@ -74,13 +75,6 @@ def reference(name: str) -> dict:
     return json.loads((EXPORTS / f"{name}-reference.json").read_text())
 
 
-def box_iou(a, b) -> float:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    lt, rb = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
-    inter = float(np.prod(np.clip(rb - lt, 0, None)))
-    return inter / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter)
-
-
 def xyxy(p: dict) -> list[float]:
     return [p["x"] - p["width"] / 2, p["y"] - p["height"] / 2,
             p["x"] + p["width"] / 2, p["y"] + p["height"] / 2]
@@ -98,8 +92,10 @@ def compare(doc: dict, expected: dict) -> tuple[list[float], list[float]]:
         if not same:
             boxes.append(0.0)
             continue
-        best = max(same, key=lambda p: box_iou(xyxy(p), ref["box"]))
-        boxes.append(box_iou(xyxy(best), ref["box"]))
+        x1, y1, x2, y2 = ref["box"]  # as a prediction: centre and size
+        theirs_box = {"x": (x1 + x2) / 2, "y": (y1 + y2) / 2, "width": x2 - x1, "height": y2 - y1}
+        best = max(same, key=lambda p: box_iou(p, theirs_box))
+        boxes.append(box_iou(best, theirs_box))
         mine = {"size": [H, W], "counts": best["rle"]["counts"].encode()}
         theirs = {"size": [H, W], "counts": ref["mask"]["counts"].encode()}
         masks.append(float(coco_mask.iou([mine], [theirs], [0])[0, 0]))

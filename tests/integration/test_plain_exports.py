@@ -16,6 +16,7 @@ from pycocotools import mask as coco_mask
 
 from benchmarks.common import sixteen_by_nine
 from pipeline.engine import Pipeline
+from pipeline.tools.quantize import box_iou
 
 from ..conftest import ROOT
 from .test_runtimes import pipeline_over
@@ -53,12 +54,6 @@ def test_the_converted_file_has_none_of_our_metadata(repository):
     assert not any(model.has_rt_info([key]) for key in ("names", "input_size", "stride"))
 
 
-def box_iou(a, b) -> float:
-    lt, rb = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
-    inter = np.prod(np.clip(rb - lt, 0, None))
-    return inter / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter)
-
-
 def test_a_converted_ir_with_a_minimal_config_finds_what_the_default_finds(repository, samples, caplog):
     with caplog.at_level(logging.INFO, logger="pipeline.runners"):
         plain = Pipeline.from_repository(repository, model="over_plain_ir", device="cpu")
@@ -75,9 +70,7 @@ def test_a_converted_ir_with_a_minimal_config_finds_what_the_default_finds(repos
         H, W = ours["image"]["height"], ours["image"]["width"]
         for p, q in zip(a, b):
             assert p["class_id"] == q["class_id"] and p["class"] == str(q["class_id"])
-            boxes = [np.array([d["x"] - d["width"] / 2, d["y"] - d["height"] / 2,
-                               d["x"] + d["width"] / 2, d["y"] + d["height"] / 2]) for d in (p, q)]
-            assert box_iou(*boxes) >= 0.9
+            assert box_iou(p, q) >= 0.9
             masks = [{"size": [H, W], "counts": d["rle"]["counts"].encode()} for d in (p, q)]
             ious.append(float(coco_mask.iou(masks[:1], masks[1:], [0])[0, 0]))
             matched += 1
