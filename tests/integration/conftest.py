@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import requests
 
+from ..cameras import scene_clip
 from ..conftest import RunningServer, running_server  # noqa: F401 - the tests' import
 from ..fakes import fake_repository
 
@@ -25,6 +26,15 @@ def remove_streams(server, headers=None) -> None:
     """Every camera stream of the server removed, each answered 200."""
     for stream in http(server, "GET", "/v1/streams", headers=headers)[1]["streams"]:
         assert http(server, "DELETE", f"/v1/streams/{stream['stream_id']}", headers=headers)[0] == 200
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """A file camera's folder (``--stream-source-dir``) holding scene.mp4 (3 s at 10 fps); a
+    module that needs other clips defines its own ``clips``."""
+    folder = tmp_path_factory.mktemp("clips")
+    scene_clip(folder / "scene.mp4")
+    return folder
 
 
 @pytest.fixture(scope="session")

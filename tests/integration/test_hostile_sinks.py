@@ -28,7 +28,7 @@ from pipeline.serving import url_policy
 from pipeline.throttle import LOG_INTERVAL_S
 
 from ..brokers import MOSQUITTO, REDIS_SERVER, Mosquitto, MqttSubscriber, RedisServer, WebhookReceiver, unavailable
-from ..cameras import free_port, scene_clip
+from ..cameras import free_port
 from ..conftest import running_server, wait_until
 from .conftest import http, remove_streams
 
@@ -36,13 +36,6 @@ FRAMES = 30  # of scene.mp4: 3 s at 10 fps
 # What a target might send back: none of it may reach a status, an error or a log line.
 BANNER = b"SSH-2.0-OpenSSH_9.6 banner-7f3a\r\nHTTP/1.0 400 Bad Request\r\nSet-Cookie: s3cret\r\n\r\n"
 BANNER_BITS = ("SSH", "banner-7f3a", "HTTP/1.0", "Bad Request", "s3cret")
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clips")
-    scene_clip(folder / "scene.mp4")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -25,19 +25,12 @@ from pipeline.serving import url_policy
 from pipeline.serving.url_policy import AllowList
 
 from ..brokers import TANSU, Tansu, make_certificates, unavailable
-from ..cameras import free_port, scene_clip
+from ..cameras import free_port
 from ..conftest import running_server, until, wait_until
 from .conftest import http, remove_streams
 
 FRAMES = 30  # of scene.mp4: 3 s at 10 fps
 NO_TOPIC = "Kafka: no topic {!r} on the broker (create it: a sink does not create topics)"
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clips")
-    scene_clip(folder / "scene.mp4")
-    return folder
 
 
 @pytest.fixture(scope="module")
